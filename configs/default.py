@@ -1,0 +1,69 @@
+"""The paper's recipe: every field that iterseg reads, with its default.
+
+Variants (`ph2.py`, `retina.py`, `kitti.py`, `demo.py`) import this file and override a few fields.
+Any field can be overridden on the command line, e.g. `--config.train.batch_size=8`; an unknown key is
+an error.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Parameter init, augmentation and stage-2 patch sampling.
+
+  # --- Geometry (read by iterseg.infer) -------------------------------------------------------
+  c.hi_size = 768  # Every image is resized to hi_size x hi_size (paper Table 1).
+  c.stage1_size = c.get_ref('hi_size') // 8  # Stage 1 sees the image at this side (authors: hi // 8).
+  c.num_classes = 1  # 1 = binary (sigmoid); more = softmax over classes.
+  c.num_patches = 8  # Np: the map is cut into Np x Np patches of side hi_size / Np.
+  c.refine_count = config_dict.placeholder(int)  # Patches refined per image; None = Np (authors).
+  c.score = 'entropy'  # Patch uncertainty: 'entropy' | 'margin' | 'distance' (authors).
+  c.stage2_uses_coarse = True  # Stage 2 also sees the stage-1 probabilities (False = authors).
+  c.threshold = config_dict.placeholder(float)  # A chosen patch scoring below this is not refined.
+
+  # --- U-Net (paper Sec. 4, "Model") ----------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 64  # Channels of the first encoder convolution; doubled at each level.
+  c.model.depth = 5  # Number of stride-2 convolutions (and transposed convolutions).
+
+  # --- Data ----------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'synthetic'  # 'ph2' | 'retina' | 'kitti' | 'folder' | 'synthetic'.
+  c.data.manual_dir = ''  # Folder holding the official archives (unpacked), for real datasets.
+  c.data.data_dir = '~/tensorflow_datasets'  # Where prepared datasets are written.
+  c.data.split_seed = 123  # Random 70/30 train/test split (authors' seed).
+  c.data.train_fraction = 0.7
+  c.data.num_examples = 200  # Synthetic only: how many images to generate.
+  c.data.kitti_label_ids = (26, 27, 28, 29, 30, 31)  # KITTI: Cityscapes ids counted as "vehicle".
+
+  # --- Training (paper Sec. 4, "Training") ---------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.networks = ('stage1', 'stage2', 'baseline')  # What --mode=train trains, in this order.
+  c.train.batch_size = 64  # Global batch, split over all devices of all hosts.
+  c.train.learning_rate = 1e-4  # Adam.
+  c.train.stage1_epochs = 200
+  c.train.stage2_epochs = 1000
+  c.train.baseline_epochs = 200
+  c.train.num_patches_list = (2, 4, 8, 16)  # Stage 2 is trained once per Np in this list.
+  c.train.patch_sampling = 'random'  # 'random' (authors) | 'entropy_weighted' | 'top'.
+  c.train.focal_alpha = 0.25
+  c.train.focal_gamma = 2.0
+  c.train.flip = True  # Horizontal flip, p = 0.5.
+  c.train.brightness_contrast = 0.1  # Brightness and contrast shifts in +-this, p = 0.5 each.
+  c.train.rotate = True  # Rotation in +-180 degrees, p = 0.5 (biomedical data only).
+  c.train.log_every = 50  # Steps between metric lines.
+  c.train.checkpoint_every = 500  # Steps between checkpoints (and one at the end).
+  c.train.keep_checkpoints = 3
+
+  # --- Evaluation and benchmark ---------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 8
+  c.benchmark = ml_collections.ConfigDict()
+  c.benchmark.batch_sizes = (1, 16)
+  c.benchmark.repeats = 10  # Timed calls per measurement (after one warm-up); the median is kept.
+  c.predict = ml_collections.ConfigDict()
+  c.predict.input = ''  # An image file or a folder of images (any size, any format Pillow reads).
+  c.predict.output = ''  # Where masks, probability maps and overlays go ('' = <workdir>/predictions).
+  return c

@@ -1,0 +1,29 @@
+"""The embedded default: the paper's experiment in miniature, minutes on a laptop CPU.
+
+Synthetic 128 x 128 images (ragged lesion-like blobs with thin vessel-like curves), a 4-level
+U-Net of width 16, stage 1 at 16 x 16, stage 2 on the least confident patches. Runs with
+`python launch.py` (this file is launch.py's default config).
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.data.name = 'synthetic'
+  c.data.num_examples = 200
+  c.hi_size = 128
+  c.model.width = 16
+  c.model.depth = 4
+  c.num_patches = 8
+  c.train.num_patches_list = (4, 8)
+  c.train.batch_size = 16
+  c.train.learning_rate = 1e-3
+  c.train.stage1_epochs = 30
+  c.train.stage2_epochs = 30
+  c.train.baseline_epochs = 30
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200
+  c.eval.batch_size = 20
+  c.benchmark.batch_sizes = (1, 16)
+  return c

@@ -1,0 +1,121 @@
+"""Datasets (TFDS builders written without TensorFlow) and the input pipeline.
+
+  prepare(config)            generate config.data.name at config.hi_size once; returns counts and %Fg
+  load_split(config, split)  random-access examples of 'train' or 'test' (prepares first if needed)
+  pipeline.batches(...)      shuffled, sharded, prefetched [devices, batch, ...] numpy batches
+
+Datasets (config.data.name): 'ph2', 'retina', 'kitti', 'folder' (read from config.data.manual_dir) and
+'synthetic' (generated, the default). Each example:
+  {'image': uint8 [hi, hi, 3], 'mask': uint8 [hi, hi] class ids (binary: {0, 1}),
+   'original_size': int32 [2] (height, width before the resize),
+   'name': str (source dataset / file name, e.g. 'DRIVE/21_training.tif'; folder: the file name)}
+
+Prepared data lives in `<data_dir>/<dataset>/<config name>/<version>/` (see `builder.py`). The builder
+modules (and tensorflow_datasets) are imported only when a dataset is built; TensorFlow never is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from iterseg.data.common import DataError
+
+__all__ = ['DataError', 'prepare', 'load_split', 'make_builder', 'DATASETS']
+
+DATASETS = {
+    'ph2': 'iterseg.data.ph2:Ph2',
+    'retina': 'iterseg.data.retina:Retina',
+    'kitti': 'iterseg.data.kitti:Kitti',
+    'folder': 'iterseg.data.folder:Folder',
+    'synthetic': 'iterseg.data.synthetic:Synthetic',
+}
+SPLITS = ('train', 'test')
+
+
+def make_builder(config):
+  """The TFDS builder of config.data.name for this config (nothing is read or written yet)."""
+  name = config.data.name
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset config.data.name={name!r}; choose one of {sorted(DATASETS)}')
+  module, cls_name = DATASETS[name].split(':')
+  cls = getattr(importlib.import_module(module), cls_name)
+  return cls(config=cls.config_from(config), data_dir=_expand(config.data.data_dir),
+             file_format='array_record', manual_dir=config.data.manual_dir)
+
+
+def prepare(config) -> dict[str, Any]:
+  """Prepares config.data.name at config.hi_size once (idempotent), with a progress bar per split.
+
+  Returns {'dataset', 'train', 'test' (example counts), 'fg_percent' (mean over all examples of the % of
+  foreground pixels: paper Table 1 column %Fg), 'path' (the prepared folder)}.
+  """
+  builder = make_builder(config)
+  if is_prepared(builder):
+    builder.check_source()
+  else:
+    builder.find_cases()  # Fail on missing or misplaced files before TFDS announces anything.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()  # The builder shows one bar per split, which says more than TFDS's.
+    try:
+      builder.download_and_prepare()
+    finally:
+      tfds.enable_progress_bar()
+  return {
+      'dataset': f'{builder.name}/{builder.builder_config.name}',
+      **{split: builder.info.splits[split].num_examples for split in SPLITS},
+      'fg_percent': round(float(builder.info.metadata['fg_percent']), 2),
+      'path': str(builder.data_dir),
+  }
+
+
+def load_split(config, split: str) -> 'Examples':
+  """Random-access examples of `split` ('train' | 'test'): len(), [i]; prepares the dataset if needed.
+
+  With several hosts sharing data_dir, run `prepare` on one host (and wait) before the others load.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  builder = make_builder(config)
+  if not is_prepared(builder):
+    prepare(config)
+    builder = make_builder(config)
+  return Examples(builder.as_data_source(split))
+
+
+def is_prepared(builder) -> bool:
+  """Whether the builder's data is complete: TFDS writes dataset_info.json last, in a temporary folder
+  that it renames only when every split is written."""
+  return os.path.isfile(os.path.join(builder.data_dir, 'dataset_info.json'))
+
+
+class Examples:
+  """A TFDS data source whose examples have 'name' as str (TFDS gives bytes). Sequence-like."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f'index {index} out of range for {len(self)} examples')
+    return _fix(self.source[int(index) % len(self)])
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __repr__(self) -> str:
+    return f'Examples({self.source!r})'
+
+
+def _fix(example: dict[str, Any]) -> dict[str, Any]:
+  name = example['name']
+  return dict(example, name=name.decode() if isinstance(name, bytes) else str(name))
+
+
+def _expand(path: str) -> str:
+  return os.path.abspath(os.path.expanduser(path))
+

@@ -1,0 +1,181 @@
+"""The TFDS builder that every iterseg dataset shares (TensorFlow-free).
+
+A dataset subclasses `SegmentationBuilder` and says only where its cases are (`find_cases`) and, when it is
+not "non-zero = foreground", how its masks read (`read_mask`). This class does the rest, the same way for
+every dataset:
+
+  split   sorted case names -> `common.split_names` (np.random.default_rng(split_seed), 70/30 by default);
+  resize  each image to hi_size x hi_size with a bilinear (area-like when shrinking) filter, each mask with
+          nearest neighbour, keeping the original (height, width);
+  write   `tfds.features.Tensor` features (uint8, zlib), `file_format='array_record'`, read back with
+          `builder.as_data_source(split)`. TFDS writes into a temporary `incomplete.*` folder that is renamed
+          only when every split is complete, and removed when generation fails, so a failed prepare never
+          leaves a dataset that loads.
+
+Identity. Whatever changes the stored arrays is in the builder config and hence in the folder name:
+`<data_dir>/<dataset>/hi<hi_size>_seed<split_seed>_frac<train_fraction>[_<extra>]/<version>/`, e.g.
+`ph2/hi768_seed123_frac0.7/1.0.0`. The raw files' location (`manual_dir`) is not part of it: a prepared
+dataset is reused whatever manual_dir says (a warning is logged when it differs from the one recorded in
+the dataset's metadata). To re-prepare from changed files, delete that folder or use another data_dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as std_logging
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import auto as tqdm
+
+from iterseg.data import common
+from iterseg.data.common import Case, DataError
+
+
+class _HideCustomConfigWarning(std_logging.Filter):
+  """TFDS warns 'Using custom data configuration' for each config not listed in BUILDER_CONFIGS. Ours
+  are all made from the iterseg config (see `config_from`), so the warning would only be noise."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Using custom data configuration')
+
+
+std_logging.getLogger('absl').addFilter(_HideCustomConfigWarning())
+
+
+@dataclasses.dataclass(eq=False)
+class SegmentationConfig(tfds.core.BuilderConfig):
+  """What the stored examples depend on (besides the raw files). Its `name` encodes all of it."""
+
+  hi_size: int = 768
+  split_seed: int = 123
+  train_fraction: float = 0.7
+
+
+class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base builder: examples {'image': uint8 [hi, hi, 3], 'mask': uint8 [hi, hi], 'original_size': int32 [2]
+  (height, width), 'name': str}, in splits 'train' and 'test'.
+
+  Not registered in the TFDS registry (`skip_registration`): iterseg builds its builders explicitly (see
+  `iterseg.data.make_builder`), and names like 'kitti' would clash with TFDS's own datasets.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  BUILDER_CONFIG_CLASS = SegmentationConfig
+  HOMEPAGES: tuple[str, ...] = ()  # Official pages (the paper's footnotes), for docs and error messages.
+  LAYOUT = ''  # The unpacked archive's layout under manual_dir, for error messages.
+  DESCRIPTION = ''
+  # TFDS looks for checksum files beside a builder's code; there are none (nothing is downloaded). Saying
+  # so also skips TFDS 4.9.10's lookup of the `importlib_resources` backport, which current etils no
+  # longer installs (ModuleNotFoundError in download_and_prepare for builders defined in a package).
+  code_path = None
+
+  def __init__(self, *, manual_dir: str | Path = '', **kwargs):
+    """kwargs go to `tfds.core.GeneratorBasedBuilder` (config, data_dir, file_format, ...).
+
+    manual_dir: the folder holding the unpacked official archive(s); only read while preparing.
+    """
+    self.manual_dir = Path(manual_dir).expanduser() if manual_dir else None
+    super().__init__(**kwargs)
+    self._original_state['manual_dir'] = manual_dir  # TFDS pickles a builder by re-calling __init__.
+
+  @classmethod
+  def config_from(cls, config) -> SegmentationConfig:
+    """The builder config for an iterseg `ml_collections` config (fields hi_size and data.*)."""
+    return cls.BUILDER_CONFIG_CLASS(**cls._config_fields(config), name=cls._config_name(config))
+
+  @classmethod
+  def _config_fields(cls, config) -> dict[str, Any]:
+    return dict(hi_size=int(config.hi_size), split_seed=int(config.data.split_seed),
+                train_fraction=float(config.data.train_fraction))
+
+  @classmethod
+  def _config_name(cls, config) -> str:
+    return f'hi{config.hi_size}_seed{config.data.split_seed}_frac{config.data.train_fraction:g}'
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    hi = self.builder_config.hi_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.DESCRIPTION,
+        homepage=self.HOMEPAGES[0] if self.HOMEPAGES else None,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(hi, hi, 3), dtype=np.uint8, encoding='zlib'),
+            'mask': tfds.features.Tensor(shape=(hi, hi), dtype=np.uint8, encoding='zlib'),
+            'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int32),
+            'name': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'mask'),
+        # Store examples in generation order, i.e. sorted by name, not in TFDS's key-hash order: evaluation
+        # then lists cases in a stable, readable order (training shuffles anyway).
+        disable_shuffling=True,
+        # Filled while generating: 'fg_percent' (mean over all examples of the % of foreground pixels,
+        # the paper's Table 1 column %Fg) and 'manual_dir'.
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  # --- What a dataset defines -------------------------------------------------------------------------
+
+  def find_cases(self) -> dict[str, Any]:
+    """{name: case} for every case in the raw data; `load_example(name, case)` decodes one."""
+    raise NotImplementedError
+
+  def read_mask(self, path: Path) -> np.ndarray:
+    """uint8 [h, w] class ids of the mask file at `path` (default: any non-zero pixel is 1)."""
+    return common.read_binary_mask(path)
+
+  def load_example(self, name: str, case: Case) -> dict[str, Any]:
+    """The stored example of one case (see the class docstring)."""
+    return common.make_example(common.read_image(case.image), self.read_mask(case.mask), name=name,
+                               size=self.builder_config.hi_size, image_path=case.image,
+                               mask_path=case.mask)
+
+  # --- Shared machinery -------------------------------------------------------------------------------
+
+  def download_hint(self) -> str:
+    return f'download it from {" or ".join(self.HOMEPAGES)}' if self.HOMEPAGES else ''
+
+  def manual_root(self) -> Path:
+    """The manual_dir, checked to exist (DataError naming what is expected and where to get it)."""
+    expected = f'the folder holding {self.LAYOUT}' if self.LAYOUT else 'the unpacked archive'
+    if self.manual_dir is None:
+      raise DataError(f'{self.name}: config.data.manual_dir is not set; set it to {expected} '
+                      f'({self.download_hint()})')
+    if not self.manual_dir.is_dir():
+      raise DataError(f'{self.name}: manual_dir {self.manual_dir} does not exist; it should be '
+                      f'{expected} ({self.download_hint()})')
+    return self.manual_dir
+
+  def missing(self, path: Path, what: str) -> DataError:
+    """The error for an expected file or folder that is not there."""
+    return DataError(f'{self.name}: missing {what}: expected {path} ({self.download_hint()})')
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # The raw files are read from self.manual_dir; nothing is downloaded.
+    cases = self.find_cases()
+    if not cases:
+      raise DataError(f'{self.name}: no cases found in {self.manual_dir}')
+    splits = common.split_names(cases, seed=self.builder_config.split_seed,
+                                train_fraction=self.builder_config.train_fraction)
+    self.info.metadata['manual_dir'] = str(self.manual_dir or '')
+    fg_percents = []  # Shared by both splits: the metadata ends as the mean over all examples.
+    return {split: self._generate_examples({n: cases[n] for n in names}, split, fg_percents)
+            for split, names in splits.items()}
+
+  def _generate_examples(self, cases: dict[str, Any], split: str, fg_percents: list[float]):
+    for name, case in tqdm.tqdm(cases.items(), desc=f'{self.name} {split}', unit='image'):
+      example = self.load_example(name, case)
+      fg_percents.append(100.0 * float(np.mean(example['mask'] > 0)))
+      self.info.metadata['fg_percent'] = float(np.mean(fg_percents))
+      yield name, example
+
+  def check_source(self) -> None:
+    """Logs a warning when a prepared dataset came from another manual_dir than the one given now."""
+    recorded = (self.info.metadata or {}).get('manual_dir', '')
+    if self.manual_dir is not None and recorded and Path(recorded) != self.manual_dir:
+      logging.warning('%s: reusing %s, prepared from %s (not from manual_dir=%s); delete it to '
+                      're-prepare.', self.name, self.data_dir, recorded, self.manual_dir)

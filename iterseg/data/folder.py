@@ -1,0 +1,96 @@
+"""Your own data: `manual_dir/images/` and `manual_dir/masks/` with matching file stems.
+
+  images/case_a.jpg   masks/case_a.png
+  images/case_b.tif   masks/case_b.gif
+
+Any format Pillow reads (plus `.gz` of one); files with other extensions (notes, `.DS_Store`) are ignored.
+Every image needs a mask with the same stem and vice versa. Images are converted to RGB. With
+config.num_classes == 1 a mask pixel is 1 where it is non-zero in any channel; with more classes the mask
+must be single-channel (grey values or palette indices) holding ids in [0, num_classes).
+
+One folder dataset per data_dir and settings: the folder's location is not part of the prepared dataset's
+name (prepare once, train later without manual_dir). Use another data_dir for another folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from iterseg.data import common
+from iterseg.data.builder import SegmentationBuilder, SegmentationConfig
+from iterseg.data.common import Case, DataError
+
+
+@dataclasses.dataclass(eq=False)
+class FolderConfig(SegmentationConfig):
+  num_classes: int = 1
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+  """{stem: path} of the files in `folder` that Pillow can read by extension (DataError on a clash)."""
+  extensions = set(Image.registered_extensions())
+  files = {}
+  for path in sorted(folder.iterdir()):
+    name = path.name[:-3] if path.name.lower().endswith('.gz') else path.name
+    if not path.is_file() or path.name.startswith('.') or Path(name).suffix.lower() not in extensions:
+      continue
+    stem = common.strip_suffixes(path.name)
+    if stem in files:
+      raise DataError(f'folder: two files with stem {stem!r}: {files[stem]} and {path}')
+    files[stem] = path
+  return files
+
+
+class Folder(SegmentationBuilder, skip_registration=True):
+  """A user's `images/` + `masks/` folder; examples named by image file name."""
+
+  name = 'folder'
+  BUILDER_CONFIG_CLASS = FolderConfig
+  LAYOUT = 'images/ and masks/ with matching file stems'
+  DESCRIPTION = 'A folder of images and masks with matching file stems.'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put your images in <manual_dir>/images/ and their masks, with the same file stems, in
+  <manual_dir>/masks/, then set config.data.manual_dir to <manual_dir>.
+  """
+
+  @classmethod
+  def _config_fields(cls, config):
+    return dict(super()._config_fields(config), num_classes=int(config.num_classes))
+
+  @classmethod
+  def _config_name(cls, config):
+    suffix = f'_classes{config.num_classes}' if config.num_classes > 1 else ''
+    return super()._config_name(config) + suffix
+
+  def download_hint(self) -> str:
+    return f'expected layout: {self.LAYOUT}'
+
+  def find_cases(self) -> dict[str, Case]:
+    root = self.manual_root()
+    folders = {kind: root / kind for kind in ('images', 'masks')}
+    for folder in folders.values():
+      if not folder.is_dir():
+        raise self.missing(folder, 'folder')
+    images, masks = (_image_files(folder) for folder in folders.values())
+    if not images:
+      raise DataError(f'folder: no images found in {folders["images"]}')
+    for kind, lonely in (('image', images.keys() - masks.keys()), ('mask', masks.keys() - images.keys())):
+      if lonely:
+        other = 'mask' if kind == 'image' else 'image'
+        raise DataError(f'folder: {len(lonely)} {kind}(s) without a {other} of the same stem in '
+                        f'{root}, e.g. {sorted(lonely)[:3]}')
+    return {images[s].name: Case(image=images[s], mask=masks[s]) for s in sorted(images)}
+
+  def read_mask(self, path: Path) -> np.ndarray:
+    num_classes = self.builder_config.num_classes
+    if num_classes == 1:
+      return common.read_binary_mask(path)
+    ids = common.read_label_map(path)
+    if ids.min() < 0 or ids.max() >= num_classes:
+      raise DataError(f'folder: mask {path} holds ids {np.unique(ids)[:8].tolist()}, '
+                      f'outside [0, {num_classes})')
+    return ids.astype(np.uint8)

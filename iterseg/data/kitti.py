@@ -1,0 +1,81 @@
+"""KITTI semantic segmentation, binary "vehicle" masks (paper Table 1: 200 images, avg 375x1271,
+hi_size 512, 6.6 % foreground).
+
+Layout of the unpacked `data_semantics.zip` (manual_dir may hold `KITTI/data_semantics/`,
+`data_semantics/`, or be `data_semantics/` itself):
+
+  data_semantics/training/image_2/NNNNNN_10.png    RGB, ~1242x375 (sizes vary between sequences)
+  data_semantics/training/semantic/NNNNNN_10.png   8-bit Cityscapes label ids
+
+The mask is 1 where the label id is in config.data.kitti_label_ids (default 26-31: car, truck, bus,
+caravan, trailer, train). `data_semantics/testing/` has no labels and is not used. The label set is part of
+the builder config name (e.g. 'hi512_seed123_frac0.7_ids26-27-28-29-30-31').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from iterseg.data import common
+from iterseg.data.builder import SegmentationBuilder, SegmentationConfig
+from iterseg.data.common import Case
+
+VEHICLE_IDS = (26, 27, 28, 29, 30, 31)
+
+
+@dataclasses.dataclass(eq=False)
+class KittiConfig(SegmentationConfig):
+  label_ids: tuple[int, ...] = VEHICLE_IDS
+
+
+class Kitti(SegmentationBuilder, skip_registration=True):
+  """KITTI `data_semantics/training`: 200 frames named 'KITTI/NNNNNN_10.png'."""
+
+  name = 'kitti'
+  BUILDER_CONFIG_CLASS = KittiConfig
+  HOMEPAGES = ('https://www.cvlibs.net/datasets/kitti',
+               'https://www.cvlibs.net/datasets/kitti/eval_semseg.php?benchmark=semantics2015')
+  LAYOUT = 'data_semantics/training/{image_2,semantic}/ (the unpacked data_semantics.zip)'
+  DESCRIPTION = 'KITTI semantic segmentation (training frames), binary vehicle masks.'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+  Download data_semantics.zip from the KITTI semantic segmentation benchmark ({HOMEPAGES[1]}; KITTI home:
+  {HOMEPAGES[0]}), unpack it, and set config.data.manual_dir to the folder that holds `data_semantics/`.
+  """
+
+  @classmethod
+  def _config_fields(cls, config):
+    ids = tuple(sorted({int(i) for i in config.data.kitti_label_ids}))
+    return dict(super()._config_fields(config), label_ids=ids)
+
+  @classmethod
+  def _config_name(cls, config):
+    ids = '-'.join(str(i) for i in sorted({int(i) for i in config.data.kitti_label_ids}))
+    return f'{super()._config_name(config)}_ids{ids}'
+
+  def training_folder(self) -> Path:
+    root = self.manual_root()
+    for folder in (root / 'KITTI' / 'data_semantics' / 'training', root / 'data_semantics' / 'training',
+                   root / 'training'):
+      if (folder / 'image_2').is_dir():
+        return folder
+    raise self.missing(root / 'data_semantics' / 'training' / 'image_2', 'KITTI training images')
+
+  def find_cases(self) -> dict[str, Case]:
+    folder = self.training_folder()
+    labels = folder / 'semantic'
+    if not labels.is_dir():
+      raise self.missing(labels, 'KITTI semantic label folder')
+    cases = {}
+    for image in sorted((folder / 'image_2').glob('*.png')):
+      mask = labels / image.name
+      if not mask.is_file():
+        raise self.missing(mask, f'label ids of {image}')
+      cases[f'KITTI/{image.name}'] = Case(image=image, mask=mask)
+    return cases
+
+  def read_mask(self, path: Path) -> np.ndarray:
+    ids = common.read_label_map(path)
+    return np.isin(ids, self.builder_config.label_ids).astype(np.uint8)

@@ -1,0 +1,111 @@
+"""RETINA: fundus images with vessel masks from DRIVE, STARE and CHASE_DB1 (paper Table 1: 66 images,
+avg 745x782, hi_size 768, 7.3 % foreground).
+
+manual_dir holds whichever of these unpacked archives you have (at least one):
+
+  DRIVE/training/images/NN_training.tif       DRIVE/training/1st_manual/NN_manual1.gif
+  DRIVE/test/images/NN_test.tif               DRIVE/test/1st_manual/NN_manual1.gif
+  STARE/stare-images/imNNNN.ppm[.gz]          STARE/labels-ah/imNNNN.ah.ppm[.gz]
+  CHASE_DB1/Image_NNX.jpg                     CHASE_DB1/Image_NNX_1stHO.png
+
+The first observer's annotation is the mask (DRIVE `1st_manual`, STARE Hoover `labels-ah`, CHASE_DB1
+`_1stHO`), any non-zero pixel = vessel. A DRIVE `test/` without `1st_manual/` (the grand-challenge release
+keeps the test labels back) is skipped with a warning. STARE cases are those with a label (the full STARE
+image set has 400 unlabelled images). Example names record the source: 'DRIVE/21_training.tif',
+'STARE/im0002.ppm.gz', 'CHASE_DB1/Image_01L.jpg'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import logging
+
+from iterseg.data import common
+from iterseg.data.builder import SegmentationBuilder
+from iterseg.data.common import Case, DataError
+
+SUBSETS = ('DRIVE', 'STARE', 'CHASE_DB1')
+SUBSET_HOMEPAGES = {
+    'CHASE_DB1': 'https://blogs.kingston.ac.uk/retinal/chasedb1',
+    'STARE': 'https://cecas.clemson.edu/~ahoover/stare',
+    'DRIVE': 'https://drive.grand-challenge.org',
+}
+
+
+class Retina(SegmentationBuilder, skip_registration=True):
+  """DRIVE + STARE + CHASE_DB1, whichever are present in manual_dir."""
+
+  name = 'retina'
+  HOMEPAGES = tuple(SUBSET_HOMEPAGES.values())
+  LAYOUT = 'DRIVE/, STARE/ and/or CHASE_DB1/ (the unpacked archives)'
+  DESCRIPTION = 'Retinal fundus images with vessel masks: DRIVE, STARE and CHASE_DB1.'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+  Download any of DRIVE ({SUBSET_HOMEPAGES['DRIVE']}),
+  STARE ({SUBSET_HOMEPAGES['STARE']}: stare-images.tar and labels-ah.tar) and
+  CHASE_DB1 ({SUBSET_HOMEPAGES['CHASE_DB1']}), and unpack them into config.data.manual_dir as
+  DRIVE/training/..., STARE/stare-images/ + STARE/labels-ah/, and CHASE_DB1/Image_01L.jpg...
+  """
+
+  def find_cases(self) -> dict[str, Case]:
+    root = self.manual_root()
+    present = [s for s in SUBSETS if (root / s).is_dir()]
+    if not present:
+      raise DataError(f'retina: none of {", ".join(str(root / s) for s in SUBSETS)} exists '
+                      f'({self.download_hint()})')
+    cases = {}
+    for subset in present:
+      found = {'DRIVE': self._drive, 'STARE': self._stare, 'CHASE_DB1': self._chase}[subset](root / subset)
+      if not found:
+        raise DataError(f'retina: no images found in {root / subset} (download {subset} from '
+                        f'{SUBSET_HOMEPAGES[subset]})')
+      cases.update(found)
+    return cases
+
+  def _drive(self, folder: Path) -> dict[str, Case]:
+    if not any((folder / split / 'images').is_dir() for split in ('training', 'test')):
+      raise self.missing(folder / 'training' / 'images', 'DRIVE images folder')
+    cases = {}
+    for split in ('training', 'test'):
+      images, manuals = folder / split / 'images', folder / split / '1st_manual'
+      if not images.is_dir():
+        continue
+      if not manuals.is_dir():
+        if split == 'test':
+          logging.warning('retina: %s has no 1st_manual/ (test labels not released): DRIVE test '
+                          'images skipped.', folder / split)
+          continue
+        raise self.missing(manuals, 'DRIVE vessel annotations')
+      for image in sorted(p for p in images.iterdir() if p.suffix.lower() in ('.tif', '.tiff')):
+        number = image.name.split('_')[0]  # '21_training.tif' -> '21'
+        mask = common.first_existing([manuals / f'{number}_manual1{ext}'
+                                      for ext in ('.gif', '.png', '.tif')])
+        if mask is None:
+          raise self.missing(manuals / f'{number}_manual1.gif', f'vessel annotation of {image}')
+        cases[f'DRIVE/{image.name}'] = Case(image=image, mask=mask)
+    return cases
+
+  def _stare(self, folder: Path) -> dict[str, Case]:
+    images, labels = folder / 'stare-images', folder / 'labels-ah'
+    for path in (images, labels):
+      if not path.is_dir():
+        raise self.missing(path, 'STARE folder')
+    cases = {}
+    for label in sorted(labels.iterdir()):  # 'im0002.ah.ppm' or 'im0002.ah.ppm.gz'
+      if not label.name.lower().endswith(('.ppm', '.ppm.gz')):
+        continue
+      stem = common.strip_suffixes(label.name).split('.')[0]  # 'im0002'
+      image = common.first_existing([images / f'{stem}.ppm', images / f'{stem}.ppm.gz'])
+      if image is None:
+        raise self.missing(images / f'{stem}.ppm.gz', f'STARE image of {label}')
+      cases.setdefault(f'STARE/{image.name}', Case(image=image, mask=label))  # .ppm before .ppm.gz.
+    return cases
+
+  def _chase(self, folder: Path) -> dict[str, Case]:
+    cases = {}
+    for image in sorted(folder.glob('*.jpg')):
+      mask = folder / f'{image.stem}_1stHO.png'
+      if not mask.is_file():
+        raise self.missing(mask, f'CHASE_DB1 vessel annotation of {image}')
+      cases[f'CHASE_DB1/{image.name}'] = Case(image=image, mask=mask)
+    return cases

@@ -1,0 +1,120 @@
+"""The paper's figures from evaluation rows (`evaluate.make_rows`), as PNG files.
+
+  dice.png      Figure 3: Dice over Np (two-stage as a line; baseline and stage 1 as horizontal lines).
+  flops.png     Figure 4: GFLOPs per image over Np, log scale.
+  tradeoff.png  Soft Dice against measured latency per image (log scale): the speed/quality trade-off.
+
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend change).
+"""
+
+import os
+from typing import Optional
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+COLORS = {'baseline': 'tab:red', 'stage1': 'tab:gray', 'two_stage': 'tab:blue'}
+LABELS = {'baseline': 'baseline (BL)', 'stage1': 'stage 1 (S1)', 'two_stage': 'two-stage (S2)'}
+
+
+def _split(rows):
+  """({'baseline': row, 'stage1': row}, [two-stage rows sorted by Np])."""
+  singles = {r['method']: r for r in rows if r['method'] != 'two_stage'}
+  two = sorted((r for r in rows if r['method'] == 'two_stage'), key=lambda r: r['num_patches'])
+  return singles, two
+
+
+def _new_axes():
+  fig = Figure(figsize=(5.5, 4), dpi=120)
+  FigureCanvasAgg(fig)
+  return fig, fig.add_subplot()
+
+
+def _np_axis(ax, two):
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('number of patches per side $N_p$')
+  if two:
+    nps = [r['num_patches'] for r in two]
+    ax.set_xticks(nps, [str(n) for n in nps])
+    ax.minorticks_off()
+
+
+def _save(fig, path):
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, format='png')
+  os.replace(tmp, path)
+  return path
+
+
+def plot_dice(rows, path: str, title: Optional[str] = None) -> str:
+  """Figure 3: soft Dice (solid) and hard Dice (dashed) per method over Np."""
+  singles, two = _split(rows)
+  fig, ax = _new_axes()
+  for name, r in singles.items():
+    ax.axhline(r['soft_dice'], color=COLORS[name], label=LABELS[name])
+    ax.axhline(r['hard_dice'], color=COLORS[name], linestyle='--', linewidth=0.8)
+  if two:
+    nps = [r['num_patches'] for r in two]
+    ax.plot(nps, [r['soft_dice'] for r in two], 'o-', color=COLORS['two_stage'],
+            label=LABELS['two_stage'])
+    ax.plot(nps, [r['hard_dice'] for r in two], 'o--', color=COLORS['two_stage'], linewidth=0.8,
+            markersize=3)
+  _np_axis(ax, two)
+  ax.set_ylabel('mean Dice per image (solid: soft, dashed: hard)')
+  ax.set_title(title or 'Average Dice coefficient (Figure 3)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_flops(rows, path: str, title: Optional[str] = None) -> str:
+  """Figure 4: GFLOPs per image (networks, authors' accounting; dotted: whole compiled function)."""
+  singles, two = _split(rows)
+  fig, ax = _new_axes()
+  for name, r in singles.items():
+    ax.axhline(r['gflops'], color=COLORS[name], label=LABELS[name])
+  if two:
+    nps = [r['num_patches'] for r in two]
+    ax.plot(nps, [r['gflops'] for r in two], 'o-', color=COLORS['two_stage'],
+            label=LABELS['two_stage'])
+    ax.plot(nps, [r['gflops_compiled'] for r in two], 'o:', color=COLORS['two_stage'],
+            markersize=3, label='two-stage, whole compiled function')
+  _np_axis(ax, two)
+  ax.set_yscale('log')
+  ax.set_ylabel('GFLOPs per image (XLA cost analysis)')
+  ax.set_title(title or 'Floating-point operations (Figure 4)')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_tradeoff(rows, path: str, title: Optional[str] = None) -> Optional[str]:
+  """Soft Dice against latency per image; None (nothing written) when no row has a latency."""
+  timed = [r for r in rows if r.get('latency_ms') is not None]
+  if not timed:
+    return None
+  fig, ax = _new_axes()
+  for r in timed:
+    label = LABELS[r['method']] + ('' if r['num_patches'] is None else f' Np={r["num_patches"]}')
+    ax.scatter(r['latency_ms'], r['soft_dice'], color=COLORS[r['method']])
+    ax.annotate(label, (r['latency_ms'], r['soft_dice']), textcoords='offset points',
+                xytext=(4, 4), fontsize=7)
+  two = sorted((r for r in timed if r['method'] == 'two_stage'), key=lambda r: r['num_patches'])
+  if len(two) > 1:
+    ax.plot([r['latency_ms'] for r in two], [r['soft_dice'] for r in two], '-',
+            color=COLORS['two_stage'], alpha=0.5)
+  ax.set_xscale('log')
+  ax.set_xlabel('latency per image (ms, log scale)')
+  ax.set_ylabel('mean soft Dice per image')
+  ax.set_title(title or 'Quality against speed')
+  ax.grid(alpha=0.3, which='both')
+  return _save(fig, path)
+
+
+def plot_all(rows, workdir: str) -> list[str]:
+  """dice.png, flops.png and tradeoff.png (when latencies are known) in workdir; the paths written."""
+  paths = [plot_dice(rows, os.path.join(workdir, 'dice.png')),
+           plot_flops(rows, os.path.join(workdir, 'flops.png')),
+           plot_tradeoff(rows, os.path.join(workdir, 'tradeoff.png'))]
+  return [p for p in paths if p]

@@ -1,0 +1,196 @@
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from iterseg import benchmark, checkpoints, evaluate, inference, plots, train
+from tests.conftest import tiny
+
+
+def numpy_metrics(probs, mask):
+  """Binary soft Dice (smooth 1), hard Dice and IoU of one image, by hand."""
+  p, y = probs.astype(np.float64).ravel(), mask.astype(np.float64).ravel()
+  soft = (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+  hard = (p > 0.5).astype(np.float64)
+  inter, total = (hard * y).sum(), hard.sum() + y.sum()
+  union = total - inter
+  return soft, (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
+
+
+def random_batches(num_images=5, batch_size=2, size=64, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.random((num_images, size, size, 3), dtype=np.float32)
+  masks = (rng.random((num_images, size, size)) < 0.3).astype(np.uint8)
+  masks[0] = 0  # An image without foreground.
+  return [{'image': images[i:i + batch_size], 'mask': masks[i:i + batch_size],
+           'name': np.array([f'im{j}' for j in range(i, min(i + batch_size, num_images))])}
+          for i in range(0, num_images, batch_size)], images, masks
+
+
+def test_image_metrics_match_numpy_by_hand():
+  rng = np.random.default_rng(1)
+  probs = rng.random((4, 16, 16, 1)).astype(np.float32)
+  masks = (rng.random((4, 16, 16)) < 0.4).astype(np.uint8)
+  probs[1], masks[1] = 0.1, 0  # Empty prediction of an empty mask: hard Dice and IoU are 1.
+  masks[2] = 0  # Empty mask, non-empty prediction: hard Dice and IoU are 0.
+  got = jax.device_get(evaluate.image_metrics(probs, masks, 1))
+  for i in range(4):
+    soft, hard, iou = numpy_metrics(probs[i, ..., 0], masks[i])
+    assert got['soft_dice'][i] == pytest.approx(soft, rel=1e-5)
+    assert got['hard_dice'][i] == pytest.approx(hard, rel=1e-5)
+    assert got['iou'][i] == pytest.approx(iou, rel=1e-5)
+  assert got['hard_dice'][1] == got['iou'][1] == 1.0
+  assert got['hard_dice'][2] == got['iou'][2] == 0.0
+
+
+def test_multiclass_metrics_average_the_foreground_classes():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(2, 8, 8, 3))
+  probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+  masks = rng.integers(0, 3, (2, 8, 8)).astype(np.uint8)
+  got = jax.device_get(evaluate.image_metrics(probs, masks, 3))
+  for i in range(2):
+    per_class = []
+    for c in (1, 2):  # Class 0 (background) is left out.
+      soft, _, _ = numpy_metrics(probs[i, ..., c], masks[i] == c)
+      pred, y = probs[i].argmax(-1) == c, masks[i] == c
+      inter, total = (pred & y).sum(), pred.sum() + y.sum()
+      per_class.append((soft, 2 * inter / total, inter / (total - inter)))
+    np.testing.assert_allclose([got[k][i] for k in evaluate.METRICS], np.mean(per_class, 0),
+                               rtol=1e-5)
+
+
+def test_a_perfect_predictor_scores_one_on_every_image():
+  batches, _, masks = random_batches(num_images=5, batch_size=2, size=16)
+  for b in batches:  # The "image" carries its mask, so the predictor can return it.
+    b['image'] = np.repeat(b['mask'][..., None].astype(np.float32), 3, -1)
+  result = evaluate.evaluate({('perfect', None): lambda x: x[..., :1]}, batches, 1, progress=False)
+  m = result['methods'][('perfect', None)]
+  assert result['num_images'] == 5 and result['names'] == [f'im{i}' for i in range(5)]
+  for k in evaluate.METRICS:  # Soft Dice with smooth 1 is exactly 1 too when p == y in {0, 1}.
+    assert m['per_image'][k] == pytest.approx([1.0] * 5)
+    assert m[k] == pytest.approx(1.0)
+  assert m['refined_fraction'] is None and m['latency_s'] > 0
+  assert masks[0].sum() == 0  # The empty image counted as perfect, not as 1/1 by chance.
+
+
+@pytest.fixture(scope='module')
+def tiny_run():
+  """Random tiny networks evaluated on 5 images in batches of 2 (the last one partial)."""
+  config = tiny(num_patches=4)
+  p = benchmark.random_params(config)  # jax's initialisers take seconds to compile on CPU.
+  params = {'baseline': p['baseline'], 'stage1': p['stage1'], 'stage2': {4: p['stage2']}}
+  batches, images, masks = random_batches()
+  result = evaluate.evaluate_params(params, batches, config, progress=False)
+  return config, params, images, masks, result
+
+
+def test_evaluation_matches_dice_computed_by_hand(tiny_run):
+  config, params, images, masks, result = tiny_run
+  spec = inference.spec_from_config(config)
+  pred = jax.device_get(inference.two_stage({'stage1': params['stage1'], 'stage2': params['stage2'][4]},
+                                            images, spec))
+  base = np.asarray(inference.baseline(params['baseline'], images, spec))
+  for method, probs in [(('two_stage', 4), pred.probs), (('stage1', None), pred.coarse),
+                        (('baseline', None), base)]:
+    by_hand = np.array([numpy_metrics(probs[i, ..., 0], masks[i]) for i in range(5)])
+    m = result['methods'][method]
+    np.testing.assert_allclose(m['per_image']['soft_dice'], by_hand[:, 0], rtol=1e-4)
+    np.testing.assert_allclose(m['per_image']['hard_dice'], by_hand[:, 1], rtol=1e-4)
+    np.testing.assert_allclose(m['per_image']['iou'], by_hand[:, 2], rtol=1e-4)
+    assert m['soft_dice'] == pytest.approx(by_hand[:, 0].mean(), rel=1e-4)
+  assert result['num_images'] == 5
+  assert result['methods'][('two_stage', 4)]['refined_fraction'] == pytest.approx(4 / 16)
+
+
+def test_refined_fraction_counts_only_patches_over_the_threshold():
+  spec = inference.Spec(hi_size=8, stage1_size=8, num_classes=1, num_patches=2, refine_count=2,
+                        score='entropy', stage2_uses_coarse=True, threshold=0.5, width=1, depth=1)
+  pred = inference.Prediction(probs=None, coarse=None, scores=np.array([[0.9, 0.1, 0.6, 0.2]]),
+                              refined=np.array([[0, 2]]))
+  assert float(evaluate.refined_fraction(pred, spec)[0]) == pytest.approx(2 / 4)
+  pred = pred.replace(scores=np.array([[0.9, 0.1, 0.4, 0.2]]))
+  assert float(evaluate.refined_fraction(pred, spec)[0]) == pytest.approx(1 / 4)
+
+
+def save_random_networks(config, workdir, networks=('stage1', 'stage2', 'baseline')):
+  """A workdir as training leaves it (config.json and one checkpoint per network), random weights."""
+  train.save_config(config, str(workdir))
+  params = benchmark.random_params(config)
+  for network in networks:
+    for n in (config.train.num_patches_list if network == 'stage2' else [None]):
+      name = checkpoints.network_name(network, n)
+      shapes = jax.eval_shape(lambda: train.create_train_state(config, network, n))
+      state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes).replace(
+          params=params[network])
+      manager = checkpoints.manager(str(workdir), name, config)
+      manager.save(1, args=checkpoints.save_args(state))
+      manager.wait_until_finished()
+      manager.close()
+
+
+def test_run_writes_results_csv_and_plots(tmp_path):
+  config = tiny(num_patches=4, **{'train.num_patches_list': (4,), 'data.num_examples': 10,
+                                  'data.data_dir': str(tmp_path / 'tfds'), 'eval.batch_size': 2})
+  workdir = tmp_path / 'run'
+  save_random_networks(config, workdir)
+  results = evaluate.run(config, str(workdir))
+
+  rows = {(r['method'], r['num_patches']): r for r in results['rows']}
+  assert set(rows) == {('baseline', None), ('stage1', None), ('two_stage', 4)}
+  assert results['num_images'] == 3  # 30 % of 10: a full batch of 2 and a partial one.
+  for r in rows.values():
+    assert 0 <= r['soft_dice'] <= 1 and 0 <= r['hard_dice'] <= 1 and 0 <= r['iou'] <= 1
+    assert r['latency_ms'] > 0 and r['gflops'] > 0
+  assert rows[('two_stage', 4)]['gflops'] < rows[('baseline', None)]['gflops']
+  assert rows[('two_stage', 4)]['refined_fraction'] == pytest.approx(0.25)
+  assert 'timed during evaluation' in results['latency_source']
+
+  saved = json.loads((workdir / 'results.json').read_text())
+  assert saved['rows'] == json.loads(json.dumps(results['rows']))
+  with open(workdir / 'results.csv') as f:
+    table = list(csv.DictReader(f))
+  assert [(r['method'], r['num_patches']) for r in table] == [
+      ('baseline', ''), ('stage1', ''), ('two_stage', '4')]
+  assert float(table[2]['soft_dice']) == pytest.approx(rows[('two_stage', 4)]['soft_dice'])
+  for name in ('dice.png', 'flops.png', 'tradeoff.png'):
+    assert (workdir / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_run_refuses_a_config_that_disagrees_with_the_trained_networks(tmp_path):
+  train.save_config(tiny(), str(tmp_path))
+  with pytest.raises(ValueError, match=r'config.model.width=8 .* trained with 4'):
+    evaluate.run(tiny(**{'model.width': 8}), str(tmp_path))
+
+
+def test_run_without_checkpoints_says_to_train_first(tmp_path):
+  train.save_config(tiny(), str(tmp_path))
+  with pytest.raises(checkpoints.CheckpointError, match='train'):
+    evaluate.load_trained(str(tmp_path), tiny())
+
+
+def test_latency_is_read_from_a_matching_benchmark_json(tmp_path):
+  config = tiny()
+  rows = [{'method': 'baseline', 'num_patches': None, 'batch_size': 1, 'latency_ms': 5.0},
+          {'method': 'baseline', 'num_patches': None, 'batch_size': 2, 'latency_ms': 3.0},
+          {'method': 'two_stage', 'num_patches': 4, 'batch_size': 1, 'latency_ms': 1.0}]
+  geometry = {f: evaluate.get_field(config, f) for f in evaluate.GEOMETRY}
+  (tmp_path / 'benchmark.json').write_text(json.dumps({'geometry': geometry, 'rows': rows}))
+  assert evaluate.benchmark_latencies(str(tmp_path), config) == {
+      ('baseline', None): 0.005, ('two_stage', 4): 0.001}
+  assert evaluate.benchmark_latencies(str(tmp_path), tiny(hi_size=128)) is None  # Other geometry.
+
+
+def test_plots_draw_figures_3_and_4_and_the_tradeoff(tmp_path):
+  row = dict(soft_dice=0.8, hard_dice=0.82, iou=0.7, refined_fraction=None, gflops=10.0,
+             gflops_compiled=10.0, latency_ms=50.0)
+  rows = [dict(row, method='baseline', num_patches=None),
+          dict(row, method='stage1', num_patches=None, soft_dice=0.7, gflops=0.2, latency_ms=2.0)]
+  rows += [dict(row, method='two_stage', num_patches=n, soft_dice=0.78, gflops=1 + 4 / n,
+                latency_ms=5.0 + n, refined_fraction=1 / n) for n in (2, 4, 8)]
+  paths = plots.plot_all(rows, str(tmp_path))
+  assert sorted(p.split('/')[-1] for p in paths) == ['dice.png', 'flops.png', 'tradeoff.png']
+  no_latency = [dict(r, latency_ms=None) for r in rows]
+  assert plots.plot_tradeoff(no_latency, str(tmp_path / 't.png')) is None
