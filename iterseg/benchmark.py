@@ -5,7 +5,8 @@ For each batch size in config.benchmark.batch_sizes, on random images [B, hi, hi
   stage1                stage 1 alone (resize, U-Net at stage1_size, upsample);
   two_stage (Np)        `inference.two_stage` for each Np in config.train.num_patches_list;
   sliding_window (Np)   the reference that refines *every* patch: `inference.two_stage` with
-                        refine_count = Np * Np (no threshold), i.e. what patch selection saves.
+                        refine_count = Np * Np (no threshold), i.e. what patch selection saves
+                        (config.benchmark.sliding_window = False, an optional field, leaves it out).
 
 Each function is compiled ahead of time (`jit(...).lower(...).compile()`, the compile time is
 reported), called once to warm up, then timed `config.benchmark.repeats` times; every call is
@@ -52,7 +53,7 @@ def params_for_benchmark(config, workdir: Optional[str], num_patches_list: Seque
       trained = evaluate.load_trained(workdir, config)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError; no workdir, other config.
       print(f'No trained weights used ({str(e).splitlines()[0][:200]}); timing random weights.')
-  randoms = random_params(config, config.seed)
+  randoms = evaluate.random_params(config, config.seed)
   params = {'stage2': {}}
   source = {}
   for name in ('baseline', 'stage1'):
@@ -65,22 +66,7 @@ def params_for_benchmark(config, workdir: Optional[str], num_patches_list: Seque
   return params, source
 
 
-def random_params(config, seed: int = 0) -> dict:
-  """Random {'baseline', 'stage1', 'stage2'} shaped as `inference.init_params` gives them, drawn with
-  numpy (kernels ~ N(0, 1 / fan_in), biases 0): speed does not depend on the values, and compiling
-  jax's random initialisers costs seconds per network on CPU."""
-  shapes = jax.eval_shape(lambda: inference.init_params(config, jax.random.key(0)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    if path[-1].key == 'bias':
-      return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def methods(params: dict, config, num_patches_list: Sequence[int]):
+def methods(params: dict, config, num_patches_list: Sequence[int], sliding_window: bool = True):
   """[(name, Np, jitted fn, args, static kwargs)] for every benchmarked method."""
   spec = inference.spec_from_config(config)
   out = [('baseline', None, inference.baseline, (params['baseline'],), {'spec': spec}),
@@ -89,7 +75,7 @@ def methods(params: dict, config, num_patches_list: Sequence[int]):
     two = {'stage1': params['stage1'], 'stage2': params['stage2'][n]}
     spec_n = inference.spec_from_config(config, n)
     out.append(('two_stage', n, inference.two_stage, (two,), {'spec': spec_n}))
-  for n in num_patches_list:
+  for n in num_patches_list if sliding_window else ():
     two = {'stage1': params['stage1'], 'stage2': params['stage2'][n]}
     every = dataclasses.replace(inference.spec_from_config(config, n), refine_count=n * n,
                                 threshold=None)
@@ -117,7 +103,7 @@ def _timed_call(fn: Callable, args) -> float:
 
 
 def benchmark(params: dict, config, *, batch_sizes: Sequence[int], num_patches_list: Sequence[int],
-              repeats: int, progress: bool = True) -> list[dict]:
+              repeats: int, sliding_window: bool = True, progress: bool = True) -> list[dict]:
   """One row per (batch size, method, Np): latency, throughput, compile time, FLOPs, speed-up.
 
   params: {'baseline', 'stage1', 'stage2': {Np: p}}. Rows: {'method', 'num_patches', 'batch_size',
@@ -131,7 +117,7 @@ def benchmark(params: dict, config, *, batch_sizes: Sequence[int], num_patches_l
   for b in batch_sizes:
     images = jax.random.uniform(jax.random.key(0), (int(b), hi, hi, 3), jnp.float32)
     runs = []
-    for name, n, jitted, args, static in methods(params, config, num_patches_list):
+    for name, n, jitted, args, static in methods(params, config, num_patches_list, sliding_window):
       start = time.perf_counter()
       compiled = jitted.lower(*args, images, **static).compile()
       compile_s = time.perf_counter() - start
@@ -175,6 +161,16 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def speedup_summary(rows: list[dict]) -> str:
+  """'two-stage vs baseline (same run): batch 1: Np=2 1.8x, Np=8 5.6x; ...'."""
+  parts = []
+  for b in sorted({r['batch_size'] for r in rows}):
+    ratios = [f'Np={r["num_patches"]} {r["speedup_vs_baseline"]:.1f}x' for r in rows
+              if r['batch_size'] == b and r['method'] == 'two_stage']
+    parts.append(f'batch {b}: ' + ', '.join(ratios))
+  return 'two-stage speed-up over the baseline (same run): ' + '; '.join(parts)
+
+
 def run(config, workdir: str) -> dict:
   """--mode=benchmark: times every method; prints the table; writes <workdir>/benchmark.json.
 
@@ -183,6 +179,8 @@ def run(config, workdir: str) -> dict:
   nps = [int(n) for n in config.train.num_patches_list]
   batch_sizes = [int(b) for b in config.benchmark.batch_sizes]
   repeats = int(config.benchmark.repeats)
+  # Optional (not in configs/default.py): the all-patches reference is slow at large batches.
+  sliding_window = bool(config.benchmark.get('sliding_window', True))
   main = jax.process_index() == 0
   params, weights = params_for_benchmark(config, workdir, nps)
   description = device_description()
@@ -191,13 +189,13 @@ def run(config, workdir: str) -> dict:
           f'{config.model.width} depth {config.model.depth}, weights: '
           f'{"random" if set(weights.values()) == {"random"} else weights}.', flush=True)
   rows = benchmark(params, config, batch_sizes=batch_sizes, num_patches_list=nps, repeats=repeats,
-                   progress=main)
+                   sliding_window=sliding_window, progress=main)
   results = {
       'device': description, 'backend': jax.default_backend(),
       'geometry': {field: evaluate.get_field(config, field) for field in evaluate.GEOMETRY},
       'refine_count': config.get('refine_count'), 'score': str(config.score),
       'threshold': config.get('threshold'),
-      'weights': weights, 'repeats': repeats, 'statistic': 'median over repeats, after 1 warm-up',
+      'weights': weights, 'repeats': repeats, 'batch_sizes': batch_sizes, 'num_patches_list': nps, 'statistic': 'median over repeats, after 1 warm-up',
       'rows': rows,
   }
   if main:
@@ -208,5 +206,6 @@ def run(config, workdir: str) -> dict:
       json.dump(results, f, indent=1)
     os.replace(path + '.tmp', path)
     results['file'] = path
+    print(speedup_summary(rows))
     print(f'Speed-up = baseline ms/image / method ms/image at the same batch size. Wrote {path}')
   return results

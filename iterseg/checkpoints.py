@@ -16,6 +16,7 @@ from typing import Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -37,6 +38,17 @@ def manager(workdir: str, name: str, config) -> ocp.CheckpointManager:
 
 
 def save_args(state):
+  """Orbax's arguments to save `state`, whose arrays are replicated on the local devices.
+
+  With several processes, orbax saves global arrays only: each process's replicated copy is then
+  wrapped (not copied) as one array over all devices, which orbax writes once.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    devices = [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
+    mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+    state = multihost_utils.host_local_array_to_global_array(state, mesh,
+                                                             jax.sharding.PartitionSpec())
   return ocp.args.StandardSave(state)
 
 
@@ -48,7 +60,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state, name: str = ''):
   step = mngr.latest_step()
   if step is None:
     return state
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  abstract = jax.tree.map(_on_this_host, state)
   path = os.path.join(str(mngr.directory), str(step))
   try:
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -59,6 +71,18 @@ def restore_latest(mngr: ocp.CheckpointManager, state, name: str = ''):
         f'Use the config it was trained with, or another --workdir.') from e
   _check_shapes(abstract, restored, path)
   return restored
+
+
+def _on_this_host(x) -> jax.ShapeDtypeStruct:
+  """The restore target of one leaf: its own sharding, else this process's first device.
+
+  Never the sharding stored in the checkpoint, which names the devices of the run that wrote it
+  (another host count or device count could not restore it).
+  """
+  sharding = getattr(x, 'sharding', None)
+  if not isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def _check_shapes(abstract, restored, path):

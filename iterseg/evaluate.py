@@ -135,7 +135,7 @@ def evaluate(predict_fns: dict[Method, Callable], batches: Iterable[dict], num_c
   batches: {'image': float32 [b, H, W, 3], 'mask': [b, H, W] ids, 'name' (optional) [b]}, as
   `pipeline.eval_batches` yields them (a partial last batch is padded, so nothing recompiles).
   Returns {'num_images', 'names', 'methods': {method: {metric: mean, 'refined_fraction': mean or None,
-  'per_image': {metric: [values]}, 'latency_s': median blocked call time per image or None}}}.
+  'per_image': {metric: [values]}, 'latency_s': median blocked call time per image}}}.
   """
   per_image = {m: {k: [] for k in METRICS + ('refined_fraction',)} for m in predict_fns}
   call_times = {m: [] for m in predict_fns}
@@ -228,6 +228,22 @@ def load_trained(workdir: str, config) -> dict:
   return params
 
 
+def random_params(config, seed: int = 0) -> dict:
+  """Random {'baseline', 'stage1', 'stage2'} shaped as `inference.init_params` gives them, drawn with
+  numpy (kernels ~ N(0, 1 / fan_in), biases 0). For timings and FLOPs, which do not depend on the
+  values: compiling jax's random initialisers costs seconds per network on CPU."""
+  shapes = jax.eval_shape(lambda: inference.init_params(config, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if path[-1].key == 'bias':
+      return np.zeros(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+  # On the device: numpy leaves would be copied there again at every call of a jitted function.
+  return jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes))
+
+
 # --- Latency, rows, files -----------------------------------------------------------------------------
 
 
@@ -317,7 +333,8 @@ def run(config, workdir: str) -> dict:
   evaluation = evaluate_params(params, pipeline.eval_batches(source, batch_size), config,
                                total=math.ceil(len(source) / batch_size), progress=main)
   nps = sorted(params['stage2']) if 'stage1' in params else []
-  flop_report = flops.report(config, None, nps or [int(config.num_patches)])
+  flop_report = flops.report(config, random_params(config),  # FLOPs do not depend on the values.
+                             nps or [int(config.num_patches)])
   latencies = benchmark_latencies(workdir, config)
   if latencies is None:
     source_note = (f'timed during evaluation: median blocked call per image at batch '

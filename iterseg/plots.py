@@ -12,9 +12,11 @@ from typing import Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib import ticker
 
 COLORS = {'baseline': 'tab:red', 'stage1': 'tab:gray', 'two_stage': 'tab:blue'}
 LABELS = {'baseline': 'baseline (BL)', 'stage1': 'stage 1 (S1)', 'two_stage': 'two-stage (S2)'}
+SHORT = {'baseline': 'BL', 'stage1': 'S1', 'two_stage': 'S2'}
 
 
 def _split(rows):
@@ -96,7 +98,7 @@ def plot_tradeoff(rows, path: str, title: Optional[str] = None) -> Optional[str]
     return None
   fig, ax = _new_axes()
   for r in timed:
-    label = LABELS[r['method']] + ('' if r['num_patches'] is None else f' Np={r["num_patches"]}')
+    label = SHORT[r['method']] + ('' if r['num_patches'] is None else f' Np={r["num_patches"]}')
     ax.scatter(r['latency_ms'], r['soft_dice'], color=COLORS[r['method']])
     ax.annotate(label, (r['latency_ms'], r['soft_dice']), textcoords='offset points',
                 xytext=(4, 4), fontsize=7)
@@ -105,9 +107,14 @@ def plot_tradeoff(rows, path: str, title: Optional[str] = None) -> Optional[str]
     ax.plot([r['latency_ms'] for r in two], [r['soft_dice'] for r in two], '-',
             color=COLORS['two_stage'], alpha=0.5)
   ax.set_xscale('log')
+  ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  ax.margins(x=0.25, y=0.1)
   ax.set_xlabel('latency per image (ms, log scale)')
   ax.set_ylabel('mean soft Dice per image')
-  ax.set_title(title or 'Quality against speed')
+  ax.set_title(title or 'Quality against speed (BL: baseline, S1: stage 1, S2: two-stage)',
+               fontsize=9)
   ax.grid(alpha=0.3, which='both')
   return _save(fig, path)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import iterseg
 from iterseg import evaluate, inference
 
-TINTS = np.array([(255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 0, 255), (255, 128, 0),
+TINTS = np.array([(0, 255, 0), (0, 160, 255), (255, 0, 0), (255, 0, 255), (255, 128, 0),
                   (0, 255, 255), (128, 0, 255), (255, 255, 255)], np.float32)
 OUTLINE = (255, 255, 0)
 
@@ -117,7 +117,7 @@ def segment(params: dict, image: np.ndarray, config) -> dict:
 
 def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray, num_patches: int,
             alpha: float = 0.45) -> np.ndarray:
-  """uint8 [h, w, 3]: foreground tinted (binary: red; classes: one colour each) and the refined
+  """uint8 [h, w, 3]: foreground tinted (binary: green; classes: one colour each) and the refined
   patches of the Np x Np grid outlined, scaled to the image's own size."""
   h, w = mask.shape
   tint = TINTS[(mask.astype(np.int64) - 1) % len(TINTS)]

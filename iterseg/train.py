@@ -8,6 +8,7 @@ baseline; each resumes from its latest checkpoint, so rerunning the same command
 import functools
 import json
 import os
+import signal
 import time
 import zlib
 from typing import Any, Optional
@@ -132,8 +133,8 @@ def train_step(state: TrainState, batch, frozen, *, network: str, spec: inferenc
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = lax.pmean({'loss': loss, 'focal': aux['focal'], 'dice': aux['dice']}, 'batch')
-  metrics['grad_norm'] = optax.global_norm(grads)
-  metrics['param_norm'] = optax.global_norm(params)
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['param_norm'] = optax.tree.norm(params)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -142,6 +143,17 @@ def make_train_step(network: str, spec: inference.Spec, config):
   step = functools.partial(train_step, network=network, spec=spec, config=config)
   return jax.pmap(step, axis_name='batch', in_axes=(None, 0, None), out_axes=(None, None),
                   donate_argnums=0)
+
+
+def replicate(tree):
+  """`tree` copied to every local device, laid out as the pmapped step returns its state.
+
+  Giving the step its own output layout from the first call on means one compilation (not one for
+  a fresh or restored state and another for the rest), and no resharding of the donated state,
+  which multi-host pmap cannot do in place.
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('batch',))
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 # --- Logging ---------------------------------------------------------------------------------
@@ -162,6 +174,31 @@ def save_config(config, workdir: str):
     with open(tmp, 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
     os.replace(tmp, os.path.join(workdir, 'config.json'))
+
+
+def trim_metrics(workdir: str, name: str, step: int):
+  """Drops the metric lines of `name` after `step` (process 0 only), and any line cut short.
+
+  A run killed after its last checkpoint logged steps that the resumed run repeats: without this,
+  metrics.jsonl would hold them twice.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:  # The last line of a killed run may be cut short.
+      continue
+    if not (record.get('network') == name and record.get('step', 0) > step):
+      keep.append(line if line.endswith('\n') else line + '\n')
+  if keep != lines:
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 
 def _check_finite(metrics: dict, name: str, step: int, workdir: str):
@@ -190,14 +227,17 @@ def train_network(config, workdir: str, network: str, *, num_patches: Optional[i
 
   state = create_train_state(config, network, num_patches)
   manager = checkpoints.manager(workdir, name, config)
-  state = checkpoints.restore_latest(manager, state, name)
+  state = replicate(checkpoints.restore_latest(manager, state, name))
   step = int(state.step)
   if step >= total:
     logging.info('%s: already trained (%d steps).', name, step)
     manager.close()
     return state.params
+  trim_metrics(workdir, name, step)
 
+  frozen = None if frozen is None else replicate(frozen)
   p_step = make_train_step(network, spec, config)
+  kill_at = os.environ.get('ITERSEG_TEST_KILL_AT')  # Tests only: '<name>:<step>', see below.
   images_per_step = batch_size * (spec.refine_count if network == 'stage2' else 1)
   unit = 'patches' if network == 'stage2' else 'images'
   bar = tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
@@ -224,6 +264,8 @@ def train_network(config, workdir: str, network: str, *, num_patches: Optional[i
       if step % config.train.checkpoint_every == 0 or step == total:
         _check_finite(jax.device_get(metrics), name, step, workdir)
         manager.save(step, args=checkpoints.save_args(state))
+      if kill_at == f'{name}:{step}':  # Preemption, mid-step or mid-checkpoint-write (async).
+        os.kill(os.getpid(), signal.SIGKILL)
       if step >= total:
         break
   bar.close()

@@ -20,6 +20,8 @@ import importlib
 import os
 from typing import Any
 
+import numpy as np
+
 from iterseg.data.common import DataError
 
 __all__ = ['DataError', 'prepare', 'load_split', 'make_builder', 'DATASETS']
@@ -73,15 +75,36 @@ def prepare(config) -> dict[str, Any]:
 def load_split(config, split: str) -> 'Examples':
   """Random-access examples of `split` ('train' | 'test'): len(), [i]; prepares the dataset if needed.
 
-  With several hosts sharing data_dir, run `prepare` on one host (and wait) before the others load.
+  With several JAX processes (every process calls this), process 0 prepares while the others wait,
+  so that processes sharing data_dir never write it at once; a process whose data_dir is not shared
+  with process 0 (a local disk) then prepares its own copy.
   """
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    _prepare_on_process_0(config)
   builder = make_builder(config)
   if not is_prepared(builder):
     prepare(config)
     builder = make_builder(config)
   return Examples(builder.as_data_source(split))
+
+
+def _prepare_on_process_0(config):
+  """Process 0 prepares while the other processes wait for it, and its error stops them all."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  error = None
+  if jax.process_index() == 0:
+    try:
+      if not is_prepared(make_builder(config)):
+        prepare(config)
+    except Exception as e:  # pylint: disable=broad-except  # Raised once the others know.
+      error = e
+  if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+    raise error or DataError(f'process 0 could not prepare {config.data.name} in '
+                             f'{config.data.data_dir}; its log says why.')
 
 
 def is_prepared(builder) -> bool:

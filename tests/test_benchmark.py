@@ -1,0 +1,89 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from iterseg import benchmark, evaluate, inference
+from tests.conftest import tiny
+
+
+@pytest.fixture(scope='module')
+def tiny_benchmark(tmp_path_factory):
+  """benchmark.run on a tiny config in a workdir without checkpoints (so: random weights)."""
+  config = tiny(**{'benchmark.repeats': 2, 'benchmark.batch_sizes': (1, 2),
+                   'train.num_patches_list': (2, 4)})
+  workdir = tmp_path_factory.mktemp('bench')
+  return config, workdir, benchmark.run(config, str(workdir))
+
+
+def test_benchmark_writes_every_method_np_and_batch_size(tiny_benchmark):
+  config, workdir, results = tiny_benchmark
+  saved = json.loads((workdir / 'benchmark.json').read_text())
+  assert saved['rows'] == json.loads(json.dumps(results['rows']))
+  keys = [(r['method'], r['num_patches'], r['batch_size']) for r in saved['rows']]
+  expected = [(m, n, b) for b in (1, 2) for m, n in
+              [('baseline', None), ('stage1', None), ('two_stage', 2), ('two_stage', 4),
+               ('sliding_window', 2), ('sliding_window', 4)]]
+  assert keys == expected
+  assert saved['weights'] == {'baseline': 'random', 'stage1': 'random', 'stage2_np2': 'random',
+                              'stage2_np4': 'random'}
+  assert saved['backend'] == jax.default_backend() and 'cpu' in saved['device']
+  assert saved['geometry']['hi_size'] == 64 and saved['repeats'] == 2
+
+
+def test_benchmark_rows_are_consistent(tiny_benchmark):
+  _, _, results = tiny_benchmark
+  rows = {(r['method'], r['num_patches'], r['batch_size']): r for r in results['rows']}
+  for (method, n, b), r in rows.items():
+    assert len(r['times_ms']) == 2 and r['compile_s'] > 0
+    assert r['call_ms'] == pytest.approx(float(np.median(r['times_ms'])))
+    assert r['latency_ms'] == pytest.approx(r['call_ms'] / b)
+    assert r['images_per_s'] == pytest.approx(1e3 / r['latency_ms'])
+    base = rows[('baseline', None, b)]
+    assert r['speedup_vs_baseline'] == pytest.approx(base['latency_ms'] / r['latency_ms'])
+    assert r['gflops_per_image'] > 0 and r['achieved_gflops_per_s'] > 0
+  for b in (1, 2):  # Refining every patch costs more than refining Np of them.
+    for n in (2, 4):
+      assert rows[('sliding_window', n, b)]['gflops_per_image'] > rows[('two_stage', n, b)][
+          'gflops_per_image']
+    assert rows[('stage1', None, b)]['gflops_per_image'] < rows[('two_stage', 4, b)][
+        'gflops_per_image']
+
+
+def test_benchmark_json_feeds_evaluation_latencies(tiny_benchmark):
+  config, workdir, results = tiny_benchmark
+  latencies = evaluate.benchmark_latencies(str(workdir), config)
+  assert latencies[('two_stage', 4)] * 1e3 == pytest.approx(
+      next(r['latency_ms'] for r in results['rows']
+           if r['method'] == 'two_stage' and r['num_patches'] == 4 and r['batch_size'] == 1))
+  assert ('sliding_window', 2) in latencies  # Extra methods are harmless.
+
+
+def test_sliding_window_refines_every_patch():
+  config = tiny()
+  params = evaluate.random_params(config)
+  params = {'baseline': params['baseline'], 'stage1': params['stage1'],
+            'stage2': {2: params['stage2']}}
+  spec = [m for m in benchmark.methods(params, config, [2]) if m[0] == 'sliding_window'][0][-1]['spec']
+  assert spec.refine_count == 4 and spec.threshold is None and spec.num_patches == 2
+
+
+def test_random_params_have_the_shapes_of_init_params():
+  config = tiny()
+  shapes = jax.eval_shape(lambda: inference.init_params(config, jax.random.key(0)))
+  params = evaluate.random_params(config, seed=3)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), shapes)
+  kernel = params['baseline']['down0']['kernel']
+  assert 0.5 < kernel.std() * np.sqrt(np.prod(kernel.shape[:-1])) < 1.5
+
+
+def test_benchmark_uses_trained_weights_when_the_workdir_has_them(tmp_path):
+  from tests.test_evaluate import save_random_networks  # pylint: disable=g-import-not-at-top
+  config = tiny(**{'train.num_patches_list': (2,)})
+  save_random_networks(config, tmp_path, networks=('stage1', 'stage2'))
+  params, weights = benchmark.params_for_benchmark(config, str(tmp_path), [2, 4])
+  assert weights == {'baseline': 'random', 'stage1': 'trained', 'stage2_np2': 'trained',
+                     'stage2_np4': 'random'}
+  assert sorted(params['stage2']) == [2, 4]

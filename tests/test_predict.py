@@ -1,0 +1,141 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import iterseg
+from iterseg import predict
+from tests.conftest import tiny
+from tests.test_evaluate import save_random_networks
+
+INPUTS = {  # file name: (mode, height, width)
+    'odd.png': ('RGB', 37, 53),
+    'grey.jpg': ('L', 40, 64),
+    'alpha.png': ('RGBA', 50, 31),
+    'square.bmp': ('RGB', 64, 64),  # Already hi_size: the probabilities come back unresampled.
+}
+
+
+def write_inputs(folder: Path):
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for name, (mode, h, w) in INPUTS.items():
+    channels = {'RGB': 3, 'RGBA': 4, 'L': 1}[mode]
+    pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(folder / name)
+  (folder / 'README.txt').write_text('not an image: skipped')
+  (folder / '.hidden.png').write_bytes(b'skipped too')
+
+
+@pytest.fixture(scope='module')
+def predicted(tmp_path_factory):
+  root = tmp_path_factory.mktemp('predict')
+  config = tiny(num_patches=4, **{'train.num_patches_list': (4,)})
+  save_random_networks(config, root / 'run')
+  write_inputs(root / 'in')
+  config.predict.input = str(root / 'in')
+  return config, root, predict.run(config, str(root / 'run'))
+
+
+def test_outputs_have_the_size_of_each_input_whatever_its_mode(predicted):
+  config, root, result = predicted
+  out = root / 'run' / 'predictions'
+  assert result['output'] == str(out) and len(result['images']) == len(INPUTS)
+  for name, (_, h, w) in INPUTS.items():
+    stem = name.split('.')[0]
+    mask = np.asarray(Image.open(out / f'{stem}_mask.png'))
+    prob = Image.open(out / f'{stem}_prob.png')
+    overlay = Image.open(out / f'{stem}_overlay.png')
+    assert mask.shape == (h, w) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    assert prob.size == (w, h) and prob.mode.startswith('I')  # 16-bit grey.
+    assert overlay.size == (w, h) and overlay.mode == 'RGB'
+    p = np.asarray(prob).astype(np.float64) / 65535
+    agree = (p > 0.5) == (mask == 255)
+    assert agree[np.abs(p - 0.5) > 1e-4].all()  # The mask is the probability map thresholded.
+  assert sorted(os.listdir(out)) == sorted(f'{n.split(".")[0]}_{k}.png' for n in INPUTS
+                                           for k in ('mask', 'prob', 'overlay'))  # No temp files.
+
+
+def test_an_input_at_hi_size_gets_the_probabilities_of_infer(predicted):
+  config, root, _ = predicted
+  params, _ = iterseg.load(str(root / 'run'), 4)
+  image = np.asarray(Image.open(root / 'in' / 'square.bmp').convert('RGB'))
+  pred = iterseg.infer(params, image[None].astype(np.float32) / 255, config)
+  prob = np.asarray(Image.open(root / 'run' / 'predictions' / 'square_prob.png')) / 65535
+  np.testing.assert_allclose(prob, np.asarray(pred.probs[0, ..., 0]), atol=1e-4)
+
+
+def test_overlay_tints_the_mask_and_outlines_refined_patches_in_original_coordinates():
+  image = np.zeros((10, 20, 3), np.uint8)
+  mask = np.zeros((10, 20), np.uint8)
+  mask[8:, 18:] = 1
+  out = predict.overlay(image, mask, np.array([0]), num_patches=2)  # Top-left patch: 5 x 10 px.
+  yellow = np.array(predict.OUTLINE)
+  for y, x in [(0, 0), (4, 9), (0, 9), (4, 0), (2, 0)]:
+    np.testing.assert_array_equal(out[y, x], yellow)
+  np.testing.assert_array_equal(out[2, 5], 0)  # Inside the patch: untouched.
+  np.testing.assert_array_equal(out[7, 15], 0)  # Another patch: not refined.
+  assert out[9, 19, 1] > 0 and out[9, 19, 0] == out[9, 19, 2] == 0  # Foreground tinted green.
+
+
+def test_multiclass_outputs_are_class_ids_and_an_npy_of_probabilities(tmp_path):
+  probs = np.random.default_rng(0).dirichlet(np.ones(3), (7, 9)).astype(np.float32)
+  result = {'probs': probs, 'mask': probs.argmax(-1).astype(np.uint8), 'refined': np.array([3])}
+  paths = predict.save_outputs(tmp_path, 'x', np.zeros((7, 9, 3), np.uint8), result, 2)
+  np.testing.assert_array_equal(np.asarray(Image.open(paths['mask'])), result['mask'])
+  np.testing.assert_array_equal(np.load(paths['probs']), probs)
+  assert paths['probs'].endswith('x_probs.npy')
+
+
+def test_a_failed_write_keeps_the_previous_good_outputs(tmp_path, monkeypatch):
+  probs = np.full((6, 6, 1), 0.9, np.float32)
+  good = {'probs': probs, 'mask': np.ones((6, 6), np.uint8), 'refined': np.array([0])}
+  image = np.zeros((6, 6, 3), np.uint8)
+  paths = predict.save_outputs(tmp_path, 'x', image, good, 2)
+  before = {k: Path(p).read_bytes() for k, p in paths.items()}
+
+  def broken(*args, **kwargs):
+    raise OSError('disk full')
+  monkeypatch.setattr(predict, 'overlay', broken)
+  with pytest.raises(OSError, match='disk full'):
+    predict.save_outputs(tmp_path, 'x', image, dict(good, probs=probs * 0, mask=good['mask'] * 0), 2)
+  assert {k: Path(p).read_bytes() for k, p in paths.items()} == before
+  assert sorted(os.listdir(tmp_path)) == ['x_mask.png', 'x_overlay.png', 'x_prob.png']
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='config.predict.input is empty'):
+    predict.list_inputs('')
+  with pytest.raises(ValueError, match=f'{tmp_path / "nope"} does not exist'):
+    predict.list_inputs(tmp_path / 'nope')
+
+
+def test_a_folder_without_images_is_a_clear_error(tmp_path):
+  (tmp_path / 'notes.txt').write_text('hello')
+  with pytest.raises(ValueError, match=f'no image files in folder {tmp_path}'):
+    predict.list_inputs(tmp_path)
+
+
+def test_an_unreadable_image_is_named_before_any_work(tmp_path):
+  (tmp_path / 'good.png').write_bytes(b'')
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'good.png')
+  (tmp_path / 'broken.png').write_bytes(b'\x89PNG not really')
+  files = predict.list_inputs(tmp_path)
+  with pytest.raises(ValueError, match='cannot read image .*broken.png'):
+    predict.predict_files({}, tiny(), files, tmp_path / 'out', progress=False)
+  assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_run_without_trained_networks_says_so(tmp_path):
+  config = tiny()
+  config.predict.input = str(tmp_path)
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'a.png')
+  with pytest.raises(ValueError, match='not a trained workdir'):
+    predict.run(config, str(tmp_path / 'run'))
+
+
+def test_inputs_sharing_a_stem_get_distinct_outputs():
+  assert predict.output_stems([Path('a.png'), Path('a.jpg'), Path('b.png')]) == [
+      'a_png', 'a_jpg', 'b']
