@@ -5,17 +5,21 @@ trained on CPU in minutes, then their Dice and FLOPs. Everything else is a libra
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(_HERE, 'configs', 'demo.py')
 MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict')
 
+# No default here: ml_collections would load it (and check the --config.* overrides) at import,
+# where a mistake is a traceback. `parse_flags` gives --config=DEFAULT_CONFIG when it is absent.
 config_flags.DEFINE_config_file(
-    'config', os.path.join(_HERE, 'configs', 'demo.py'), 'A configs/*.py file; fields can be '
-    'overridden as --config.train.batch_size=8.', lock_config=True)
+    'config', None, 'A configs/*.py file (default: configs/demo.py); fields can be overridden as '
+    '--config.train.batch_size=8.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results (default runs/<config>).')
 flags.DEFINE_enum('mode', 'train', MODES, 'train (then evaluate), evaluate, benchmark, prepare '
                   '(the dataset), or predict (config.predict.input).')
@@ -27,9 +31,45 @@ flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
 FLAGS = flags.FLAGS
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with any mistake in the flags or the config as one line and exit status 1:
+  an unknown config key, a value of the wrong type, a config file that is missing or fails."""
+  if not any(re.match(r'-{1,2}config(=|$)', arg) for arg in argv[1:]):
+    argv = [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
+    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv.
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get('seed')  # A config file that failed to load raises only when first used.
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f'iterseg: error: {_flag_error(e, argv)}')
+  return rest
+
+
+def _flag_error(error: Exception, argv) -> str:
+  """One line for a flag parsing error; an unknown config key names its flag."""
+  while isinstance(error, AttributeError) and error.args and isinstance(error.args[0], Exception):
+    error = error.args[0]  # ml_collections wraps the KeyError of an unknown key.
+  if not isinstance(error, KeyError):
+    return ' '.join(str(error).split())
+  message = ' '.join(str(error.args[0] if error.args else error).split())
+  key = message.split()[0].strip('\'"') if message else ''
+  names = [arg.split('=')[0] for arg in argv if arg.startswith('--config.')]
+  named = [n for n in names if key in n[len('--config.'):].split('.')] or ['--config.*']
+  return f'{named[-1]}: unknown config key {message} (configs/default.py lists every key).'
+
+
+def _hide_closed_loop_noise(unraisable, report=sys.unraisablehook):
+  """After a failed restore, orbax's reads still in flight report to its closed asyncio loop, each
+  with a traceback that would bury the one-line error; nothing else is hidden."""
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    report(unraisable)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  sys.unraisablehook = _hide_closed_loop_noise
   if not FLAGS['verbosity'].present:  # Orbax and TFDS log every file at INFO.
     logging.set_verbosity(logging.WARNING)
   import jax  # After absl parsed the flags, so that --help is quick.
@@ -48,8 +88,8 @@ def main(argv):
     cli.run(FLAGS.mode, config, workdir)
   except cli.USER_ERRORS as e:  # One clear line instead of a traceback; --verbosity=1 shows it.
     logging.debug('Traceback:', exc_info=True)
-    sys.exit(f'iterseg: error: {e}')
+    sys.exit(f'iterseg: error: {" ".join(str(e).split())}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

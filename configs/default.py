@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.benchmark = ml_collections.ConfigDict()
   c.benchmark.batch_sizes = (1, 16)
   c.benchmark.repeats = 10  # Timed calls per measurement (after one warm-up); the median is kept.
+  c.benchmark.sliding_window = True  # Also time every grid patch through stage 2 (slow at Np=16).
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ''  # An image file or a folder of images (any size, any format Pillow reads).
   c.predict.output = ''  # Where masks, probability maps and overlays go ('' = <workdir>/predictions).

@@ -16,6 +16,7 @@ from typing import Optional
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -33,7 +34,9 @@ def network_dir(workdir: str, name: str) -> str:
 
 
 def manager(workdir: str, name: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
+  """The network's manager; it deletes what a killed run left half-written (`<step>.orbax-*-tmp`)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(network_dir(workdir, name), options=options)
 
 
@@ -55,22 +58,49 @@ def save_args(state):
 def restore_latest(mngr: ocp.CheckpointManager, state, name: str = ''):
   """`state` restored from the latest complete checkpoint of `mngr`, or `state` itself if none.
 
-  `state` is the template: a checkpoint whose tree or shapes differ is a CheckpointError.
+  `state` is the template. A checkpoint whose arrays differ from it in name or shape (another config)
+  is a CheckpointError found from the checkpoint's metadata, before any array is read; so is one that
+  cannot be read (damaged, e.g. truncated by a copy).
   """
   step = mngr.latest_step()
   if step is None:
     return state
-  abstract = jax.tree.map(_on_this_host, state)
   path = os.path.join(str(mngr.directory), str(step))
+  label = f'{name or "the"} checkpoint {path}'
+  abstract = jax.tree.map(_on_this_host, state)
   try:
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    stored = _stored_shapes(path)
   except Exception as e:  # Orbax raises many types; all mean the same to a user.
+    raise CheckpointError(_damaged(label, e)) from e
+  wanted = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  if stored != wanted:
+    differ = sorted((k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k)),
+                    key=lambda k: (not k.startswith('params.'), k))
     raise CheckpointError(
-        f'cannot restore {name or "checkpoint"} from {path}: it is damaged or was written with '
-        f'another config (shapes or structure differ): {type(e).__name__}: {str(e)[:300]}. '
-        f'Use the config it was trained with, or another --workdir.') from e
-  _check_shapes(abstract, restored, path)
-  return restored
+        f'{label} was written with another config: {len(differ)} arrays differ, e.g. {differ[0]} '
+        f'is {stored.get(differ[0], "absent")} there but {wanted.get(differ[0], "absent")} with '
+        f'this config. Use the config it was trained with, or another --workdir.')
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(_damaged(label, e)) from e
+
+
+def _stored_shapes(path: str) -> dict:
+  """{array name: shape} from a checkpoint's metadata, e.g. {'params.down0.kernel': (3, 3, 3, 4)}."""
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / 'default')
+  return {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata)}
+
+
+def _leaf_name(path) -> str:
+  """A key path as orbax names the array: 'params.down0.kernel', 'opt_state.0.count'."""
+  return '.'.join(str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k)))) for k in path)
+
+
+def _damaged(label: str, error: Exception) -> str:
+  return (f'{label} is damaged or incomplete ({type(error).__name__}: '
+          f'{" ".join(str(error).split())[:200]}). Delete that folder to resume from the checkpoint '
+          f'before it, or use another --workdir.')
 
 
 def _on_this_host(x) -> jax.ShapeDtypeStruct:
@@ -83,14 +113,6 @@ def _on_this_host(x) -> jax.ShapeDtypeStruct:
   if not isinstance(sharding, jax.sharding.Sharding):
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-
-def _check_shapes(abstract, restored, path):
-  want = [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
-  got = [(x.shape, x.dtype) for x in jax.tree.leaves(restored)]
-  if want != got:
-    raise CheckpointError(f'checkpoint {path} holds other shapes than the config gives; '
-                          f'use the config it was trained with, or another --workdir.')
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -108,6 +130,14 @@ def trained_num_patches(workdir: str) -> list:
   names = os.listdir(root) if os.path.isdir(root) else []
   found = [int(m.group(1)) for n in names if (m := re.fullmatch(r'stage2_np(\d+)', n))]
   return sorted(n for n in found if _has_step(os.path.join(root, f'stage2_np{n}')))
+
+
+def trained_networks(workdir: str) -> list:
+  """The names of the networks with at least one checkpoint in `workdir`."""
+  root = network_dir(workdir, '')
+  if not os.path.isdir(root):
+    return []
+  return sorted(n for n in os.listdir(root) if _has_step(os.path.join(root, n)))
 
 
 def _has_step(path: str) -> bool:

@@ -214,9 +214,9 @@ def load_trained(workdir: str, config) -> dict:
   check_same_geometry(config, saved, workdir)
   nps = checkpoints.trained_num_patches(workdir)
   params = {'stage2': {}}
+  trained = checkpoints.trained_networks(workdir)
   for name in ('stage1', 'baseline'):
-    path = checkpoints.network_dir(workdir, name)
-    if os.path.isdir(path) and any(step.isdigit() for step in os.listdir(path)):
+    if name in trained:
       params[name] = checkpoints.load_params(workdir, name, saved)
   for n in nps:
     params['stage2'][n] = checkpoints.load_params(workdir, checkpoints.network_name('stage2', n),
@@ -293,7 +293,7 @@ def format_table(rows: list[dict]) -> str:
     latency = '' if r['latency_ms'] is None else f'{r["latency_ms"]:.1f}'
     lines.append(f'{r["method"]:<11}{"" if r["num_patches"] is None else r["num_patches"]:>4}'
                  f'{r["soft_dice"]:>11.4f}{r["hard_dice"]:>11.4f}{r["iou"]:>8.4f}{refined:>9}'
-                 f'{r["gflops"]:>10.3f}{latency:>10}')
+                 f'{r["gflops"]:>10.4g}{latency:>10}')
   return '\n'.join(lines)
 
 

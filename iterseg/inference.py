@@ -95,9 +95,14 @@ def init_params(config, rng) -> dict:
 
 @functools.partial(jax.jit, static_argnames=('spec', 'in_channels'))
 def init_unet(rng, spec: Spec, in_channels: int) -> dict:
-  """Random U-Net parameters for `in_channels` inputs (they do not depend on the image size)."""
+  """Random U-Net parameters for `in_channels` inputs (they do not depend on the image size).
+
+  The initialisers draw from an 'rbg' key derived from `rng`: XLA compiles the default threefry
+  for every parameter, which takes 13 s on a 2-core CPU against 2 s for rbg.
+  """
   size = 2 ** spec.depth
-  return spec.unet().init(rng, jnp.zeros((1, size, size, in_channels), jnp.float32))['params']
+  rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
+  return spec.unet().init(rbg, jnp.zeros((1, size, size, in_channels), jnp.float32))['params']
 
 
 def class_probabilities(probs):

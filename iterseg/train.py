@@ -3,6 +3,11 @@
 `train_and_evaluate` trains what config.train.networks names, in order: stage 1 first (stage 2
 learns from its probabilities), then stage 2 for each Np in config.train.num_patches_list, then the
 baseline; each resumes from its latest checkpoint, so rerunning the same command continues.
+
+A run killed at any point (even while writing a checkpoint) and started again ends with the bits of
+an uninterrupted run on the same devices: a step's randomness is the state's key folded with the
+step, the data order is a function of (seed, epoch) entered at the step's batch, a checkpoint counts
+only once orbax has finished writing it, and the metric lines logged after it are dropped.
 """
 
 import functools
@@ -227,59 +232,70 @@ def train_network(config, workdir: str, network: str, *, num_patches: Optional[i
 
   state = create_train_state(config, network, num_patches)
   manager = checkpoints.manager(workdir, name, config)
-  state = replicate(checkpoints.restore_latest(manager, state, name))
-  step = int(state.step)
-  if step >= total:
-    logging.info('%s: already trained (%d steps).', name, step)
-    manager.close()
-    return state.params
-  trim_metrics(workdir, name, step)
+  try:
+    state = replicate(checkpoints.restore_latest(manager, state, name))
+    step = int(state.step)
+    if step >= total:
+      logging.info('%s: already trained (%d steps).', name, step)
+      return state.params
+    trim_metrics(workdir, name, step)
 
-  frozen = None if frozen is None else replicate(frozen)
-  p_step = make_train_step(network, spec, config)
-  kill_at = os.environ.get('ITERSEG_TEST_KILL_AT')  # Tests only: '<name>:<step>', see below.
-  images_per_step = batch_size * (spec.refine_count if network == 'stage2' else 1)
-  unit = 'patches' if network == 'stage2' else 'images'
-  bar = tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
-             disable=jax.process_index() != 0, dynamic_ncols=True)
-  pending, t0, seen = None, time.perf_counter(), 0
-  while step < total:
-    epoch, start = divmod(step, per_epoch)
-    for batch in pipeline.batches(source, batch_size=batch_size, seed=config.seed, epoch=epoch,
-                                  start_batch=start):
-      state, metrics = p_step(state, batch, frozen)
-      step += 1
-      seen += images_per_step
-      if pending is not None:  # Check the previous step while this one runs.
-        _check_finite(jax.device_get(pending[1]), name, pending[0], workdir)
-      pending = (step, metrics)
-      bar.update(1)
-      if step % config.train.log_every == 0 or step == total:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(m, name, step, workdir)
-        rate = seen / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f'{m["loss"]:.4f}', dice=f'{m["dice"]:.3f}', **{f'{unit}/s': f'{rate:.1f}'})
-        write_metrics(workdir, {'network': name, 'step': step, 'epoch': step / per_epoch,
-                                f'{unit}_per_s': rate, **m})
-      if step % config.train.checkpoint_every == 0 or step == total:
-        _check_finite(jax.device_get(metrics), name, step, workdir)
-        manager.save(step, args=checkpoints.save_args(state))
-      if kill_at == f'{name}:{step}':  # Preemption, mid-step or mid-checkpoint-write (async).
-        os.kill(os.getpid(), signal.SIGKILL)
-      if step >= total:
-        break
-  bar.close()
-  manager.wait_until_finished()
-  manager.close()
-  return state.params
+    frozen = None if frozen is None else replicate(frozen)
+    p_step = make_train_step(network, spec, config)
+    kill_at = os.environ.get('ITERSEG_TEST_KILL_AT')  # '<name>:<step>', for tests/test_resume.py.
+    images_per_step = batch_size * (spec.refine_count if network == 'stage2' else 1)
+    unit = 'patches' if network == 'stage2' else 'images'
+    bar = tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    pending, t0, seen = None, time.perf_counter(), 0
+    while step < total:
+      epoch, start = divmod(step, per_epoch)
+      for batch in pipeline.batches(source, batch_size=batch_size, seed=config.seed, epoch=epoch,
+                                    start_batch=start):
+        state, metrics = p_step(state, batch, frozen)
+        step += 1
+        seen += images_per_step
+        if pending is not None:  # Check the previous step while this one runs.
+          _check_finite(jax.device_get(pending[1]), name, pending[0], workdir)
+        pending = (step, metrics)
+        bar.update(1)
+        if step % config.train.log_every == 0 or step == total:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(m, name, step, workdir)
+          rate = seen / (time.perf_counter() - t0)
+          bar.set_postfix(loss=f'{m["loss"]:.4f}', dice=f'{m["dice"]:.3f}',
+                          **{f'{unit}/s': f'{rate:.1f}'})
+          write_metrics(workdir, {'network': name, 'step': step, 'epoch': step / per_epoch,
+                                  f'{unit}_per_s': rate, **m})
+        if step % config.train.checkpoint_every == 0 or step == total:
+          _check_finite(jax.device_get(metrics), name, step, workdir)
+          manager.save(step, args=checkpoints.save_args(state))
+        if kill_at == f'{name}:{step}':  # Preemption, mid-step or mid-checkpoint-write (async).
+          os.kill(os.getpid(), signal.SIGKILL)
+        if step >= total:
+          break
+    bar.close()
+    return state.params
+  finally:
+    manager.close()  # Waits for the checkpoint being written, also when training stopped on an error.
+
+
+def check_config(config, workdir: str):
+  """ValueError, before anything is written, if `config` cannot train (more) in `workdir`."""
+  unknown = set(config.train.networks) - set(NETWORKS)
+  if unknown:
+    raise ValueError(f'config.train.networks has unknown names {sorted(unknown)}; use {NETWORKS}.')
+  for n in (config.num_patches, *config.train.num_patches_list):
+    inference.spec_from_config(config, n)
+  if checkpoints.trained_networks(workdir) and os.path.exists(os.path.join(workdir, 'config.json')):
+    from iterseg import evaluate  # pylint: disable=g-import-not-at-top  # (what weights depend on)
+    evaluate.check_same_geometry(config, checkpoints.read_config(workdir), workdir)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains stage 1, stage 2 for each Np, then the baseline (as config.train.networks says), then
   evaluates them on the test split (iterseg.evaluate) and returns its results."""
-  unknown = set(config.train.networks) - set(NETWORKS)
-  if unknown:
-    raise ValueError(f'config.train.networks has unknown names {sorted(unknown)}; use {NETWORKS}.')
+  check_config(config, workdir)
   save_config(config, workdir)
   source = data.load_split(config, 'train')
   stage1 = None
