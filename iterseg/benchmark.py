@@ -53,7 +53,7 @@ def params_for_benchmark(config, workdir: Optional[str], num_patches_list: Seque
       trained = evaluate.load_trained(workdir, config)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError; no workdir, other config.
       print(f'No trained weights used ({str(e).splitlines()[0][:200]}); timing random weights.')
-  randoms = evaluate.random_params(config, config.seed)
+  randoms = inference.init_params(config, jax.random.key(config.seed))
   params = {'stage2': {}}
   source = {}
   for name in ('baseline', 'stage1'):

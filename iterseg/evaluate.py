@@ -228,22 +228,6 @@ def load_trained(workdir: str, config) -> dict:
   return params
 
 
-def random_params(config, seed: int = 0) -> dict:
-  """Random {'baseline', 'stage1', 'stage2'} shaped as `inference.init_params` gives them, drawn with
-  numpy (kernels ~ N(0, 1 / fan_in), biases 0). For timings and FLOPs, which do not depend on the
-  values: compiling jax's random initialisers costs seconds per network on CPU."""
-  shapes = jax.eval_shape(lambda: inference.init_params(config, jax.random.key(0)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    if path[-1].key == 'bias':
-      return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-  # On the device: numpy leaves would be copied there again at every call of a jitted function.
-  return jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes))
-
-
 # --- Latency, rows, files -----------------------------------------------------------------------------
 
 
@@ -333,7 +317,7 @@ def run(config, workdir: str) -> dict:
   evaluation = evaluate_params(params, pipeline.eval_batches(source, batch_size), config,
                                total=math.ceil(len(source) / batch_size), progress=main)
   nps = sorted(params['stage2']) if 'stage1' in params else []
-  flop_report = flops.report(config, random_params(config),  # FLOPs do not depend on the values.
+  flop_report = flops.report(config, None,  # Random weights: FLOPs do not depend on the values.
                              nps or [int(config.num_patches)])
   latencies = benchmark_latencies(workdir, config)
   if latencies is None:

@@ -80,7 +80,7 @@ def test_a_perfect_predictor_scores_one_on_every_image():
 def tiny_run():
   """Random tiny networks evaluated on 5 images in batches of 2 (the last one partial)."""
   config = tiny(num_patches=4)
-  p = evaluate.random_params(config)  # jax's initialisers take seconds to compile on CPU.
+  p = inference.init_params(config, jax.random.key(0))
   params = {'baseline': p['baseline'], 'stage1': p['stage1'], 'stage2': {4: p['stage2']}}
   batches, images, masks = random_batches()
   result = evaluate.evaluate_params(params, batches, config, progress=False)
@@ -118,7 +118,7 @@ def test_refined_fraction_counts_only_patches_over_the_threshold():
 def save_random_networks(config, workdir, networks=('stage1', 'stage2', 'baseline')):
   """A workdir as training leaves it (config.json and one checkpoint per network), random weights."""
   train.save_config(config, str(workdir))
-  params = evaluate.random_params(config)
+  params = inference.init_params(config, jax.random.key(0))
   for network in networks:
     for n in (config.train.num_patches_list if network == 'stage2' else [None]):
       name = checkpoints.network_name(network, n)
