@@ -126,10 +126,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def trained_num_patches(workdir: str) -> list:
   """The Np values for which the workdir holds a stage-2 checkpoint."""
-  root = os.path.join(os.path.expanduser(workdir), 'checkpoints')
-  names = os.listdir(root) if os.path.isdir(root) else []
-  found = [int(m.group(1)) for n in names if (m := re.fullmatch(r'stage2_np(\d+)', n))]
-  return sorted(n for n in found if _has_step(os.path.join(root, f'stage2_np{n}')))
+  return sorted(int(m.group(1)) for n in trained_networks(workdir)
+                if (m := re.fullmatch(r'stage2_np(\d+)', n)))
 
 
 def trained_networks(workdir: str) -> list:
