@@ -54,6 +54,16 @@ def save(image: Image.Image, path: Path, fmt: str | None = None, gz: bool = Fals
   return path
 
 
+def upper_extensions(root: Path) -> Path:
+  """Renames every file under root to upper-case extensions ('a.ah.ppm.gz' -> 'a.AH.PPM.GZ'), as some
+  archives and Windows tools ship them."""
+  for path in sorted(p for p in root.rglob('*') if p.is_file()):
+    dot = path.name.find('.', 1)
+    if dot > 0:
+      path.rename(path.with_name(path.name[:dot] + path.name[dot:].upper()))
+  return root
+
+
 def write_ph2(root: Path, num_cases: int = 6, rgb_mask_case: int = 1) -> Path:
   """root/PH2Dataset/PH2 Dataset images/IMDxxx/...: 24-bit BMP images, 1-bit BMP lesion masks except
   case `rgb_mask_case` (24-bit RGB {0, 255}), plus the archive's non-case entries."""

@@ -275,16 +275,64 @@ def test_missing_manual_dir_names_path_and_download_page(tmp_path):
     data.prepare(fixtures.config(tmp_path / 'tfds', 'kitti', tmp_path / 'empty'))
 
 
-def test_missing_mask_file_names_it(tmp_path):
-  manual = fixtures.write_ph2(tmp_path / 'raw', num_cases=3)
-  lesion = next(manual.rglob('IMD003_lesion.bmp'))
-  lesion.unlink()
-  with pytest.raises(DataError, match=f'missing lesion mask.*{lesion}'):
-    data.prepare(fixtures.config(tmp_path / 'tfds', 'ph2', manual))
+def skip_warnings(caplog):
+  return [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
+
+
+def test_a_case_missing_its_mask_is_skipped_with_one_warning(tmp_path, caplog):
+  manual = fixtures.write_ph2(tmp_path / 'raw', num_cases=4)
+  next(manual.rglob('IMD003_lesion.bmp')).unlink()
+  config = fixtures.config(tmp_path / 'tfds', 'ph2', manual)
+  with caplog.at_level('WARNING'):
+    stats, examples = prepare_and_read(config)
+  assert stats['train'] + stats['test'] == 3
+  assert 'PH2/IMD003.bmp' not in {e['name'] for e in examples['train'] + examples['test']}
+  warnings = skip_warnings(caplog)
+  assert len(warnings) == 1, warnings  # Once, though prepare lists the cases twice.
+  assert 'skipped 1 of 4' in warnings[0] and 'PH2/IMD003.bmp (no mask)' in warnings[0]
+  # A STARE label without its image and a CHASE_DB1 image without its annotation: skipped too.
+  caplog.clear()
   fixtures.write_stare(tmp_path / 'retina')
+  fixtures.write_chase(tmp_path / 'retina')
+  fixtures.save(Image.fromarray(fixtures.rgb(9)), tmp_path / 'retina' / 'CHASE_DB1' / 'Image_02R.JPG')
   (tmp_path / 'retina' / 'STARE' / 'stare-images' / 'im0002.ppm').unlink()
-  with pytest.raises(DataError, match='stare-images/im0002.ppm'):
-    data.prepare(fixtures.config(tmp_path / 'tfds', 'retina', tmp_path / 'retina'))
+  with caplog.at_level('WARNING'):
+    stats = data.prepare(fixtures.config(tmp_path / 'tfds', 'retina', tmp_path / 'retina'))
+  assert stats['train'] + stats['test'] == 2
+  (warning,) = skip_warnings(caplog)
+  assert 'CHASE_DB1/Image_02R.JPG (no mask), STARE/im0002.ppm (no image)' in warning
+
+
+def test_no_case_with_a_mask_is_an_error_naming_the_folder(tmp_path):
+  manual = fixtures.write_ph2(tmp_path / 'raw', num_cases=3)
+  for lesion in manual.rglob('*_lesion.bmp'):
+    lesion.unlink()
+  with pytest.raises(DataError, match=f'no case with both an image and a mask in {manual} '
+                                      r'\(all 3 lack a file: PH2/IMD002.bmp \(no mask\)'):
+    data.prepare(fixtures.config(tmp_path / 'tfds', 'ph2', manual))
+
+
+def test_extensions_match_in_any_case(tmp_path):
+  for name, write, count in (('ph2', fixtures.write_ph2, 6), ('kitti', fixtures.write_kitti, 3),
+                             ('folder', fixtures.write_folder, 7)):
+    write(tmp_path / name)
+    manual = fixtures.upper_extensions(tmp_path / name)
+    stats = data.prepare(fixtures.config(tmp_path / 'tfds', name, manual))
+    assert stats['train'] + stats['test'] == count, name
+  assert (tmp_path / 'ph2' / 'PH2Dataset' / 'PH2 Dataset images' / 'IMD002' / 'IMD002_lesion' /
+          'IMD002_lesion.BMP').is_file()
+  retina = tmp_path / 'retina'
+  fixtures.write_drive(retina)
+  fixtures.write_stare(retina)
+  fixtures.write_chase(retina)
+  fixtures.upper_extensions(retina)
+  examples = data.load_split(fixtures.config(tmp_path / 'tfds', 'retina', retina), 'train')
+  test = data.load_split(fixtures.config(tmp_path / 'tfds', 'retina', retina), 'test')
+  assert sorted(e['name'] for e in list(examples) + list(test)) == [
+      'CHASE_DB1/Image_01L.JPG', 'DRIVE/01_test.TIF', 'DRIVE/21_training.TIF', 'DRIVE/22_training.TIF',
+      'STARE/im0001.PPM.GZ', 'STARE/im0002.PPM']
+  for example in list(examples) + list(test):
+    assert example['mask'].mean() == pytest.approx(fixtures.FG_PERCENT / 100, abs=0.01), example['name']
 
 
 def test_unreadable_image_names_the_file_and_leaves_nothing_loadable(tmp_path):
@@ -311,21 +359,26 @@ def test_size_mismatch_names_both_files(tmp_path):
     data.prepare(fixtures.config(tmp_path / 'tfds', 'ph2', manual))
 
 
-def test_folder_errors(tmp_path):
+def test_folder_errors_and_unpaired_files(tmp_path, caplog):
   root = tmp_path / 'raw'
   (root / 'images').mkdir(parents=True)
   (root / 'masks').mkdir()
   config = fixtures.config(tmp_path / 'tfds', 'folder', root)
   with pytest.raises(DataError, match=f'no images found in {root / "images"}'):
     data.prepare(config)
-  fixtures.save(Image.fromarray(fixtures.rgb(0)), root / 'images' / 'a.png')
-  fixtures.save(Image.fromarray(fixtures.rgb(1)), root / 'images' / 'b.png')
-  fixtures.save(Image.fromarray(fixtures.binary()), root / 'masks' / 'a.png')
-  with pytest.raises(DataError, match=r"1 image\(s\) without a mask.*\['b'\]"):
+  for stem in 'abc':
+    fixtures.save(Image.fromarray(fixtures.rgb(0)), root / 'images' / f'{stem}.png')
+  with pytest.raises(DataError, match=f'no case with both an image and a mask in {root}'):
     data.prepare(config)
-  config.data.manual_dir = str(tmp_path / 'elsewhere')
+  for stem in 'acz':
+    fixtures.save(Image.fromarray(fixtures.binary()), root / 'masks' / f'{stem}.png')
+  with caplog.at_level('WARNING'):
+    stats = data.prepare(config)  # a and c; b has no mask, z no image.
+  assert stats['train'] + stats['test'] == 2
+  (warning,) = skip_warnings(caplog)
+  assert 'b.png (no mask), z.png (no image)' in warning
   with pytest.raises(DataError, match='elsewhere'):
-    data.prepare(config)
+    data.prepare(fixtures.config(tmp_path / 'tfds2', 'folder', tmp_path / 'elsewhere'))
 
 
 def test_unknown_dataset_and_split():

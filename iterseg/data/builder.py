@@ -1,9 +1,13 @@
 """The TFDS builder that every iterseg dataset shares (TensorFlow-free).
 
-A dataset subclasses `SegmentationBuilder` and says only where its cases are (`find_cases`) and, when it is
+A dataset subclasses `SegmentationBuilder` and says only where its cases are (`list_cases`) and, when it is
 not "non-zero = foreground", how its masks read (`read_mask`). This class does the rest, the same way for
 every dataset:
 
+  cases   `find_cases` keeps the listed cases that have both an image and a mask. A case missing its mask
+          (or a mask whose image is missing) is SKIPPED, with one warning that lists the skipped cases; a
+          dataset left with no case is a DataError naming manual_dir. A missing folder (no annotation
+          folder at all) stays a DataError: that is a wrong layout, not a gap in the data.
   split   sorted case names -> `common.split_names` (np.random.default_rng(split_seed), 70/30 by default);
   resize  each image to hi_size x hi_size with a bilinear (area-like when shrinking) filter, each mask with
           nearest neighbour, keeping the original (height, width);
@@ -120,9 +124,30 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   # --- What a dataset defines -------------------------------------------------------------------------
 
-  def find_cases(self) -> dict[str, Any]:
-    """{name: case} for every case in the raw data; `load_example(name, case)` decodes one."""
+  def list_cases(self) -> dict[str, Case]:
+    """{name: Case} for every case in the raw data, incomplete ones too (a None image or mask)."""
     raise NotImplementedError
+
+  def find_cases(self) -> dict[str, Any]:
+    """{name: case} of the cases to store; `load_example(name, case)` decodes one.
+
+    Files datasets: `list_cases` less the incomplete cases, which are skipped with one warning (see the
+    module docstring); DataError naming manual_dir when none is left. Generated datasets override this.
+    """
+    cases, skipped = common.complete_cases(self.list_cases())
+    if not cases:
+      detail = f' (all {len(skipped)} lack a file: {self._describe(skipped)})' if skipped else ''
+      raise DataError(f'{self.name}: no case with both an image and a mask in {self.manual_dir}{detail}')
+    if skipped and skipped != getattr(self, '_warned_skipped', None):  # prepare() lists cases twice.
+      self._warned_skipped = skipped
+      logging.warning('%s: skipped %d of %d cases that lack an image or a mask in %s: %s', self.name,
+                      len(skipped), len(skipped) + len(cases), self.manual_dir, self._describe(skipped))
+    return cases
+
+  @staticmethod
+  def _describe(skipped: dict[str, str]) -> str:
+    """'PH2/IMD003.bmp (no mask), ...' (the first 10, then 'and N more')."""
+    return common.list_names(f'{name} ({why})' for name, why in sorted(skipped.items()))
 
   def read_mask(self, path: Path) -> np.ndarray:
     """uint8 [h, w] class ids of the mask file at `path` (default: any non-zero pixel is 1)."""

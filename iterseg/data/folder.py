@@ -3,8 +3,10 @@
   images/case_a.jpg   masks/case_a.png
   images/case_b.tif   masks/case_b.gif
 
-Any format Pillow reads (plus `.gz` of one); files with other extensions (notes, `.DS_Store`) are ignored.
-Every image needs a mask with the same stem and vice versa. Images are converted to RGB. With
+Any format Pillow reads (plus `.gz` of one), extensions in any case ('.PNG'); files with other
+extensions (notes, `.DS_Store`) are ignored. An image without a mask of the same stem, or a mask without
+its image, is skipped with one warning listing the skipped files; no pair left is a DataError. Images
+are converted to RGB from their real range (16-bit, float: see `common.to_uint8_rgb`). With
 config.num_classes == 1 a mask pixel is 1 where it is non-zero in any channel; with more classes the mask
 must be single-channel (grey values or palette indices) holding ids in [0, num_classes).
 
@@ -69,7 +71,7 @@ class Folder(SegmentationBuilder, skip_registration=True):
   def download_hint(self) -> str:
     return f'expected layout: {self.LAYOUT}'
 
-  def find_cases(self) -> dict[str, Case]:
+  def list_cases(self) -> dict[str, Case]:
     root = self.manual_root()
     folders = {kind: root / kind for kind in ('images', 'masks')}
     for folder in folders.values():
@@ -78,12 +80,9 @@ class Folder(SegmentationBuilder, skip_registration=True):
     images, masks = (_image_files(folder) for folder in folders.values())
     if not images:
       raise DataError(f'folder: no images found in {folders["images"]}')
-    for kind, lonely in (('image', images.keys() - masks.keys()), ('mask', masks.keys() - images.keys())):
-      if lonely:
-        other = 'mask' if kind == 'image' else 'image'
-        raise DataError(f'folder: {len(lonely)} {kind}(s) without a {other} of the same stem in '
-                        f'{root}, e.g. {sorted(lonely)[:3]}')
-    return {images[s].name: Case(image=images[s], mask=masks[s]) for s in sorted(images)}
+    # An image without a mask, or a mask without an image: listed with a None, skipped by find_cases.
+    return {(images.get(s) or masks[s]).name: Case(image=images.get(s), mask=masks.get(s))
+            for s in sorted(images.keys() | masks.keys())}
 
   def read_mask(self, path: Path) -> np.ndarray:
     num_classes = self.builder_config.num_classes

@@ -10,6 +10,10 @@ Layout of the unpacked `data_semantics.zip` (manual_dir may hold `KITTI/data_sem
 The mask is 1 where the label id is in config.data.kitti_label_ids (default 26-31: car, truck, bus,
 caravan, trailer, train). `data_semantics/testing/` has no labels and is not used. The label set is part of
 the builder config name (e.g. 'hi512_seed123_frac0.7_ids26-27-28-29-30-31').
+
+Extensions match in any case ('.png', '.PNG'). A frame without its label file (or a label file without
+its frame) is skipped with one warning listing the skipped frames; no frame left is a DataError, and so
+is a missing `semantic/` folder.
 """
 
 from __future__ import annotations
@@ -63,17 +67,18 @@ class Kitti(SegmentationBuilder, skip_registration=True):
         return folder
     raise self.missing(root / 'data_semantics' / 'training' / 'image_2', 'KITTI training images')
 
-  def find_cases(self) -> dict[str, Case]:
+  def list_cases(self) -> dict[str, Case]:
     folder = self.training_folder()
     labels = folder / 'semantic'
     if not labels.is_dir():
       raise self.missing(labels, 'KITTI semantic label folder')
-    cases = {}
-    for image in sorted((folder / 'image_2').glob('*.png')):
-      mask = labels / image.name
-      if not mask.is_file():
-        raise self.missing(mask, f'label ids of {image}')
-      cases[f'KITTI/{image.name}'] = Case(image=image, mask=mask)
+    images = common.files_with_suffix(folder / 'image_2', ('.png',))
+    cases = {f'KITTI/{image.name}': Case(image=image, mask=common.find_file(labels, image.stem, ('.png',)))
+             for image in images}  # mask None: skipped.
+    stems = {image.stem for image in images}
+    for mask in common.files_with_suffix(labels, ('.png',)):
+      if mask.stem not in stems:  # Labels without their frame: skipped.
+        cases[f'KITTI/{mask.name}'] = Case(image=None, mask=mask)
     return cases
 
   def read_mask(self, path: Path) -> np.ndarray:

@@ -8,7 +8,9 @@ itself, or `PH2 Dataset images/` itself):
   PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_roi/...                        colour classes (unused)
 
 A case is a folder named `IMD` + digits; anything else there (Readme, spreadsheets, stray files) is
-ignored. The mask is the lesion: any non-zero pixel is 1.
+ignored. The mask is the lesion: any non-zero pixel is 1. Extensions match in any case ('.bmp', '.BMP').
+A case missing its lesion mask (or its image) is skipped with one warning listing the skipped cases; no
+case left is a DataError.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from iterseg.data import common
 from iterseg.data.builder import SegmentationBuilder
 from iterseg.data.common import Case
 
@@ -42,16 +45,13 @@ class Ph2(SegmentationBuilder, skip_registration=True):
         return folder
     raise self.missing(root / 'PH2Dataset' / _IMAGES, 'PH2 case folders IMDxxx/')
 
-  def find_cases(self) -> dict[str, Case]:
+  def list_cases(self) -> dict[str, Case]:
     cases = {}
     for folder in sorted(self.images_folder().iterdir()):
       if not (folder.is_dir() and _CASE.fullmatch(folder.name)):
         continue  # Not a case: Readme, spreadsheet, thumbnails...
       case_id = folder.name
-      image = folder / f'{case_id}_Dermoscopic_Image' / f'{case_id}.bmp'
-      mask = folder / f'{case_id}_lesion' / f'{case_id}_lesion.bmp'
-      for path, what in ((image, 'dermoscopic image'), (mask, 'lesion mask')):
-        if not path.is_file():
-          raise self.missing(path, f'{what} of case {case_id}')
-      cases[f'PH2/{image.name}'] = Case(image=image, mask=mask)
+      image = common.find_file(folder / f'{case_id}_Dermoscopic_Image', case_id, ('.bmp',))
+      mask = common.find_file(folder / f'{case_id}_lesion', f'{case_id}_lesion', ('.bmp',))
+      cases[f'PH2/{image.name if image else case_id + ".bmp"}'] = Case(image=image, mask=mask)
     return cases

@@ -13,6 +13,11 @@ The first observer's annotation is the mask (DRIVE `1st_manual`, STARE Hoover `l
 keeps the test labels back) is skipped with a warning. STARE cases are those with a label (the full STARE
 image set has 400 unlabelled images). Example names record the source: 'DRIVE/21_training.tif',
 'STARE/im0002.ppm.gz', 'CHASE_DB1/Image_01L.jpg'.
+
+Extensions match in any case ('.TIF', '.GIF', '.PPM.GZ', '.JPG'). A DRIVE or CHASE_DB1 image without its
+annotation file, or a STARE label or CHASE_DB1 annotation without its image, is skipped with one warning
+listing the skipped cases (no case left: DataError). A missing annotation folder (DRIVE training
+`1st_manual/`, STARE `labels-ah/`) is a DataError.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class Retina(SegmentationBuilder, skip_registration=True):
   DRIVE/training/..., STARE/stare-images/ + STARE/labels-ah/, and CHASE_DB1/Image_01L.jpg...
   """
 
-  def find_cases(self) -> dict[str, Case]:
+  def list_cases(self) -> dict[str, Case]:
     root = self.manual_root()
     present = [s for s in SUBSETS if (root / s).is_dir()]
     if not present:
@@ -76,13 +81,10 @@ class Retina(SegmentationBuilder, skip_registration=True):
                           'images skipped.', folder / split)
           continue
         raise self.missing(manuals, 'DRIVE vessel annotations')
-      for image in sorted(p for p in images.iterdir() if p.suffix.lower() in ('.tif', '.tiff')):
+      for image in common.files_with_suffix(images, ('.tif', '.tiff')):
         number = image.name.split('_')[0]  # '21_training.tif' -> '21'
-        mask = common.first_existing([manuals / f'{number}_manual1{ext}'
-                                      for ext in ('.gif', '.png', '.tif')])
-        if mask is None:
-          raise self.missing(manuals / f'{number}_manual1.gif', f'vessel annotation of {image}')
-        cases[f'DRIVE/{image.name}'] = Case(image=image, mask=mask)
+        mask = common.find_file(manuals, f'{number}_manual1', ('.gif', '.png', '.tif'))
+        cases[f'DRIVE/{image.name}'] = Case(image=image, mask=mask)  # mask None: skipped.
     return cases
 
   def _stare(self, folder: Path) -> dict[str, Case]:
@@ -91,21 +93,22 @@ class Retina(SegmentationBuilder, skip_registration=True):
       if not path.is_dir():
         raise self.missing(path, 'STARE folder')
     cases = {}
-    for label in sorted(labels.iterdir()):  # 'im0002.ah.ppm' or 'im0002.ah.ppm.gz'
-      if not label.name.lower().endswith(('.ppm', '.ppm.gz')):
-        continue
+    for label in common.files_with_suffix(labels, ('.ppm', '.ppm.gz')):  # 'im0002.ah.ppm[.gz]'
       stem = common.strip_suffixes(label.name).split('.')[0]  # 'im0002'
-      image = common.first_existing([images / f'{stem}.ppm', images / f'{stem}.ppm.gz'])
-      if image is None:
-        raise self.missing(images / f'{stem}.ppm.gz', f'STARE image of {label}')
-      cases.setdefault(f'STARE/{image.name}', Case(image=image, mask=label))  # .ppm before .ppm.gz.
+      image = common.find_file(images, stem, ('.ppm', '.ppm.gz'))  # None: skipped.
+      name = f'STARE/{image.name if image else stem + ".ppm"}'
+      cases.setdefault(name, Case(image=image, mask=label))  # .ppm before .ppm.gz.
     return cases
 
   def _chase(self, folder: Path) -> dict[str, Case]:
     cases = {}
-    for image in sorted(folder.glob('*.jpg')):
-      mask = folder / f'{image.stem}_1stHO.png'
-      if not mask.is_file():
-        raise self.missing(mask, f'CHASE_DB1 vessel annotation of {image}')
+    images = common.files_with_suffix(folder, ('.jpg',))
+    for image in images:
+      mask = common.find_file(folder, f'{image.stem}_1stHO', ('.png',))  # None: skipped.
       cases[f'CHASE_DB1/{image.name}'] = Case(image=image, mask=mask)
+    stems = {image.stem for image in images}
+    for mask in common.files_with_suffix(folder, ('_1stHO.png',)):
+      stem = mask.name[:-len('_1stHO.png')]
+      if stem not in stems:  # An annotation without its image: skipped.
+        cases[f'CHASE_DB1/{stem}.jpg'] = Case(image=None, mask=mask)
     return cases
