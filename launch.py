@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(_HERE, 'configs', 'demo.py')
-MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict')
+MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate')
 
 # No default here: ml_collections would load it (and check the --config.* overrides) at import,
 # where a mistake is a traceback. `parse_flags` gives --config=DEFAULT_CONFIG when it is absent.
@@ -22,7 +22,7 @@ config_flags.DEFINE_config_file(
     '--config.train.batch_size=8.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results (default runs/<config>).')
 flags.DEFINE_enum('mode', 'train', MODES, 'train (then evaluate), evaluate, benchmark, prepare '
-                  '(the dataset), or predict (config.predict.input).')
+                  '(the dataset), predict (config.predict.input), or calibrate (the operating point).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize(): it reads the cluster '
                   'from SLURM, TPU pod or Open MPI environment variables, or the flags below.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
@@ -86,9 +86,11 @@ def main(argv):
   from iterseg import cli  # noqa: E402  (the modes, as library functions)
   try:
     cli.run(FLAGS.mode, config, workdir)
-  except cli.USER_ERRORS as e:  # One clear line instead of a traceback; --verbosity=1 shows it.
+  except cli.user_errors() as e:  # One clear line instead of a traceback; --verbosity=1 shows it.
     logging.debug('Traceback:', exc_info=True)
     sys.exit(f'iterseg: error: {" ".join(str(e).split())}')
+  except KeyboardInterrupt:  # Outside training (which saves first): nothing to save.
+    sys.exit(f'iterseg: error: interrupted during --mode={FLAGS.mode}; nothing was lost.')
 
 
 if __name__ == '__main__':

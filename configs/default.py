@@ -22,6 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.score = 'entropy'  # Patch uncertainty: 'entropy' | 'margin' | 'distance' (authors).
   c.stage2_uses_coarse = True  # Stage 2 also sees the stage-1 probabilities (False = authors).
   c.threshold = config_dict.placeholder(float)  # A chosen patch scoring below this is not refined.
+  c.halo = 0  # Stage 2 sees each patch with this many real neighbouring pixels; only the centre is
+  # written back (the U-Net paper's overlap-tile). 0 = bare patches (authors).
+  c.refine_budget = 'image'  # 'image': refine_count patches per image (authors); 'batch': the
+  # B * refine_count least confident patches over the whole batch.
 
   # --- U-Net (paper Sec. 4, "Model") ----------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -43,28 +47,39 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.networks = ('stage1', 'stage2', 'baseline')  # What --mode=train trains, in this order.
   c.train.batch_size = 64  # Global batch, split over all devices of all hosts.
   c.train.learning_rate = 1e-4  # Adam.
+  c.train.lr_schedule = 'constant'  # 'constant' (authors) | 'cosine' (decay to 0 after warm-up).
+  c.train.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
   c.train.stage1_epochs = 200
   c.train.stage2_epochs = 1000
   c.train.baseline_epochs = 200
   c.train.num_patches_list = (2, 4, 8, 16)  # Stage 2 is trained once per Np in this list.
   c.train.patch_sampling = 'random'  # 'random' (authors) | 'entropy_weighted' | 'top'.
+  c.train.stage2_init = 'random'  # 'random' (authors' 2022 code) | 'stage1' (their follow-up).
   c.train.focal_alpha = 0.25
   c.train.focal_gamma = 2.0
+  c.train.head_bias_prior = config_dict.placeholder(float)  # Binary: start every pixel at this
+  # foreground probability (the focal-loss paper's prior init); None = zero bias (authors).
   c.train.flip = True  # Horizontal flip, p = 0.5.
   c.train.brightness_contrast = 0.1  # Brightness and contrast shifts in +-this, p = 0.5 each.
   c.train.rotate = True  # Rotation in +-180 degrees, p = 0.5 (biomedical data only).
   c.train.log_every = 50  # Steps between metric lines.
   c.train.checkpoint_every = 500  # Steps between checkpoints (and one at the end).
   c.train.keep_checkpoints = 3
+  c.train.profile_steps = ()  # (first, last): a jax.profiler trace of those stage-1 steps.
 
   # --- Evaluation and benchmark ---------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8
   c.benchmark = ml_collections.ConfigDict()
-  c.benchmark.batch_sizes = (1, 16)
+  c.benchmark.batch_sizes = config_dict.placeholder(tuple)  # None: (1,) on CPU, (1, 16) elsewhere.
   c.benchmark.repeats = 10  # Timed calls per measurement (after one warm-up); the median is kept.
-  c.benchmark.sliding_window = True  # Also time every grid patch through stage 2 (slow at Np=16).
+  c.benchmark.sliding_window = config_dict.placeholder(bool)  # Also time every patch through
+  # stage 2. None: on CPU up to Np = 8 only (slow past it), everywhere else for every Np.
+  c.benchmark.max_seconds = 240.0  # Time budget: what would not fit is skipped (and reported).
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ''  # An image file or a folder of images (any size, any format Pillow reads).
   c.predict.output = ''  # Where masks, probability maps and overlays go ('' = <workdir>/predictions).
+  c.predict.batch_size = 8  # Images per compiled call, split over the local devices.
+  c.predict.outputs = ('mask', 'probs', 'overlay')  # Any of these.
+  c.predict.png_compression = 1  # zlib level 0-9: 1 writes several times faster than 6, ~10 % larger.
   return c

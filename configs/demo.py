@@ -5,7 +5,7 @@ U-Net of width 8, stage 1 at 16 x 16, stage 2 on the least confident patches. Ru
 `python launch.py` (this file is launch.py's default config).
 """
 
-from configs import default
+from iterseg.configs import default
 
 
 def get_config():
@@ -27,5 +27,4 @@ def get_config():
   c.train.log_every = 10
   c.train.checkpoint_every = 200
   c.eval.batch_size = 20
-  c.benchmark.batch_sizes = (1, 16)
   return c

@@ -3,7 +3,7 @@
 Driving scenes are not rotation invariant: no rotation augmentation (as the authors).
 """
 
-from configs import default
+from iterseg.configs import default
 
 
 def get_config():

@@ -4,7 +4,7 @@
   python launch.py --config=configs/ph2.py
 """
 
-from configs import default
+from iterseg.configs import default
 
 
 def get_config():

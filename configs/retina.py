@@ -3,7 +3,7 @@
 The manual folder holds whichever of DRIVE/, STARE/, CHASE_DB1/ you have.
 """
 
-from configs import default
+from iterseg.configs import default
 
 
 def get_config():

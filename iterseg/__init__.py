@@ -1,16 +1,35 @@
 """iterseg: fast two-stage semantic segmentation of high-resolution images in JAX.
 
+  config = iterseg.get_config('ph2')                        # or any configs/*.py by name
   params = iterseg.init_params(config, jax.random.key(0))   # or: params, config = iterseg.load(workdir)
-  pred = iterseg.infer(params, images, config)              # images: [B, hi, hi, 3] float32 in [0, 1]
+  pred = iterseg.infer(params, images, config)              # images: [B, hi, hi, 3] uint8 or [0, 1]
   pred.probs, pred.coarse, pred.scores, pred.refined
+
+Attributes load on first use, so `import iterseg` (and the config files) stay cheap.
 """
 
-from iterseg.inference import Prediction, infer, infer_baseline, init_params
+import importlib
 
-__all__ = ['Prediction', 'infer', 'infer_baseline', 'init_params', 'load']
+__all__ = ['Networks', 'Prediction', 'get_config', 'infer', 'infer_baseline', 'init_params', 'load']
+
+_LAZY = {'Networks': 'inference', 'Prediction': 'inference', 'infer': 'inference',
+         'infer_baseline': 'inference', 'init_params': 'inference', 'load': 'checkpoints'}
 
 
-def load(workdir, num_patches=None):
-  """(params, config) of a trained workdir, ready for `iterseg.infer` (see iterseg.checkpoints)."""
-  from iterseg import checkpoints  # Imported lazily: orbax is slow to import.
-  return checkpoints.load(workdir, num_patches)
+def get_config(name: str = 'default'):
+  """The ConfigDict of configs/<name>.py, shipped with the package: 'default' (the paper's recipe),
+  'ph2', 'retina', 'kitti', 'demo', ..."""
+  try:
+    module = importlib.import_module(f'iterseg.configs.{name}')
+  except ModuleNotFoundError as e:
+    from importlib import resources  # pylint: disable=g-import-not-at-top
+    names = sorted(p.name[:-3] for p in resources.files('iterseg.configs').iterdir()
+                   if p.name.endswith('.py') and not p.name.startswith('_'))
+    raise ValueError(f'no config named {name!r}; choose one of {names}') from e
+  return module.get_config()
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f'iterseg.{_LAZY[name]}'), name)
+  raise AttributeError(f'module iterseg has no attribute {name!r}')

@@ -1,211 +1,200 @@
-"""--mode=benchmark: measured speed of each method, beside its FLOPs, on this machine.
+"""--mode=benchmark: measured speed of each method (`methods.methods`) beside its FLOPs.
 
-For each batch size in config.benchmark.batch_sizes, on random images [B, hi, hi, 3]:
-  baseline              `inference.baseline`: the U-Net on the full image;
-  stage1                stage 1 alone (resize, U-Net at stage1_size, upsample);
-  two_stage (Np)        `inference.two_stage` for each Np in config.train.num_patches_list;
-  sliding_window (Np)   the reference that refines *every* patch: `inference.two_stage` with
-                        refine_count = Np * Np (no threshold), i.e. what patch selection saves
-                        (config.benchmark.sliding_window = False, an optional field, leaves it out).
+For each batch size, on random uint8 images [B, hi, hi, 3], every method is compiled ahead of time
+(`jit(...).lower(...).compile()`, the compile time is reported), called once to warm up, then timed
+`repeats` times; every call is blocked on. The repeats are interleaved (round r times every method
+once) so that a change of machine load hits every method alike, and the median is kept. FLOPs are
+XLA's cost analysis of the same executables; achieved FLOP/s = FLOPs per call / median call time.
 
-Each function is compiled ahead of time (`jit(...).lower(...).compile()`, the compile time is
-reported), called once to warm up, then timed `config.benchmark.repeats` times; every call is
-blocked on with `jax.block_until_ready`. The repeats are interleaved (round r times every method once)
-so that a change of machine load hits every method alike, and the median is kept. The jitted functions
-are timed directly, so `iterseg.infer`'s host-side input checks are not. FLOPs are XLA's cost analysis
-of the same compiled executables; achieved FLOP/s = FLOPs per call / median call time.
+The plan fits the machine: unless the config says otherwise, CPU times batch 1 only and the
+sliding-window reference only up to Np = 8; GPU and TPU time batch 1 and 16 and every reference.
+A time budget (`benchmark.max_seconds`) skips what would not fit, estimated from the calls already
+timed, and the report says what it skipped.
 
-Weights come from the workdir's checkpoints when it has them and are random (config.seed) otherwise:
+Weights come from the workdir's checkpoints when it has them and are random (seed) otherwise:
 speed does not depend on their values. Data is never read. Runs on the default device (one device).
 """
 
-import dataclasses
-import json
 import os
 import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from iterseg import evaluate, inference
+from iterseg import checkpoints, files, flops, inference, methods, report
+from iterseg.inference import Networks
+from iterseg.settings import Settings
 
-_stage1 = jax.jit(inference.stage1, static_argnames='spec')
+CPU_SLIDING_WINDOW_MAX_NP = 8
+
+COLUMNS = (
+    ('method', 'method', 's'), ('Np', 'num_patches', 'd'), ('batch', 'batch_size', 'd'),
+    ('ms/image', 'latency_ms', '.2f'), ('images/s', 'images_per_s', '.2f'),
+    ('GFLOPs/img', 'gflops_per_image', '.3f'), ('GFLOP/s', 'achieved_gflops_per_s', '.1f'),
+    ('compile s', 'compile_s', '.1f'), ('speed-up', 'speedup_vs_baseline', lambda v: f'{v:.2f}x'))
 
 
 def device_description() -> str:
-  """E.g. 'cpu: cpu x 4 (2 host CPU cores)'."""
+  """E.g. 'cpu: cpu x 4 (2 host CPU cores); timed on TFRT_CPU_0'."""
   devices = jax.devices()
   return (f'{jax.default_backend()}: {devices[0].device_kind} x {len(devices)} '
           f'({os.cpu_count()} host CPU cores); timed on {devices[0]}')
 
 
-def params_for_benchmark(config, workdir: Optional[str], num_patches_list: Sequence[int]):
-  """({'baseline', 'stage1', 'stage2': {Np: p}}, {network: 'trained' | 'random'}).
+def plan(s: Settings, backend: Optional[str] = None) -> dict:
+  """{'batch_sizes', 'sliding_window_nps'}: what to time on this backend (config fields win)."""
+  backend = backend or jax.default_backend()
+  cpu = backend == 'cpu'
+  batch_sizes = s.benchmark.batch_sizes or ((1,) if cpu else (1, 16))
+  nps = s.train.num_patches_list
+  if s.benchmark.sliding_window is None:
+    sliding = tuple(n for n in nps if not cpu or n <= CPU_SLIDING_WINDOW_MAX_NP)
+  else:
+    sliding = tuple(nps) if s.benchmark.sliding_window else ()
+  return {'batch_sizes': tuple(batch_sizes), 'sliding_window_nps': sliding}
 
-  Trained networks of `workdir` when it has any (and their geometry matches the config), random ones
-  (key config.seed) for the rest.
-  """
-  trained = {}
+
+def networks_for_benchmark(s: Settings, workdir: Optional[str]):
+  """(Networks with stage 2 for every Np of the plan, {network: 'trained' | 'random'})."""
+  trained = Networks()
   if workdir:
     try:
-      trained = evaluate.load_trained(workdir, config)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; no workdir, other config.
+      trained = checkpoints.load_networks(workdir, s)
+    except (ValueError, OSError) as e:  # No workdir, another config.
       print(f'No trained weights used ({str(e).splitlines()[0][:200]}); timing random weights.')
-  randoms = inference.init_params(config, jax.random.key(config.seed))
-  params = {'stage2': {}}
-  source = {}
-  for name in ('baseline', 'stage1'):
-    params[name] = trained.get(name, randoms[name])
-    source[name] = 'trained' if name in trained else 'random'
-  for n in num_patches_list:
-    stage2 = trained.get('stage2', {})
-    params['stage2'][n] = stage2.get(n, randoms['stage2'])
-    source[f'stage2_np{n}'] = 'trained' if n in stage2 else 'random'
-  return params, source
+  randoms = inference.init_params(s.config, jax.random.key(s.seed))
+  stage2 = {n: trained.stage2.get(n) for n in s.train.num_patches_list}
+  nets = Networks(
+      baseline=randoms.baseline if trained.baseline is None else trained.baseline,
+      stage1=randoms.stage1 if trained.stage1 is None else trained.stage1,
+      stage2={n: p if p is not None else inference.init_unet(
+          jax.random.key(s.seed), s.spec_for(n), s.spec.stage2_in_channels)
+              for n, p in stage2.items()})
+  weights = {'baseline': 'random' if trained.baseline is None else 'trained',
+             'stage1': 'random' if trained.stage1 is None else 'trained',
+             **{f'stage2_np{n}': 'random' if p is None else 'trained' for n, p in stage2.items()}}
+  return nets, weights
 
 
-def methods(params: dict, config, num_patches_list: Sequence[int], sliding_window: bool = True):
-  """[(name, Np, jitted fn, args, static kwargs)] for every benchmarked method."""
-  spec = inference.spec_from_config(config)
-  out = [('baseline', None, inference.baseline, (params['baseline'],), {'spec': spec}),
-         ('stage1', None, _stage1, (params['stage1'],), {'spec': spec})]
-  for n in num_patches_list:
-    two = {'stage1': params['stage1'], 'stage2': params['stage2'][n]}
-    spec_n = inference.spec_from_config(config, n)
-    out.append(('two_stage', n, inference.two_stage, (two,), {'spec': spec_n}))
-  for n in num_patches_list if sliding_window else ():
-    two = {'stage1': params['stage1'], 'stage2': params['stage2'][n]}
-    every = dataclasses.replace(inference.spec_from_config(config, n), refine_count=n * n,
-                                threshold=None)
-    out.append(('sliding_window', n, inference.two_stage, (two,), {'spec': every}))
-  return out
-
-
-def compiled_flops(compiled) -> Optional[float]:
-  """FLOPs per call from a compiled executable's cost analysis (None if the backend gives none)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # Unsupported on some backends.
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
-    return None
-  return float(analysis['flops'])
-
-
-def _timed_call(fn: Callable, args) -> float:
+def _timed_call(fn: Callable, images) -> float:
   start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(images))
   return time.perf_counter() - start
 
 
-def benchmark(params: dict, config, *, batch_sizes: Sequence[int], num_patches_list: Sequence[int],
-              repeats: int, sliding_window: bool = True, progress: bool = True) -> list[dict]:
-  """One row per (batch size, method, Np): latency, throughput, compile time, FLOPs, speed-up.
+def benchmark(comparison: Sequence[methods.Method], *, batch_sizes: Sequence[int], hi_size: int,
+              repeats: int, max_seconds: float = float('inf'), progress: bool = True):
+  """(rows, skipped): one row per (batch size, method) timed, and a line per thing skipped.
 
-  params: {'baseline', 'stage1', 'stage2': {Np: p}}. Rows: {'method', 'num_patches', 'batch_size',
-  'compile_s', 'call_ms' (median), 'latency_ms' (per image), 'images_per_s', 'gflops_per_image',
-  'achieved_gflops_per_s', 'speedup_vs_baseline', 'times_ms' (every timed call)}.
+  Rows: {'method', 'num_patches', 'batch_size', 'compile_s', 'call_ms' (median), 'latency_ms' (per
+  image), 'images_per_s', 'gflops_per_image', 'achieved_gflops_per_s', 'speedup_vs_baseline',
+  'times_ms' (every timed call)}. A method whose warm-up call shows that its repeats would overrun
+  `max_seconds` (counted from the start) is skipped, as is every batch size after the budget ran out.
   """
-  if repeats < 1:
-    raise ValueError(f'config.benchmark.repeats must be >= 1, got {repeats}')
-  hi = int(config.hi_size)
-  rows = []
+  start, rows, skipped = time.perf_counter(), [], []
+  left = lambda: max_seconds - (time.perf_counter() - start)
   for b in batch_sizes:
-    images = jax.random.uniform(jax.random.key(0), (int(b), hi, hi, 3), jnp.float32)
+    if left() <= 0:
+      skipped.append(f'batch {b}: every method (time budget of {max_seconds:g} s spent)')
+      continue
+    images = np.random.default_rng(0).integers(0, 256, (int(b), hi_size, hi_size, 3), np.uint8)
+    images = jax.device_put(images)
     runs = []
-    for name, n, jitted, args, static in methods(params, config, num_patches_list, sliding_window):
-      start = time.perf_counter()
-      compiled = jitted.lower(*args, images, **static).compile()
-      compile_s = time.perf_counter() - start
-      runs.append({'name': name, 'n': n, 'fn': compiled, 'args': args + (images,),
-                   'compile_s': compile_s, 'flops': compiled_flops(compiled), 'times': []})
-      _timed_call(compiled, runs[-1]['args'])  # Warm-up.
-      if progress:
-        print(f'  batch {b}: compiled {name}{"" if n is None else f" Np={n}"} '
-              f'in {compile_s:.1f} s', flush=True)
+    for m in tqdm(comparison, desc=f'compile batch {b}', unit='method', disable=not progress,
+                  leave=False):
+      t = time.perf_counter()
+      compiled = m.lower(images).compile()
+      compile_s = time.perf_counter() - t
+      fn = lambda x, c=compiled, p=m.params: c(p, x)
+      warm = _timed_call(fn, images)
+      if warm * repeats > left():
+        skipped.append(f'batch {b}: {m.key} (one call took {warm:.1f} s; {repeats} repeats would '
+                       f'overrun the {max_seconds:g} s budget)')
+        continue
+      runs.append({'m': m, 'fn': fn, 'compile_s': compile_s,
+                   'flops': flops.compiled_flops(compiled), 'times': []})
+    bar = tqdm(total=repeats * len(runs), desc=f'time batch {b}', unit='call',
+               disable=not progress, leave=False)
     for _ in range(repeats):  # Interleaved: every method once per round.
       for r in runs:
-        r['times'].append(_timed_call(r['fn'], r['args']))
+        r['times'].append(_timed_call(r['fn'], images))
+        bar.update(1)
+    bar.close()
     base = None
     for r in runs:
       call = float(np.median(r['times']))
       latency = call / b
-      base = latency if r['name'] == 'baseline' else base
+      base = latency if r['m'].name == 'baseline' else base
       rows.append({
-          'method': r['name'], 'num_patches': r['n'], 'batch_size': int(b),
+          'method': r['m'].name, 'num_patches': r['m'].num_patches, 'batch_size': int(b),
           'compile_s': r['compile_s'], 'call_ms': call * 1e3, 'latency_ms': latency * 1e3,
           'images_per_s': b / call,
           'gflops_per_image': None if r['flops'] is None else r['flops'] / b / 1e9,
           'achieved_gflops_per_s': None if r['flops'] is None else r['flops'] / call / 1e9,
-          'speedup_vs_baseline': base / latency,
+          'speedup_vs_baseline': None if base is None else base / latency,
           'times_ms': [t * 1e3 for t in r['times']],
       })
-    del runs
-  return rows
+  return rows, skipped
 
 
-def format_table(rows: list[dict]) -> str:
-  head = (f'{"method":<15}{"Np":>4}{"batch":>6}{"ms/image":>10}{"images/s":>10}{"GFLOPs/img":>12}'
-          f'{"GFLOP/s":>9}{"compile s":>10}{"speed-up":>10}')
-  lines = [head, '-' * len(head)]
-  for r in rows:
-    g = '' if r['gflops_per_image'] is None else f'{r["gflops_per_image"]:.3f}'
-    gs = '' if r['achieved_gflops_per_s'] is None else f'{r["achieved_gflops_per_s"]:.1f}'
-    lines.append(f'{r["method"]:<15}{"" if r["num_patches"] is None else r["num_patches"]:>4}'
-                 f'{r["batch_size"]:>6}{r["latency_ms"]:>10.2f}{r["images_per_s"]:>10.2f}{g:>12}'
-                 f'{gs:>9}{r["compile_s"]:>10.1f}{r["speedup_vs_baseline"]:>9.2f}x')
-  return '\n'.join(lines)
-
-
-def speedup_summary(rows: list[dict]) -> str:
-  """'two-stage vs baseline (same run): batch 1: Np=2 1.8x, Np=8 5.6x; ...'."""
+def speedup_summary(rows: Sequence[dict]) -> str:
+  """'two-stage speed-up over the baseline (same run): batch 1: Np=2 1.8x, Np=8 5.6x; ...'."""
   parts = []
   for b in sorted({r['batch_size'] for r in rows}):
     ratios = [f'Np={r["num_patches"]} {r["speedup_vs_baseline"]:.1f}x' for r in rows
-              if r['batch_size'] == b and r['method'] == 'two_stage']
+              if r['batch_size'] == b and r['method'] == 'two_stage' and r['speedup_vs_baseline']]
     parts.append(f'batch {b}: ' + ', '.join(ratios))
   return 'two-stage speed-up over the baseline (same run): ' + '; '.join(parts)
 
 
-def run(config, workdir: str) -> dict:
+def run(s: Settings, workdir: str, *, predict_throughput: Optional[Callable[[], dict]] = None
+        ) -> dict:
   """--mode=benchmark: times every method; prints the table; writes <workdir>/benchmark.json.
 
-  Returns {'device', 'backend', 'geometry', 'weights', 'repeats', 'rows', 'file'}.
+  `predict_throughput`, when given, measures predict's end-to-end images/s (files in, files out),
+  reported beside the compiled function's. Returns {'device', 'backend', 'geometry', 'weights',
+  'plan', 'skipped', 'rows', 'predict', 'file'}.
   """
-  nps = [int(n) for n in config.train.num_patches_list]
-  batch_sizes = [int(b) for b in config.benchmark.batch_sizes]
-  repeats = int(config.benchmark.repeats)
-  # Optional (not in configs/default.py): the all-patches reference is slow at large batches.
-  sliding_window = bool(config.benchmark.get('sliding_window', True))
   main = jax.process_index() == 0
-  params, weights = params_for_benchmark(config, workdir, nps)
+  if main:
+    files.check_writable(workdir)
+  what = plan(s)
+  nets, weights = networks_for_benchmark(s, workdir)
   description = device_description()
   if main:
-    print(f'Benchmark on {description}; hi_size={config.hi_size}, U-Net width '
-          f'{config.model.width} depth {config.model.depth}, weights: '
-          f'{"random" if set(weights.values()) == {"random"} else weights}.', flush=True)
-  rows = benchmark(params, config, batch_sizes=batch_sizes, num_patches_list=nps, repeats=repeats,
-                   sliding_window=sliding_window, progress=main)
+    print(f'Benchmark on {description}; hi_size={s.spec.hi_size}, U-Net width {s.spec.width} depth '
+          f'{s.spec.depth}, batch sizes {what["batch_sizes"]}, budget {s.benchmark.max_seconds:g} s,'
+          f' weights: {"random" if set(weights.values()) == {"random"} else weights}.', flush=True)
+  comparison = [m for m in methods.methods(nets, s, sliding_window=True)
+                if m.name != 'sliding_window' or m.num_patches in what['sliding_window_nps']]
+  rows, skipped = benchmark(comparison, batch_sizes=what['batch_sizes'], hi_size=s.spec.hi_size,
+                            repeats=s.benchmark.repeats, max_seconds=s.benchmark.max_seconds,
+                            progress=main)
+  skipped += [f'sliding_window_np{n}: not on {jax.default_backend()} by default (set '
+              f'--config.benchmark.sliding_window=True)' for n in s.train.num_patches_list
+              if n not in what['sliding_window_nps'] and s.benchmark.sliding_window is None]
   results = {
-      'device': description, 'backend': jax.default_backend(),
-      'geometry': {field: evaluate.get_field(config, field) for field in evaluate.GEOMETRY},
-      'refine_count': config.get('refine_count'), 'score': str(config.score),
-      'threshold': config.get('threshold'),
-      'weights': weights, 'repeats': repeats, 'batch_sizes': batch_sizes, 'num_patches_list': nps, 'statistic': 'median over repeats, after 1 warm-up',
-      'rows': rows,
+      'device': description, 'backend': jax.default_backend(), 'geometry': s.geometry(),
+      'refine_count': s.refine_count, 'score': s.spec.score, 'threshold': s.spec.threshold,
+      'weights': weights, 'repeats': s.benchmark.repeats, 'plan': what, 'skipped': skipped,
+      'statistic': 'median over repeats, after 1 warm-up', 'rows': rows,
   }
+  if predict_throughput is not None and main:
+    results['predict'] = predict_throughput()
   if main:
-    print(format_table(rows))
-    os.makedirs(workdir, exist_ok=True)
+    print(report.format_table(rows, COLUMNS))
     path = os.path.join(workdir, 'benchmark.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(path + '.tmp', path)
+    files.atomic_write_json(path, results)
     results['file'] = path
     print(speedup_summary(rows))
+    for line in skipped:
+      print(f'Skipped {line}')
+    if 'predict' in results:
+      p = results['predict']
+      print(f'predict end to end ({p["num_images"]} files of {p["size"]}, outputs '
+            f'{"/".join(p["outputs"])}): {p["images_per_s"]:.1f} images/s, against '
+            f'{p["compiled_images_per_s"]:.1f} images/s for the compiled function alone.')
     print(f'Speed-up = baseline ms/image / method ms/image at the same batch size. Wrote {path}')
   return results

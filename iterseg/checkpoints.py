@@ -1,10 +1,11 @@
-"""Orbax checkpoints, one CheckpointManager per network, and `load` for inference.
+"""A workdir's checkpoints: one orbax CheckpointManager per network, and loading trained networks.
 
 Layout of a workdir:
   config.json                      the resolved config of the run
   checkpoints/stage1/<step>/       TrainState of stage 1
   checkpoints/stage2_np<N>/<step>/ TrainState of stage 2 for Np = N
   checkpoints/baseline/<step>/     TrainState of the baseline
+  checkpoints/<network>/plan.json  {"total_steps": n}: how far its training was planned to go
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-write leaves no step that looks complete; `restore_latest` takes the newest complete one.
 """
@@ -16,32 +17,32 @@ from typing import Optional
 
 import jax
 import ml_collections
-from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from iterseg import files, inference, settings, state
+from iterseg.configs import default as default_config
 
 
 class CheckpointError(ValueError):
-  """A checkpoint is missing, damaged, or belongs to another config."""
-
-
-def network_name(network: str, num_patches: Optional[int] = None) -> str:
-  return f'stage2_np{num_patches}' if network == 'stage2' else network
+  """A checkpoint is missing, damaged, incomplete, or belongs to another config."""
 
 
 def network_dir(workdir: str, name: str) -> str:
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints', name)
 
 
-def manager(workdir: str, name: str, config) -> ocp.CheckpointManager:
+def manager(workdir: str, name: str, keep: int) -> ocp.CheckpointManager:
   """The network's manager; it deletes what a killed run left half-written (`<step>.orbax-*-tmp`)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(network_dir(workdir, name), options=options)
 
 
-def save_args(state):
-  """Orbax's arguments to save `state`, whose arrays are replicated on the local devices.
+def save_args(train_state):
+  """Orbax's arguments to save `train_state`, whose arrays are replicated on the local devices.
 
   With several processes, orbax saves global arrays only: each process's replicated copy is then
   wrapped (not copied) as one array over all devices, which orbax writes once.
@@ -50,24 +51,24 @@ def save_args(state):
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     devices = [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
     mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
-    state = multihost_utils.host_local_array_to_global_array(state, mesh,
-                                                             jax.sharding.PartitionSpec())
-  return ocp.args.StandardSave(state)
+    train_state = multihost_utils.host_local_array_to_global_array(
+        train_state, mesh, jax.sharding.PartitionSpec())
+  return ocp.args.StandardSave(train_state)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state, name: str = ''):
-  """`state` restored from the latest complete checkpoint of `mngr`, or `state` itself if none.
+def restore_latest(mngr: ocp.CheckpointManager, template, name: str = ''):
+  """`template` restored from the latest complete checkpoint of `mngr`, or `template` if none.
 
-  `state` is the template. A checkpoint whose arrays differ from it in name or shape (another config)
-  is a CheckpointError found from the checkpoint's metadata, before any array is read; so is one that
+  A checkpoint whose arrays differ from the template in name or shape (another config) is a
+  CheckpointError found from the checkpoint's metadata, before any array is read; so is one that
   cannot be read (damaged, e.g. truncated by a copy).
   """
   step = mngr.latest_step()
   if step is None:
-    return state
+    return template
   path = os.path.join(str(mngr.directory), str(step))
   label = f'{name or "the"} checkpoint {path}'
-  abstract = jax.tree.map(_on_this_host, state)
+  abstract = jax.tree.map(_on_this_host, template)
   try:
     stored = _stored_shapes(path)
   except Exception as e:  # Orbax raises many types; all mean the same to a user.
@@ -115,23 +116,47 @@ def _on_this_host(x) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
+# --- What a workdir holds -----------------------------------------------------------------------------
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The workdir's config.json, completed with today's defaults for fields it predates."""
   path = os.path.join(os.path.expanduser(workdir), 'config.json')
   if not os.path.exists(path):
     raise CheckpointError(f'{path} not found: {workdir} is not a trained workdir '
                           f'(run `python launch.py --mode=train --workdir={workdir}` first).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError('not a JSON object')
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{path} cannot be read ({" ".join(str(e).split())[:120]}): restore it '
+                          f'from a backup, or delete the workdir and train again.') from e
+  return settings.complete(saved, default_config.get_config())
 
 
-def trained_num_patches(workdir: str) -> list:
-  """The Np values for which the workdir holds a stage-2 checkpoint."""
-  return sorted(int(m.group(1)) for n in trained_networks(workdir)
-                if (m := re.fullmatch(r'stage2_np(\d+)', n)))
+def save_config(config, workdir: str):
+  """The resolved config beside the metrics: <workdir>/config.json (process 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    files.atomic_write_text(os.path.join(workdir, 'config.json'),
+                            config.to_json_best_effort(indent=2))
+
+
+def check_same_geometry(current: settings.Settings, saved: settings.Settings, workdir: str = ''):
+  """CheckpointError unless both agree on what the weights depend on (settings.GEOMETRY)."""
+  ours, theirs = current.geometry(), saved.geometry()
+  for field in settings.GEOMETRY:
+    if ours[field] != theirs[field]:
+      raise CheckpointError(
+          f'config.{field}={ours[field]!r} but the networks in {workdir or "the workdir"} were '
+          f'trained with {theirs[field]!r}: use the training config (or '
+          f'--config.{field}={theirs[field]!r}).')
 
 
 def trained_networks(workdir: str) -> list:
-  """The names of the networks with at least one checkpoint in `workdir`."""
+  """The names of the networks with at least one complete checkpoint in `workdir`."""
   root = network_dir(workdir, '')
   if not os.path.isdir(root):
     return []
@@ -142,14 +167,52 @@ def _has_step(path: str) -> bool:
   return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
 
 
-def load_params(workdir: str, name: str, config):
+def write_plan(workdir: str, name: str, total_steps: int):
+  """Records how many steps network `name` is to train (process 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(network_dir(workdir, name), exist_ok=True)
+    files.atomic_write_json(os.path.join(network_dir(workdir, name), 'plan.json'),
+                            {'total_steps': int(total_steps)})
+
+
+def progress(workdir: str, name: str) -> tuple:
+  """(latest complete step, planned total steps or None) of network `name`."""
+  path = network_dir(workdir, name)
+  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  try:
+    with open(os.path.join(path, 'plan.json')) as f:
+      total = int(json.load(f)['total_steps'])
+  except (OSError, ValueError, KeyError, TypeError):
+    total = None
+  return max(steps, default=0), total
+
+
+def check_finished(workdir: str, names, *, strict: bool) -> list:
+  """The networks among `names` whose training stopped before its planned step; each named in one
+  warning, or a CheckpointError when `strict`."""
+  unfinished = []
+  for name in names:
+    step, total = progress(workdir, name)
+    if total is not None and step < total:
+      unfinished.append(f'{name} (step {step} of {total})')
+  if unfinished:
+    message = (f'training of {", ".join(unfinished)} in {workdir} did not finish: rerun '
+               f'`--mode=train` with the same config to complete it')
+    if strict:
+      raise CheckpointError(message + ', or pass partial=True to use them as they are.')
+    logging.warning('%s; using the networks as they are.', message)
+    print(f'iterseg: warning: {message}; using the networks as they are.')
+  return unfinished
+
+
+def load_network(workdir: str, name: str, s: settings.Settings):
   """The parameters of network `name` ('stage1', 'stage2_np8', 'baseline') at its latest step."""
-  from iterseg import train  # train imports this module.
   path = network_dir(workdir, name)
   if not _has_step(path):
     raise CheckpointError(f'no checkpoint of {name} in {path}; train it first.')
   network, _, n = name.partition('_np')
-  template = jax.eval_shape(lambda: train.create_train_state(config, network, int(n) if n else None))
+  spec = s.spec_for(int(n)) if n else s.spec
+  template = jax.eval_shape(lambda: state.create_train_state(s.train, spec, network))
   mngr = ocp.CheckpointManager(path)
   try:
     return restore_latest(mngr, template, name).params
@@ -157,27 +220,49 @@ def load_params(workdir: str, name: str, config):
     mngr.close()
 
 
-def load(workdir: str, num_patches: Optional[int] = None):
-  """(params, config) of a trained workdir for `iterseg.infer`.
+def load_networks(workdir: str, current: Optional[settings.Settings] = None, *,
+                  num_patches=None, strict: bool = False) -> inference.Networks:
+  """Every network trained in `workdir` (or stage 2 only at `num_patches`), as Networks.
 
-  params: {'stage1', 'stage2', 'baseline'}, whichever were trained, with stage 2 for `num_patches`
-  (default: config.num_patches if trained, else the largest trained Np); config.num_patches is set
-  to that Np.
+  `current` (the settings of the command) must agree with the saved config on the geometry.
+  A network whose training did not finish is a warning, or a CheckpointError when `strict`.
+  """
+  saved = settings.from_config(read_config(workdir))
+  if current is not None:
+    check_same_geometry(current, saved, workdir)
+  names = trained_networks(workdir)
+  nps = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r'stage2_np(\d+)', n)))
+  if num_patches is not None:
+    nps = [n for n in nps if n in set(num_patches)]
+  if not {'stage1', 'baseline'} & set(names):
+    raise CheckpointError(f'no trained network in {network_dir(workdir, "")}: run '
+                          f'`python launch.py --mode=train --workdir={workdir}` first.')
+  chosen = [n for n in ('stage1', 'baseline') if n in names] + [f'stage2_np{n}' for n in nps]
+  check_finished(workdir, chosen, strict=strict)
+  return inference.Networks(
+      stage1=load_network(workdir, 'stage1', saved) if 'stage1' in names else None,
+      baseline=load_network(workdir, 'baseline', saved) if 'baseline' in names else None,
+      stage2={n: load_network(workdir, f'stage2_np{n}', saved) for n in nps})
+
+
+def load(workdir: str, num_patches: Optional[int] = None, *, partial: bool = False):
+  """(Networks, config) of a trained workdir, for `iterseg.infer`.
+
+  Stage 2 at `num_patches` (default: config.num_patches if trained, else the largest trained Np);
+  config.num_patches is set to it. A workdir without stage 2 is an error (it cannot run the
+  two-stage method), and so is a network whose training did not finish unless partial=True.
   """
   config = read_config(workdir)
-  trained = trained_num_patches(workdir)
-  if num_patches is None and trained:
-    num_patches = config.num_patches if config.num_patches in trained else trained[-1]
-  if num_patches is not None:
-    config.num_patches = int(num_patches)
-  params = {}
-  for network in ('stage1', 'stage2', 'baseline'):
-    name = network_name(network, num_patches)
-    if network == 'stage2' and num_patches is not None and num_patches not in trained:
-      raise CheckpointError(f'no stage 2 trained for Np={num_patches} in {workdir}; '
-                            f'trained: {trained}.')
-    if _has_step(network_dir(workdir, name)):
-      params[network] = load_params(workdir, name, config)
-  if not params:
-    raise CheckpointError(f'no checkpoints in {network_dir(workdir, "")}; train first.')
-  return params, config
+  trained = [int(m.group(1)) for n in trained_networks(workdir)
+             if (m := re.fullmatch(r'stage2_np(\d+)', n))]
+  if not trained:
+    raise CheckpointError(f'{workdir} has no trained stage 2 (networks: '
+                          f'{trained_networks(workdir) or "none"}): train it with --mode=train '
+                          f'(config.train.networks includes "stage2").')
+  if num_patches is None:
+    num_patches = config.num_patches if config.num_patches in trained else max(trained)
+  if num_patches not in trained:
+    raise CheckpointError(f'no stage 2 trained for Np={num_patches} in {workdir}; trained: '
+                          f'{sorted(trained)}.')
+  config.num_patches = int(num_patches)
+  return load_networks(workdir, num_patches=[num_patches], strict=not partial), config

@@ -5,26 +5,33 @@ k = Np refined patches. `report` gives those figures measured by XLA on the comp
 compiled two-stage function as a whole (which also pays for resizing, scoring and patch copies).
 """
 
-import functools
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from iterseg import inference
+from iterseg import inference, methods
+from iterseg.settings import Settings, Spec
 
 
-def xla_flops(fn: Callable, *args) -> float:
-  """FLOPs of `jax.jit(fn)(*args)` as XLA's cost analysis counts them on this backend.
-
-  `cost_analysis()` is a dict (a list of dicts before jax 0.4.38, None on some backends).
-  """
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
-    raise RuntimeError(f'XLA gave no FLOP count on backend {jax.default_backend()!r}.')
+def compiled_flops(compiled) -> Optional[float]:
+  """FLOPs of one call of a compiled executable (`jit(f).lower(...).compile()`), as XLA's cost
+  analysis counts them; None where the backend gives none."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # Unsupported on some backends.
+    return None
+  if not isinstance(analysis, dict) or 'flops' not in analysis:
+    return None
   return float(analysis['flops'])
+
+
+def xla_flops(fn, *args) -> float:
+  """FLOPs of `jax.jit(fn)(*args)` on this backend; RuntimeError where XLA gives none."""
+  flops = compiled_flops(jax.jit(fn).lower(*args).compile())
+  if flops is None:
+    raise RuntimeError(f'XLA gave no FLOP count on backend {jax.default_backend()!r}.')
+  return flops
 
 
 def analytic_unet_flops(size: int, in_channels: int, width: int, depth: int,
@@ -49,43 +56,31 @@ def analytic_unet_flops(size: int, in_channels: int, width: int, depth: int,
   return 2.0 * macs
 
 
-def _unet_flops(params, size: int, in_channels: int, spec: inference.Spec, batch: int = 1) -> float:
-  x = jnp.zeros((batch, size, size, in_channels), jnp.float32)
-  return xla_flops(spec.unet().apply, {'params': params}, x) / batch
+def unet_flops(spec: Spec, size: int, in_channels: int) -> float:
+  """XLA's FLOPs of the U-Net on one size x size input with `in_channels` channels."""
+  params = jax.eval_shape(inference.init_unet, jax.random.key(0), spec, in_channels)
+  x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
+  return xla_flops(inference.unet(spec).apply, {'params': params}, x)
 
 
-def report(config, params: Optional[dict] = None,
-           num_patches_list: Optional[Iterable[int]] = None) -> dict:
-  """FLOPs per image (batch 1), measured by XLA, for each method.
+def report(s: Settings, num_patches_list) -> dict:
+  """FLOPs per image (batch 1), measured by XLA, for each method (they do not depend on weights).
 
   Returns {'baseline': f, 'stage1': f, 'stage2': {Np: f per patch}, 'two_stage': {Np: stage1 + k *
   stage2 (the authors' accounting)}, 'two_stage_compiled': {Np: the whole compiled function}}.
-  params default to random ones (FLOPs do not depend on their values).
   """
-  spec = inference.spec_from_config(config)
-  params = params or inference.init_params(config, jax.random.key(0))
-  nps = tuple(num_patches_list or config.train.num_patches_list)
-  out = {
-      'baseline': _unet_flops(params['baseline'], spec.hi_size, 3, spec),
-      'stage1': _unet_flops(params['stage1'], spec.stage1_size, 3, spec),
-      'stage2': {}, 'two_stage': {}, 'two_stage_compiled': {},
-  }
-  images = jnp.zeros((1, spec.hi_size, spec.hi_size, 3), jnp.float32)
-  for n in nps:
-    s = inference.spec_from_config(config, n)
-    out['stage2'][n] = _unet_flops(params['stage2'], s.patch_size, s.stage2_in_channels, s)
-    out['two_stage'][n] = out['stage1'] + s.refine_count * out['stage2'][n]
-    fn = functools.partial(inference.two_stage.__wrapped__, spec=s)
-    out['two_stage_compiled'][n] = xla_flops(fn, params, images)
+  spec = s.spec
+  out = {'baseline': unet_flops(spec, spec.hi_size, 3),
+         'stage1': unet_flops(spec, spec.stage1_size, 3),
+         'stage2': {}, 'two_stage': {}, 'two_stage_compiled': {}}
+  images = jax.ShapeDtypeStruct((1, spec.hi_size, spec.hi_size, 3), jnp.float32)
+  for n in num_patches_list:
+    sn = s.spec_for(n)
+    out['stage2'][n] = unet_flops(sn, sn.patch_size + 2 * sn.halo, sn.stage2_in_channels)
+    out['two_stage'][n] = out['stage1'] + sn.refine_count * out['stage2'][n]
+    nets = jax.eval_shape(lambda: inference.Networks(
+        stage1=inference.init_unet(jax.random.key(0), sn, 3),
+        stage2={n: inference.init_unet(jax.random.key(0), sn, sn.stage2_in_channels)}))
+    out['two_stage_compiled'][n] = compiled_flops(
+        methods.Method('two_stage', n, methods.two_stage_probs, nets, sn).lower(images).compile())
   return out
-
-
-def format_report(rep: dict) -> str:
-  """A small text table of `report`'s GFLOPs per image."""
-  lines = [f'{"method":<22}{"GFLOPs/image":>14}{"vs baseline":>13}']
-  base = rep['baseline']
-  rows = [('baseline', base), ('stage 1', rep['stage1'])]
-  rows += [(f'two-stage Np={n}', f) for n, f in rep['two_stage'].items()]
-  for name, f in rows:
-    lines.append(f'{name:<22}{f / 1e9:>14.3f}{base / f:>12.1f}x')
-  return '\n'.join(lines)

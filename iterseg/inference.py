@@ -1,11 +1,13 @@
 """Two-stage inference, as the paper's Figure 2.
 
   images --resize--> stage 1 U-Net --upsample--> coarse map --Np x Np patch scores--> lax.top_k
-  --> lax.dynamic_slice the chosen full-resolution patches --> stage 2 U-Net (one batch of B*k)
+  --> lax.dynamic_slice the chosen full-resolution patches --> stage 2 U-Net (one batch)
   --> lax.dynamic_update_slice the refined probabilities back into the coarse map.
 
-`infer` validates its inputs and calls `two_stage`, a jit-compiled function that is traced once per
-input shape and `Spec` (the hashable, static part of the config) and never again.
+`two_stage` is jit-compiled once per input shape and `Spec` (settings.Spec, the static geometry).
+`stage2_inputs` cuts stage 2's inputs for inference and training alike. `infer`, `infer_baseline`
+and `init_params` are the library's entry points: they check the config and the images, then call
+the compiled functions.
 """
 
 import dataclasses
@@ -15,59 +17,27 @@ from typing import Any, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from iterseg import models
-
-SCORES = ('entropy', 'margin', 'distance')
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """The static configuration of inference (hashable: a jit static argument)."""
-  hi_size: int
-  stage1_size: int
-  num_classes: int
-  num_patches: int
-  refine_count: int
-  score: str
-  stage2_uses_coarse: bool
-  threshold: Optional[float]
-  width: int
-  depth: int
-
-  @property
-  def patch_size(self) -> int:
-    return self.hi_size // self.num_patches
-
-  @property
-  def stage2_in_channels(self) -> int:
-    return 3 + self.num_classes if self.stage2_uses_coarse else 3
-
-  def unet(self) -> models.UNet:
-    return models.UNet(num_classes=self.num_classes, width=self.width, depth=self.depth)
+from iterseg import models, settings
+from iterseg.settings import Spec
 
 
-def spec_from_config(config, num_patches: Optional[int] = None) -> Spec:
-  """Reads and checks the fields of `config` that inference uses (see configs/default.py)."""
-  n = int(num_patches or config.num_patches)
-  hi = int(config.hi_size)
-  if n < 1 or hi % n:
-    raise ValueError(
-        f'hi_size={hi} is not divisible by num_patches (Np)={n}: patches must tile the image. '
-        f'Pick Np among the divisors of {hi} or change hi_size.')
-  k = n if config.get('refine_count') is None else int(config.refine_count)
-  if not 0 < k <= n * n:
-    raise ValueError(f'refine_count={k} must be in [1, Np*Np={n * n}].')
-  if config.score not in SCORES:
-    raise ValueError(f'score={config.score!r} is not one of {SCORES}.')
-  threshold = config.get('threshold')
-  return Spec(
-      hi_size=hi, stage1_size=int(config.stage1_size), num_classes=int(config.num_classes),
-      num_patches=n, refine_count=k, score=str(config.score),
-      stage2_uses_coarse=bool(config.stage2_uses_coarse),
-      threshold=None if threshold is None else float(threshold),
-      width=int(config.model.width), depth=int(config.model.depth))
+@flax.struct.dataclass
+class Networks:
+  """The parameters of iterseg's networks, one layout everywhere (init_params, load, evaluate, ...).
+
+  stage1, baseline: U-Net params, or None when not trained; stage2: {Np: U-Net params}.
+  """
+  stage1: Any = None
+  baseline: Any = None
+  stage2: dict = dataclasses.field(default_factory=dict)
+
+  def trained(self) -> list:
+    """Names of the networks present: 'stage1', 'stage2_np8', 'baseline', ..."""
+    names = [n for n in ('stage1', 'baseline') if getattr(self, n) is not None]
+    return names + [f'stage2_np{n}' for n in sorted(self.stage2)]
 
 
 @flax.struct.dataclass
@@ -77,7 +47,7 @@ class Prediction:
   probs:   [B, H, W, C] final probabilities (stage 1 everywhere, stage 2 in refined patches).
   coarse:  [B, H, W, C] stage-1 probabilities upsampled to H.
   scores:  [B, Np*Np] patch uncertainty, row-major over the grid; higher = less confident.
-  refined: [B, k] row-major grid indices of the patches stage 2 refined (by decreasing score).
+  refined: [B, Np*Np] bool, the patches whose pixels stage 2 recomputed (threshold applied).
   """
   probs: jax.Array
   coarse: jax.Array
@@ -85,12 +55,8 @@ class Prediction:
   refined: jax.Array
 
 
-def init_params(config, rng) -> dict:
-  """Random parameters {'baseline', 'stage1', 'stage2'} for the networks that `config` describes."""
-  spec = spec_from_config(config)
-  keys = jax.random.split(rng, 3)
-  return {'baseline': init_unet(keys[0], spec, 3), 'stage1': init_unet(keys[1], spec, 3),
-          'stage2': init_unet(keys[2], spec, spec.stage2_in_channels)}
+def unet(spec: Spec) -> models.UNet:
+  return models.UNet(num_classes=spec.num_classes, width=spec.width, depth=spec.depth)
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'in_channels'))
@@ -102,7 +68,10 @@ def init_unet(rng, spec: Spec, in_channels: int) -> dict:
   """
   size = 2 ** spec.depth
   rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
-  return spec.unet().init(rbg, jnp.zeros((1, size, size, in_channels), jnp.float32))['params']
+  return unet(spec).init(rbg, jnp.zeros((1, size, size, in_channels), jnp.float32))['params']
+
+
+# --- The steps of the method --------------------------------------------------------------------------
 
 
 def class_probabilities(probs):
@@ -126,112 +95,220 @@ def patch_scores(probs, num_patches: int, score: str = 'entropy'):
   q = class_probabilities(probs)
   grid = q.reshape(b, n, h // n, n, w // n, q.shape[-1])  # [B, n, s, n, s, C]
   if score == 'entropy':
-    per_pixel = jax.scipy.special.entr(grid).sum(-1)
-    out = per_pixel.mean(axis=(2, 4))
+    out = jax.scipy.special.entr(grid).sum(-1).mean(axis=(2, 4))
   elif score == 'margin':
     top2 = lax.top_k(grid, 2)[0]
     out = (1.0 - (top2[..., 0] - top2[..., 1])).mean(axis=(2, 4))
   elif score == 'distance':
     out = 1.0 - grid.mean(axis=(2, 4)).max(-1)
   else:
-    raise ValueError(f'score={score!r} is not one of {SCORES}.')
+    raise ValueError(f'score={score!r} is not one of {settings.SCORES}.')
   return out.reshape(b, n * n)
 
 
-def extract_patches(images, rows, cols, size: int):
-  """images: [B, H, W, C]; rows, cols: [B, k] top-left corners -> [B, k, size, size, C]."""
-  def one(image, r, c):
-    return lax.dynamic_slice(image, (r, c, 0), (size, size, image.shape[-1]))
-  return jax.vmap(jax.vmap(one, in_axes=(None, 0, 0)))(images, rows, cols)
+def select_patches(scores, spec: Spec):
+  """The patches stage 2 refines: flat indices [M] into the B * Np*Np patches of the batch.
+
+  refine_budget 'image': the k = refine_count highest-scoring patches of each image (M = B * k, image
+  by image, by decreasing score); 'batch': the B * k highest over the whole batch, so a hard image
+  gets more than k and an easy one fewer. M is static either way.
+  """
+  b, cells = scores.shape
+  k = spec.refine_count
+  if spec.refine_budget == 'batch':
+    return lax.top_k(scores.reshape(-1), b * k)[1]
+  top = lax.top_k(scores, k)[1]  # [B, k]
+  return (top + cells * jnp.arange(b)[:, None]).reshape(-1)
 
 
-def insert_patches(maps, patches, rows, cols):
-  """Writes patches [B, k, s, s, C] into maps [B, H, W, C] at the corners rows, cols [B, k]."""
-  def one(m, ps, rs, cs):
-    def body(i, m):
-      return lax.dynamic_update_slice(m, ps[i], (rs[i], cs[i], 0))
-    return lax.fori_loop(0, ps.shape[0], body, m)
-  return jax.vmap(one)(maps, patches, rows, cols)
+def patch_corners(flat, spec: Spec):
+  """(image, row, col) [M] each: the image index and the top-left pixel of each flat patch index."""
+  cells = spec.num_patches ** 2
+  image, cell = flat // cells, flat % cells
+  return image, (cell // spec.num_patches) * spec.patch_size, (cell % spec.num_patches) * spec.patch_size
+
+
+def cut(maps, flat, spec: Spec, margin: int = 0):
+  """maps [B, H, W, C] -> [M, s + 2 margin, s + 2 margin, C]: the patches `flat`, each with `margin`
+  pixels of its real neighbourhood (zeros past the image border)."""
+  image, rows, cols = patch_corners(flat, spec)
+  if margin:
+    maps = jnp.pad(maps, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
+  side = spec.patch_size + 2 * margin
+
+  def one(i, r, c):
+    return lax.dynamic_slice(maps, (i, r, c, 0), (1, side, side, maps.shape[-1]))[0]
+  return jax.vmap(one)(image, rows, cols)
+
+
+def stage2_inputs(images, coarse, flat, spec: Spec):
+  """Stage 2's input patches [M, s + 2 halo, s + 2 halo, C_in], for training and inference alike:
+  the full-resolution image (and the coarse probabilities when spec.stage2_uses_coarse) around
+  each chosen patch."""
+  inputs = jnp.concatenate([images, coarse], -1) if spec.stage2_uses_coarse else images
+  return cut(inputs, flat, spec, spec.halo)
+
+
+def stage2_logits(params, inputs, spec: Spec):
+  """Stage 2 on its input patches [M, s + 2 halo, ...] -> logits of the patch centres [M, s, s, C]."""
+  logits = unet(spec).apply({'params': params}, inputs)
+  h = spec.halo
+  return logits[:, h:h + spec.patch_size, h:h + spec.patch_size] if h else logits
+
+
+def paste(maps, patches, flat, spec: Spec):
+  """Writes patches [M, s, s, C] into maps [B, H, W, C] at the patches `flat`."""
+  image, rows, cols = patch_corners(flat, spec)
+
+  def body(i, m):
+    return lax.dynamic_update_slice(m, patches[i][None], (image[i], rows[i], cols[i], 0))
+  return lax.fori_loop(0, patches.shape[0], body, maps)
 
 
 def stage1(params, images, spec: Spec):
   """Stage 1 on images [B, H, W, 3] resized to stage1_size; probabilities upsampled to [B, H, W, C]."""
   b, h, w, _ = images.shape
   small = jax.image.resize(images, (b, spec.stage1_size, spec.stage1_size, 3), 'linear')
-  probs = models.probabilities(spec.unet().apply({'params': params}, small))
+  probs = models.probabilities(unet(spec).apply({'params': params}, small))
   return jax.image.resize(probs, (b, h, w, spec.num_classes), 'linear')
+
+
+def as_float(images):
+  """uint8 images are scaled to [0, 1] on the device; floats are taken as they are."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames='spec')
 def two_stage(params, images, spec: Spec) -> Prediction:
-  """The jit-compiled two-stage method. params: {'stage1', 'stage2'}; images: [B, H, W, 3]."""
+  """The compiled two-stage method. params: Networks (stage1, stage2[Np]); images: [B, H, W, 3]
+  uint8, or float32 in [0, 1]."""
+  images = as_float(images)
   b = images.shape[0]
-  n, s, k, c = spec.num_patches, spec.patch_size, spec.refine_count, spec.num_classes
-
-  coarse = stage1(params['stage1'], images, spec)
-  scores = patch_scores(coarse, n, spec.score)
-  top_scores, refined = lax.top_k(scores, k)  # [B, k] each.
-  rows, cols = (refined // n) * s, (refined % n) * s
-
-  inputs = jnp.concatenate([images, coarse], -1) if spec.stage2_uses_coarse else images
-  patches = extract_patches(inputs, rows, cols, s)  # [B, k, s, s, C_in]
-  logits = spec.unet().apply({'params': params['stage2']}, patches.reshape(b * k, s, s, -1))
-  fine = models.probabilities(logits).reshape(b, k, s, s, c)
+  coarse = stage1(params.stage1, images, spec)
+  scores = patch_scores(coarse, spec.num_patches, spec.score)
+  flat = select_patches(scores, spec)
+  logits = stage2_logits(params.stage2[spec.num_patches], stage2_inputs(images, coarse, flat, spec),
+                         spec)
+  fine = models.probabilities(logits)
+  chosen = jnp.zeros(b * spec.num_patches ** 2, bool).at[flat].set(True)
   if spec.threshold is not None:  # Adaptive budget: unsure-enough patches only.
-    keep = (top_scores >= spec.threshold)[:, :, None, None, None]
-    fine = jnp.where(keep, fine, extract_patches(coarse, rows, cols, s))
-
-  probs = insert_patches(coarse, fine, rows, cols)
-  return Prediction(probs=probs, coarse=coarse, scores=scores, refined=refined)
+    keep = scores.reshape(-1)[flat] >= spec.threshold
+    fine = jnp.where(keep[:, None, None, None], fine, cut(coarse, flat, spec))
+    chosen = chosen & (scores.reshape(-1) >= spec.threshold)
+  probs = paste(coarse, fine, flat, spec)
+  return Prediction(probs=probs, coarse=coarse, scores=scores, refined=chosen.reshape(scores.shape))
 
 
 @functools.partial(jax.jit, static_argnames='spec')
 def baseline(params, images, spec: Spec):
   """The same U-Net on the full image: [B, H, W, 3] -> probabilities [B, H, W, C]."""
-  return models.probabilities(spec.unet().apply({'params': params}, images))
+  return models.probabilities(unet(spec).apply({'params': params}, as_float(images)))
 
 
-def _check_images(images, spec: Spec):
+stage1_only = jax.jit(lambda params, images, spec: stage1(params, as_float(images), spec),
+                      static_argnames='spec')
+
+
+# --- The library's entry points -----------------------------------------------------------------------
+
+
+def init_params(config, rng) -> Networks:
+  """Random Networks for `config`: baseline, stage 1, and stage 2 at config.num_patches."""
+  spec = settings.from_config(config).spec
+  keys = jax.random.split(rng, 3)
+  return Networks(baseline=init_unet(keys[0], spec, 3), stage1=init_unet(keys[1], spec, 3),
+                  stage2={spec.num_patches: init_unet(keys[2], spec, spec.stage2_in_channels)})
+
+
+def check_images(images, spec: Spec, check_values: Optional[bool] = None):
+  """ValueError unless images are [B >= 1, hi, hi, 3] uint8, or floats in [0, 1].
+
+  Values are checked on the host for host (numpy) arrays, where it costs one pass and no device
+  sync; device arrays only when check_values=True (that waits for the device).
+  """
   shape = tuple(getattr(images, 'shape', ()))
+  wanted = f'[B, {spec.hi_size}, {spec.hi_size}, 3] uint8, or float32 in [0, 1]'
   if len(shape) != 4 or shape[1:] != (spec.hi_size, spec.hi_size, 3):
-    raise ValueError(
-        f'images must be [B, {spec.hi_size}, {spec.hi_size}, 3] float32 in [0, 1] '
-        f'(config.hi_size={spec.hi_size}); got shape {shape}. Resize them first '
-        f'(iterseg.predict maps any size to hi_size and back).')
-  if not isinstance(images, jax.core.Tracer) and not bool(jnp.isfinite(images).all()):
+    raise ValueError(f'images must be {wanted} (config.hi_size={spec.hi_size}); got shape {shape}. '
+                     f'Resize them first (--mode=predict maps any size to hi_size and back).')
+  if shape[0] == 0:
+    raise ValueError(f'images is an empty batch (shape {shape}): give at least one image.')
+  dtype = np.dtype(images.dtype)
+  if dtype == np.uint8:
+    return
+  if dtype.kind != 'f':
+    raise ValueError(f'images have dtype {dtype}; give uint8 (0..255) or floats in [0, 1] '
+                     f'(e.g. images.astype(np.float32) / 65535 for 16-bit data).')
+  if isinstance(images, jax.core.Tracer):
+    return
+  if check_values is None:
+    check_values = not isinstance(images, jax.Array)
+  if not check_values:
+    return
+  low, high = (float(v) for v in jax.device_get((images.min(), images.max())))
+  if not (np.isfinite(low) and np.isfinite(high)):
     raise ValueError('images contain NaN or inf; iterseg.infer needs finite values in [0, 1].')
+  if low < 0.0 or high > 1.0:
+    hint = ' (they look like 0..255: pass uint8, or divide by 255)' if high > 1.0 else ''
+    raise ValueError(f'float images must lie in [0, 1], got values in [{low:g}, {high:g}]{hint}.')
 
 
-def _check_params(params: Any, name: str, in_channels: int, spec: Spec):
-  if name not in params:
-    raise ValueError(f'params has no {name!r} network (keys: {sorted(params)}); '
-                     f'use iterseg.init_params or iterseg.load.')
-  kernel = params[name]['down0']['kernel']
-  if kernel.shape[2] != in_channels or params[name]['head']['kernel'].shape[-1] != spec.num_classes:
+def check_params(params: Networks, spec: Spec, network: str):
+  """ValueError unless `params` holds `network` ('stage1', 'stage2', 'baseline') made for `spec`."""
+  if not isinstance(params, Networks):
+    raise ValueError(f'params must be iterseg Networks (from iterseg.init_params or iterseg.load), '
+                     f'got {type(params).__name__}.')
+  if network == 'stage2':
+    tree, in_channels = params.stage2.get(spec.num_patches), spec.stage2_in_channels
+    label = f'stage 2 for Np={spec.num_patches}'
+    if tree is None:
+      raise ValueError(f'params has no {label} (it has {params.trained()}); pass num_patches= one '
+                       f'of {sorted(params.stage2)} or train it.')
+  else:
+    tree, in_channels, label = getattr(params, network), 3, network
+    if tree is None:
+      raise ValueError(f'params has no {network} network (it has {params.trained()}).')
+  kernel, head = tree['down0']['kernel'], tree['head']['kernel']
+  if kernel.shape[2] != in_channels or head.shape[-1] != spec.num_classes or (
+      kernel.shape[-1] != spec.width):
     raise ValueError(
-        f'params[{name!r}] takes {kernel.shape[2]} input channels and gives '
-        f'{params[name]["head"]["kernel"].shape[-1]} classes, but the config asks for '
-        f'{in_channels} inputs (stage2_uses_coarse={spec.stage2_uses_coarse}) and '
+        f'params of {label} take {kernel.shape[2]} input channels, width {kernel.shape[-1]} and give '
+        f'{head.shape[-1]} classes, but the config asks for {in_channels} inputs '
+        f'(stage2_uses_coarse={spec.stage2_uses_coarse}), width {spec.width} and '
         f'num_classes={spec.num_classes}: params and config do not belong together.')
 
 
-def infer(params, images, config, *, num_patches: Optional[int] = None) -> Prediction:
-  """Two-stage segmentation of images [B, hi_size, hi_size, 3] float32 in [0, 1].
+def replicate_like(params, images):
+  """params copied to every device of a batch sharded over several (NamedSharding); else as is."""
+  sharding = getattr(images, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+    return jax.device_put(params, jax.sharding.NamedSharding(sharding.mesh,
+                                                             jax.sharding.PartitionSpec()))
+  return params
 
-  params: {'stage1', 'stage2', ...} (from `init_params` or `iterseg.load`); config: a ConfigDict
-  with the fields of configs/default.py; num_patches overrides config.num_patches.
+
+def infer(params: Networks, images, config, *, num_patches: Optional[int] = None,
+          check_values: Optional[bool] = None) -> Prediction:
+  """Two-stage segmentation of images [B, hi_size, hi_size, 3]: uint8, or float32 in [0, 1].
+
+  params: Networks (from `init_params` or `iterseg.load`); config: a ConfigDict with the fields of
+  configs/default.py; num_patches overrides config.num_patches. A batch sharded over several
+  devices is computed where it lies, and the result keeps its sharding.
   """
-  spec = spec_from_config(config, num_patches)
-  _check_images(images, spec)
-  _check_params(params, 'stage1', 3, spec)
-  _check_params(params, 'stage2', spec.stage2_in_channels, spec)
-  return two_stage({'stage1': params['stage1'], 'stage2': params['stage2']},
-                   jnp.asarray(images, jnp.float32), spec)
+  s = settings.from_config(config)
+  spec = s.spec_for(num_patches or s.spec.num_patches)
+  check_images(images, spec, check_values)
+  check_params(params, spec, 'stage1')
+  check_params(params, spec, 'stage2')
+  nets = Networks(stage1=params.stage1, stage2={spec.num_patches: params.stage2[spec.num_patches]})
+  return two_stage(replicate_like(nets, images), images, spec)
 
 
-def infer_baseline(params, images, config):
+def infer_baseline(params: Networks, images, config, *, check_values: Optional[bool] = None):
   """The baseline U-Net on the full-resolution images: [B, H, W, 3] -> probabilities [B, H, W, C]."""
-  spec = spec_from_config(config)
-  _check_images(images, spec)
-  _check_params(params, 'baseline', 3, spec)
-  return baseline(params['baseline'], jnp.asarray(images, jnp.float32), spec)
+  spec = settings.from_config(config).spec
+  check_images(images, spec, check_values)
+  check_params(params, spec, 'baseline')
+  return baseline(replicate_like(params.baseline, images), images, spec)

@@ -14,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib import ticker
 
+from iterseg import files
+
 COLORS = {'baseline': 'tab:red', 'stage1': 'tab:gray', 'two_stage': 'tab:blue'}
 LABELS = {'baseline': 'baseline (BL)', 'stage1': 'stage 1 (S1)', 'two_stage': 'two-stage (S2)'}
 SHORT = {'baseline': 'BL', 'stage1': 'S1', 'two_stage': 'S2'}
@@ -43,9 +45,7 @@ def _np_axis(ax, two):
 
 def _save(fig, path):
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, format='png')
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda f: fig.savefig(f, format='png'), 'wb')
   return path
 
 

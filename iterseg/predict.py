@@ -1,21 +1,25 @@
 """--mode=predict: segment image files of any size with the trained two-stage method.
 
-  file (any size, any mode Pillow reads) --RGB, bilinear resize--> [hi, hi, 3] --iterseg.infer-->
-  probabilities [hi, hi, C] --bilinear resize back--> [h, w, C] --threshold 0.5 / argmax--> mask [h, w]
+  files --read threads: decode (iterseg.data.common's contract), resize to hi--> uint8 batches
+  --two_stage over every local device--> probabilities --writer threads: resize back to each
+  file's size, threshold / argmax, encode--> outputs
 
-Written per input image `<stem>` into config.predict.output (default `<workdir>/predictions`):
+Written per input image `<stem>` into predict.output (default `<workdir>/predictions`), as
+predict.outputs selects:
   <stem>_mask.png     binary: 0 / 255 (foreground where p > 0.5); num_classes > 1: class ids (uint8).
   <stem>_prob.png     binary: the foreground probability as a 16-bit grey PNG, value = round(p * 65535).
   <stem>_probs.npy    num_classes > 1 (instead of _prob.png): float32 [h, w, C] class probabilities.
-  <stem>_overlay.png  the image with the mask tinted and the patches stage 2 refined outlined (yellow),
-                      all in the original image's coordinates.
-A folder is read non-recursively; files whose extension Pillow does not know (README.txt, hidden files)
-are skipped. Two inputs with the same stem (a.png, a.jpg) are named by their full file name (a_png).
-Each image's outputs are written to temporary names and renamed only once all of them are complete, so
-an interrupted run never leaves a partial file under a final name.
+  <stem>_overlay.png  the image with the mask tinted and the patches stage 2 refined outlined (yellow).
+A folder is read non-recursively (so an output folder inside it is never read); files whose
+extension Pillow does not know are skipped. Two inputs with the same stem (a.png, a.jpg) are named by
+their full file name (a_png). Each image's outputs take their final names only once all are complete.
+A file that cannot be read or written is reported and the others go on; `summary.json` lists every
+input with its outputs or its error, and the run fails (PredictError) if any image failed.
 """
 
+import concurrent.futures
 import os
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,24 +28,27 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import iterseg
-from iterseg import evaluate, inference
+from iterseg import checkpoints, files, inference
+from iterseg.data import common
+from iterseg.settings import Settings, Spec
 
 TINTS = np.array([(0, 255, 0), (0, 160, 255), (255, 0, 0), (255, 0, 255), (255, 128, 0),
                   (0, 255, 255), (128, 0, 255), (255, 255, 255)], np.float32)
 OUTLINE = (255, 255, 0)
 
 
+class PredictError(RuntimeError):
+  """Some images could not be segmented (the others were); the summary lists which and why."""
+
+
 # --- Inputs -------------------------------------------------------------------------------------------
 
 
-def image_extensions() -> set[str]:
-  """Lower-case file extensions Pillow can open ('.png', '.jpg', '.tif', ...)."""
-  return {ext.lower() for ext in Image.registered_extensions()}
+def list_inputs(path, exclude: Optional[str] = None) -> list:
+  """The image files at `path` (a file, or a folder's image files sorted by name); ValueError if none.
 
-
-def list_inputs(path) -> list[Path]:
-  """The image files at `path` (a file, or a folder's image files sorted by name); ValueError if none."""
+  Files inside `exclude` (the output folder) are never inputs.
+  """
   if not str(path):
     raise ValueError('config.predict.input is empty: set --config.predict.input=<an image file or a '
                      'folder of images>.')
@@ -51,74 +58,52 @@ def list_inputs(path) -> list[Path]:
                      f'folder of images.')
   if path.is_file():
     return [path]
-  extensions = image_extensions()
-  files = sorted(p for p in path.iterdir()
-                 if p.is_file() and not p.name.startswith('.') and p.suffix.lower() in extensions)
-  if not files:
+  extensions = {ext.lower() for ext in Image.registered_extensions()}
+  outside = lambda p: exclude is None or Path(os.path.realpath(p)).parent != Path(
+      os.path.realpath(exclude))
+  found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith('.') and
+                 p.suffix.lower() in extensions and outside(p))
+  if not found:
     raise ValueError(f'no image files in folder {path} (looked for extensions Pillow reads, e.g. '
                      f'.png .jpg .tif .bmp): put images there or point config.predict.input at a file.')
-  return files
+  return found
 
 
-def read_image(path: Path, *, decode: bool = True) -> Optional[np.ndarray]:
-  """uint8 [h, w, 3] RGB from any mode (grey, palette, RGBA: alpha dropped); ValueError naming the
-  file if Pillow cannot read it. decode=False only checks that the header is readable."""
-  try:
-    with Image.open(path) as image:
-      if not decode:
-        return None
-      image.load()
-      if image.mode != 'RGB':
-        image = image.convert('RGB')
-      return np.asarray(image, np.uint8)
-  except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
-    raise ValueError(f'cannot read image {path} ({type(e).__name__}: {e}): remove it from the input '
-                     f'or convert it to PNG/JPEG.') from e
-
-
-def output_stems(files: Sequence[Path]) -> list[str]:
+def output_stems(paths: Sequence[Path]) -> list:
   """File stems, or full names with '.' -> '_' for stems that two inputs share."""
-  stems = [f.stem for f in files]
-  return [f.name.replace('.', '_') if stems.count(s) > 1 else s for f, s in zip(files, stems)]
+  stems = [p.stem for p in paths]
+  return [p.name.replace('.', '_') if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
 
 
-# --- Segmentation -------------------------------------------------------------------------------------
+def read_resized(path: Path, hi_size: int):
+  """(uint8 [h, w, 3] as read, uint8 [hi, hi, 3] resized bilinear), or the error naming the file."""
+  image = common.read_image(path)
+  return image, common.resize_image(image, hi_size)
+
+
+# --- Outputs ------------------------------------------------------------------------------------------
 
 
 def resize_probs(probs: np.ndarray, height: int, width: int) -> np.ndarray:
   """[H, W, C] float32 -> [height, width, C], bilinear per channel (Pillow, as the image resize)."""
+  if probs.shape[:2] == (height, width):
+    return np.clip(probs, 0.0, 1.0)
   channels = [Image.fromarray(np.ascontiguousarray(probs[..., c], np.float32), mode='F')
               .resize((width, height), Image.Resampling.BILINEAR) for c in range(probs.shape[-1])]
   return np.clip(np.stack([np.asarray(c) for c in channels], -1), 0.0, 1.0)
 
 
-def segment(params: dict, image: np.ndarray, config) -> dict:
-  """Two-stage segmentation of one uint8 [h, w, 3] image of any size, mapped back to [h, w].
-
-  Returns {'probs': float32 [h, w, C], 'mask': uint8 [h, w] (binary {0, 1}; else class ids),
-  'refined': int [k'] grid indices (row-major, Np x Np) of the patches stage 2 recomputed}.
-  """
-  spec = inference.spec_from_config(config)
-  h, w = image.shape[:2]
-  small = np.asarray(Image.fromarray(image).resize((spec.hi_size, spec.hi_size),
-                                                   Image.Resampling.BILINEAR))
-  pred = iterseg.infer(params, small[None].astype(np.float32) / 255.0, config)
-  pred = jax.device_get(pred)
-  probs = resize_probs(np.asarray(pred.probs[0]), h, w)
-  if spec.num_classes == 1:
-    mask = (probs[..., 0] > 0.5).astype(np.uint8)
-  else:
-    mask = np.argmax(probs, -1).astype(np.uint8)
-  refined = np.asarray(pred.refined[0])
-  if spec.threshold is not None:  # Only the chosen patches that were unsure enough were refined.
-    refined = refined[np.asarray(pred.scores[0])[refined] >= spec.threshold]
-  return {'probs': probs, 'mask': mask, 'refined': refined}
+def to_mask(probs: np.ndarray) -> np.ndarray:
+  """uint8 [h, w]: binary {0, 1} (p > 0.5), or class ids (argmax) for several classes."""
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] > 0.5).astype(np.uint8)
+  return np.argmax(probs, -1).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray, num_patches: int,
             alpha: float = 0.45) -> np.ndarray:
   """uint8 [h, w, 3]: foreground tinted (binary: green; classes: one colour each) and the refined
-  patches of the Np x Np grid outlined, scaled to the image's own size."""
+  patches (grid indices, row-major) of the Np x Np grid outlined, scaled to the image's own size."""
   h, w = mask.shape
   tint = TINTS[(mask.astype(np.int64) - 1) % len(TINTS)]
   fg = (mask > 0)[..., None]
@@ -134,31 +119,34 @@ def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray, num_patche
   return np.asarray(pil)
 
 
-# --- Writing ------------------------------------------------------------------------------------------
-
-
 def _tmp(path: Path) -> Path:
   return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
 
 
-def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_patches: int) -> dict:
-  """Writes the mask, probability map and overlay of one image; returns {kind: path}."""
+def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_patches: int, *,
+                 outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
+                 compression: int = 1) -> dict:
+  """Writes the selected outputs of one image; returns {kind: path}. All of them take their final
+  names together, once every one is complete, so a failure leaves the previous ones as they were."""
   probs, mask = result['probs'], result['mask']
   binary = probs.shape[-1] == 1
   paths = {'mask': output / f'{stem}_mask.png',
            'probs': output / (f'{stem}_prob.png' if binary else f'{stem}_probs.npy'),
            'overlay': output / f'{stem}_overlay.png'}
+  paths = {kind: p for kind, p in paths.items() if kind in outputs}
   tmps = {kind: _tmp(p) for kind, p in paths.items()}
+  png = {'format': 'PNG', 'compress_level': compression}
   try:
-    Image.fromarray(mask * np.uint8(255) if binary else mask).save(tmps['mask'], format='PNG')
-    if binary:
-      Image.fromarray(np.round(probs[..., 0] * 65535).astype(np.uint16)).save(tmps['probs'],
-                                                                             format='PNG')
-    else:
+    if 'mask' in paths:
+      Image.fromarray(mask * np.uint8(255) if binary else mask).save(tmps['mask'], **png)
+    if 'probs' in paths and binary:
+      Image.fromarray(np.round(probs[..., 0] * 65535).astype(np.uint16)).save(tmps['probs'], **png)
+    elif 'probs' in paths:
       with open(tmps['probs'], 'wb') as f:
         np.save(f, probs.astype(np.float32))
-    Image.fromarray(overlay(image, mask, result['refined'], num_patches)).save(tmps['overlay'],
-                                                                             format='PNG')
+    if 'overlay' in paths:
+      Image.fromarray(overlay(image, mask, result['refined'], num_patches)).save(tmps['overlay'],
+                                                                               **png)
     for kind, p in paths.items():  # Only now do complete files take the final names.
       os.replace(tmps[kind], p)
   finally:
@@ -168,40 +156,125 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_p
   return {kind: str(p) for kind, p in paths.items()}
 
 
-def predict_files(params: dict, config, files: Sequence[Path], output, *,
-                  progress: bool = True) -> list[dict]:
-  """Segments every file (each checked readable first) and writes its outputs into `output`."""
-  files = [Path(f) for f in files]
-  for f in files:  # Fail on an unreadable file before any work (headers only; decoding comes later).
-    read_image(f, decode=False)
-  output = Path(output)
-  output.mkdir(parents=True, exist_ok=True)
-  written = []
-  for f, stem in tqdm(list(zip(files, output_stems(files))), desc='predict', unit='image',
-                      disable=not progress):
-    image = read_image(f)
-    result = segment(params, image, config)
-    paths = save_outputs(output, stem, image, result, int(config.num_patches))
-    written.append({'input': str(f), 'height': image.shape[0], 'width': image.shape[1],
-                    'refined_patches': len(result['refined']), **paths})
-  return written
+# --- The pipeline -------------------------------------------------------------------------------------
 
 
-def run(config, workdir: str) -> dict:
-  """--mode=predict: config.predict.input -> config.predict.output (default <workdir>/predictions).
+def _sharding(batch: int):
+  """Splits a batch over the local devices when it divides evenly (else one device)."""
+  devices = jax.local_devices()
+  if len(devices) > 1 and batch % len(devices) == 0:
+    mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  return jax.sharding.SingleDeviceSharding(devices[0])
 
-  Uses the networks trained in `workdir`, stage 2 at config.num_patches. Returns {'output',
-  'num_patches', 'images': [{'input', 'height', 'width', 'refined_patches', 'mask', 'probs',
-  'overlay'}]}.
+
+def _chunks(items: Sequence, size: int):
+  for start in range(0, len(items), size):
+    yield items[start:start + size]
+
+
+def predict_files(nets: inference.Networks, spec: Spec, paths: Sequence[Path], output, *,
+                  batch_size: int = 8, outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
+                  compression: int = 1, workers: Optional[int] = None,
+                  progress: bool = True) -> list:
+  """Segments every file and writes its outputs into `output`; one record per file, in order:
+  {'input', 'height', 'width', 'refined_patches', <kind>: path} or {'input', 'error'}.
+
+  Reading runs `workers` batches ahead in threads; each batch of `batch_size` images is split over
+  the local devices (padded to a full batch, so one compilation serves all); writing runs in
+  threads while the next batch is computed.
   """
-  files = list_inputs(config.predict.input)
-  params, saved = iterseg.load(workdir, int(config.num_patches))
-  evaluate.check_same_geometry(config, saved, workdir)
-  output = Path(os.path.expanduser(config.predict.output or os.path.join(workdir, 'predictions')))
-  main = jax.process_index() == 0
-  if not main:  # Every process would write the same files.
-    return {'output': str(output), 'num_patches': int(config.num_patches), 'images': []}
-  images = predict_files(params, config, files, output)
-  print(f'Segmented {len(images)} image(s) with the two-stage method at Np={config.num_patches}; '
-        f'masks, probability maps and overlays in {output}')
-  return {'output': str(output), 'num_patches': int(config.num_patches), 'images': images}
+  paths = [Path(p) for p in paths]
+  output = Path(output)
+  files.check_writable(output)
+  workers = workers or min(8, (os.cpu_count() or 1) + 2)
+  stems = dict(zip(paths, output_stems(paths)))
+  sharding = _sharding(batch_size)
+  params = inference.replicate_like(inference.Networks(
+      stage1=nets.stage1, stage2={spec.num_patches: nets.stage2[spec.num_patches]}),
+                                    jax.device_put(np.zeros(batch_size), sharding))
+  records = {}
+
+  def write(path, image, probs, refined):
+    try:
+      h, w = image.shape[:2]
+      full = resize_probs(probs, h, w)
+      result = {'probs': full, 'mask': to_mask(full), 'refined': np.flatnonzero(refined)}
+      written = save_outputs(output, stems[path], image, result, spec.num_patches,
+                             outputs=outputs, compression=compression)
+      return {'input': str(path), 'height': h, 'width': w,
+              'refined_patches': int(refined.sum()), **written}
+    except OSError as e:
+      return {'input': str(path), 'error': f'cannot write its outputs to {output} '
+                                           f'({files.describe_os_error(e)})'}
+
+  bar = tqdm(total=len(paths), desc='predict', unit='image', disable=not progress,
+             dynamic_ncols=True)
+  with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='iterseg-read') as readers, \
+      concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='iterseg-write') as writers:
+    reads = [[readers.submit(read_resized, p, spec.hi_size) for p in chunk]
+             for chunk in _chunks(paths, batch_size)]
+    pending = []
+    for chunk, futures in zip(_chunks(paths, batch_size), reads):
+      good = []
+      for path, future in zip(chunk, futures):
+        try:
+          good.append((path, *future.result()))
+        except (ValueError, OSError) as e:  # DataError is a ValueError: the file, and why.
+          records[path] = {'input': str(path), 'error': ' '.join(str(e).split())}
+          bar.update(1)
+      if not good:
+        continue
+      batch = np.stack([small for _, _, small in good])
+      padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
+      pred = inference.two_stage(params, jax.device_put(padded, sharding), spec)
+      probs, refined = jax.device_get((pred.probs, pred.refined))
+      for i, (path, image, _) in enumerate(good):
+        pending.append((path, writers.submit(write, path, image, probs[i], refined[i])))
+      while pending and pending[0][1].done():
+        path, future = pending.pop(0)
+        records[path] = future.result()
+        bar.update(1)
+    for path, future in pending:
+      records[path] = future.result()
+      bar.update(1)
+  bar.close()
+  return [records[p] for p in paths]
+
+
+def run(s: Settings, workdir: str) -> dict:
+  """--mode=predict: predict.input -> predict.output (default <workdir>/predictions).
+
+  Uses the networks trained in `workdir`, stage 2 at config.num_patches. Under several processes,
+  each takes every P-th file. Returns {'output', 'num_patches', 'images': [record], 'failed',
+  'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed.
+  """
+  output = Path(os.path.expanduser(s.predict.output or os.path.join(workdir, 'predictions')))
+  paths = list_inputs(s.predict.input, exclude=str(output))
+  files.check_writable(output)
+  nets = checkpoints.load_networks(workdir, s, num_patches=[s.spec.num_patches], strict=True)
+  if s.spec.num_patches not in nets.stage2:
+    raise checkpoints.CheckpointError(
+        f'no stage 2 trained for Np={s.spec.num_patches} in {workdir} (trained: '
+        f'{sorted(checkpoints.trained_networks(workdir))}); set --config.num_patches.')
+  mine = paths[jax.process_index()::jax.process_count()]
+  start = time.perf_counter()
+  records = predict_files(nets, s.spec, mine, output, batch_size=s.predict.batch_size,
+                          outputs=s.predict.outputs, compression=s.predict.png_compression,
+                          progress=jax.process_index() == 0)
+  seconds = time.perf_counter() - start
+  failed = [r for r in records if 'error' in r]
+  name = 'summary.json' if jax.process_count() == 1 else f'summary.{jax.process_index()}.json'
+  summary = os.path.join(output, name)
+  files.atomic_write_json(summary, {'num_patches': s.spec.num_patches, 'outputs': s.predict.outputs,
+                                    'images': records, 'failed': len(failed)})
+  print(f'Segmented {len(records) - len(failed)} of {len(records)} image(s) in {seconds:.1f} s '
+        f'({len(records) / seconds:.1f} images/s) with the two-stage method at '
+        f'Np={s.spec.num_patches}; outputs in {output}, summary in {summary}')
+  if failed:
+    for r in failed:
+      print(f'  failed: {r["input"]}: {r["error"]}')
+    raise PredictError(f'{len(failed)} of {len(records)} image(s) failed (listed above and in '
+                       f'{summary}), e.g. {failed[0]["input"]}: {failed[0]["error"]}')
+  return {'output': str(output), 'num_patches': s.spec.num_patches, 'images': records,
+          'failed': failed, 'images_per_s': len(records) / seconds, 'summary': summary}

@@ -1,67 +1,48 @@
 """Training of the three networks (baseline, stage 1, stage 2 per Np) with one pmapped optax step.
 
-`train_and_evaluate` trains what config.train.networks names, in order: stage 1 first (stage 2
-learns from its probabilities), then stage 2 for each Np in config.train.num_patches_list, then the
-baseline; each resumes from its latest checkpoint, so rerunning the same command continues.
+`train` trains what the plan's networks name, in order: stage 1 first (stage 2 learns from its
+probabilities), then stage 2 for each Np in num_patches_list, then the baseline; each resumes from
+its latest checkpoint, so rerunning the same command continues.
+
+The loop takes hooks (as flax's examples take periodic actions): `train` installs checkpointing,
+metrics lines, the progress bar and an optional profiler trace; a caller may add its own.
 
 A run killed at any point (even while writing a checkpoint) and started again ends with the bits of
 an uninterrupted run on the same devices: a step's randomness is the state's key folded with the
 step, the data order is a function of (seed, epoch) entered at the step's batch, a checkpoint counts
 only once orbax has finished writing it, and the metric lines logged after it are dropped.
+SIGINT and SIGTERM save the current step first, then stop with `Interrupted`.
 """
 
+import dataclasses
 import functools
 import json
 import os
 import signal
 import time
-import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from jax import lax
 from tqdm import tqdm
 
-from iterseg import augment, checkpoints, data, inference, losses
+from iterseg import augment, checkpoints, files, inference, losses, state
 from iterseg.data import pipeline
-
-NETWORKS = ('stage1', 'stage2', 'baseline')
-SAMPLING = ('random', 'entropy_weighted', 'top')
+from iterseg.settings import Settings, Spec, TrainPlan
 
 
 class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. a non-finite loss)."""
+  """Training cannot go on (a non-finite loss, a checkpoint that cannot be written)."""
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step changes: the step, the parameters, Adam's state and a raw uint32 [2] key."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
+class Interrupted(RuntimeError):
+  """SIGINT or SIGTERM arrived; the current step was saved."""
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
-  return optax.adam(config.train.learning_rate)
-
-
-def create_train_state(config, network: str, num_patches: Optional[int] = None) -> TrainState:
-  """A fresh state; its parameters and key depend only on config.seed and the network's name."""
-  name = checkpoints.network_name(network, num_patches)
-  key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()))
-  init_key, step_key = jax.random.split(key)
-  spec = inference.spec_from_config(config, num_patches)
-  in_channels = spec.stage2_in_channels if network == 'stage2' else 3
-  params = inference.init_unet(init_key, spec, in_channels)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=create_optimizer(config).init(params),
-                    rng=jax.random.key_data(step_key))
+# --- The step -----------------------------------------------------------------------------------------
 
 
 def sample_patches(key, scores, k: int, how: str):
@@ -75,22 +56,20 @@ def sample_patches(key, scores, k: int, how: str):
   gumbel = jax.random.gumbel(key, scores.shape)
   if how == 'entropy_weighted':
     gumbel = gumbel + jnp.log(jnp.maximum(scores, 1e-12))
-  elif how != 'random':
-    raise ValueError(f'patch_sampling={how!r} is not one of {SAMPLING}.')
   return lax.top_k(gumbel, k)[1]
 
 
-def network_inputs(network: str, key, images, masks, frozen, *, spec: inference.Spec, sampling: str):
+def network_inputs(network: str, key, images, masks, frozen, *, spec: Spec, sampling: str):
   """What each network learns from a batch of full-resolution images [B, H, W, 3] and masks [B, H, W].
 
   baseline: the batch itself. stage1: images resized to stage1_size; binary masks area-averaged to
   soft labels (the fraction of foreground under each low-resolution pixel, so that stage 1 learns
   to be unsure where detail is), class ids resized nearest for several classes. stage2: k patches
-  per image of side hi/Np, chosen by `sample_patches` from the frozen stage 1's scores, with the
-  stage-1 probabilities as an extra channel when spec.stage2_uses_coarse.
-  Returns (inputs [N, h, w, C_in], labels [N, h, w]).
+  per image chosen by `sample_patches` from the frozen stage 1's scores, cut by
+  `inference.stage2_inputs` exactly as inference cuts them.
+  Returns (inputs [N, h, w, C_in], labels [N, h', w']); stage 2's labels are the patch centres.
   """
-  b, h, w, _ = images.shape
+  b = images.shape[0]
   if network == 'baseline':
     return images, masks
   if network == 'stage1':
@@ -99,53 +78,55 @@ def network_inputs(network: str, key, images, masks, frozen, *, spec: inference.
     if spec.num_classes == 1:
       return small, jax.image.resize(masks.astype(jnp.float32), (b, s, s), 'linear')
     return small, jax.image.resize(masks, (b, s, s), 'nearest')
-  if network != 'stage2':
-    raise ValueError(f'network={network!r} is not one of {NETWORKS}.')
   coarse = lax.stop_gradient(inference.stage1(frozen, images, spec))
   scores = inference.patch_scores(coarse, spec.num_patches, spec.score)
-  idx = sample_patches(key, scores, spec.refine_count, sampling)
-  rows, cols = (idx // spec.num_patches) * spec.patch_size, (idx % spec.num_patches) * spec.patch_size
-  inputs = jnp.concatenate([images, coarse], -1) if spec.stage2_uses_coarse else images
-  s = spec.patch_size
-  patches = inference.extract_patches(inputs, rows, cols, s).reshape(-1, s, s, inputs.shape[-1])
-  labels = inference.extract_patches(masks[..., None], rows, cols, s).reshape(-1, s, s)
-  return patches, labels
+  cells = spec.num_patches ** 2
+  flat = (sample_patches(key, scores, spec.refine_count, sampling)
+          + cells * jnp.arange(b)[:, None]).reshape(-1)
+  labels = inference.cut(masks[..., None], flat, spec)[..., 0]
+  return inference.stage2_inputs(images, coarse, flat, spec), labels
 
 
-def train_step(state: TrainState, batch, frozen, *, network: str, spec: inference.Spec, config):
+def train_step(train_state: state.TrainState, batch, frozen, *, network: str, spec: Spec,
+               plan: TrainPlan, tx: optax.GradientTransformation):
   """One Adam step on a per-device batch {'image': [b, H, W, 3], 'mask': [b, H, W]}.
 
   Runs under pmap(axis_name='batch'): each device augments its own examples with its own key;
   gradients and metrics are averaged over all devices, so the new state is the same everywhere.
   `frozen` is stage 1's parameters when training stage 2 (else None).
   """
-  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  key = jax.random.fold_in(jax.random.wrap_key_data(train_state.rng), train_state.step)
   aug_key, sample_key = jax.random.split(jax.random.fold_in(key, lax.axis_index('batch')))
   images, masks = augment.augment(
-      aug_key, batch['image'], batch['mask'], flip=config.train.flip,
-      brightness_contrast=config.train.brightness_contrast, rotate=config.train.rotate)
+      aug_key, inference.as_float(batch['image']), batch['mask'], flip=plan.flip,
+      brightness_contrast=plan.brightness_contrast, rotate=plan.rotate)
   inputs, labels = network_inputs(network, sample_key, images, masks, frozen, spec=spec,
-                                  sampling=config.train.patch_sampling)
+                                  sampling=plan.patch_sampling)
 
   def loss_fn(params):
-    logits = spec.unet().apply({'params': params}, inputs)
+    if network == 'stage2':
+      logits = inference.stage2_logits(params, inputs, spec)
+    else:
+      logits = inference.unet(spec).apply({'params': params}, inputs)
     return losses.segmentation_loss(logits, labels, num_classes=spec.num_classes,
-                                    alpha=config.train.focal_alpha, gamma=config.train.focal_gamma)
+                                    alpha=plan.focal_alpha, gamma=plan.focal_gamma)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state.params)
   grads = lax.pmean(grads, 'batch')
-  tx = create_optimizer(config)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, train_state.opt_state, train_state.params)
+  params = optax.apply_updates(train_state.params, updates)
   metrics = lax.pmean({'loss': loss, 'focal': aux['focal'], 'dice': aux['dice']}, 'batch')
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['param_norm'] = optax.tree.norm(params)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  new_state = train_state.replace(step=train_state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
 
 
-def make_train_step(network: str, spec: inference.Spec, config):
-  """train_step pmapped over the local devices: state and frozen replicated, batch split."""
-  step = functools.partial(train_step, network=network, spec=spec, config=config)
+def make_train_step(network: str, spec: Spec, plan: TrainPlan, total_steps: int):
+  """train_step pmapped over the local devices: state and frozen replicated, batch split, the
+  state donated."""
+  step = functools.partial(train_step, network=network, spec=spec, plan=plan,
+                           tx=state.create_optimizer(plan, total_steps))
   return jax.pmap(step, axis_name='batch', in_axes=(None, 0, None), out_axes=(None, None),
                   donate_argnums=0)
 
@@ -161,24 +142,112 @@ def replicate(tree):
   return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-# --- Logging ---------------------------------------------------------------------------------
+# --- Hooks --------------------------------------------------------------------------------------------
 
 
-def write_metrics(workdir: str, record: dict):
-  """Appends one JSON line to <workdir>/metrics.jsonl (process 0 only)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps(record) + '\n')
+@dataclasses.dataclass
+class Step:
+  """What a hook sees after each step. `metrics` are device arrays: fetching them waits."""
+  name: str
+  step: int
+  total: int
+  state: Any
+  metrics: dict
+  last: bool  # The final step of this network (or the step at which it was interrupted).
 
 
-def save_config(config, workdir: str):
-  """The resolved config beside the metrics: <workdir>/config.json (process 0 only)."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, 'config.json.tmp')
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, 'config.json'))
+Hook = Callable[[Step], None]
+
+
+class Checkpointer:
+  """Saves every `every` steps and at the last step; stops training at the first failed save."""
+
+  def __init__(self, manager, workdir: str, every: int):
+    self.manager, self.workdir, self.every = manager, workdir, every
+
+  def __call__(self, s: Step):
+    if s.step % self.every and not s.last:
+      return
+    check_finite(jax.device_get(s.metrics), s.name, s.step, self.workdir)
+    self.save(s.step, s.state)
+
+  def save(self, step: int, train_state):
+    try:
+      self.manager.save(step, args=checkpoints.save_args(train_state), force=True)
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # Orbax wraps the OSError differently.
+      raise TrainingError(_write_failure(self.manager, step, e)) from e
+
+
+def _write_failure(manager, step: int, error: BaseException) -> str:
+  cause = error
+  while cause is not None and not isinstance(cause, OSError):
+    cause = cause.__cause__ or cause.__context__
+  reason = files.describe_os_error(cause) if cause is not None else ' '.join(str(error).split())[:160]
+  return (f'cannot write the checkpoint of step {step} to {manager.directory} ({reason}); stopped. '
+          f'The last complete checkpoint there is kept: free space or fix the permissions, then '
+          f'rerun the same command to resume.')
+
+
+class MetricsWriter:
+  """Every `every` steps and at the last: one JSON line in <workdir>/metrics.jsonl (process 0), and
+  the loss, Dice and throughput on the progress bar."""
+
+  def __init__(self, workdir: str, every: int, per_epoch: int, unit: str, per_step: int, bar):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.every, self.per_epoch, self.unit, self.per_step, self.bar = (every, per_epoch, unit,
+                                                                     per_step, bar)
+    self.start, self.first = time.perf_counter(), None
+
+  def __call__(self, s: Step):
+    self.first = s.step - 1 if self.first is None else self.first
+    if s.step % self.every and not s.last:
+      return
+    m = {k: float(v) for k, v in jax.device_get(s.metrics).items()}
+    check_finite(m, s.name, s.step, os.path.dirname(self.path))
+    rate = (s.step - self.first) * self.per_step / (time.perf_counter() - self.start)
+    self.bar.set_postfix(loss=f'{m["loss"]:.4f}', dice=f'{m["dice"]:.3f}',
+                         **{f'{self.unit}/s': f'{rate:.1f}'})
+    if jax.process_index() == 0:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'network': s.name, 'step': s.step, 'epoch': s.step / self.per_epoch,
+                            f'{self.unit}_per_s': rate, **m}) + '\n')
+
+
+class FiniteCheck:
+  """Checks each step's loss while the next step runs (one step behind: no extra wait)."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.pending = workdir, None
+
+  def __call__(self, s: Step):
+    if self.pending is not None:
+      check_finite(jax.device_get(self.pending[1]), s.name, self.pending[0], self.workdir)
+    self.pending = (s.step, s.metrics)
+
+
+class Profiler:
+  """A jax.profiler trace of steps [first, last] into <workdir>/profile (TensorBoard/Perfetto)."""
+
+  def __init__(self, workdir: str, first: int, last: int):
+    self.dir, self.first, self.last, self.active = os.path.join(workdir, 'profile'), first, last, False
+
+  def __call__(self, s: Step):
+    if s.step == self.first and not self.active:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+    if self.active and (s.step >= self.last or s.last):
+      jax.block_until_ready(s.state)
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def check_finite(metrics: dict, name: str, step: int, workdir: str):
+  if not np.isfinite(metrics['loss']):
+    raise TrainingError(
+        f'{name}: the loss became {metrics["loss"]} at step {step}; stopped. The last good '
+        f'checkpoint is kept in {checkpoints.network_dir(workdir, name)}. Lower '
+        f'config.train.learning_rate or check the data for NaN/inf.')
 
 
 def trim_metrics(workdir: str, name: str, step: int):
@@ -201,112 +270,136 @@ def trim_metrics(workdir: str, name: str, step: int):
     if not (record.get('network') == name and record.get('step', 0) > step):
       keep.append(line if line.endswith('\n') else line + '\n')
   if keep != lines:
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(keep)
-    os.replace(path + '.tmp', path)
+    files.atomic_write(path, lambda f: f.writelines(keep))
 
 
-def _check_finite(metrics: dict, name: str, step: int, workdir: str):
-  if not np.isfinite(metrics['loss']):
-    raise TrainingError(
-        f'{name}: the loss became {metrics["loss"]} at step {step}; stopped. The last good '
-        f'checkpoint is kept in {checkpoints.network_dir(workdir, name)}. Lower '
-        f'config.train.learning_rate or check the data for NaN/inf.')
+# --- Interruptions ------------------------------------------------------------------------------------
 
 
-# --- Loop --------------------------------------------------------------------------------------
+class StopSignals:
+  """While active, SIGINT and SIGTERM set a flag (the loop saves, then stops) instead of killing.
 
-
-def train_network(config, workdir: str, network: str, *, num_patches: Optional[int] = None,
-                  frozen=None, source=None) -> Any:
-  """Trains one network to its configured number of epochs, resuming from its latest checkpoint.
-
-  Returns its parameters. `source` (the train split) defaults to data.load_split(config, 'train').
+  A second Ctrl-C while saving is ignored until the save is done. Under several processes the flag
+  is orbax's preemption sync point, which every process reaches at the same step.
   """
-  name = checkpoints.network_name(network, num_patches)
-  spec = inference.spec_from_config(config, num_patches)
-  source = source if source is not None else data.load_split(config, 'train')
-  batch_size = config.train.batch_size
-  per_epoch = pipeline.steps_per_epoch(len(source), batch_size)
-  total = per_epoch * int(config.train[f'{network}_epochs'])
 
-  state = create_train_state(config, network, num_patches)
-  manager = checkpoints.manager(workdir, name, config)
+  def __init__(self):
+    self.received, self.previous = None, {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self.previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+# --- The loop -----------------------------------------------------------------------------------------
+
+
+def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optional[int] = None,
+                  frozen=None, source=None, hooks: Sequence[Hook] = (),
+                  stop: Optional[StopSignals] = None) -> Any:
+  """Trains one network to its planned number of epochs, resuming from its latest checkpoint.
+
+  Returns its parameters. `source` (the train split) defaults to data.load_split(s.data, 'train').
+  `hooks` run after the built-in ones, after every step.
+  """
+  spec = s.spec_for(num_patches) if network == 'stage2' else s.spec
+  name = state.network_name(network, spec.num_patches)
+  plan = s.train
+  if source is None:
+    from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
+    source = data.load_split(s.data, 'train')
+  per_epoch = pipeline.steps_per_epoch(len(source), plan.batch_size)
+  total = per_epoch * plan.epochs[network]
+  checkpoints.write_plan(workdir, name, total)
+
+  fresh = state.create_train_state(plan, spec, network, total)
+  if network == 'stage2' and plan.stage2_init == 'stage1':
+    fresh = fresh.replace(params=state.from_stage1(jax.device_get(frozen), spec))
+    fresh = fresh.replace(opt_state=state.create_optimizer(plan, total).init(fresh.params))
+  manager = checkpoints.manager(workdir, name, plan.keep_checkpoints)
   try:
-    state = replicate(checkpoints.restore_latest(manager, state, name))
-    step = int(state.step)
+    train_state = replicate(checkpoints.restore_latest(manager, fresh, name))
+    step = int(train_state.step)
     if step >= total:
-      logging.info('%s: already trained (%d steps).', name, step)
-      return state.params
+      return train_state.params
     trim_metrics(workdir, name, step)
 
     frozen = None if frozen is None else replicate(frozen)
-    p_step = make_train_step(network, spec, config)
-    kill_at = os.environ.get('ITERSEG_TEST_KILL_AT')  # '<name>:<step>', for tests/test_resume.py.
-    images_per_step = batch_size * (spec.refine_count if network == 'stage2' else 1)
-    unit = 'patches' if network == 'stage2' else 'images'
+    p_step = make_train_step(network, spec, plan, total)
+    unit, per_step = ('patches', plan.batch_size * spec.refine_count) if network == 'stage2' else (
+        'images', plan.batch_size)
     bar = tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
                disable=jax.process_index() != 0, dynamic_ncols=True)
-    pending, t0, seen = None, time.perf_counter(), 0
+    checkpointer = Checkpointer(manager, workdir, plan.checkpoint_every)
+    builtin = [FiniteCheck(workdir), checkpointer,
+               MetricsWriter(workdir, plan.log_every, per_epoch, unit, per_step, bar)]
+    if plan.profile_steps and network == 'stage1':
+      builtin.append(Profiler(workdir, *plan.profile_steps))
     while step < total:
       epoch, start = divmod(step, per_epoch)
-      for batch in pipeline.batches(source, batch_size=batch_size, seed=config.seed, epoch=epoch,
+      for batch in pipeline.batches(source, batch_size=plan.batch_size, seed=plan.seed, epoch=epoch,
                                     start_batch=start):
-        state, metrics = p_step(state, batch, frozen)
+        train_state, metrics = p_step(train_state, batch, frozen)
         step += 1
-        seen += images_per_step
-        if pending is not None:  # Check the previous step while this one runs.
-          _check_finite(jax.device_get(pending[1]), name, pending[0], workdir)
-        pending = (step, metrics)
         bar.update(1)
-        if step % config.train.log_every == 0 or step == total:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          _check_finite(m, name, step, workdir)
-          rate = seen / (time.perf_counter() - t0)
-          bar.set_postfix(loss=f'{m["loss"]:.4f}', dice=f'{m["dice"]:.3f}',
-                          **{f'{unit}/s': f'{rate:.1f}'})
-          write_metrics(workdir, {'network': name, 'step': step, 'epoch': step / per_epoch,
-                                  f'{unit}_per_s': rate, **m})
-        if step % config.train.checkpoint_every == 0 or step == total:
-          _check_finite(jax.device_get(metrics), name, step, workdir)
-          manager.save(step, args=checkpoints.save_args(state))
-        if kill_at == f'{name}:{step}':  # Preemption, mid-step or mid-checkpoint-write (async).
-          os.kill(os.getpid(), signal.SIGKILL)
+        interrupted = stop is not None and _stop_requested(stop, manager, step)
+        info = Step(name, step, total, train_state, metrics, last=step >= total or interrupted)
+        for hook in (*builtin, *hooks):
+          hook(info)
+        if interrupted:
+          manager.wait_until_finished()
+          bar.close()
+          raise Interrupted(f'interrupted ({stop.received or "preempted"}) at step {step} of '
+                            f'{name}; its checkpoint is saved: rerun the same command to resume.')
         if step >= total:
           break
     bar.close()
-    return state.params
+    return train_state.params
   finally:
     manager.close()  # Waits for the checkpoint being written, also when training stopped on an error.
 
 
-def check_config(config, workdir: str):
-  """ValueError, before anything is written, if `config` cannot train (more) in `workdir`."""
-  unknown = set(config.train.networks) - set(NETWORKS)
-  if unknown:
-    raise ValueError(f'config.train.networks has unknown names {sorted(unknown)}; use {NETWORKS}.')
-  for n in (config.num_patches, *config.train.num_patches_list):
-    inference.spec_from_config(config, n)
+def _stop_requested(stop: StopSignals, manager, step: int) -> bool:
+  if jax.process_count() > 1:
+    return bool(manager.reached_preemption(step))
+  return stop.received is not None
+
+
+def check_resumable(s: Settings, workdir: str):
+  """CheckpointError, before anything is written, if the workdir's networks were trained with
+  another geometry."""
   if checkpoints.trained_networks(workdir) and os.path.exists(os.path.join(workdir, 'config.json')):
-    from iterseg import evaluate  # pylint: disable=g-import-not-at-top  # (what weights depend on)
-    evaluate.check_same_geometry(config, checkpoints.read_config(workdir), workdir)
+    from iterseg import settings as settings_lib  # pylint: disable=g-import-not-at-top
+    saved = settings_lib.from_config(checkpoints.read_config(workdir))
+    checkpoints.check_same_geometry(s, saved, workdir)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains stage 1, stage 2 for each Np, then the baseline (as config.train.networks says), then
-  evaluates them on the test split (iterseg.evaluate) and returns its results."""
-  check_config(config, workdir)
-  save_config(config, workdir)
-  source = data.load_split(config, 'train')
-  stage1 = None
-  if 'stage1' in config.train.networks:
-    stage1 = train_network(config, workdir, 'stage1', source=source)
-  if 'stage2' in config.train.networks:
-    if stage1 is None:
-      stage1 = checkpoints.load_params(workdir, 'stage1', config)
-    for n in config.train.num_patches_list:
-      train_network(config, workdir, 'stage2', num_patches=n, frozen=stage1, source=source)
-  if 'baseline' in config.train.networks:
-    train_network(config, workdir, 'baseline', source=source)
-  from iterseg import evaluate  # Imported here: evaluation pulls in matplotlib.
-  return evaluate.run(config, workdir)
+def train(s: Settings, workdir: str, *, hooks: Sequence[Hook] = ()) -> None:
+  """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says)."""
+  check_resumable(s, workdir)
+  checkpoints.save_config(s.config, workdir)
+  from iterseg import data  # pylint: disable=g-import-not-at-top
+  source = data.load_split(s.data, 'train')
+  networks = s.train.networks
+  with StopSignals() as stop:
+    run = functools.partial(train_network, s, workdir, source=source, hooks=hooks, stop=stop)
+    stage1 = run('stage1') if 'stage1' in networks else None
+    if 'stage2' in networks:
+      if stage1 is None:
+        stage1 = checkpoints.load_network(workdir, 'stage1', s)
+      for n in s.train.num_patches_list:
+        run('stage2', num_patches=n, frozen=stage1)
+    if 'baseline' in networks:
+      run('baseline')

@@ -8,7 +8,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # noqa: E402  (after XLA_FLAGS, before anything imports jax)
 
-from configs import default  # noqa: E402
+from iterseg.configs import default  # noqa: E402
 
 
 def tiny(**overrides):

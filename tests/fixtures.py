@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from configs import default
+from iterseg import settings
+from iterseg.configs import default
 
 HEIGHT, WIDTH = 40, 48
 FG_COLUMNS = 12
@@ -21,15 +22,17 @@ FG_PERCENT = 100.0 * FG_COLUMNS / WIDTH
 
 
 def config(data_dir: Path, name: str, manual_dir: Path | str = '', hi_size: int = 32, **data):
-  """The default config for dataset `name` at hi_size, writing to data_dir; extra data.* fields."""
+  """The DataSpec of the default config for dataset `name` at hi_size, writing to data_dir; extra
+  data.* fields."""
   c = default.get_config()
   c.hi_size = hi_size
+  c.model.depth, c.num_patches, c.train.num_patches_list = 1, 2, (2,)  # Data only: any tiny net.
   c.data.name = name
   c.data.manual_dir = str(manual_dir)
   c.data.data_dir = str(data_dir)
   for key, value in data.items():
     c.data[key] = value
-  return c
+  return settings.from_config(c).data
 
 
 def rgb(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:

@@ -53,12 +53,17 @@ class Launcher:
             '--config.train.stage1_epochs=2', '--config.train.stage2_epochs=3',
             '--config.train.log_every=1', '--config.train.checkpoint_every=2', *more]
 
-  def command(self, *flags) -> list:
+  def command(self, *flags, kill_at: str = '') -> list:
+    """launch.py with `flags`; with kill_at='<network>:<step>', through tests/kill_during_training.py."""
+    if kill_at:
+      return [sys.executable, str(ROOT / 'tests' / 'kill_during_training.py'), kill_at,
+              *map(str, flags)]
     return [sys.executable, str(ROOT / 'launch.py'), *map(str, flags)]
 
-  def run(self, *flags, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(self.command(*flags), cwd=ROOT, env=self.env(**(env or {})),
-                          capture_output=True, text=True, timeout=timeout)
+  def run(self, *flags, env=None, timeout=600, kill_at: str = '') -> subprocess.CompletedProcess:
+    return subprocess.run(self.command(*flags, kill_at=kill_at), cwd=ROOT,
+                          env=self.env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
 
   def reference(self) -> Path:
     """The workdir of the tiny run, trained once per session without interruption."""

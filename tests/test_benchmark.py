@@ -4,17 +4,18 @@ import jax
 import numpy as np
 import pytest
 
-from iterseg import benchmark, evaluate, inference
+from iterseg import benchmark, evaluate, inference, methods, settings
 from tests.conftest import tiny
+from tests.test_evaluate import save_random_networks
 
 
 @pytest.fixture(scope='module')
 def tiny_benchmark(tmp_path_factory):
   """benchmark.run on a tiny config in a workdir without checkpoints (so: random weights)."""
   config = tiny(**{'benchmark.repeats': 2, 'benchmark.batch_sizes': (1, 2),
-                   'train.num_patches_list': (2, 4)})
+                   'benchmark.sliding_window': True, 'train.num_patches_list': (2, 4)})
   workdir = tmp_path_factory.mktemp('bench')
-  return config, workdir, benchmark.run(config, str(workdir))
+  return config, workdir, benchmark.run(settings.from_config(config), str(workdir))
 
 
 def test_benchmark_writes_every_method_np_and_batch_size(tiny_benchmark):
@@ -29,7 +30,7 @@ def test_benchmark_writes_every_method_np_and_batch_size(tiny_benchmark):
   assert saved['weights'] == {'baseline': 'random', 'stage1': 'random', 'stage2_np2': 'random',
                               'stage2_np4': 'random'}
   assert saved['backend'] == jax.default_backend() and 'cpu' in saved['device']
-  assert saved['geometry']['hi_size'] == 64 and saved['repeats'] == 2
+  assert saved['geometry']['hi_size'] == 64 and saved['repeats'] == 2 and saved['skipped'] == []
 
 
 def test_benchmark_rows_are_consistent(tiny_benchmark):
@@ -53,27 +54,48 @@ def test_benchmark_rows_are_consistent(tiny_benchmark):
 
 def test_benchmark_json_feeds_evaluation_latencies(tiny_benchmark):
   config, workdir, results = tiny_benchmark
-  latencies = evaluate.benchmark_latencies(str(workdir), config)
-  assert latencies[('two_stage', 4)] * 1e3 == pytest.approx(
+  latencies = evaluate.benchmark_latencies(str(workdir), settings.from_config(config))
+  assert latencies['two_stage_np4'] * 1e3 == pytest.approx(
       next(r['latency_ms'] for r in results['rows']
            if r['method'] == 'two_stage' and r['num_patches'] == 4 and r['batch_size'] == 1))
-  assert ('sliding_window', 2) in latencies  # Extra methods are harmless.
+  assert 'sliding_window_np2' in latencies  # Extra methods are harmless.
 
 
 def test_sliding_window_refines_every_patch():
-  config = tiny()
-  params = inference.init_params(config, jax.random.key(0))
-  params = {'baseline': params['baseline'], 'stage1': params['stage1'],
-            'stage2': {2: params['stage2']}}
-  spec = [m for m in benchmark.methods(params, config, [2]) if m[0] == 'sliding_window'][0][-1]['spec']
-  assert spec.refine_count == 4 and spec.threshold is None and spec.num_patches == 2
+  config = tiny(threshold=0.1)
+  s = settings.from_config(config)
+  nets = inference.init_params(config, jax.random.key(0))
+  every = [m for m in methods.methods(nets, s, sliding_window=True)
+           if m.name == 'sliding_window'][0]
+  assert every.spec.refine_count == 16 and every.spec.threshold is None
+  _, fraction = every(np.zeros((1, 64, 64, 3), np.uint8))
+  assert float(fraction[0]) == 1.0
+
+
+def test_the_default_plan_fits_the_backend():
+  s = settings.from_config(tiny(hi_size=128, **{'train.num_patches_list': (2, 4, 8, 16)}))
+  cpu, gpu = benchmark.plan(s, 'cpu'), benchmark.plan(s, 'gpu')
+  assert cpu == {'batch_sizes': (1,), 'sliding_window_nps': (2, 4, 8)}
+  assert gpu == {'batch_sizes': (1, 16), 'sliding_window_nps': (2, 4, 8, 16)}
+  forced = settings.from_config(tiny(**{'benchmark.batch_sizes': (4,),
+                                        'benchmark.sliding_window': False}))
+  assert benchmark.plan(forced, 'cpu') == {'batch_sizes': (4,), 'sliding_window_nps': ()}
+
+
+def test_a_spent_time_budget_skips_and_says_what(tmp_path):
+  config = tiny(**{'benchmark.repeats': 2, 'benchmark.batch_sizes': (1, 2),
+                   'benchmark.max_seconds': 1e-3})
+  results = benchmark.run(settings.from_config(config), str(tmp_path))
+  assert results['rows'] == []
+  assert any('batch 1: baseline' in line and 'budget' in line for line in results['skipped'])
+  assert any(line.startswith('batch 2: every method') for line in results['skipped'])
 
 
 def test_benchmark_uses_trained_weights_when_the_workdir_has_them(tmp_path):
-  from tests.test_evaluate import save_random_networks  # pylint: disable=g-import-not-at-top
   config = tiny(**{'train.num_patches_list': (2,)})
   save_random_networks(config, tmp_path, networks=('stage1', 'stage2'))
-  params, weights = benchmark.params_for_benchmark(config, str(tmp_path), [2, 4])
+  s = settings.from_config(tiny(**{'train.num_patches_list': (2, 4)}))
+  nets, weights = benchmark.networks_for_benchmark(s, str(tmp_path))
   assert weights == {'baseline': 'random', 'stage1': 'trained', 'stage2_np2': 'trained',
                      'stage2_np4': 'random'}
-  assert sorted(params['stage2']) == [2, 4]
+  assert sorted(nets.stage2) == [2, 4]

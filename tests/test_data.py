@@ -1,5 +1,6 @@
 """The dataset builders on tiny fixtures in the official layouts: counts, splits, masks, sizes, errors."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -93,13 +94,12 @@ def test_prepare_is_idempotent_and_split_reproducible(tmp_path):
   assert data.prepare(config) == first
   assert info.stat().st_mtime_ns == stamp  # Not regenerated.
   # Loading needs no manual_dir once prepared.
-  config.data.manual_dir = ''
+  config = dataclasses.replace(config, manual_dir='')
   train = [e['name'] for e in data.load_split(config, 'train')]
   # The same split when generated again elsewhere; another seed gives another split at another path.
   again = fixtures.config(tmp_path / 'tfds2', 'ph2', manual)
   assert [e['name'] for e in data.load_split(again, 'train')] == train
-  other = fixtures.config(tmp_path / 'tfds', 'ph2', manual)
-  other.data.split_seed = 7
+  other = fixtures.config(tmp_path / 'tfds', 'ph2', manual, split_seed=7)
   assert data.prepare(other)['path'] != first['path']
   other_train = [e['name'] for e in data.load_split(other, 'train')]
   assert len(other_train) == len(train) and other_train != train
@@ -189,9 +189,9 @@ def test_folder_multiclass_keeps_ids(tmp_path):
     fixtures.save(Image.fromarray(fixtures.rgb(1, HI, HI)), root / 'images' / f'{stem}.png')
     fixtures.save(Image.fromarray(ids.astype(np.uint8)), root / 'masks' / f'{stem}.png')
   config = fixtures.config(tmp_path / 'tfds', 'folder', root)
-  config.num_classes = 3
+  config = dataclasses.replace(config, num_classes=3)
   np.testing.assert_array_equal(data.load_split(config, 'train')[0]['mask'], ids)
-  config.num_classes = 2
+  config = dataclasses.replace(config, num_classes=2)
   with pytest.raises(DataError, match='outside'):
     data.prepare(config)
 
@@ -382,7 +382,7 @@ def test_folder_errors_and_unpaired_files(tmp_path, caplog):
 
 
 def test_unknown_dataset_and_split():
-  config = fixtures.config('/tmp/unused', 'mnist')
+  config = dataclasses.replace(fixtures.config('/tmp/unused', 'synthetic'), name='mnist')
   with pytest.raises(ValueError, match='unknown dataset'):
     data.make_builder(config)
   with pytest.raises(ValueError, match='split'):

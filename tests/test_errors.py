@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iterseg import checkpoints
+from iterseg import checkpoints, settings
 from tests import launch_runs
 from tests.conftest import tiny
 from tests.launch_runs import STAGE2_STEPS, one_line_error
@@ -124,7 +124,7 @@ def test_a_checkpoint_of_another_config_is_refused(launch, trained):
   config = tiny(**{'model.width': 8})
   with pytest.raises(checkpoints.CheckpointError, match=r'stage1/4 was written with another config: '
                      r'\d+ arrays differ, e.g. params\.\S+ is \(\S+\) there but \(\S+\)'):
-    checkpoints.load_params(str(trained), 'stage1', config)
+    checkpoints.load_network(str(trained), 'stage1', settings.from_config(config))
 
 
 def test_a_truncated_checkpoint_is_named_and_deleting_it_resumes(launch, trained):

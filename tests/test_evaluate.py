@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from iterseg import benchmark, checkpoints, evaluate, inference, plots, train
+from iterseg import checkpoints, evaluate, inference, methods, metrics, plots, settings, state
 from tests.conftest import tiny
 
 
@@ -35,7 +35,7 @@ def test_image_metrics_match_numpy_by_hand():
   masks = (rng.random((4, 16, 16)) < 0.4).astype(np.uint8)
   probs[1], masks[1] = 0.1, 0  # Empty prediction of an empty mask: hard Dice and IoU are 1.
   masks[2] = 0  # Empty mask, non-empty prediction: hard Dice and IoU are 0.
-  got = jax.device_get(evaluate.image_metrics(probs, masks, 1))
+  got = jax.device_get(metrics.image_metrics(probs, masks, 1))
   for i in range(4):
     soft, hard, iou = numpy_metrics(probs[i, ..., 0], masks[i])
     assert got['soft_dice'][i] == pytest.approx(soft, rel=1e-5)
@@ -50,7 +50,7 @@ def test_multiclass_metrics_average_the_foreground_classes():
   logits = rng.normal(size=(2, 8, 8, 3))
   probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
   masks = rng.integers(0, 3, (2, 8, 8)).astype(np.uint8)
-  got = jax.device_get(evaluate.image_metrics(probs, masks, 3))
+  got = jax.device_get(metrics.image_metrics(probs, masks, 3))
   for i in range(2):
     per_class = []
     for c in (1, 2):  # Class 0 (background) is left out.
@@ -58,7 +58,7 @@ def test_multiclass_metrics_average_the_foreground_classes():
       pred, y = probs[i].argmax(-1) == c, masks[i] == c
       inter, total = (pred & y).sum(), pred.sum() + y.sum()
       per_class.append((soft, 2 * inter / total, inter / (total - inter)))
-    np.testing.assert_allclose([got[k][i] for k in evaluate.METRICS], np.mean(per_class, 0),
+    np.testing.assert_allclose([got[k][i] for k in metrics.METRICS], np.mean(per_class, 0),
                                rtol=1e-5)
 
 
@@ -66,10 +66,11 @@ def test_a_perfect_predictor_scores_one_on_every_image():
   batches, _, masks = random_batches(num_images=5, batch_size=2, size=16)
   for b in batches:  # The "image" carries its mask, so the predictor can return it.
     b['image'] = np.repeat(b['mask'][..., None].astype(np.float32), 3, -1)
-  result = evaluate.evaluate({('perfect', None): lambda x: x[..., :1]}, batches, 1, progress=False)
-  m = result['methods'][('perfect', None)]
+  perfect = methods.Method('perfect', None, lambda p, x, spec: (x[..., :1], None), None, None)
+  result = evaluate.evaluate([perfect], batches, 1, progress=False)
+  m = result['methods']['perfect']
   assert result['num_images'] == 5 and result['names'] == [f'im{i}' for i in range(5)]
-  for k in evaluate.METRICS:  # Soft Dice with smooth 1 is exactly 1 too when p == y in {0, 1}.
+  for k in metrics.METRICS:  # Soft Dice with smooth 1 is exactly 1 too when p == y in {0, 1}.
     assert m['per_image'][k] == pytest.approx([1.0] * 5)
     assert m[k] == pytest.approx(1.0)
   assert m['refined_fraction'] is None and m['latency_s'] > 0
@@ -80,21 +81,20 @@ def test_a_perfect_predictor_scores_one_on_every_image():
 def tiny_run():
   """Random tiny networks evaluated on 5 images in batches of 2 (the last one partial)."""
   config = tiny(num_patches=4)
-  p = inference.init_params(config, jax.random.key(0))
-  params = {'baseline': p['baseline'], 'stage1': p['stage1'], 'stage2': {4: p['stage2']}}
+  params = inference.init_params(config, jax.random.key(0))
   batches, images, masks = random_batches()
-  result = evaluate.evaluate_params(params, batches, config, progress=False)
+  result = evaluate.evaluate(methods.methods(params, settings.from_config(config)), batches, 1,
+                             progress=False)
   return config, params, images, masks, result
 
 
 def test_evaluation_matches_dice_computed_by_hand(tiny_run):
   config, params, images, masks, result = tiny_run
-  spec = inference.spec_from_config(config)
-  pred = jax.device_get(inference.two_stage({'stage1': params['stage1'], 'stage2': params['stage2'][4]},
-                                            images, spec))
-  base = np.asarray(inference.baseline(params['baseline'], images, spec))
-  for method, probs in [(('two_stage', 4), pred.probs), (('stage1', None), pred.coarse),
-                        (('baseline', None), base)]:
+  spec = settings.from_config(config).spec
+  pred = jax.device_get(inference.two_stage(params, images, spec))
+  base = np.asarray(inference.baseline(params.baseline, images, spec))
+  for method, probs in [('two_stage_np4', pred.probs), ('stage1', pred.coarse),
+                        ('baseline', base)]:
     by_hand = np.array([numpy_metrics(probs[i, ..., 0], masks[i]) for i in range(5)])
     m = result['methods'][method]
     np.testing.assert_allclose(m['per_image']['soft_dice'], by_hand[:, 0], rtol=1e-4)
@@ -102,31 +102,34 @@ def test_evaluation_matches_dice_computed_by_hand(tiny_run):
     np.testing.assert_allclose(m['per_image']['iou'], by_hand[:, 2], rtol=1e-4)
     assert m['soft_dice'] == pytest.approx(by_hand[:, 0].mean(), rel=1e-4)
   assert result['num_images'] == 5
-  assert result['methods'][('two_stage', 4)]['refined_fraction'] == pytest.approx(4 / 16)
+  assert result['methods']['two_stage_np4']['refined_fraction'] == pytest.approx(4 / 16)
 
 
 def test_refined_fraction_counts_only_patches_over_the_threshold():
-  spec = inference.Spec(hi_size=8, stage1_size=8, num_classes=1, num_patches=2, refine_count=2,
-                        score='entropy', stage2_uses_coarse=True, threshold=0.5, width=1, depth=1)
-  pred = inference.Prediction(probs=None, coarse=None, scores=np.array([[0.9, 0.1, 0.6, 0.2]]),
-                              refined=np.array([[0, 2]]))
-  assert float(evaluate.refined_fraction(pred, spec)[0]) == pytest.approx(2 / 4)
-  pred = pred.replace(scores=np.array([[0.9, 0.1, 0.4, 0.2]]))
-  assert float(evaluate.refined_fraction(pred, spec)[0]) == pytest.approx(1 / 4)
+  config = tiny(num_patches=2, refine_count=2, threshold=0.3)
+  params = inference.init_params(config, jax.random.key(0))
+  images = np.full((1, 64, 64, 3), 0.5, np.float32)
+  pred = inference.two_stage(params.replace(stage2={2: params.stage2[2]}), images,
+                             settings.from_config(config).spec)
+  chosen = np.asarray(pred.scores[0]) >= np.sort(np.asarray(pred.scores[0]))[-2]
+  expected = (chosen & (np.asarray(pred.scores[0]) >= 0.3)).mean()
+  comparison = methods.methods(params, settings.from_config(config))
+  _, fraction = [m for m in comparison if m.name == 'two_stage'][0](images)
+  assert float(fraction[0]) == pytest.approx(expected)
+  assert float(fraction[0]) == pytest.approx(np.asarray(pred.refined[0]).mean())
 
 
 def save_random_networks(config, workdir, networks=('stage1', 'stage2', 'baseline')):
   """A workdir as training leaves it (config.json and one checkpoint per network), random weights."""
-  train.save_config(config, str(workdir))
-  params = inference.init_params(config, jax.random.key(0))
+  s = settings.from_config(config)
+  checkpoints.save_config(config, str(workdir))
   for network in networks:
-    for n in (config.train.num_patches_list if network == 'stage2' else [None]):
-      name = checkpoints.network_name(network, n)
-      shapes = jax.eval_shape(lambda: train.create_train_state(config, network, n))
-      state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes).replace(
-          params=params[network])
-      manager = checkpoints.manager(str(workdir), name, config)
-      manager.save(1, args=checkpoints.save_args(state))
+    for n in (s.train.num_patches_list if network == 'stage2' else [None]):
+      spec = s.spec_for(n) if n else s.spec
+      name = state.network_name(network, n)
+      fresh = state.create_train_state(s.train, spec, network)
+      manager = checkpoints.manager(str(workdir), name, 1)
+      manager.save(1, args=checkpoints.save_args(fresh))
       manager.wait_until_finished()
       manager.close()
 
@@ -136,7 +139,7 @@ def test_run_writes_results_csv_and_plots(tmp_path):
                                   'data.data_dir': str(tmp_path / 'tfds'), 'eval.batch_size': 2})
   workdir = tmp_path / 'run'
   save_random_networks(config, workdir)
-  results = evaluate.run(config, str(workdir))
+  results = evaluate.run(settings.from_config(config), str(workdir))
 
   rows = {(r['method'], r['num_patches']): r for r in results['rows']}
   assert set(rows) == {('baseline', None), ('stage1', None), ('two_stage', 4)}
@@ -160,15 +163,15 @@ def test_run_writes_results_csv_and_plots(tmp_path):
 
 
 def test_run_refuses_a_config_that_disagrees_with_the_trained_networks(tmp_path):
-  train.save_config(tiny(), str(tmp_path))
+  checkpoints.save_config(tiny(), str(tmp_path))
   with pytest.raises(ValueError, match=r'config.model.width=8 .* trained with 4'):
-    evaluate.run(tiny(**{'model.width': 8}), str(tmp_path))
+    evaluate.run(settings.from_config(tiny(**{'model.width': 8})), str(tmp_path))
 
 
 def test_run_without_checkpoints_says_to_train_first(tmp_path):
-  train.save_config(tiny(), str(tmp_path))
+  checkpoints.save_config(tiny(), str(tmp_path))
   with pytest.raises(checkpoints.CheckpointError, match='train'):
-    evaluate.load_trained(str(tmp_path), tiny())
+    checkpoints.load_networks(str(tmp_path), settings.from_config(tiny()))
 
 
 def test_latency_is_read_from_a_matching_benchmark_json(tmp_path):
@@ -176,11 +179,12 @@ def test_latency_is_read_from_a_matching_benchmark_json(tmp_path):
   rows = [{'method': 'baseline', 'num_patches': None, 'batch_size': 1, 'latency_ms': 5.0},
           {'method': 'baseline', 'num_patches': None, 'batch_size': 2, 'latency_ms': 3.0},
           {'method': 'two_stage', 'num_patches': 4, 'batch_size': 1, 'latency_ms': 1.0}]
-  geometry = {f: evaluate.get_field(config, f) for f in evaluate.GEOMETRY}
+  geometry = settings.from_config(config).geometry()
   (tmp_path / 'benchmark.json').write_text(json.dumps({'geometry': geometry, 'rows': rows}))
-  assert evaluate.benchmark_latencies(str(tmp_path), config) == {
-      ('baseline', None): 0.005, ('two_stage', 4): 0.001}
-  assert evaluate.benchmark_latencies(str(tmp_path), tiny(hi_size=128)) is None  # Other geometry.
+  assert evaluate.benchmark_latencies(str(tmp_path), settings.from_config(config)) == {
+      'baseline': 0.005, 'two_stage_np4': 0.001}
+  other = settings.from_config(tiny(hi_size=128))
+  assert evaluate.benchmark_latencies(str(tmp_path), other) is None  # Other geometry.
 
 
 def test_plots_draw_figures_3_and_4_and_the_tradeoff(tmp_path):

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from iterseg import flops, models
+from iterseg import flops, models, settings
 from tests.conftest import tiny
 
 
@@ -26,10 +26,9 @@ def test_analytic_count_matches_xla_on_padded_sizes(size, in_channels):
 
 def test_two_stage_flops_are_below_baseline_and_fall_with_np():
   config = tiny(hi_size=128)
-  rep = flops.report(config, num_patches_list=(2, 4, 8, 16))
+  rep = flops.report(settings.from_config(config), (2, 4, 8, 16))
   two = [rep['two_stage'][n] for n in (2, 4, 8, 16)]
   assert all(t < rep['baseline'] for t in two)
   assert all(a > b for a, b in zip(two, two[1:]))
   for n in (2, 4, 8, 16):  # The compiled function also pays for resizing, scoring and copies.
     assert rep['two_stage'][n] <= rep['two_stage_compiled'][n]
-  assert 'two-stage Np=8' in flops.format_report(rep)

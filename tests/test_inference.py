@@ -34,9 +34,9 @@ def images_unsure_at(patches_per_image, config):
 
 @pytest.fixture
 def setup():
-  config = tiny(num_patches=4, refine_count=3)
+  config = tiny(num_patches=4, refine_count=3, **{'train.num_patches_list': (4,)})
   params = iterseg.init_params(config, jax.random.key(0))
-  params['stage1'] = input_passthrough(params['stage1'])
+  params = params.replace(stage1=input_passthrough(params.stage1))
   return config, params
 
 
@@ -46,7 +46,7 @@ def test_refined_are_exactly_the_uncertain_patches(setup, score):
   config.score = score
   unsure = {1, 6, 11}
   pred = iterseg.infer(params, images_unsure_at([unsure], config), config)
-  assert set(np.asarray(pred.refined[0]).tolist()) == unsure
+  assert set(np.flatnonzero(pred.refined[0])) == unsure
   assert pred.scores.shape == (1, 16)
 
 
@@ -54,14 +54,14 @@ def test_each_image_of_a_batch_selects_its_own_patches(setup):
   config, params = setup
   wanted = [{0, 5, 10}, {3, 12, 15}, {2, 7, 9}]
   pred = iterseg.infer(params, images_unsure_at(wanted, config), config)
-  assert [set(r) for r in np.asarray(pred.refined).tolist()] == wanted
+  assert [set(np.flatnonzero(r)) for r in pred.refined] == wanted
 
 
 def refined_mask(pred, config):
   n, s = config.num_patches, config.hi_size // config.num_patches
   mask = np.zeros(pred.probs.shape[:3], bool)
-  for b, idxs in enumerate(np.asarray(pred.refined)):
-    for idx in idxs:
+  for b, grid in enumerate(np.asarray(pred.refined)):
+    for idx in np.flatnonzero(grid):
       r, c = divmod(int(idx), n)
       mask[b, r * s:(r + 1) * s, c * s:(c + 1) * s] = True
   return mask
@@ -84,12 +84,12 @@ def test_a_refined_patch_equals_stage2_run_by_hand(uses_coarse):
   pred = iterseg.infer(params, images, config)
   s, unet = 16, models.UNet(1, config.model.width, config.model.depth)
   for b in range(2):
-    for idx in np.asarray(pred.refined[b]):
+    for idx in np.flatnonzero(pred.refined[b]):
       r, c = divmod(int(idx), 4)
       patch = images[b:b + 1, r * s:(r + 1) * s, c * s:(c + 1) * s]
       if uses_coarse:
         patch = jnp.concatenate([patch, pred.coarse[b:b + 1, r * s:(r + 1) * s, c * s:(c + 1) * s]], -1)
-      expected = models.probabilities(unet.apply({'params': params['stage2']}, patch))[0]
+      expected = models.probabilities(unet.apply({'params': params.stage2[4]}, patch))[0]
       np.testing.assert_allclose(pred.probs[b, r * s:(r + 1) * s, c * s:(c + 1) * s], expected,
                                  atol=1e-5)
 
@@ -100,7 +100,7 @@ def test_coarse_is_stage1_on_the_resized_image_upsampled(tiny_config):
   pred = iterseg.infer(params, images, tiny_config)
   small = jax.image.resize(images, (1, 8, 8, 3), 'linear')
   unet = models.UNet(1, 4, 3)
-  low = models.probabilities(unet.apply({'params': params['stage1']}, small))
+  low = models.probabilities(unet.apply({'params': params.stage1}, small))
   np.testing.assert_allclose(pred.coarse, jax.image.resize(low, (1, 64, 64, 1), 'linear'), atol=1e-6)
 
 
@@ -123,7 +123,7 @@ def test_multiclass_path():
   pred = iterseg.infer(params, images, config)
   assert pred.probs.shape == pred.coarse.shape == (2, 64, 64, 3)
   np.testing.assert_allclose(pred.probs.sum(-1), 1.0, atol=1e-5)
-  assert params['stage2']['down0']['kernel'].shape[2] == 3 + 3
+  assert params.stage2[4]['down0']['kernel'].shape[2] == 3 + 3
   assert iterseg.infer_baseline(params, images, config).shape == (2, 64, 64, 3)
 
 
@@ -134,14 +134,14 @@ def test_threshold_keeps_stage1_where_patches_are_confident_enough(setup):
   # confident ones below 0.07.
   config.refine_count = 5  # The 2 extra patches are confident: they keep stage 1.
   pred = iterseg.infer(params, images, config)
-  mask = refined_mask(pred, config)
   n, s = 4, 16
-  for idx in np.asarray(pred.refined[0]):
-    r, c = divmod(int(idx), n)
+  assert set(np.flatnonzero(pred.refined[0])) == {1, 6, 11}  # Chosen and unsure enough.
+  for idx in range(n * n):
+    r, c = divmod(idx, n)
     block = (slice(r * s, (r + 1) * s), slice(c * s, (c + 1) * s))
     same = np.array_equal(pred.probs[0][block], pred.coarse[0][block])
-    assert same == (int(idx) not in {1, 6, 11})
-  assert mask.sum() == 5 * s * s
+    assert same == (idx not in {1, 6, 11})
+  assert refined_mask(pred, config).sum() == 3 * s * s
 
 
 def test_patch_scores_by_hand():
@@ -156,7 +156,7 @@ def test_patch_scores_by_hand():
 def test_infer_baseline_is_the_unet_on_the_full_image(tiny_config):
   params = iterseg.init_params(tiny_config, jax.random.key(0))
   images = jax.random.uniform(jax.random.key(1), (1, 64, 64, 3))
-  expected = models.probabilities(models.UNet(1, 4, 3).apply({'params': params['baseline']}, images))
+  expected = models.probabilities(models.UNet(1, 4, 3).apply({'params': params.baseline}, images))
   np.testing.assert_allclose(iterseg.infer_baseline(params, images, tiny_config), expected, atol=1e-6)
 
 

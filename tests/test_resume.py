@@ -1,8 +1,8 @@
 """Preemption: a training killed with SIGKILL, then started again with the same command, ends with
 exactly the bits of a training that was never interrupted.
 
-The kill comes from the test hook ITERSEG_TEST_KILL_AT=<network>:<step> in train.train_network: right
-after that step is dispatched and, at a checkpoint step, while orbax is still writing it.
+The kill comes from a training hook that tests/kill_during_training.py adds to launch.py: right after
+that step is dispatched and, at a checkpoint step, while orbax is still writing it.
 """
 
 import json
@@ -44,7 +44,7 @@ def test_a_killed_training_resumes_to_the_bits_of_an_uninterrupted_one(launch, t
   workdir = tmp_path / 'run'
   command = launch.tiny(workdir)
 
-  killed = launch.run(*command, env={'ITERSEG_TEST_KILL_AT': kill_at})
+  killed = launch.run(*command, kill_at=kill_at)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   for name, allowed in survivors.items():  # Only complete checkpoints count as steps.
     assert launch_runs.complete_steps(workdir, name) in allowed

@@ -1,7 +1,7 @@
 """Datasets (TFDS builders written without TensorFlow) and the input pipeline.
 
-  prepare(config)            generate config.data.name at config.hi_size once; returns counts and %Fg
-  load_split(config, split)  random-access examples of 'train' or 'test' (prepares first if needed)
+  prepare(spec)              generate the dataset `spec` (a settings.DataSpec) names once; counts and %Fg
+  load_split(spec, split)    random-access examples of 'train' or 'test' (prepares first if needed)
   pipeline.batches(...)      shuffled, sharded, prefetched [devices, batch, ...] numpy batches
 
 Datasets (config.data.name): 'ph2', 'retina', 'kitti', 'folder' (read from config.data.manual_dir) and
@@ -36,24 +36,23 @@ DATASETS = {
 SPLITS = ('train', 'test')
 
 
-def make_builder(config):
-  """The TFDS builder of config.data.name for this config (nothing is read or written yet)."""
-  name = config.data.name
-  if name not in DATASETS:
-    raise ValueError(f'unknown dataset config.data.name={name!r}; choose one of {sorted(DATASETS)}')
-  module, cls_name = DATASETS[name].split(':')
+def make_builder(spec):
+  """The TFDS builder of the dataset `spec` (a settings.DataSpec) names; nothing is read or written."""
+  if spec.name not in DATASETS:
+    raise ValueError(f'unknown dataset config.data.name={spec.name!r}; choose one of {sorted(DATASETS)}')
+  module, cls_name = DATASETS[spec.name].split(':')
   cls = getattr(importlib.import_module(module), cls_name)
-  return cls(config=cls.config_from(config), data_dir=_expand(config.data.data_dir),
-             file_format='array_record', manual_dir=config.data.manual_dir)
+  return cls(config=cls.config_from(spec), data_dir=_expand(spec.data_dir),
+             file_format='array_record', manual_dir=spec.manual_dir)
 
 
-def prepare(config) -> dict[str, Any]:
-  """Prepares config.data.name at config.hi_size once (idempotent), with a progress bar per split.
+def prepare(spec) -> dict[str, Any]:
+  """Prepares the dataset at spec.hi_size once (idempotent), with a progress bar per split.
 
   Returns {'dataset', 'train', 'test' (example counts), 'fg_percent' (mean over all examples of the % of
   foreground pixels: paper Table 1 column %Fg), 'path' (the prepared folder)}.
   """
-  builder = make_builder(config)
+  builder = make_builder(spec)
   if is_prepared(builder):
     builder.check_source()
   else:
@@ -72,7 +71,7 @@ def prepare(config) -> dict[str, Any]:
   }
 
 
-def load_split(config, split: str) -> 'Examples':
+def load_split(spec, split: str) -> 'Examples':
   """Random-access examples of `split` ('train' | 'test'): len(), [i]; prepares the dataset if needed.
 
   With several JAX processes (every process calls this), process 0 prepares while the others wait,
@@ -83,28 +82,28 @@ def load_split(config, split: str) -> 'Examples':
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
-    _prepare_on_process_0(config)
-  builder = make_builder(config)
+    _prepare_on_process_0(spec)
+  builder = make_builder(spec)
   if not is_prepared(builder):
-    prepare(config)
-    builder = make_builder(config)
+    prepare(spec)
+    builder = make_builder(spec)
   return Examples(builder.as_data_source(split))
 
 
-def _prepare_on_process_0(config):
+def _prepare_on_process_0(spec):
   """Process 0 prepares while the other processes wait for it, and its error stops them all."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   error = None
   if jax.process_index() == 0:
     try:
-      if not is_prepared(make_builder(config)):
-        prepare(config)
+      if not is_prepared(make_builder(spec)):
+        prepare(spec)
     except Exception as e:  # pylint: disable=broad-except  # Raised once the others know.
       error = e
   if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
-    raise error or DataError(f'process 0 could not prepare {config.data.name} in '
-                             f'{config.data.data_dir}; its log says why.')
+    raise error or DataError(f'process 0 could not prepare {spec.name} in '
+                             f'{spec.data_dir}; its log says why.')
 
 
 def is_prepared(builder) -> bool:

@@ -89,17 +89,16 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   @classmethod
   def config_from(cls, config) -> SegmentationConfig:
-    """The builder config for an iterseg `ml_collections` config (fields hi_size and data.*)."""
+    """The builder config for an iterseg `settings.DataSpec`."""
     return cls.BUILDER_CONFIG_CLASS(**cls._config_fields(config), name=cls._config_name(config))
 
   @classmethod
-  def _config_fields(cls, config) -> dict[str, Any]:
-    return dict(hi_size=int(config.hi_size), split_seed=int(config.data.split_seed),
-                train_fraction=float(config.data.train_fraction))
+  def _config_fields(cls, spec) -> dict[str, Any]:
+    return dict(hi_size=spec.hi_size, split_seed=spec.split_seed, train_fraction=spec.train_fraction)
 
   @classmethod
-  def _config_name(cls, config) -> str:
-    return f'hi{config.hi_size}_seed{config.data.split_seed}_frac{config.data.train_fraction:g}'
+  def _config_name(cls, spec) -> str:
+    return f'hi{spec.hi_size}_seed{spec.split_seed}_frac{spec.train_fraction:g}'
 
   def _info(self) -> tfds.core.DatasetInfo:
     hi = self.builder_config.hi_size

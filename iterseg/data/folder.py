@@ -60,13 +60,13 @@ class Folder(SegmentationBuilder, skip_registration=True):
   """
 
   @classmethod
-  def _config_fields(cls, config):
-    return dict(super()._config_fields(config), num_classes=int(config.num_classes))
+  def _config_fields(cls, spec):
+    return dict(super()._config_fields(spec), num_classes=spec.num_classes)
 
   @classmethod
-  def _config_name(cls, config):
-    suffix = f'_classes{config.num_classes}' if config.num_classes > 1 else ''
-    return super()._config_name(config) + suffix
+  def _config_name(cls, spec):
+    suffix = f'_classes{spec.num_classes}' if spec.num_classes > 1 else ''
+    return super()._config_name(spec) + suffix
 
   def download_hint(self) -> str:
     return f'expected layout: {self.LAYOUT}'

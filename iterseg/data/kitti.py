@@ -50,14 +50,13 @@ class Kitti(SegmentationBuilder, skip_registration=True):
   """
 
   @classmethod
-  def _config_fields(cls, config):
-    ids = tuple(sorted({int(i) for i in config.data.kitti_label_ids}))
-    return dict(super()._config_fields(config), label_ids=ids)
+  def _config_fields(cls, spec):
+    return dict(super()._config_fields(spec), label_ids=tuple(sorted(set(spec.kitti_label_ids))))
 
   @classmethod
-  def _config_name(cls, config):
-    ids = '-'.join(str(i) for i in sorted({int(i) for i in config.data.kitti_label_ids}))
-    return f'{super()._config_name(config)}_ids{ids}'
+  def _config_name(cls, spec):
+    ids = '-'.join(str(i) for i in sorted(set(spec.kitti_label_ids)))
+    return f'{super()._config_name(spec)}_ids{ids}'
 
   def training_folder(self) -> Path:
     root = self.manual_root()

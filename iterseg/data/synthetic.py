@@ -132,12 +132,12 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
   DESCRIPTION = __doc__
 
   @classmethod
-  def _config_fields(cls, config):
-    return dict(super()._config_fields(config), num_examples=int(config.data.num_examples))
+  def _config_fields(cls, spec):
+    return dict(super()._config_fields(spec), num_examples=spec.num_examples)
 
   @classmethod
-  def _config_name(cls, config):
-    return f'{super()._config_name(config)}_n{config.data.num_examples}'
+  def _config_name(cls, spec):
+    return f'{super()._config_name(spec)}_n{spec.num_examples}'
 
   def find_cases(self) -> dict[str, int]:
     return {f'synthetic/{i:05d}': i for i in range(self.builder_config.num_examples)}

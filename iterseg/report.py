@@ -1,0 +1,54 @@
+"""Tables and result files: one table printer, and the evaluation's rows, CSV, JSON and plots."""
+
+import csv
+import os
+from typing import Optional, Sequence
+
+from iterseg import files
+
+Column = tuple  # (header, key, format spec or callable(value) -> str)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+  """A text table: one line per row, columns right-aligned (the first left-aligned); None is blank."""
+  cells = []
+  for r in rows:
+    line = []
+    for _, key, fmt in columns:
+      value = r.get(key)
+      line.append('' if value is None else fmt(value) if callable(fmt) else format(value, fmt))
+    cells.append(line)
+  widths = [max([len(h)] + [len(c[i]) for c in cells]) + 2 for i, (h, _, _) in enumerate(columns)]
+  def join(values):
+    return ''.join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values,
+                                                                                        widths)))
+  head = join([h for h, _, _ in columns])
+  return '\n'.join([head, '-' * len(head)] + [join(c) for c in cells])
+
+
+EVALUATION_COLUMNS = (
+    ('method', 'method', 's'), ('Np', 'num_patches', 'd'), ('soft Dice', 'soft_dice', '.4f'),
+    ('hard Dice', 'hard_dice', '.4f'), ('IoU', 'iou', '.4f'),
+    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'),
+    ('ms/image', 'latency_ms', '.1f'))
+
+
+def write_csv(path: str, rows: Sequence[dict]):
+  def write(f):
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  files.atomic_write(path, write)
+
+
+def write_results(results: dict, workdir: str, name: str = 'results') -> list:
+  """<name>.json (everything), <name>.csv (the rows) and the plots; returns the paths written."""
+  from iterseg import plots  # pylint: disable=g-import-not-at-top  # (matplotlib is slow to import)
+  json_path, csv_path = (os.path.join(workdir, f'{name}.{ext}') for ext in ('json', 'csv'))
+  files.atomic_write_json(json_path, results)
+  write_csv(csv_path, results['rows'])
+  return [json_path, csv_path] + plots.plot_all(results['rows'], workdir)
+
+
+def find(rows: Sequence[dict], method: str, num_patches: Optional[int] = None) -> Optional[dict]:
+  return next((r for r in rows if r['method'] == method and r['num_patches'] == num_patches), None)

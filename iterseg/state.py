@@ -1,0 +1,80 @@
+"""What training carries from step to step: `TrainState`, its optimizer and its creation.
+
+Kept apart from the training loop so that checkpoints (which restore into a TrainState template)
+sit below the loop in the dependency line.
+"""
+
+import zlib
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from iterseg import inference
+from iterseg.settings import Spec, TrainPlan
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes: the step, the parameters, Adam's state and a raw uint32 [2] key."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def network_name(network: str, num_patches: Optional[int] = None) -> str:
+  """'stage1', 'baseline', or 'stage2_np<Np>': the name of a network's checkpoints and metrics."""
+  return f'stage2_np{num_patches}' if network == 'stage2' else network
+
+
+def learning_rate(plan: TrainPlan, total_steps: int):
+  """The learning rate: constant (the paper), or a linear warm-up then cosine decay to 0."""
+  if plan.lr_schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, plan.learning_rate, plan.warmup_steps, max(total_steps, plan.warmup_steps + 1))
+  if plan.warmup_steps:
+    return optax.linear_schedule(0.0, plan.learning_rate, plan.warmup_steps)
+  return plan.learning_rate
+
+
+def create_optimizer(plan: TrainPlan, total_steps: int) -> optax.GradientTransformation:
+  return optax.adam(learning_rate(plan, total_steps))
+
+
+def in_channels(network: str, spec: Spec) -> int:
+  return spec.stage2_in_channels if network == 'stage2' else 3
+
+
+def create_train_state(plan: TrainPlan, spec: Spec, network: str, total_steps: int = 1) -> TrainState:
+  """A fresh state; its parameters and key depend only on the seed and the network's name."""
+  name = network_name(network, spec.num_patches)
+  key = jax.random.fold_in(jax.random.key(plan.seed), zlib.crc32(name.encode()))
+  init_key, step_key = jax.random.split(key)
+  params = inference.init_unet(init_key, spec, in_channels(network, spec))
+  if plan.head_bias_prior is not None and spec.num_classes == 1:
+    prior = plan.head_bias_prior  # The focal-loss paper's prior: p = prior everywhere at step 0.
+    params['head']['bias'] = jnp.full_like(params['head']['bias'], jnp.log(prior / (1 - prior)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=create_optimizer(plan, total_steps).init(params),
+                    rng=jax.random.key_data(step_key))
+
+
+def from_stage1(stage1_params, spec: Spec):
+  """Stage 2's initial parameters copied from stage 1's, as the authors' follow-up does. The extra
+  coarse-probability input channels (stage2_uses_coarse) get zero weights in the two layers that
+  see the input, down0 and the head (the input is the top skip), so stage 2 starts as stage 1
+  applied at full resolution."""
+  extra = in_channels('stage2', spec) - 3
+
+  def widen(kernel):  # [kh, kw, C_in, C_out] -> [kh, kw, C_in + extra, C_out], the new rows zero.
+    pad = [(0, 0)] * kernel.ndim
+    pad[2] = (0, extra)
+    return jnp.pad(kernel, pad)
+
+  params = dict(stage1_params)
+  for layer in ('down0', 'head'):
+    params[layer] = dict(params[layer], kernel=widen(params[layer]['kernel']))
+  return params

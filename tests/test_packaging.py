@@ -1,0 +1,114 @@
+"""Packaging: the README's library example runs from an empty folder after a non-editable install,
+every package iterseg imports is declared, and no iterseg module imports one above it."""
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# The dependency line, bottom first (README "How the code is laid out"): a module may import only
+# modules of an earlier rank (imports inside functions included).
+LAYERS = [
+    {'files', 'settings', 'models', 'losses', 'augment', 'configs', 'data', 'plots'},
+    {'inference'},
+    {'state', 'methods', 'metrics', 'report'},
+    {'flops', 'checkpoints'},
+    {'train', 'evaluate', 'benchmark', 'predict', 'calibrate'},
+    {'cli'},
+]
+RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+# Import name -> distribution name in pyproject.toml.
+DISTRIBUTIONS = {'PIL': 'pillow', 'absl': 'absl-py', 'ml_collections': 'ml-collections',
+                 'tensorflow_datasets': 'tensorflow-datasets', 'orbax': 'orbax-checkpoint',
+                 'array_record': 'array-record'}
+
+
+def iterseg_imports(path: Path) -> set:
+  """The iterseg modules that `path` imports, at any depth ('data' for iterseg.data.*)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+    for name in names:
+      parts = name.split('.')
+      if parts[0] == 'iterseg' and len(parts) > 1:
+        found.add(parts[1])
+  return found
+
+
+def test_no_module_imports_one_above_it():
+  package = ROOT / 'iterseg'
+  for path in sorted(package.glob('*.py')):
+    module = path.stem
+    if module == '__init__':
+      continue
+    assert module in RANK, f'{module} is not placed in the dependency line (LAYERS)'
+    for other in iterseg_imports(path) - {module}:
+      assert RANK.get(other, -1) < RANK[module], f'{module} imports {other}, which is not below it'
+  for path in sorted((package / 'data').glob('*.py')):
+    assert iterseg_imports(path) <= {'data', 'settings'}, path
+
+
+def test_every_imported_package_is_declared():
+  pyproject = (ROOT / 'pyproject.toml').read_text()
+  declared = set(re.findall(r'^\s*"([A-Za-z0-9_.-]+)', pyproject.split('dependencies = [')[1]
+                            .split(']')[0], re.MULTILINE))
+  declared = {d.split('[')[0].lower() for d in declared}
+  stdlib = set(sys.stdlib_module_names)
+  for path in sorted((ROOT / 'iterseg').rglob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        tops = [a.name.split('.')[0] for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        tops = [node.module.split('.')[0]]
+      else:
+        continue
+      for top in tops:
+        if top in stdlib or top == 'iterseg':
+          continue
+        name = DISTRIBUTIONS.get(top, top).replace('_', '-').lower()
+        assert name in declared, f'{path.relative_to(ROOT)} imports {top}, not in pyproject.toml'
+
+
+def readme_example() -> str:
+  """The python block under the README's '## As a library' heading."""
+  text = (ROOT / 'README.md').read_text().split('## As a library', 1)[1]
+  return text.split('```python\n', 1)[1].split('```', 1)[0]
+
+
+def test_the_readme_library_example_runs_from_an_empty_folder_after_a_wheel_install(tmp_path):
+  """Builds the wheel (offline, no build isolation), installs it without the checkout on the path,
+  and runs the example exactly as written, from an empty folder."""
+  source = tmp_path / 'source'
+  shutil.copytree(ROOT, source, symlinks=True,
+                  ignore=shutil.ignore_patterns('.venv', '.git', 'runs', '__pycache__', 'build',
+                                                '*.egg-info', '.pytest_cache'))
+  built = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                          '-q', '-w', str(tmp_path / 'wheel'), str(source)],
+                         capture_output=True, text=True, timeout=300)
+  assert built.returncode == 0, built.stderr[-3000:]
+  wheel = next((tmp_path / 'wheel').glob('iterseg-*.whl'))
+  site = tmp_path / 'site'
+  installed = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q',
+                              '--target', str(site), str(wheel)],
+                             capture_output=True, text=True, timeout=300)
+  assert installed.returncode == 0, installed.stderr[-3000:]
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'example.py').write_text(readme_example())
+  check = (f'import iterseg, runpy; assert iterseg.__file__.startswith({str(site)!r}), '
+           f'iterseg.__file__; runpy.run_path("example.py", run_name="__main__")')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  env.update(PYTHONPATH=str(site), JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run([sys.executable, '-c', check], cwd=empty, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert list(empty.iterdir()) == [empty / 'example.py']  # It wrote nothing beside itself.
