@@ -1,24 +1,34 @@
-"""From a random-access source of examples to numpy batches for pmap.
+"""From a random-access source of examples to numpy batches for pmap, with grain, and onto the devices.
 
 Training batches (`batches`) are a pure function of (source, seed, epoch, batch shape, process):
 
-  order     = np.random.default_rng([seed, epoch]).permutation(len(source))   (or arange: shuffle=False)
+  order     = epoch_order(len(source), seed=seed, epoch=epoch)   (grain's shuffle; arange: shuffle=False)
   batch i   = source[order[i * B:(i + 1) * B]], B = the global batch over all processes and devices
   process p = rows [p * B / P, (p + 1) * B / P) of each global batch, reshaped [D, B / (P * D), ...]
 
 so two processes see disjoint halves of each global batch, whose union is what one process would see, and
 a run resumed at batch k (`start_batch=k`) sees exactly the batches an uninterrupted run sees from k on.
-Batches are assembled in a background thread (`prefetch` ahead) so reading overlaps the training step.
+The grain pipeline is
+
+  MapDataset.source(source).shuffle(seed=f(seed, epoch))[:num_batches * B]   (or padded, see below)
+    .batch(B / P)[p::P][start_batch:].map(reshape to [D, b, ...]).to_iter_dataset(ReadOptions(...))
+
+`.batch(B / P)[p::P]` is "batch over the global batch, keep rows [p * B / P, (p + 1) * B / P)" without
+reading the other processes' rows. Batches are read by a pool of threads, several batches ahead, so
+reading overlaps the training step; `prefetch_to_device` then puts them on the devices ahead of use.
+
+Images stay uint8 (4x fewer bytes to copy and to send to the devices than float32): the consumer scales
+them to [0, 1] (`image.astype(float32) / 255`) on the device.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
+import contextlib
 import os
-import queue
-import threading
 from typing import Any, Iterable, Iterator, Sequence
 
+import grain
 import jax
 import numpy as np
 
@@ -33,11 +43,33 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
+def _in_epoch_order(ds: grain.MapDataset, *, seed: int, epoch: int, shuffle: bool) -> grain.MapDataset:
+  """`ds` in the epoch's order: grain's shuffle with a 32-bit seed derived from (seed, epoch)."""
+  if not shuffle:
+    return ds
+  epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint32)[0])
+  return ds.shuffle(seed=epoch_seed)
+
+
 def epoch_order(num_examples: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
   """int64 [num_examples]: the epoch's example order, a pure function of (seed, epoch)."""
-  if not shuffle:
-    return np.arange(num_examples)
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order = _in_epoch_order(grain.MapDataset.range(num_examples), seed=seed, epoch=epoch, shuffle=shuffle)
+  return np.fromiter((order[i] for i in range(num_examples)), np.int64, num_examples)
+
+
+def _read_options(prefetch: int, num_workers: int | None) -> grain.ReadOptions:
+  """prefetch 0: read in the consumer's thread. Else `num_workers` threads (default: up to 8) each read
+  whole batches, up to max(prefetch, num_workers) batches ahead (fewer would leave threads idle)."""
+  if prefetch <= 0:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  workers = num_workers or min(8, os.cpu_count() or 1)
+  return grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(prefetch, workers))
+
+
+def _closing(iterator: Iterator[Any]) -> Iterator[Any]:
+  """Yields from a grain iterator; closing (or dropping) this generator stops its threads."""
+  with contextlib.closing(iterator):
+    yield from iterator
 
 
 def batches(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, epoch: int,
@@ -47,12 +79,15 @@ def batches(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, epo
             num_workers: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's share of each global batch of one epoch, from batch `start_batch` on.
 
-  Each item: {'image': float32 [D, b, H, W, 3] in [0, 1], 'mask': uint8 [D, b, H, W]}, where
+  Each item: {'image': uint8 [D, b, H, W, 3] in [0, 255], 'mask': uint8 [D, b, H, W]}, where
   D = num_local_devices (default jax.local_device_count()) and b = batch_size // (process_count * D).
+  Images are uint8, not float32: scale them on the device (`image.astype(jnp.float32) / 255`).
   batch_size is the GLOBAL batch. There are len(source) // batch_size batches when drop_remainder; else
   ceil(len(source) / batch_size), the last completed with the first examples of the epoch's order so that
-  every batch has the same shape. Examples are decoded by `num_workers` threads (default: up to 8; the
-  zlib decompression that dominates runs outside the GIL).
+  every batch has the same shape. Batches are read by `num_workers` grain threads (default: up to 8; the
+  zlib decompression that dominates runs outside the GIL), up to max(prefetch, num_workers) batches
+  ahead; prefetch=0 reads each batch in the consumer's thread when it is asked for. Reading starts at
+  this call. Closing the returned generator (or dropping it) stops the threads.
   """
   devices = jax.local_device_count() if num_local_devices is None else num_local_devices
   processes = jax.process_count() if process_count is None else process_count
@@ -64,115 +99,90 @@ def batches(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, epo
                      f'{devices} local device(s); use a multiple of {processes * devices}')
   per_device = batch_size // (processes * devices)
   num_batches = steps_per_epoch(len(source), batch_size)
-  order = epoch_order(len(source), seed=seed, epoch=epoch, shuffle=shuffle)
   if not drop_remainder and len(source) % batch_size:
     num_batches += 1
-    order = np.concatenate([order, order[:num_batches * batch_size - len(source)]])
   if not 0 <= start_batch <= num_batches:
     raise ValueError(f'start_batch {start_batch} not in [0, {num_batches}] (batches in this epoch)')
 
-  def local_indices(i: int) -> np.ndarray:
-    global_batch = order[i * batch_size:(i + 1) * batch_size]
-    share = batch_size // processes
-    return global_batch[process * share:(process + 1) * share]
-
-  def assemble(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    image = np.stack([e['image'] for e in examples])
-    mask = np.stack([e['mask'] for e in examples])
-    return {
-        'image': (image.astype(np.float32) / 255.0).reshape(devices, per_device, *image.shape[1:]),
-        'mask': mask.reshape(devices, per_device, *mask.shape[1:]),
-    }
-
-  def produce() -> Iterator[dict[str, np.ndarray]]:
-    workers = num_workers or min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='iterseg-read') as pool:
-      for i in range(start_batch, num_batches):
-        yield assemble(read(source, local_indices(i), pool))
-
-  return prefetch_in_background(produce(), prefetch)
+  ds = _in_epoch_order(grain.MapDataset.source(source), seed=seed, epoch=epoch, shuffle=shuffle)
+  padding = num_batches * batch_size - len(source)
+  if padding > 0:  # Complete the last batch with the first examples of the epoch's order.
+    ds = grain.MapDataset.concatenate([ds, ds[:padding]])
+  else:
+    ds = ds[:num_batches * batch_size]
+  share = batch_size // processes
+  ds = ds.batch(share, drop_remainder=True, batch_fn=_stack_training)  # Global batch i: [i*P, (i+1)*P).
+  ds = ds[process::processes][start_batch:]
+  ds = ds.map(lambda batch: {k: v.reshape(devices, per_device, *v.shape[1:]) for k, v in batch.items()})
+  iterator = iter(ds.to_iter_dataset(_read_options(prefetch, num_workers)))
+  iterator.start_prefetch()
+  return _closing(iterator)
 
 
-def eval_batches(source: Sequence[dict[str, Any]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def _stack_training(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  return {'image': np.stack([e['image'] for e in examples]),
+          'mask': np.stack([e['mask'] for e in examples])}
+
+
+def _stack_eval(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  return {
+      'image': np.stack([e['image'] for e in examples]),
+      'mask': np.stack([e['mask'] for e in examples]),
+      'original_size': np.stack([np.asarray(e['original_size'], np.int32) for e in examples]),
+      'name': np.array([str(e['name']) for e in examples]),
+  }
+
+
+def eval_batches(source: Sequence[dict[str, Any]], batch_size: int, *, prefetch: int = 2,
+                 num_workers: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """All examples in source order, no shuffling, last partial batch kept, no device axis (one host).
 
-  Each item: {'image': float32 [b, H, W, 3] in [0, 1], 'mask': uint8 [b, H, W],
-  'original_size': int32 [b, 2] (height, width), 'name': str array [b]}, b <= batch_size.
+  Each item: {'image': uint8 [b, H, W, 3] in [0, 255] (float32 in [0, 1] before grain: scale it as
+  `image.astype(float32) / 255`), 'mask': uint8 [b, H, W], 'original_size': int32 [b, 2] (height,
+  width), 'name': str array [b]}, b <= batch_size. Read ahead by grain threads as in `batches`.
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
-  for start in range(0, len(source), batch_size):
-    examples = read(source, np.arange(start, min(start + batch_size, len(source))))
-    yield {
-        'image': np.stack([e['image'] for e in examples]).astype(np.float32) / 255.0,
-        'mask': np.stack([e['mask'] for e in examples]),
-        'original_size': np.stack([np.asarray(e['original_size'], np.int32) for e in examples]),
-        'name': np.array([e['name'] for e in examples]),
-    }
+  ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False, batch_fn=_stack_eval)
+  iterator = iter(ds.to_iter_dataset(_read_options(prefetch, num_workers)))
+  iterator.start_prefetch()
+  return _closing(iterator)
 
 
-def read(source: Sequence[dict[str, Any]], indices: Iterable[int],
-         pool: concurrent.futures.Executor | None = None) -> list[dict[str, Any]]:
-  """[source[i] for i in indices], decoded by `pool`'s threads when given."""
-  indices = [int(i) for i in indices]
-  if pool is None:
-    return [source[i] for i in indices]
-  return list(pool.map(source.__getitem__, indices))
+def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
+                       devices: Sequence[jax.Device] | None = None) -> Iterator[Any]:
+  """Yields the items of `iterator` (pytrees of numpy arrays [D, ...], D = len(devices)) as jax.Arrays
+  split over axis 0 onto `devices` (default jax.local_devices()), with `size` items on the devices ahead.
 
+  device_put is asynchronous, so the next batches are copied while the training step runs. The arrays
+  are sharded as pmap shards its in_axes=0 arguments (one slice of axis 0 per local device), so pmap
+  uses them in place, also with several processes. Usage:
 
-def prefetch_in_background(iterator: Iterator[Any], size: int) -> Iterator[Any]:
-  """Runs `iterator` in a daemon thread, up to `size` items ahead; re-raises its errors here.
+    for batch in pipeline.prefetch_to_device(pipeline.batches(source, ...)):
+      state, metrics = p_step(state, batch)
 
-  Closing the returned generator (or dropping it) stops the thread at its next item.
+  Closing this generator closes `iterator` (when it can be closed).
   """
-  if size <= 0:
-    return iterator
-  return _prefetched(iterator, size)
+  if size < 1:
+    raise ValueError(f'size must be at least 1, got {size}')
+  devices = list(jax.local_devices() if devices is None else devices)
+  mesh = jax.sharding.Mesh(np.array(devices), ('devices',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
+  iterator = iter(iterator)
+  in_flight: collections.deque = collections.deque()
 
-
-_DONE = object()
-
-
-class _Failed:
-
-  def __init__(self, error: BaseException):
-    self.error = error
-
-
-def _prefetched(iterator: Iterator[Any], size: int) -> Iterator[Any]:
-  items: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        items.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def produce():
-    try:
-      for item in iterator:
-        if not put(item):
-          return
-      put(_DONE)
-    except BaseException as e:  # pylint: disable=broad-except  # Handed to the consumer.
-      put(_Failed(e))
-    finally:
-      if hasattr(iterator, 'close'):
-        iterator.close()  # Runs the iterator's own clean-up (e.g. its thread pool) in this thread.
-
-  thread = threading.Thread(target=produce, name='iterseg-prefetch', daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = items.get()
-      if item is _DONE:
+  def enqueue(n: int):
+    for item in iterator:
+      in_flight.append(jax.device_put(item, sharding))
+      n -= 1
+      if n <= 0:
         return
-      if isinstance(item, _Failed):
-        raise item.error
-      yield item
+
+  try:
+    enqueue(size)
+    while in_flight:
+      yield in_flight.popleft()
+      enqueue(1)
   finally:
-    stop.set()
+    if hasattr(iterator, 'close'):
+      iterator.close()
