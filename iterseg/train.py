@@ -349,8 +349,8 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
       builtin.append(Profiler(workdir, *plan.profile_steps))
     while step < total:
       epoch, start = divmod(step, per_epoch)
-      for batch in pipeline.batches(source, batch_size=plan.batch_size, seed=plan.seed, epoch=epoch,
-                                    start_batch=start):
+      for batch in pipeline.prefetch_to_device(pipeline.batches(
+          source, batch_size=plan.batch_size, seed=plan.seed, epoch=epoch, start_batch=start)):
         train_state, metrics = p_step(train_state, batch, frozen)
         step += 1
         bar.update(1)

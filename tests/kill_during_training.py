@@ -1,9 +1,10 @@
-"""launch.py with one more training hook, which SIGKILLs the process right after a given step:
+"""launch.py with one more training hook, which signals the process right after a given step:
 
-  python tests/kill_during_training.py <network>:<step> <launch.py flags>
+  python tests/kill_during_training.py <network>:<step>[:<SIGNAL>] <launch.py flags>
 
-The hook runs after the built-in ones, so at a checkpoint step orbax is still writing that step
-(asynchronously) when the process dies: a preemption at the worst moment.
+SIGKILL by default: the hook runs after the built-in ones, so at a checkpoint step orbax is still
+writing that step (asynchronously) when the process dies, a preemption at the worst moment.
+SIGINT or SIGTERM go through the training loop's own handling (save, then one line).
 """
 
 import functools
@@ -18,14 +19,15 @@ import launch  # noqa: E402  pylint: disable=g-import-not-at-top
 from iterseg import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def kill_after(name: str, step: int):
+def signal_after(name: str, step: int, signum: int):
   def hook(s):
     if s.name == name and s.step == step:
-      os.kill(os.getpid(), signal.SIGKILL)
+      os.kill(os.getpid(), signum)
   return hook
 
 
 if __name__ == '__main__':
-  network, at = sys.argv.pop(1).split(':')
-  cli.run = functools.partial(cli.run, hooks=(kill_after(network, int(at)),))
+  network, at, *name = sys.argv.pop(1).split(':')
+  signum = getattr(signal, name[0] if name else 'SIGKILL')
+  cli.run = functools.partial(cli.run, hooks=(signal_after(network, int(at), signum),))
   app.run(launch.main, flags_parser=launch.parse_flags)

@@ -57,6 +57,7 @@ def write_cases(root, shapes: dict) -> dict:
 
 def prepare_folder(launch, tmp_path, manual_dir):
   return launch.run('--mode=prepare', '--config.data.name=folder', '--config.hi_size=32',
+                    '--config.model.depth=2',
                     f'--config.data.manual_dir={manual_dir}', f'--config.data.data_dir={tmp_path}/tfds')
 
 

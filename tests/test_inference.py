@@ -183,3 +183,79 @@ def test_params_of_another_config_are_refused(tiny_config):
   tiny_config.stage2_uses_coarse = False
   with pytest.raises(ValueError, match='do not belong together'):
     iterseg.infer(params, jnp.zeros((1, 64, 64, 3)), tiny_config)
+
+
+def test_uint8_images_give_the_result_of_their_float_copy(tiny_config):
+  params = iterseg.init_params(tiny_config, jax.random.key(0))
+  images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  from_uint8 = iterseg.infer(params, images, tiny_config)
+  from_float = iterseg.infer(params, images.astype(np.float32) / 255, tiny_config)
+  np.testing.assert_allclose(from_uint8.probs, from_float.probs, atol=1e-6)
+  np.testing.assert_array_equal(from_uint8.refined, from_float.refined)
+  np.testing.assert_allclose(iterseg.infer_baseline(params, images, tiny_config),
+                             iterseg.infer_baseline(params, images / np.float32(255), tiny_config),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('images, match', [
+    (np.full((1, 64, 64, 3), 200.0, np.float32), r'must lie in \[0, 1\].*look like 0\.\.255'),
+    (np.full((1, 64, 64, 3), -0.5, np.float32), r'must lie in \[0, 1\]'),
+    (np.zeros((0, 64, 64, 3), np.uint8), 'empty batch'),
+    (np.zeros((1, 64, 64, 3), np.uint16), 'dtype uint16'),
+    (np.zeros((1, 64, 64, 3), np.int32), 'dtype int32'),
+])
+def test_images_outside_the_input_contract_are_refused(tiny_config, images, match):
+  params = iterseg.init_params(tiny_config, jax.random.key(0))
+  with pytest.raises(ValueError, match=match):
+    iterseg.infer(params, images, tiny_config)
+  with pytest.raises(ValueError, match=match):
+    iterseg.infer_baseline(params, images, tiny_config)
+
+
+def test_device_arrays_are_checked_only_when_asked(tiny_config):
+  params = iterseg.init_params(tiny_config, jax.random.key(0))
+  images = jnp.full((1, 64, 64, 3), 200.0)
+  iterseg.infer(params, images, tiny_config)  # No device-to-host sync by default.
+  with pytest.raises(ValueError, match=r'must lie in \[0, 1\]'):
+    iterseg.infer(params, images, tiny_config, check_values=True)
+
+
+def test_a_batch_sharded_over_devices_is_computed_in_place_and_stays_sharded(tiny_config):
+  params = iterseg.init_params(tiny_config, jax.random.key(0))
+  images = np.random.default_rng(1).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('batch',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  sharded = iterseg.infer(params, jax.device_put(images, sharding), tiny_config)
+  whole = iterseg.infer(params, images, tiny_config)
+  assert len(sharded.probs.sharding.device_set) == 4
+  assert sharded.probs.sharding.is_equivalent_to(sharding, 4)
+  np.testing.assert_allclose(sharded.probs, whole.probs, atol=1e-6)
+  np.testing.assert_array_equal(sharded.refined, whole.refined)
+
+
+def test_a_pooled_budget_gives_hard_images_more_patches(setup):
+  config, params = setup
+  config.refine_budget = 'batch'
+  wanted = [set(range(6)), {7}]  # Image 0 has 6 unsure patches, image 1 one: 2 * 3 = 6 refined.
+  pred = iterseg.infer(params, images_unsure_at(wanted, config), config)
+  counts = np.asarray(pred.refined).sum(1)
+  assert counts.sum() == 6 and counts[0] > 3 and counts[1] < 3
+  assert set(np.flatnonzero(pred.refined[0])) <= wanted[0]
+
+
+@pytest.mark.parametrize('halo', [0, 4])
+def test_with_a_halo_refined_patches_equal_stage2_on_the_patch_and_its_neighbourhood(halo):
+  config = tiny(halo=halo)
+  params = iterseg.init_params(config, jax.random.key(3))
+  images = jax.random.uniform(jax.random.key(4), (1, 64, 64, 3))
+  pred = iterseg.infer(params, images, config)
+  s, unet = 16, models.UNet(1, config.model.width, config.model.depth)
+  padded = jnp.pad(jnp.concatenate([images, pred.coarse], -1),
+                   ((0, 0), (halo, halo), (halo, halo), (0, 0)))
+  for idx in np.flatnonzero(pred.refined[0]):
+    r, c = divmod(int(idx), 4)
+    window = padded[:, r * s:r * s + s + 2 * halo, c * s:c * s + s + 2 * halo]
+    expected = models.probabilities(unet.apply({'params': params.stage2[4]}, window))[
+        0, halo:halo + s, halo:halo + s]
+    np.testing.assert_allclose(pred.probs[0, r * s:(r + 1) * s, c * s:(c + 1) * s], expected,
+                               atol=1e-5)

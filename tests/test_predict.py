@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -129,3 +130,74 @@ def test_run_without_trained_networks_says_so(tmp_path):
 def test_inputs_sharing_a_stem_get_distinct_outputs():
   assert predict.output_stems([Path('a.png'), Path('a.jpg'), Path('b.png')]) == [
       'a_png', 'a_jpg', 'b']
+
+
+@pytest.fixture(scope='module')
+def trained_tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp('predict2')
+  config = tiny(num_patches=4, **{'train.num_patches_list': (4,)})
+  save_random_networks(config, root / 'run')
+  return config, root
+
+
+def run_predict(config, workdir, **fields):
+  config = config.copy_and_resolve_references()
+  for key, value in fields.items():
+    config.predict[key] = value
+  return predict.run(settings.from_config(config), str(workdir))
+
+
+def test_one_unreadable_file_does_not_stop_the_others(trained_tiny, tmp_path):
+  config, root = trained_tiny
+  rng = np.random.default_rng(0)
+  for name in ('a.jpg', 'b.jpg', 'c.png'):
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+  broken = tmp_path / 'b.jpg'
+  broken.write_bytes(broken.read_bytes()[:200])  # Truncated.
+  out = tmp_path / 'out'
+  with pytest.raises(predict.PredictError, match=r'1 of 3 image\(s\) failed .*b\.jpg'):
+    run_predict(config, root / 'run', input=str(tmp_path), output=str(out), batch_size=2)
+  for stem in ('a', 'c'):
+    for kind in ('mask', 'prob', 'overlay'):
+      assert (out / f'{stem}_{kind}.png').exists()
+  assert not list(out.glob('b_*'))
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['failed'] == 1 and [r['input'].endswith('b.jpg') for r in summary['images']] == [
+      False, True, False]
+  assert 'cannot read image' in summary['images'][1]['error']
+
+
+def test_a_16_bit_copy_of_an_image_gets_the_same_mask(trained_tiny, tmp_path):
+  config, root = trained_tiny
+  pixels = np.random.default_rng(1).integers(0, 256, (48, 40), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / 'eight.png')
+  Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / 'sixteen.png')
+  out = tmp_path / 'out'
+  run_predict(config, root / 'run', input=str(tmp_path), output=str(out))
+  np.testing.assert_array_equal(np.asarray(Image.open(out / 'eight_prob.png')),
+                                np.asarray(Image.open(out / 'sixteen_prob.png')))
+
+
+def test_outputs_are_selectable_and_an_output_folder_inside_the_input_is_never_read(trained_tiny,
+                                                                                     tmp_path):
+  config, root = trained_tiny
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'a.png')
+  out = tmp_path / 'masks'
+  first = run_predict(config, root / 'run', input=str(tmp_path), output=str(out),
+                      outputs=('mask',))
+  assert sorted(os.listdir(out)) == ['a_mask.png', 'summary.json']
+  again = run_predict(config, root / 'run', input=str(tmp_path), output=str(out),
+                      outputs=('mask',))
+  assert [r['input'] for r in again['images']] == [str(tmp_path / 'a.png')]
+  assert [r['input'] for r in first['images']] == [str(tmp_path / 'a.png')]
+  with pytest.raises(settings.SettingsError, match='must differ from config.predict.input'):
+    run_predict(config, root / 'run', input=str(tmp_path), output=str(tmp_path))
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(trained_tiny, tmp_path):
+  config, root = trained_tiny
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'a.png')
+  (tmp_path / 'file').write_text('a file, not a folder')
+  from iterseg import files  # pylint: disable=g-import-not-at-top
+  with pytest.raises(files.WriteError, match='cannot write to .*file'):
+    run_predict(config, root / 'run', input=str(tmp_path), output=str(tmp_path / 'file' / 'out'))
