@@ -24,6 +24,8 @@ from iterseg import checkpoints, files, flops, methods, metrics, report
 from iterseg.methods import Method
 from iterseg.settings import Settings
 
+SEAM = ('seam_soft_dice', 'seam_hard_dice')
+
 
 def _pad(array: np.ndarray, size: int) -> np.ndarray:
   """Repeats the last row so that a partial last batch has the shape already compiled."""
@@ -33,15 +35,22 @@ def _pad(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes: int, *,
-             total: Optional[int] = None, progress: bool = True) -> dict:
+             total: Optional[int] = None, progress: bool = True, seam_np: Optional[int] = None
+             ) -> dict:
   """Runs every method on every batch and averages the per-image metrics over the images.
+
+  Seams: 'seam_soft_dice' and 'seam_hard_dice' are the same metrics restricted to the pixels near
+  the inner borders of the patch grid (`metrics.seam_band`, width patch side / 8, at least 2 px), of
+  the method's own Np (of `seam_np` for the baseline and stage 1), where bare patches lack context.
 
   batches: {'image': [b, H, W, 3], 'mask': [b, H, W] ids, 'name' (optional) [b]}, as
   `pipeline.eval_batches` yields them (a partial last batch is padded, so nothing recompiles).
   Returns {'num_images', 'names', 'methods': {key: {metric: mean, 'refined_fraction': mean or None,
   'per_image': {metric: [values]}, 'latency_s': median blocked call time per image}}}.
   """
-  per_image = {m.key: {k: [] for k in metrics.METRICS + ('refined_fraction',)} for m in comparison}
+  keys = metrics.METRICS + SEAM + ('refined_fraction',)
+  per_image = {m.key: {k: [] for k in keys} for m in comparison}
+  bands = {}
   call_times = {m.key: [] for m in comparison}
   names, batch_size, num_images, last = [], None, 0, None
   for batch in tqdm(batches, total=total, desc='evaluate', unit='batch', disable=not progress):
@@ -58,6 +67,13 @@ def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes:
       values = jax.device_get(metrics.image_metrics(probs, masks, num_classes))
       for k in metrics.METRICS:
         per_image[m.key][k] += values[k][:b].tolist()
+      n = m.num_patches or seam_np
+      if n:
+        hi = images.shape[1]
+        band = bands.setdefault(n, jnp.asarray(metrics.seam_band(hi, n, max(2, hi // n // 8))))
+        seam = jax.device_get(metrics.image_metrics(probs, masks, num_classes, band))
+        for k in SEAM:
+          per_image[m.key][k] += seam[k[len('seam_'):]][:b].tolist()
       if fraction is not None:
         per_image[m.key]['refined_fraction'] += np.asarray(fraction)[:b].tolist()
     num_images += b
@@ -71,8 +87,8 @@ def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes:
       call_times[m.key].append(time.perf_counter() - start)
   out = {}
   for m in comparison:
-    values = per_image[m.key]
-    fractions = values.pop('refined_fraction')
+    values = {k: v for k, v in per_image[m.key].items() if v}
+    fractions = values.pop('refined_fraction', [])
     out[m.key] = {
         **{k: float(np.mean(v)) for k, v in values.items()},
         'refined_fraction': float(np.mean(fractions)) if fractions else None,
@@ -113,6 +129,7 @@ def make_rows(comparison: Sequence[Method], evaluation: dict, flop_report: dict,
     latency = latencies.get(m.key)
     rows.append({
         'method': m.name, 'num_patches': m.num_patches, **{k: e[k] for k in metrics.METRICS},
+        **{k: e.get(k) for k in SEAM},
         'refined_fraction': e['refined_fraction'], 'gflops': gflops / 1e9,
         'gflops_compiled': None if compiled is None else compiled / 1e9,
         'latency_ms': None if latency is None else latency * 1e3,
@@ -135,7 +152,8 @@ def run(s: Settings, workdir: str) -> dict:
   source = data.load_split(s.data, 'test')
   batch_size = s.eval.batch_size
   evaluation = evaluate(comparison, pipeline.eval_batches(source, batch_size), s.spec.num_classes,
-                        total=math.ceil(len(source) / batch_size), progress=main)
+                        total=math.ceil(len(source) / batch_size), progress=main,
+                        seam_np=s.spec.num_patches)
   nps = sorted(nets.stage2) if nets.stage1 is not None else []
   flop_report = flops.report(s, nps or [s.spec.num_patches])
   latencies = benchmark_latencies(workdir, s)

@@ -198,3 +198,19 @@ def test_plots_draw_figures_3_and_4_and_the_tradeoff(tmp_path):
   assert sorted(p.split('/')[-1] for p in paths) == ['dice.png', 'flops.png', 'tradeoff.png']
   no_latency = [dict(r, latency_ms=None) for r in rows]
   assert plots.plot_tradeoff(no_latency, str(tmp_path / 't.png')) is None
+
+
+def test_seam_band_marks_the_pixels_near_inner_patch_borders():
+  band = metrics.seam_band(8, 2, 1)  # One inner border at 4, in each direction.
+  assert band[3].all() and band[4].all() and band[:, 3].all() and band[:, 4].all()
+  assert band.sum() == 2 * 8 * 2 - 4 and not band[0, 0] and not band[7, 7]
+  assert metrics.seam_band(8, 1, 1).sum() == 0  # Np = 1: no seam.
+
+
+def test_seam_dice_is_the_dice_of_the_band_alone(tiny_run):
+  config, params, images, masks, result = tiny_run
+  m = result['methods']['two_stage_np4']
+  probs = jax.device_get(inference.two_stage(params, images, settings.from_config(config).spec).probs)
+  band = metrics.seam_band(64, 4, 2)
+  by_hand = [numpy_metrics(probs[i, ..., 0][band], masks[i][band])[0] for i in range(5)]
+  np.testing.assert_allclose(m['per_image']['seam_soft_dice'], by_hand, rtol=1e-4)
