@@ -82,4 +82,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.batch_size = 8  # Images per compiled call, split over the local devices.
   c.predict.outputs = ('mask', 'probs', 'overlay')  # Any of these.
   c.predict.png_compression = 1  # zlib level 0-9: 1 writes several times faster than 6, ~10 % larger.
+
+  # --- Calibration (--mode=calibrate: the operating point of k and threshold per Np) ------------
+  c.calibrate = ml_collections.ConfigDict()
+  c.calibrate.holdout = 0.2  # Share of the train split (seeded by `seed`) the sweep runs on.
+  c.calibrate.refine_counts = config_dict.placeholder(tuple)  # k swept; None: 1, 2, 4, ... up to
+  # Np * Np, and Np itself (counts above Np * Np are skipped for that Np).
+  c.calibrate.thresholds = (None,)  # Thresholds swept (None: no threshold).
+  c.calibrate.target = 'dice_drop'  # 'dice_drop': fewest GFLOPs within max_dice_drop of the
+  # baseline's soft Dice; 'latency': best soft Dice within latency_budget_ms per image.
+  c.calibrate.max_dice_drop = 0.01
+  c.calibrate.latency_budget_ms = config_dict.placeholder(float)  # Needed for target 'latency'.
   return c

@@ -4,6 +4,7 @@
   settings.spec          inference geometry (`Spec`: hashable, a jit static argument)
   settings.train         `TrainPlan`      settings.data  `DataSpec`     settings.eval  `EvalPlan`
   settings.benchmark     `BenchmarkPlan`  settings.predict `PredictPlan`
+  settings.calibrate     `CalibratePlan`
 
 This is the only module that reads an ml_collections ConfigDict field by field (the command line,
 `iterseg.infer` and `iterseg.load` call it at the boundary); the rest of the package takes these
@@ -24,6 +25,7 @@ SAMPLING = ('random', 'entropy_weighted', 'top')
 DATASETS = ('ph2', 'retina', 'kitti', 'folder', 'synthetic')
 BUDGETS = ('image', 'batch')
 PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
+CALIBRATE_TARGETS = ('dice_drop', 'latency')
 # Config fields the weights depend on: a workdir's networks only fit a config that agrees on these.
 GEOMETRY = ('hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse', 'model.width',
             'model.depth')
@@ -121,6 +123,17 @@ class PredictPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class CalibratePlan:
+  """What --mode=calibrate sweeps and how it picks the operating point (`calibrate.*`)."""
+  holdout: float = 0.2  # Share of the train split held back for the sweep (seeded by `seed`).
+  refine_counts: Optional[tuple] = None  # None: 1, 2, 4, ... up to Np*Np, and Np.
+  thresholds: tuple = (None,)  # Each a float or None (no threshold).
+  target: str = 'dice_drop'  # 'dice_drop' | 'latency'.
+  max_dice_drop: float = 0.01
+  latency_budget_ms: Optional[float] = None  # Required (> 0) for target 'latency'.
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
   """Everything a mode needs, checked. `config` is the resolved ConfigDict, kept only to be saved."""
   seed: int
@@ -131,6 +144,7 @@ class Settings:
   benchmark: BenchmarkPlan
   predict: PredictPlan
   refine_count: Optional[int] = None  # As configured; None = Np patches per image (the authors).
+  calibrate: CalibratePlan = CalibratePlan()
   config: Any = dataclasses.field(repr=False, compare=False, default=None)
 
   def spec_for(self, num_patches: int) -> Spec:
@@ -368,10 +382,42 @@ def from_config(config) -> Settings:
                               sliding_window=sliding,
                               max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True,
                                                   default=240.0)),
-      predict=predict, refine_count=refine_count, config=config)
+      predict=predict, refine_count=refine_count,
+      calibrate=_calibrate_plan(r, score_range(score, num_classes),
+                                max(n * n for n in {num_patches, *nps})),
+      config=config)
   for n in sorted({num_patches, *nps}):
     settings.spec_for(n)
   return settings
+
+
+def _calibrate_plan(r: _Reader, max_threshold: float, max_refine: int) -> CalibratePlan:
+  """The `calibrate.*` fields (each has a default, so a config without the section still works)."""
+  d = CalibratePlan()
+  refine_counts = r.ints('calibrate.refine_counts', 1, max_refine, optional=True,
+                         default=d.refine_counts)
+  thresholds = r.raw('calibrate.thresholds', d.thresholds)
+  valid = (f'a non-empty tuple of None or numbers in [0, {max_threshold:g}] (the range of '
+           f'config.score)')
+  if isinstance(thresholds, (str, int, float)) or not hasattr(thresholds, '__iter__'):
+    r.fail('calibrate.thresholds', thresholds, valid)
+  thresholds = tuple(thresholds)
+  if not thresholds or any(t is not None and (
+      isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or
+      not 0.0 <= t <= max_threshold) for t in thresholds):
+    r.fail('calibrate.thresholds', thresholds, valid)
+  plan = CalibratePlan(
+      holdout=r.float('calibrate.holdout', 0.0, 1.0, low_open=True, default=d.holdout),
+      refine_counts=None if refine_counts is None else tuple(sorted(set(refine_counts))),
+      thresholds=tuple(dict.fromkeys(None if t is None else float(t) for t in thresholds)),
+      target=r.choice('calibrate.target', CALIBRATE_TARGETS, default=d.target),
+      max_dice_drop=r.float('calibrate.max_dice_drop', 0.0, 1.0, default=d.max_dice_drop),
+      latency_budget_ms=r.float('calibrate.latency_budget_ms', 0.0, low_open=True, optional=True,
+                                default=d.latency_budget_ms))
+  if plan.target == 'latency' and plan.latency_budget_ms is None:
+    r.fail('calibrate.latency_budget_ms', None, "set it > 0 (ms per image) for "
+           "calibrate.target='latency'")
+  return plan
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -1,0 +1,275 @@
+"""--mode=calibrate: sweep refine_count k and threshold per Np, and pick the operating point.
+
+For each Np with a trained stage 2, every k of `calibrate.refine_counts` (default 1, 2, 4, ... up to
+Np * Np, and Np) and every threshold of `calibrate.thresholds` is measured: soft and hard Dice,
+GFLOPs per image (as `flops.report` counts them: stage1 + k * stage2), latency per image (the median
+blocked call at config.eval.batch_size, after a compiling one) and the refined fraction. The Pareto
+front over (soft Dice higher, GFLOPs lower, latency lower) and the operating point of
+`calibrate.target` are written to <workdir>/calibration.{json,csv,png}:
+  'dice_drop': the fewest GFLOPs with soft Dice >= baseline soft Dice - calibrate.max_dice_drop;
+  'latency':   the best soft Dice with latency_ms <= calibrate.latency_budget_ms.
+
+Data: never the test split. The sweep runs on a seeded (config.seed) random share
+`calibrate.holdout` of the TRAIN split. Training uses ALL training examples by default (as the
+paper), so these images were seen in training: the sweep measures the relative trade-off between
+operating points, not an unbiased Dice (for that, train with the holdout excluded). The test split
+stays untouched for --mode=evaluate.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from iterseg import checkpoints, files, flops, methods, metrics, report
+from iterseg.inference import Networks
+from iterseg.settings import CalibratePlan, Settings
+
+DICE_EPS = 1e-9  # Float slack of the 'dice_drop' rule (0.8 - 0.01 > 0.79 in binary floats).
+COLUMNS = (
+    ('Np', 'num_patches', 'd'), ('k', 'refine_count', 'd'),
+    ('threshold', 'threshold', 's'),
+    ('soft Dice', 'soft_dice', '.4f'), ('hard Dice', 'hard_dice', '.4f'),
+    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'),
+    ('ms/image', 'latency_ms', '.2f'), ('front', 'front', 's'))
+
+
+def holdout_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices [ceil(fraction * num_examples)], a seeded random subset of range(N)."""
+  count = min(num_examples, math.ceil(round(fraction * num_examples, 9)))
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(num_examples, size=count, replace=False)).astype(np.int64)
+
+
+def refine_counts(num_patches: int, configured: Optional[Sequence[int]] = None) -> list:
+  """The k swept at Np: `configured` up to Np * Np, or 1, 2, 4, ... up to Np * Np and Np itself."""
+  cells = num_patches * num_patches
+  if configured is not None:
+    return sorted({int(k) for k in configured if 1 <= k <= cells})
+  return sorted({2 ** i for i in range(cells.bit_length()) if 2 ** i <= cells} | {num_patches})
+
+
+def device_batches(batches, batch_size: int) -> list:
+  """`pipeline.eval_batches` as [(images [B, H, W, 3], masks [B, H, W], b real images)] on the
+  device, the last batch padded to B = batch_size with its last image (so nothing recompiles)."""
+  out = []
+  for batch in batches:
+    b = len(batch['image'])
+    pad = [(0, batch_size - b)] + [(0, 0)] * 3
+    out.append((jnp.asarray(np.pad(batch['image'], pad, mode='edge')),
+                jnp.asarray(np.pad(batch['mask'], pad[:3], mode='edge')), b))
+  return out
+
+
+def measure(method: methods.Method, batches: Sequence[tuple], num_classes: int) -> dict:
+  """Mean soft and hard Dice and refined fraction of `method` over `device_batches`, and latency.
+
+  Returns {'soft_dice', 'hard_dice', 'refined_fraction' (None where the method refines nothing),
+  'latency_s': the median blocked call over the batches, after one compiling call, per image}.
+  """
+  jax.block_until_ready(method(batches[0][0]))  # Compiles.
+  values = {'soft_dice': [], 'hard_dice': [], 'refined_fraction': []}
+  times = []
+  for images, masks, b in batches:
+    start = time.perf_counter()
+    probs, fraction = jax.block_until_ready(method(images))
+    times.append(time.perf_counter() - start)
+    scores = jax.device_get(metrics.image_metrics(probs, masks, num_classes))
+    values['soft_dice'] += scores['soft_dice'][:b].tolist()
+    values['hard_dice'] += scores['hard_dice'][:b].tolist()
+    if fraction is not None:
+      values['refined_fraction'] += np.asarray(fraction)[:b].tolist()
+  return {**{k: float(np.mean(v)) if v else None for k, v in values.items()},
+          'latency_s': float(np.median(times)) / len(batches[0][0])}
+
+
+def dominates(a: dict, b: dict) -> bool:
+  """Whether `a` is at least as good as `b` in soft Dice, GFLOPs and latency, and better in one."""
+  at_least = (a['soft_dice'] >= b['soft_dice'] and a['gflops'] <= b['gflops'] and
+              a['latency_ms'] <= b['latency_ms'])
+  better = (a['soft_dice'] > b['soft_dice'] or a['gflops'] < b['gflops'] or
+            a['latency_ms'] < b['latency_ms'])
+  return at_least and better
+
+
+def pareto_front(points: Sequence[dict]) -> list:
+  """The points no other point dominates (soft Dice higher, GFLOPs and latency lower), in order."""
+  return [p for p in points if not any(dominates(q, p) for q in points)]
+
+
+def choose(points: Sequence[dict], baseline_dice: Optional[float],
+           plan: CalibratePlan) -> Optional[dict]:
+  """The operating point of `plan.target` among `points`, or None if no point meets it.
+
+  'dice_drop': fewest GFLOPs with soft_dice >= baseline_dice - max_dice_drop (ties: better Dice,
+  then lower latency); 'latency': best soft Dice with latency_ms <= latency_budget_ms (ties: fewer
+  GFLOPs, then lower latency). Either way the point chosen is on the Pareto front.
+  """
+  if plan.target == 'dice_drop':
+    if baseline_dice is None:
+      return None
+    floor = baseline_dice - plan.max_dice_drop - DICE_EPS
+    ok = [p for p in points if p['soft_dice'] >= floor]
+    return min(ok, key=lambda p: (p['gflops'], -p['soft_dice'], p['latency_ms']), default=None)
+  ok = [p for p in points if p['latency_ms'] <= plan.latency_budget_ms]
+  return max(ok, key=lambda p: (p['soft_dice'], -p['gflops'], -p['latency_ms']), default=None)
+
+
+def operating_point(workdir: str) -> Optional[dict]:
+  """{'num_patches', 'refine_count', 'threshold'} from <workdir>/calibration.json, or None."""
+  try:
+    with open(os.path.join(os.path.expanduser(workdir), 'calibration.json')) as f:
+      point = json.load(f)['operating_point']
+    return {k: point[k] for k in ('num_patches', 'refine_count', 'threshold')}
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
+         baseline: Optional[dict], path: str) -> str:
+  """calibration.png: soft Dice against GFLOPs per image (log x); returns `path`."""
+  # pylint: disable=g-import-not-at-top  # (matplotlib is slow to import)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib import ticker
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5.5, 4), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  ax.scatter([p['gflops'] for p in points], [p['soft_dice'] for p in points], s=14,
+             color='tab:gray', alpha=0.6, label='sweep (Np, k, threshold)')
+  line = sorted(front, key=lambda p: (p['gflops'], p['soft_dice']))
+  ax.plot([p['gflops'] for p in line], [p['soft_dice'] for p in line], 'o-', color='tab:blue',
+          markersize=4, label='Pareto front (Dice, GFLOPs, latency)')
+  for p in line:
+    ax.annotate(f'{p["num_patches"]}/{p["refine_count"]}', (p['gflops'], p['soft_dice']),
+                textcoords='offset points', xytext=(3, 3), fontsize=6)
+  if baseline is not None:
+    ax.axhline(baseline['soft_dice'], color='tab:red', label='baseline (BL)')
+  if chosen is not None:
+    ax.scatter([chosen['gflops']], [chosen['soft_dice']], marker='*', s=180, color='tab:orange',
+               edgecolor='black', zorder=5, label='operating point')
+  ax.set_xscale('log')
+  ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  ax.set_xlabel('GFLOPs per image (log scale)')
+  ax.set_ylabel('mean soft Dice per image (held-out train)')
+  ax.set_title('Calibration: labels Np/k', fontsize=9)
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  files.atomic_write(path, lambda f: fig.savefig(f, format='png'), 'wb')
+  return path
+
+
+def _describe(chosen: Optional[dict], baseline: Optional[dict], plan: CalibratePlan) -> str:
+  """One line: the operating point, or why there is none."""
+  base = '' if baseline is None else f' (baseline {baseline["soft_dice"]:.4f})'
+  if chosen is not None:
+    return (f'Operating point ({plan.target}): Np={chosen["num_patches"]}, '
+            f'refine_count={chosen["refine_count"]}, threshold={chosen["threshold"]}: soft Dice '
+            f'{chosen["soft_dice"]:.4f}{base}, {chosen["gflops"]:.4g} GFLOPs, '
+            f'{chosen["latency_ms"]:.2f} ms/image.')
+  if plan.target == 'dice_drop':
+    return (f'No operating point: no point reaches soft Dice >= baseline - '
+            f'{plan.max_dice_drop:g}{base}; raise config.calibrate.max_dice_drop or sweep larger '
+            f'refine_counts.')
+  return (f'No operating point: no point runs within {plan.latency_budget_ms:g} ms/image; raise '
+          f'config.calibrate.latency_budget_ms.')
+
+
+def run(s: Settings, workdir: str) -> dict:
+  """--mode=calibrate: sweeps (Np, k, threshold) on held-out train images; writes calibration.*.
+
+  Returns calibration.json's content ({'target', 'baseline', 'points', 'front', 'operating_point',
+  'num_images', ...}) and 'files', the paths written (process 0).
+  """
+  from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
+  from iterseg.data import pipeline  # pylint: disable=g-import-not-at-top
+  main = jax.process_index() == 0
+  if main:
+    files.check_writable(workdir)
+  plan = s.calibrate
+  nets = checkpoints.load_networks(workdir, s)
+  nps = sorted(nets.stage2) if nets.stage1 is not None else []
+  if not nps:
+    raise checkpoints.CheckpointError(
+        f'{workdir} has no trained stage 1 with a stage 2 (networks: {nets.trained()}): nothing to '
+        f'calibrate; train them with --mode=train.')
+  if plan.target == 'dice_drop' and nets.baseline is None:
+    raise checkpoints.CheckpointError(
+        f"config.calibrate.target='dice_drop' compares with the baseline, which {workdir} lacks: "
+        f"train it, or use calibrate.target='latency'.")
+  source = data.load_split(s.data, 'train')
+  indices = holdout_indices(len(source), plan.holdout, s.seed)
+  if not len(indices):
+    raise ValueError(f'no training images to calibrate on: the train split of {s.data.name} is '
+                     f'empty; check config.data.')
+  batch_size = min(s.eval.batch_size, len(indices))
+  batches = device_batches(pipeline.eval_batches([source[int(i)] for i in indices], batch_size),
+                           batch_size)
+  classes = s.spec.num_classes
+  sweep = [(n, k, t) for n in nps for k in refine_counts(n, plan.refine_counts)
+           for t in plan.thresholds]
+  if not sweep:
+    raise ValueError(f'config.calibrate.refine_counts={plan.refine_counts} has no count <= Np*Np '
+                     f'for the trained Np {nps}: nothing to sweep.')
+  # GFLOPs as `flops.report` counts them (stage1 + k * stage2), without compiling every two-stage.
+  stage1_flops = flops.unet_flops(s.spec, s.spec.stage1_size, 3)
+  stage2_flops = {n: flops.unet_flops(sn, sn.patch_size + 2 * sn.halo, sn.stage2_in_channels)
+                  for n, sn in ((n, s.spec_for(n)) for n in nps)}
+
+  baseline = None
+  if nets.baseline is not None:
+    e = measure(methods.methods(Networks(baseline=nets.baseline), s)[0], batches, classes)
+    baseline = {'soft_dice': e['soft_dice'],
+                'gflops': flops.unet_flops(s.spec, s.spec.hi_size, 3) / 1e9,
+                'latency_ms': e['latency_s'] * 1e3}
+  points = []
+  for n, k, t in tqdm(sweep, desc='calibrate', unit='point', disable=not main):
+    spec = dataclasses.replace(s.spec_for(n), refine_count=k, threshold=t)
+    method = methods.Method('two_stage', n, methods.two_stage_probs,
+                            Networks(stage1=nets.stage1, stage2={n: nets.stage2[n]}), spec)
+    e = measure(method, batches, classes)
+    points.append({
+        'num_patches': n, 'refine_count': k, 'threshold': t, 'soft_dice': e['soft_dice'],
+        'hard_dice': e['hard_dice'],
+        'gflops': (stage1_flops + k * stage2_flops[n]) / 1e9,
+        'latency_ms': e['latency_s'] * 1e3, 'refined_fraction': e['refined_fraction']})
+  front = pareto_front(points)
+  chosen = choose(points, None if baseline is None else baseline['soft_dice'], plan)
+  result = {
+      'target': plan.target, 'baseline': baseline, 'points': points, 'front': front,
+      'operating_point': None if chosen is None else {
+          k: chosen[k] for k in ('num_patches', 'refine_count', 'threshold')},
+      'num_images': len(indices),
+      'holdout': {'fraction': plan.holdout, 'seed': s.seed, 'split': 'train'},
+      'geometry': s.geometry(),
+  }
+  if main:
+    paths = [os.path.join(workdir, f'calibration.{ext}') for ext in ('json', 'csv', 'png')]
+    files.atomic_write_json(paths[0], result)
+    report.write_csv(paths[1], points)
+    plot(points, front, chosen, baseline, paths[2])
+    result['files'] = paths
+    on_front = {id(p) for p in front}
+    rows = [dict(p, front='*' if id(p) in on_front else '',
+                 threshold='none' if p['threshold'] is None else f'{p["threshold"]:.3g}')
+            for p in points]
+    print(f'Calibration on {len(indices)} held-out images of the train split of {s.data.name} '
+          f'(seen in training unless it excluded them; latency timed at batch {batch_size} on '
+          f'{jax.default_backend()}). *: on the Pareto front.')
+    if baseline is not None:
+      print(f'Baseline: soft Dice {baseline["soft_dice"]:.4f}, {baseline["gflops"]:.4g} GFLOPs, '
+            f'{baseline["latency_ms"]:.2f} ms/image.')
+    print(report.format_table(rows, COLUMNS))
+    print(_describe(chosen, baseline, plan))
+    print('Wrote ' + ', '.join(paths))
+  return result

@@ -1,0 +1,176 @@
+"""--mode=calibrate: the held-out train subset, the Pareto front, the target rules, the calibrate.*
+config fields, and one sweep end to end on random tiny networks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from iterseg import calibrate, methods, settings
+from iterseg.settings import CalibratePlan
+from tests.conftest import tiny
+from tests.test_evaluate import save_random_networks
+from tests.test_settings import set_field
+
+
+def point(dice, gflops, latency, n=4, k=1, t=None):
+  return {'num_patches': n, 'refine_count': k, 'threshold': t, 'soft_dice': dice,
+          'hard_dice': dice, 'gflops': gflops, 'latency_ms': latency, 'refined_fraction': k / n**2}
+
+
+def test_holdout_indices_are_a_seeded_sorted_subset_of_the_right_size():
+  a = calibrate.holdout_indices(50, 0.2, seed=3)
+  assert len(a) == 10 and np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() < 50
+  np.testing.assert_array_equal(a, calibrate.holdout_indices(50, 0.2, seed=3))
+  assert not np.array_equal(a, calibrate.holdout_indices(50, 0.2, seed=4))
+  assert len(calibrate.holdout_indices(7, 0.2, 0)) == 2  # ceil(1.4).
+  assert len(calibrate.holdout_indices(10, 0.7, 0)) == 7  # Not ceil(7.000000000000001) = 8.
+  np.testing.assert_array_equal(calibrate.holdout_indices(5, 1.0, 0), np.arange(5))
+
+
+def test_refine_counts_are_powers_of_two_and_np_unless_configured():
+  assert calibrate.refine_counts(4) == [1, 2, 4, 8, 16]
+  assert calibrate.refine_counts(3) == [1, 2, 3, 4, 8]
+  assert calibrate.refine_counts(2, (1, 3, 16, 3)) == [1, 3]  # 16 > 2 * 2: skipped at Np=2.
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated_points():
+  a = point(0.90, 10.0, 5.0)
+  b = point(0.85, 2.0, 5.0)
+  c = point(0.80, 2.0, 5.0)  # Dominated by b (same cost, worse Dice).
+  d = point(0.95, 20.0, 1.0)  # Best Dice and latency, most FLOPs.
+  e = point(0.85, 2.0, 5.0)  # Equal to b: neither dominates the other.
+  f = point(0.89, 10.0, 6.0)  # Dominated by a in all three.
+  assert calibrate.pareto_front([a, b, c, d, e, f]) == [a, b, d, e]
+  assert calibrate.pareto_front([]) == []
+  assert calibrate.dominates(a, f) and not calibrate.dominates(f, a)
+  assert not calibrate.dominates(b, e)
+
+
+def test_dice_drop_picks_the_fewest_flops_within_the_drop():
+  points = [point(0.79, 1.0, 1.0), point(0.80, 2.0, 1.0, k=2), point(0.81, 4.0, 3.0, k=4),
+            point(0.805, 4.0, 3.0, k=8)]
+  plan = CalibratePlan(max_dice_drop=0.01)
+  assert calibrate.choose(points, 0.80, plan)['refine_count'] == 1  # 0.79 is on the floor.
+  assert calibrate.choose(points, 0.805, plan)['refine_count'] == 2
+  assert calibrate.choose(points, 0.815, plan)['refine_count'] == 4  # Same FLOPs: better Dice.
+  assert calibrate.choose(points, 0.83, plan) is None
+  assert calibrate.choose(points, None, plan) is None
+
+
+def test_latency_picks_the_best_dice_under_the_budget():
+  points = [point(0.80, 1.0, 1.0), point(0.85, 2.0, 2.0, k=2), point(0.90, 4.0, 5.0, k=4)]
+  plan = CalibratePlan(target='latency', latency_budget_ms=2.0)
+  assert calibrate.choose(points, None, plan)['refine_count'] == 2
+  assert calibrate.choose(points, 0.9, CalibratePlan(target='latency',
+                                                     latency_budget_ms=10.0))['refine_count'] == 4
+  assert calibrate.choose(points, None, CalibratePlan(target='latency',
+                                                      latency_budget_ms=0.5)) is None
+
+
+def test_operating_point_reads_calibration_json(tmp_path):
+  assert calibrate.operating_point(str(tmp_path)) is None  # Absent.
+  (tmp_path / 'calibration.json').write_text('{"operating_point": ')
+  assert calibrate.operating_point(str(tmp_path)) is None  # Unreadable.
+  (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': None}))
+  assert calibrate.operating_point(str(tmp_path)) is None  # No point met the target.
+  chosen = {'num_patches': 4, 'refine_count': 2, 'threshold': 0.1}
+  (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': chosen}))
+  assert calibrate.operating_point(str(tmp_path)) == chosen
+
+
+def test_measure_averages_over_the_real_images_of_padded_batches():
+  rng = np.random.default_rng(0)
+  masks = (rng.random((5, 8, 8)) < 0.3).astype(np.uint8)
+  images = np.repeat(masks[..., None].astype(np.float32), 3, -1)  # The image carries its mask.
+  batches = calibrate.device_batches(
+      [{'image': images[i:i + 2], 'mask': masks[i:i + 2]} for i in range(0, 5, 2)], 2)
+  assert [b for _, _, b in batches] == [2, 2, 1] and batches[-1][0].shape == (2, 8, 8, 3)
+  half = methods.Method('half', None, lambda p, x, spec: (x[..., :1] * 0.5, None), None, None)
+  got = calibrate.measure(half, batches, 1)
+  p, y = masks.reshape(5, -1) * 0.5, masks.reshape(5, -1)
+  soft = (2 * (p * y).sum(1) + 1) / (p.sum(1) + y.sum(1) + 1)  # Only the 5 real images count.
+  assert got['soft_dice'] == pytest.approx(soft.mean(), rel=1e-5)
+  assert got['hard_dice'] == pytest.approx(np.mean([float(m.sum() == 0) for m in masks]))
+  assert got['refined_fraction'] is None and got['latency_s'] > 0
+
+
+# (field, bad value, words the message must hold), as in tests/test_settings.py.
+BAD = [
+    ('calibrate.holdout', 0.0, 'calibrate.holdout=0.0'),
+    ('calibrate.holdout', 1.5, 'calibrate.holdout=1.5'),
+    ('calibrate.refine_counts', (0, 2), 'calibrate.refine_counts'),
+    ('calibrate.refine_counts', (), 'calibrate.refine_counts'),
+    ('calibrate.refine_counts', (17,), 'calibrate.refine_counts'),  # Above the largest Np*Np (16).
+    ('calibrate.thresholds', (), 'calibrate.thresholds'),
+    ('calibrate.thresholds', (0.9,), 'calibrate.thresholds'),  # Binary entropy is at most 0.69.
+    ('calibrate.thresholds', ('low',), 'calibrate.thresholds'),
+    ('calibrate.thresholds', 0.1, 'calibrate.thresholds'),
+    ('calibrate.target', 'speed', "calibrate.target='speed'"),
+    ('calibrate.max_dice_drop', -0.01, 'calibrate.max_dice_drop=-0.01'),
+    ('calibrate.latency_budget_ms', 0.0, 'calibrate.latency_budget_ms=0.0'),
+]
+
+
+@pytest.mark.parametrize('field, value, words', BAD, ids=[f'{f}={v!r}' for f, v, _ in BAD])
+def test_every_bad_calibrate_value_is_one_error_naming_the_field(field, value, words):
+  config = tiny()
+  set_field(config, field, value)
+  with pytest.raises(settings.SettingsError) as error:
+    settings.from_config(config)
+  message = str(error.value)
+  assert words in message and '\n' not in message and 'valid' in message
+
+
+def test_the_latency_target_needs_a_budget():
+  with pytest.raises(settings.SettingsError, match=r'calibrate.latency_budget_ms=None .*latency'):
+    settings.from_config(tiny(**{'calibrate.target': 'latency'}))
+  s = settings.from_config(tiny(**{'calibrate.target': 'latency',
+                                   'calibrate.latency_budget_ms': 5.0}))
+  assert s.calibrate.latency_budget_ms == 5.0
+
+
+def test_calibrate_defaults_and_a_config_without_the_section():
+  assert settings.from_config(tiny()).calibrate == CalibratePlan()
+  old = tiny().to_dict()
+  del old['calibrate']
+  assert settings.from_config(old).calibrate == CalibratePlan()
+  s = settings.from_config(tiny(**{'calibrate.thresholds': (0.1, None, 0.1),
+                                   'calibrate.refine_counts': (4, 1, 4)}))
+  assert s.calibrate.thresholds == (0.1, None) and s.calibrate.refine_counts == (1, 4)
+
+
+def test_run_sweeps_every_np_and_k_and_writes_the_calibration(tmp_path, capsys):
+  config = tiny(**{'data.num_examples': 10, 'data.data_dir': str(tmp_path / 'tfds'),
+                   'train.num_patches_list': (2, 4), 'eval.batch_size': 2,
+                   'calibrate.refine_counts': (1, 4, 16)})  # A short sweep: each k compiles.
+  workdir = tmp_path / 'run'
+  save_random_networks(config, workdir)
+  result = calibrate.run(settings.from_config(config), str(workdir))
+
+  saved = json.loads((workdir / 'calibration.json').read_text())
+  assert saved['points'] == json.loads(json.dumps(result['points']))
+  assert (workdir / 'calibration.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert (workdir / 'calibration.csv').exists()
+  assert saved['num_images'] == 2  # ceil(0.2 * 7 training examples).
+  assert saved['target'] == 'dice_drop' and saved['baseline']['gflops'] > 0
+  points = saved['points']
+  assert sorted((p['num_patches'], p['refine_count']) for p in points) == [
+      (2, 1), (2, 4), (4, 1), (4, 4), (4, 16)]  # k = 16 > 2 * 2 is skipped at Np = 2.
+  assert saved['front'] and all(p in points for p in saved['front'])
+  for p in saved['front']:
+    assert not any(calibrate.dominates(q, p) for q in points)
+  for p in points:
+    assert 0 <= p['soft_dice'] <= 1 and p['latency_ms'] > 0
+    assert p['refined_fraction'] == pytest.approx(p['refine_count'] / p['num_patches'] ** 2)
+  by_k = {(p['num_patches'], p['refine_count']): p for p in points}
+  assert by_k[(4, 16)]['gflops'] > by_k[(4, 1)]['gflops']
+  per_patch = (by_k[(4, 16)]['gflops'] - by_k[(4, 1)]['gflops']) / 15  # stage1 + k * stage2.
+  assert by_k[(4, 4)]['gflops'] == pytest.approx(by_k[(4, 1)]['gflops'] + 3 * per_patch)
+  chosen = saved['operating_point']
+  out = capsys.readouterr().out
+  if chosen is None:
+    assert 'No operating point' in out
+  else:
+    assert chosen in [{k: p[k] for k in chosen} for p in points] and 'Operating point' in out
+    assert calibrate.operating_point(str(workdir)) == chosen
