@@ -20,15 +20,14 @@ import dataclasses
 import json
 import math
 import os
-import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, flops, methods, metrics, report
+from iterseg import checkpoints, evaluate, files, flops, methods, report
+from iterseg.checkpoints import operating_point  # pylint: disable=unused-import  (re-exported)
 from iterseg.inference import Networks
 from iterseg.settings import CalibratePlan, Settings
 
@@ -56,38 +55,11 @@ def refine_counts(num_patches: int, configured: Optional[Sequence[int]] = None) 
   return sorted({2 ** i for i in range(cells.bit_length()) if 2 ** i <= cells} | {num_patches})
 
 
-def device_batches(batches, batch_size: int) -> list:
-  """`pipeline.eval_batches` as [(images [B, H, W, 3], masks [B, H, W], b real images)] on the
-  device, the last batch padded to B = batch_size with its last image (so nothing recompiles)."""
-  out = []
-  for batch in batches:
-    b = len(batch['image'])
-    pad = [(0, batch_size - b)] + [(0, 0)] * 3
-    out.append((jnp.asarray(np.pad(batch['image'], pad, mode='edge')),
-                jnp.asarray(np.pad(batch['mask'], pad[:3], mode='edge')), b))
-  return out
-
-
-def measure(method: methods.Method, batches: Sequence[tuple], num_classes: int) -> dict:
-  """Mean soft and hard Dice and refined fraction of `method` over `device_batches`, and latency.
-
-  Returns {'soft_dice', 'hard_dice', 'refined_fraction' (None where the method refines nothing),
-  'latency_s': the median blocked call over the batches, after one compiling call, per image}.
-  """
-  jax.block_until_ready(method(batches[0][0]))  # Compiles.
-  values = {'soft_dice': [], 'hard_dice': [], 'refined_fraction': []}
-  times = []
-  for images, masks, b in batches:
-    start = time.perf_counter()
-    probs, fraction = jax.block_until_ready(method(images))
-    times.append(time.perf_counter() - start)
-    scores = jax.device_get(metrics.image_metrics(probs, masks, num_classes))
-    values['soft_dice'] += scores['soft_dice'][:b].tolist()
-    values['hard_dice'] += scores['hard_dice'][:b].tolist()
-    if fraction is not None:
-      values['refined_fraction'] += np.asarray(fraction)[:b].tolist()
-  return {**{k: float(np.mean(v)) if v else None for k, v in values.items()},
-          'latency_s': float(np.median(times)) / len(batches[0][0])}
+def measure(method: methods.Method, batches: Sequence[dict], num_classes: int) -> dict:
+  """{'soft_dice', 'hard_dice', 'refined_fraction', 'latency_s'} of `method`, as evaluate measures
+  them (`evaluate.evaluate` on the batches)."""
+  e = evaluate.evaluate([method], batches, num_classes, progress=False)['methods'][method.key]
+  return {k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction', 'latency_s')}
 
 
 def dominates(a: dict, b: dict) -> bool:
@@ -120,16 +92,6 @@ def choose(points: Sequence[dict], baseline_dice: Optional[float],
     return min(ok, key=lambda p: (p['gflops'], -p['soft_dice'], p['latency_ms']), default=None)
   ok = [p for p in points if p['latency_ms'] <= plan.latency_budget_ms]
   return max(ok, key=lambda p: (p['soft_dice'], -p['gflops'], -p['latency_ms']), default=None)
-
-
-def operating_point(workdir: str) -> Optional[dict]:
-  """{'num_patches', 'refine_count', 'threshold'} from <workdir>/calibration.json, or None."""
-  try:
-    with open(os.path.join(os.path.expanduser(workdir), 'calibration.json')) as f:
-      point = json.load(f)['operating_point']
-    return {k: point[k] for k in ('num_patches', 'refine_count', 'threshold')}
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
 
 
 def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
@@ -213,8 +175,7 @@ def run(s: Settings, workdir: str) -> dict:
     raise ValueError(f'no training images to calibrate on: the train split of {s.data.name} is '
                      f'empty; check config.data.')
   batch_size = min(s.eval.batch_size, len(indices))
-  batches = device_batches(pipeline.eval_batches([source[int(i)] for i in indices], batch_size),
-                           batch_size)
+  batches = list(pipeline.eval_batches([source[int(i)] for i in indices], batch_size))
   classes = s.spec.num_classes
   sweep = [(n, k, t) for n in nps for k in refine_counts(n, plan.refine_counts)
            for t in plan.thresholds]

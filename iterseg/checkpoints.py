@@ -245,14 +245,39 @@ def load_networks(workdir: str, current: Optional[settings.Settings] = None, *,
       stage2={n: load_network(workdir, f'stage2_np{n}', saved) for n in nps})
 
 
+def operating_point(workdir: str) -> Optional[dict]:
+  """{'num_patches', 'refine_count', 'threshold'} that --mode=calibrate chose (calibration.json),
+  or None (never calibrated, unreadable, or no point met its target)."""
+  try:
+    with open(os.path.join(os.path.expanduser(workdir), 'calibration.json')) as f:
+      point = json.load(f)['operating_point']
+    return {k: point[k] for k in ('num_patches', 'refine_count', 'threshold')}
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def with_operating_point(config, point: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` at the calibrated operating point."""
+  config = config.copy_and_resolve_references()
+  for key in ('num_patches', 'refine_count', 'threshold'):
+    with config.ignore_type():
+      config[key] = point[key]
+  return config
+
+
 def load(workdir: str, num_patches: Optional[int] = None, *, partial: bool = False):
   """(Networks, config) of a trained workdir, for `iterseg.infer`.
 
-  Stage 2 at `num_patches` (default: config.num_patches if trained, else the largest trained Np);
-  config.num_patches is set to it. A workdir without stage 2 is an error (it cannot run the
+  Stage 2 at `num_patches` (default: the calibrated operating point of --mode=calibrate when the
+  workdir has one, which also sets refine_count and threshold; else config.num_patches if trained,
+  else the largest trained Np); config.num_patches is set to it. A workdir without stage 2 is an error (it cannot run the
   two-stage method), and so is a network whose training did not finish unless partial=True.
   """
   config = read_config(workdir)
+  point = operating_point(workdir)
+  if point is not None and num_patches in (None, point['num_patches']):
+    config = with_operating_point(config, point)  # What --mode=calibrate chose.
+    num_patches = point['num_patches']
   trained = [int(m.group(1)) for n in trained_networks(workdir)
              if (m := re.fullmatch(r'stage2_np(\d+)', n))]
   if not trained:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, inference
+from iterseg import checkpoints, files, inference, settings
 from iterseg.data import common
 from iterseg.settings import Settings, Spec
 
@@ -245,10 +245,15 @@ def predict_files(nets: inference.Networks, spec: Spec, paths: Sequence[Path], o
 def run(s: Settings, workdir: str) -> dict:
   """--mode=predict: predict.input -> predict.output (default <workdir>/predictions).
 
-  Uses the networks trained in `workdir`, stage 2 at config.num_patches. Under several processes,
+  Uses the networks trained in `workdir`, stage 2 at config.num_patches, or at the operating point
+  of --mode=calibrate when the workdir has one (a line says so). Under several processes,
   each takes every P-th file. Returns {'output', 'num_patches', 'images': [record], 'failed',
   'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed.
   """
+  point = checkpoints.operating_point(workdir)
+  if point is not None:
+    s = settings.from_config(checkpoints.with_operating_point(s.config, point))
+    print(f'Using the calibrated operating point of {workdir}/calibration.json: {point}.')
   output = Path(os.path.expanduser(s.predict.output or os.path.join(workdir, 'predictions')))
   paths = list_inputs(s.predict.input, exclude=str(output))
   files.check_writable(output)

@@ -83,9 +83,7 @@ def test_measure_averages_over_the_real_images_of_padded_batches():
   rng = np.random.default_rng(0)
   masks = (rng.random((5, 8, 8)) < 0.3).astype(np.uint8)
   images = np.repeat(masks[..., None].astype(np.float32), 3, -1)  # The image carries its mask.
-  batches = calibrate.device_batches(
-      [{'image': images[i:i + 2], 'mask': masks[i:i + 2]} for i in range(0, 5, 2)], 2)
-  assert [b for _, _, b in batches] == [2, 2, 1] and batches[-1][0].shape == (2, 8, 8, 3)
+  batches = [{'image': images[i:i + 2], 'mask': masks[i:i + 2]} for i in range(0, 5, 2)]
   half = methods.Method('half', None, lambda p, x, spec: (x[..., :1] * 0.5, None), None, None)
   got = calibrate.measure(half, batches, 1)
   p, y = masks.reshape(5, -1) * 0.5, masks.reshape(5, -1)
@@ -174,3 +172,20 @@ def test_run_sweeps_every_np_and_k_and_writes_the_calibration(tmp_path, capsys):
   else:
     assert chosen in [{k: p[k] for k in chosen} for p in points] and 'Operating point' in out
     assert calibrate.operating_point(str(workdir)) == chosen
+
+
+def test_load_and_predict_use_the_calibrated_operating_point(tmp_path):
+  import iterseg  # pylint: disable=g-import-not-at-top
+  from iterseg import checkpoints, predict  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  config = tiny(**{'train.num_patches_list': (2, 4)})
+  save_random_networks(config, tmp_path / 'run')
+  point = {'num_patches': 2, 'refine_count': 1, 'threshold': None}
+  (tmp_path / 'run' / 'calibration.json').write_text(json.dumps({'operating_point': point}))
+  params, loaded = iterseg.load(str(tmp_path / 'run'))
+  assert (loaded.num_patches, loaded.refine_count) == (2, 1) and sorted(params.stage2) == [2]
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'a.png')
+  config.predict.input = str(tmp_path / 'a.png')
+  result = predict.run(settings.from_config(config), str(tmp_path / 'run'))
+  assert result['num_patches'] == 2 and result['images'][0]['refined_patches'] == 1
+  assert checkpoints.operating_point(str(tmp_path / 'run')) == point
