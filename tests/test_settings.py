@@ -72,6 +72,18 @@ BAD = [
     ('predict.batch_size', 0, 'predict.batch_size=0'),
     ('predict.outputs', ('mask', 'heatmap'), 'predict.outputs'),
     ('predict.png_compression', 10, 'predict.png_compression=10'),
+    ('calibrate.holdout', 0.0, 'calibrate.holdout=0.0'),
+    ('calibrate.holdout', 1.5, 'calibrate.holdout=1.5'),
+    ('calibrate.refine_counts', (0, 2), 'calibrate.refine_counts'),
+    ('calibrate.refine_counts', (), 'calibrate.refine_counts'),
+    ('calibrate.refine_counts', (17,), 'calibrate.refine_counts'),  # Above the largest Np*Np (16).
+    ('calibrate.thresholds', (), 'calibrate.thresholds'),
+    ('calibrate.thresholds', (0.9,), 'calibrate.thresholds'),  # Binary entropy is at most 0.69.
+    ('calibrate.thresholds', ('low',), 'calibrate.thresholds'),
+    ('calibrate.thresholds', 0.1, 'calibrate.thresholds'),
+    ('calibrate.target', 'speed', "calibrate.target='speed'"),
+    ('calibrate.max_dice_drop', -0.01, 'calibrate.max_dice_drop=-0.01'),
+    ('calibrate.latency_budget_ms', 0.0, 'calibrate.latency_budget_ms=0.0'),
 ]
 
 

@@ -154,21 +154,22 @@ def image_size(path: Path) -> tuple[int, int]:
   return (width, height) if orientation(image) in (5, 6, 7, 8) else (height, width)
 
 
-def read_image(path: Path) -> np.ndarray:
-  """uint8 [h, w, 3]: the upright RGB image at `path`, scaled from its real range (see `to_uint8_rgb`)."""
+def _decoded(path: Path, convert):
+  """convert(the opened image at `path`), any decoding error a DataError naming the file."""
   image = open_image(path)
   try:
-    return to_uint8_rgb(image)
+    return convert(image)
   except (OSError, ValueError, SyntaxError) as e:
     raise DataError(f'cannot read image {path}: {e}') from e
+
+
+def read_image(path: Path) -> np.ndarray:
+  """uint8 [h, w, 3]: the upright RGB image at `path`, scaled from its real range (see `to_uint8_rgb`)."""
+  return _decoded(path, to_uint8_rgb)
 
 
 def _open_upright(path: Path) -> Image.Image:
-  image = open_image(path)
-  try:
-    return upright(image)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise DataError(f'cannot read image {path}: {e}') from e
+  return _decoded(path, upright)
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
