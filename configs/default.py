@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.width = 64  # Channels of the first encoder convolution; doubled at each level.
   c.model.depth = 5  # Number of stride-2 convolutions (and transposed convolutions).
+  c.model.input_norm = 'none'  # 'none' (authors) | 'standardize': each image to zero mean, unit
+  # std per channel before any network (low-contrast images such as fundus photographs learn).
 
   # --- Data ----------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

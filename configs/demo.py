@@ -15,8 +15,13 @@ def get_config():
   c.hi_size = 128
   c.model.width = 8
   c.model.depth = 4
-  c.num_patches = 4  # Inference refines the 4 least confident of 4 x 4 patches (25 % of pixels).
-  c.train.num_patches_list = (4, 8)
+  # Beyond the paper, chosen by measurement (README): refine the 16 least confident of 8 x 8 patches
+  # (25 % of the pixels), with stage 2 started from stage 1's weights. Two-stage then matches the
+  # baseline's soft Dice at ~21 % of its FLOPs; the paper's Np = k = 4 stays 0.01 below it.
+  c.num_patches = 8
+  c.refine_count = 16
+  c.train.num_patches_list = (8,)
+  c.train.stage2_init = 'stage1'
   c.train.patch_sampling = 'entropy_weighted'  # Few steps: spend them on the patches that matter.
   c.train.batch_size = 16
   c.train.learning_rate = 2e-3

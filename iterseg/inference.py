@@ -180,11 +180,22 @@ def as_float(images):
   return images.astype(jnp.float32)
 
 
+def normalize(images, spec: Spec):
+  """What every network sees, [B, H, W, 3] in [0, 1] -> float32: the images as they are (the
+  paper), or with spec.input_norm='standardize' each image at zero mean and unit standard deviation
+  per channel, over the whole image (so stage 1, the stage-2 patches and the baseline agree)."""
+  images = as_float(images)
+  if spec.input_norm == 'standardize':
+    mean = images.mean(axis=(1, 2), keepdims=True)
+    return (images - mean) / (images.std(axis=(1, 2), keepdims=True) + 1e-3)
+  return images
+
+
 @functools.partial(jax.jit, static_argnames='spec')
 def two_stage(params, images, spec: Spec) -> Prediction:
   """The compiled two-stage method. params: Networks (stage1, stage2[Np]); images: [B, H, W, 3]
   uint8, or float32 in [0, 1]."""
-  images = as_float(images)
+  images = normalize(images, spec)
   b = images.shape[0]
   coarse = stage1(params.stage1, images, spec)
   scores = patch_scores(coarse, spec.num_patches, spec.score)
@@ -204,10 +215,10 @@ def two_stage(params, images, spec: Spec) -> Prediction:
 @functools.partial(jax.jit, static_argnames='spec')
 def baseline(params, images, spec: Spec):
   """The same U-Net on the full image: [B, H, W, 3] -> probabilities [B, H, W, C]."""
-  return models.probabilities(unet(spec).apply({'params': params}, as_float(images)))
+  return models.probabilities(unet(spec).apply({'params': params}, normalize(images, spec)))
 
 
-stage1_only = jax.jit(lambda params, images, spec: stage1(params, as_float(images), spec),
+stage1_only = jax.jit(lambda params, images, spec: stage1(params, normalize(images, spec), spec),
                       static_argnames='spec')
 
 

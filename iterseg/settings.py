@@ -28,7 +28,7 @@ PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
 CALIBRATE_TARGETS = ('dice_drop', 'latency')
 # Config fields the weights depend on: a workdir's networks only fit a config that agrees on these.
 GEOMETRY = ('hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse', 'model.width',
-            'model.depth')
+            'model.depth', 'model.input_norm')
 
 
 class SettingsError(ValueError):
@@ -49,6 +49,7 @@ class Spec:
   width: int
   depth: int
   halo: int = 0  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
+  input_norm: str = 'none'  # 'standardize': each image to zero mean, unit std per channel.
   refine_budget: str = 'image'  # 'image': k patches per image; 'batch': B * k over the batch.
 
   @property
@@ -154,7 +155,8 @@ class Settings:
         self.spec, num_patches=n, refine_count=n if self.refine_count is None else self.refine_count))
 
   def geometry(self) -> dict:
-    return {f: get_field(self.config, f) for f in GEOMETRY}
+    return {f: getattr(self.spec, 'input_norm') if f == 'model.input_norm' else
+            get_field(self.config, f) for f in GEOMETRY}
 
 
 # --- Reading ------------------------------------------------------------------------------------------
@@ -316,6 +318,7 @@ def from_config(config) -> Settings:
               refine_count, score=score, stage2_uses_coarse=r.bool('stage2_uses_coarse'),
               threshold=threshold, width=width, depth=depth,
               halo=r.int('halo', 0, default=0),
+              input_norm=r.choice('model.input_norm', ('none', 'standardize'), default='none'),
               refine_budget=r.choice('refine_budget', BUDGETS, default='image'))
   _check_spec(spec)
 

@@ -100,8 +100,8 @@ def train_step(train_state: state.TrainState, batch, frozen, *, network: str, sp
   images, masks = augment.augment(
       aug_key, inference.as_float(batch['image']), batch['mask'], flip=plan.flip,
       brightness_contrast=plan.brightness_contrast, rotate=plan.rotate)
-  inputs, labels = network_inputs(network, sample_key, images, masks, frozen, spec=spec,
-                                  sampling=plan.patch_sampling)
+  inputs, labels = network_inputs(network, sample_key, inference.normalize(images, spec), masks,
+                                  frozen, spec=spec, sampling=plan.patch_sampling)
 
   def loss_fn(params):
     if network == 'stage2':
