@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(_HERE, 'configs', 'demo.py')
-MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate')
+MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate')
 
 # No default here: ml_collections would load it (and check the --config.* overrides) at import,
 # where a mistake is a traceback. `parse_flags` gives --config=DEFAULT_CONFIG when it is absent.
@@ -22,7 +22,8 @@ config_flags.DEFINE_config_file(
     '--config.train.batch_size=8.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results (default runs/<config>).')
 flags.DEFINE_enum('mode', 'train', MODES, 'train (then evaluate), evaluate, benchmark, prepare '
-                  '(the dataset), predict (config.predict.input), or calibrate (the operating point).')
+                  '(the dataset), predict (config.predict.input), calibrate (the operating point), or '
+                  'ablate (each feature beyond the paper off and on).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize(): it reads the cluster '
                   'from SLURM, TPU pod or Open MPI environment variables, or the flags below.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')

@@ -95,4 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   # baseline's soft Dice; 'latency': best soft Dice within latency_budget_ms per image.
   c.calibrate.max_dice_drop = 0.01
   c.calibrate.latency_budget_ms = config_dict.placeholder(float)  # Needed for target 'latency'.
+  c.ablation = ml_collections.ConfigDict()
+  c.ablation.features = ('stage2_init', 'halo', 'refine_budget')  # --mode=ablate: each off and on
+  # (also 'input_norm', which retrains every network).
   return c

@@ -9,8 +9,8 @@ import jax
 from iterseg import files, settings
 from iterseg.data.common import DataError
 
-MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate')
-LOCKED = ('train', 'evaluate', 'benchmark', 'calibrate')
+MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate')
+LOCKED = ('train', 'evaluate', 'benchmark', 'calibrate', 'ablate')
 
 
 def user_errors() -> tuple:
@@ -49,5 +49,8 @@ def run(mode: str, config, workdir: str, *, hooks=()):
     if mode == 'benchmark':
       from iterseg import benchmark  # pylint: disable=g-import-not-at-top
       return benchmark.run(s, workdir)
+    if mode == 'ablate':
+      from iterseg import ablation  # pylint: disable=g-import-not-at-top
+      return ablation.run(s, workdir)
     from iterseg import calibrate  # pylint: disable=g-import-not-at-top
     return calibrate.run(s, workdir)

@@ -119,6 +119,30 @@ def plot_tradeoff(rows, path: str, title: Optional[str] = None) -> Optional[str]
   return _save(fig, path)
 
 
+def plot_ablation(rows, path: str) -> str:
+  """Soft Dice of the two-stage method with each feature off and on (bars), from ablation rows."""
+  features = list(dict.fromkeys(r['feature'] for r in rows))
+  fig, ax = _new_axes()
+  for i, feature in enumerate(features):
+    for j, state in enumerate(('off', 'on')):
+      r = next((r for r in rows if r['feature'] == feature and r['state'] == state), None)
+      if r is None:
+        continue
+      x = i + (j - 0.5) * 0.38
+      ax.bar(x, r['soft_dice'], width=0.36, color='tab:gray' if state == 'off' else 'tab:blue',
+             label=state if i == 0 else None)
+      ax.annotate(f'{r["value"]}\n{r["soft_dice"]:.4f}', (x, r['soft_dice']), ha='center',
+                  va='bottom', fontsize=6, textcoords='offset points', xytext=(0, 2))
+  low = min(r['soft_dice'] for r in rows)
+  ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(r['soft_dice'] for r in rows) + 0.03))
+  ax.set_xticks(range(len(features)), features)
+  ax.set_ylabel('two-stage mean soft Dice (test split)')
+  ax.set_title('Ablation: each feature off (paper) and on, the rest as configured', fontsize=9)
+  ax.grid(alpha=0.3, axis='y')
+  ax.legend()
+  return _save(fig, path)
+
+
 def plot_all(rows, workdir: str) -> list[str]:
   """dice.png, flops.png and tradeoff.png (when latencies are known) in workdir; the paths written."""
   paths = [plot_dice(rows, os.path.join(workdir, 'dice.png')),

@@ -24,6 +24,7 @@ NETWORKS = ('stage1', 'stage2', 'baseline')
 SAMPLING = ('random', 'entropy_weighted', 'top')
 DATASETS = ('ph2', 'retina', 'kitti', 'folder', 'synthetic')
 BUDGETS = ('image', 'batch')
+ABLATION_FEATURES = ('stage2_init', 'halo', 'refine_budget', 'input_norm')
 PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
 CALIBRATE_TARGETS = ('dice_drop', 'latency')
 # Config fields the weights depend on: a workdir's networks only fit a config that agrees on these.
@@ -145,6 +146,7 @@ class Settings:
   benchmark: BenchmarkPlan
   predict: PredictPlan
   refine_count: Optional[int] = None  # As configured; None = Np patches per image (the authors).
+  ablation_features: tuple = ('stage2_init', 'halo', 'refine_budget')
   calibrate: CalibratePlan = CalibratePlan()
   config: Any = dataclasses.field(repr=False, compare=False, default=None)
 
@@ -385,7 +387,7 @@ def from_config(config) -> Settings:
                               sliding_window=sliding,
                               max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True,
                                                   default=240.0)),
-      predict=predict, refine_count=refine_count,
+      predict=predict, refine_count=refine_count, ablation_features=_features(r),
       calibrate=_calibrate_plan(r, score_range(score, num_classes),
                                 max(n * n for n in {num_patches, *nps})),
       config=config)
@@ -421,6 +423,14 @@ def _calibrate_plan(r: _Reader, max_threshold: float, max_refine: int) -> Calibr
     r.fail('calibrate.latency_budget_ms', None, "set it > 0 (ms per image) for "
            "calibrate.target='latency'")
   return plan
+
+
+def _features(r: _Reader) -> tuple:
+  names = r.raw('ablation.features', ('stage2_init', 'halo', 'refine_budget'))
+  if isinstance(names, str) or not hasattr(names, '__iter__') or not names or any(
+      n not in ABLATION_FEATURES for n in names):
+    r.fail('ablation.features', names, f'a non-empty tuple among {ABLATION_FEATURES}')
+  return tuple(dict.fromkeys(names))
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -20,7 +20,7 @@ LAYERS = [
     {'state', 'methods', 'metrics', 'report'},
     {'flops', 'checkpoints'},
     {'train', 'evaluate', 'benchmark', 'predict'},
-    {'calibrate'},
+    {'calibrate', 'ablation'},
     {'cli'},
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}

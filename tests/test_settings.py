@@ -72,6 +72,7 @@ BAD = [
     ('predict.batch_size', 0, 'predict.batch_size=0'),
     ('predict.outputs', ('mask', 'heatmap'), 'predict.outputs'),
     ('predict.png_compression', 10, 'predict.png_compression=10'),
+    ('ablation.features', ('halo', 'dropout'), 'ablation.features'),
     ('calibrate.holdout', 0.0, 'calibrate.holdout=0.0'),
     ('calibrate.holdout', 1.5, 'calibrate.holdout=1.5'),
     ('calibrate.refine_counts', (0, 2), 'calibrate.refine_counts'),

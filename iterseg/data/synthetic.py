@@ -66,8 +66,11 @@ def _curve(rng: np.random.Generator, start: np.ndarray, heading: float, length: 
   return start + np.concatenate([np.zeros((1, 2)), np.cumsum(deltas[:-1], axis=0)])
 
 
-def make_synthetic_example(rng: np.random.Generator | int, size: int) -> dict[str, np.ndarray]:
+def make_synthetic_example(rng: np.random.Generator | int, size: int,
+                           num_classes: int = 1) -> dict[str, np.ndarray]:
   """One synthetic scene: {'image': uint8 [size, size, 3], 'mask': uint8 [size, size] in {0, 1}}.
+
+  num_classes >= 3: the mask holds classes, 1 for the lesion and 2 for the vessels (the same image).
 
   rng: a numpy Generator, or an int index i (-> np.random.default_rng(i): the dataset's example i).
   The layout (colours, blob outline, curves) comes from one random stream and the pixel-scale texture
@@ -115,13 +118,15 @@ def make_synthetic_example(rng: np.random.Generator | int, size: int) -> dict[st
   image = np.where(blob[..., None], lesion, image)
   image = np.where(vessels[..., None], red, image)
   image += texture_rng.normal(0, 5, image.shape).astype(np.float32)  # Sensor noise.
-  mask = (blob | vessels).astype(np.uint8)
+  mask = (blob | vessels).astype(np.uint8) if num_classes < 3 else (
+      blob.astype(np.uint8) + 2 * vessels.astype(np.uint8))
   return {'image': np.clip(image, 0, 255).astype(np.uint8), 'mask': mask}
 
 
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(SegmentationConfig):
   num_examples: int = 200
+  num_classes: int = 1
 
 
 class Synthetic(SegmentationBuilder, skip_registration=True):
@@ -133,16 +138,18 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
 
   @classmethod
   def _config_fields(cls, spec):
-    return dict(super()._config_fields(spec), num_examples=spec.num_examples)
+    return dict(super()._config_fields(spec), num_examples=spec.num_examples,
+                num_classes=spec.num_classes)
 
   @classmethod
   def _config_name(cls, spec):
-    return f'{super()._config_name(spec)}_n{spec.num_examples}'
+    classes = f'_classes{spec.num_classes}' if spec.num_classes >= 3 else ''
+    return f'{super()._config_name(spec)}_n{spec.num_examples}{classes}'
 
   def find_cases(self) -> dict[str, int]:
     return {f'synthetic/{i:05d}': i for i in range(self.builder_config.num_examples)}
 
   def load_example(self, name: str, case: int) -> dict:
     size = self.builder_config.hi_size
-    example = make_synthetic_example(case, size)
+    example = make_synthetic_example(case, size, self.builder_config.num_classes)
     return dict(example, original_size=np.array([size, size], np.int32), name=name)
