@@ -47,8 +47,8 @@ def run(mode: str, config, workdir: str, *, hooks=()):
       from iterseg import evaluate  # pylint: disable=g-import-not-at-top
       return evaluate.run(s, workdir)
     if mode == 'benchmark':
-      from iterseg import benchmark  # pylint: disable=g-import-not-at-top
-      return benchmark.run(s, workdir)
+      from iterseg import benchmark, predict  # pylint: disable=g-import-not-at-top
+      return benchmark.run(s, workdir, predict_throughput=lambda: predict.throughput(s))
     if mode == 'ablate':
       from iterseg import ablation  # pylint: disable=g-import-not-at-top
       return ablation.run(s, workdir)

@@ -242,6 +242,40 @@ def predict_files(nets: inference.Networks, spec: Spec, paths: Sequence[Path], o
   return [records[p] for p in paths]
 
 
+def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
+  """predict's end-to-end images/s on `num_images` random JPEG files of `size` (h, w), files in
+  and outputs (predict.outputs) out, beside the compiled two-stage function alone at the same batch
+  size. Random weights: speed does not depend on them. Written in a temporary folder, then deleted."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax.random  # pylint: disable=g-import-not-at-top
+  nets = inference.init_params(s.config, jax.random.key(s.seed))
+  rng = np.random.default_rng(0)
+  with tempfile.TemporaryDirectory(prefix='iterseg-predict-') as folder:
+    inputs = Path(folder) / 'in'
+    inputs.mkdir()
+    for i in range(num_images):
+      Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(inputs / f'{i:04d}.jpg')
+    paths = list_inputs(inputs)
+    kwargs = dict(batch_size=s.predict.batch_size, outputs=s.predict.outputs,
+                  compression=s.predict.png_compression, progress=False)
+    predict_files(nets, s.spec, paths[:s.predict.batch_size], Path(folder) / 'warm', **kwargs)
+    start = time.perf_counter()
+    predict_files(nets, s.spec, paths, Path(folder) / 'out', **kwargs)
+    seconds = time.perf_counter() - start
+  batch = jax.device_put(rng.integers(0, 256, (s.predict.batch_size, s.spec.hi_size,
+                                               s.spec.hi_size, 3), dtype=np.uint8))
+  params = inference.Networks(stage1=nets.stage1, stage2=nets.stage2)
+  jax.block_until_ready(inference.two_stage(params, batch, s.spec))
+  calls = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(inference.two_stage(params, batch, s.spec))
+    calls.append(time.perf_counter() - start)
+  return {'num_images': num_images, 'size': f'{size[0]}x{size[1]}', 'outputs': list(s.predict.outputs),
+          'batch_size': s.predict.batch_size, 'images_per_s': num_images / seconds,
+          'compiled_images_per_s': s.predict.batch_size / float(np.median(calls))}
+
+
 def run(s: Settings, workdir: str) -> dict:
   """--mode=predict: predict.input -> predict.output (default <workdir>/predictions).
 

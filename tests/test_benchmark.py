@@ -99,3 +99,11 @@ def test_benchmark_uses_trained_weights_when_the_workdir_has_them(tmp_path):
   assert weights == {'baseline': 'random', 'stage1': 'trained', 'stage2_np2': 'trained',
                      'stage2_np4': 'random'}
   assert sorted(nets.stage2) == [2, 4]
+
+
+def test_predict_throughput_is_measured_end_to_end_beside_the_compiled_function():
+  from iterseg import predict  # pylint: disable=g-import-not-at-top
+  s = settings.from_config(tiny(**{'predict.batch_size': 2}))
+  out = predict.throughput(s, num_images=4, size=(30, 40))
+  assert out['num_images'] == 4 and out['size'] == '30x40' and out['batch_size'] == 2
+  assert 0 < out['images_per_s'] and 0 < out['compiled_images_per_s']
