@@ -214,3 +214,35 @@ def test_seam_dice_is_the_dice_of_the_band_alone(tiny_run):
   band = metrics.seam_band(64, 4, 2)
   by_hand = [numpy_metrics(probs[i, ..., 0][band], masks[i][band])[0] for i in range(5)]
   np.testing.assert_allclose(m['per_image']['seam_soft_dice'], by_hand, rtol=1e-4)
+
+
+def test_a_network_whose_training_stopped_half_way_is_refused_by_load_and_flagged_by_evaluate(
+    tmp_path, capsys):
+  import iterseg  # pylint: disable=g-import-not-at-top
+  config = tiny(num_patches=4, **{'train.num_patches_list': (4,)})
+  save_random_networks(config, tmp_path)
+  checkpoints.write_plan(str(tmp_path), 'stage2_np4', 10)  # Planned 10 steps; the checkpoint is 1.
+  with pytest.raises(checkpoints.CheckpointError, match=r'stage2_np4 \(step 1 of 10\).* did not '
+                     r'finish.*partial=True'):
+    iterseg.load(str(tmp_path))
+  params, _ = iterseg.load(str(tmp_path), partial=True)
+  assert sorted(params.stage2) == [4]
+  nets = checkpoints.load_networks(str(tmp_path), settings.from_config(config))
+  assert 'stage2_np4 (step 1 of 10)' in capsys.readouterr().out and nets.stage2
+  checkpoints.save_config(config, str(tmp_path / 'nostage2'))
+  save_random_networks(config, tmp_path / 'nostage2', networks=('stage1', 'baseline'))
+  with pytest.raises(checkpoints.CheckpointError, match='has no trained stage 2'):
+    iterseg.load(str(tmp_path / 'nostage2'))
+
+
+def test_a_corrupt_config_json_is_named(tmp_path):
+  (tmp_path / 'config.json').write_text('{"hi_size": 64,')
+  with pytest.raises(checkpoints.CheckpointError, match=f'{tmp_path / "config.json"} cannot be read'):
+    checkpoints.read_config(str(tmp_path))
+
+
+def test_evaluate_refuses_an_unwritable_workdir_before_computing(tmp_path):
+  from iterseg import files  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'file').write_text('not a folder')
+  with pytest.raises(files.WriteError, match='cannot write to'):
+    evaluate.run(settings.from_config(tiny()), str(tmp_path / 'file' / 'run'))
