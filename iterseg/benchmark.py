@@ -64,7 +64,7 @@ def networks_for_benchmark(s: Settings, workdir: Optional[str]):
       trained = checkpoints.load_networks(workdir, s)
     except (ValueError, OSError) as e:  # No workdir, another config.
       print(f'No trained weights used ({str(e).splitlines()[0][:200]}); timing random weights.')
-  randoms = inference.init_params(s.config, jax.random.key(s.seed))
+  randoms = inference.random_networks(s.spec, jax.random.key(s.seed))
   stage2 = {n: trained.stage2.get(n) for n in s.train.num_patches_list}
   nets = Networks(
       baseline=randoms.baseline if trained.baseline is None else trained.baseline,

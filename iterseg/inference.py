@@ -227,7 +227,11 @@ stage1_only = jax.jit(lambda params, images, spec: stage1(params, normalize(imag
 
 def init_params(config, rng) -> Networks:
   """Random Networks for `config`: baseline, stage 1, and stage 2 at config.num_patches."""
-  spec = settings.from_config(config).spec
+  return random_networks(settings.from_config(config).spec, rng)
+
+
+def random_networks(spec: Spec, rng) -> Networks:
+  """Random Networks for `spec`: baseline, stage 1, and stage 2 at spec.num_patches."""
   keys = jax.random.split(rng, 3)
   return Networks(baseline=init_unet(keys[0], spec, 3), stage1=init_unet(keys[1], spec, 3),
                   stage2={spec.num_patches: init_unet(keys[2], spec, spec.stage2_in_channels)})

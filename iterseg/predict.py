@@ -248,7 +248,7 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
   size. Random weights: speed does not depend on them. Written in a temporary folder, then deleted."""
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax.random  # pylint: disable=g-import-not-at-top
-  nets = inference.init_params(s.config, jax.random.key(s.seed))
+  nets = inference.random_networks(s.spec, jax.random.key(s.seed))
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory(prefix='iterseg-predict-') as folder:
     inputs = Path(folder) / 'in'
