@@ -105,9 +105,10 @@ def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray, num_patche
   """uint8 [h, w, 3]: foreground tinted (binary: green; classes: one colour each) and the refined
   patches (grid indices, row-major) of the Np x Np grid outlined, scaled to the image's own size."""
   h, w = mask.shape
-  tint = TINTS[(mask.astype(np.int64) - 1) % len(TINTS)]
-  fg = (mask > 0)[..., None]
-  out = np.where(fg, (1 - alpha) * image + alpha * tint, image).round().astype(np.uint8)
+  out = image.copy()
+  fg = mask > 0  # Only the foreground pixels are blended (the rest is copied as it is).
+  tint = TINTS[(mask[fg].astype(np.int64) - 1) % len(TINTS)]
+  out[fg] = ((1 - alpha) * image[fg] + alpha * tint).round().astype(np.uint8)
   pil = Image.fromarray(out)
   draw = ImageDraw.Draw(pil)
   line = max(1, round(min(h, w) / 256))
