@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.benchmark.repeats = 10  # Timed calls per measurement (after one warm-up); the median is kept.
   c.benchmark.sliding_window = config_dict.placeholder(bool)  # Also time every patch through
   # stage 2. None: on CPU up to Np = 8 only (slow past it), everywhere else for every Np.
-  c.benchmark.max_seconds = 240.0  # Time budget: what would not fit is skipped (and reported).
+  c.benchmark.max_seconds = 180.0  # Time budget: what would not fit is skipped (and reported).
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ''  # An image file or a folder of images (any size, any format Pillow reads).
   c.predict.output = ''  # Where masks, probability maps and overlays go ('' = <workdir>/predictions).

@@ -48,7 +48,9 @@ def run(mode: str, config, workdir: str, *, hooks=()):
       return evaluate.run(s, workdir)
     if mode == 'benchmark':
       from iterseg import benchmark, predict  # pylint: disable=g-import-not-at-top
-      return benchmark.run(s, workdir, predict_throughput=lambda: predict.throughput(s))
+      images = 16 if jax.default_backend() == 'cpu' else 64
+      return benchmark.run(s, workdir,
+                           predict_throughput=lambda: predict.throughput(s, num_images=images))
     if mode == 'ablate':
       from iterseg import ablation  # pylint: disable=g-import-not-at-top
       return ablation.run(s, workdir)

@@ -386,7 +386,7 @@ def from_config(config) -> Settings:
       benchmark=BenchmarkPlan(batch_sizes=batch_sizes, repeats=r.int('benchmark.repeats', 1),
                               sliding_window=sliding,
                               max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True,
-                                                  default=240.0)),
+                                                  default=180.0)),
       predict=predict, refine_count=refine_count, ablation_features=_features(r),
       calibrate=_calibrate_plan(r, score_range(score, num_classes),
                                 max(n * n for n in {num_patches, *nps})),
