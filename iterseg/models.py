@@ -11,6 +11,33 @@ the logits are cropped back, so 768 / 16 = 48 or 97 x 131 are fine.
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
+
+
+class UpConv(nn.Module):
+  """nn.ConvTranspose(features, (3, 3), strides=(2, 2)) with the same parameters and result.
+
+  On inputs of side <= 2 (the deepest level of a 48- or 64-px patch with 5 levels) XLA:CPU runs the
+  lhs-dilated convolution of lax.conv_transpose at ~0.2 GFLOP/s, 60x slower than inserting the zeros
+  explicitly and running a plain convolution; on larger inputs the built-in one is faster. Both sum
+  the same products (results agree to float rounding).
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    if max(x.shape[1:3]) > 2:
+      y = lax.conv_transpose(x, kernel, (2, 2), 'SAME', dimension_numbers=dn)
+    else:
+      b, h, w, c = x.shape
+      dilated = jnp.zeros((b, 2 * h - 1, 2 * w - 1, c), x.dtype).at[:, ::2, ::2].set(x)
+      pad = (2, 1)  # What lax.conv_transpose pads for kernel 3, stride 2, 'SAME': output side 2h.
+      y = lax.conv_general_dilated(dilated, kernel, (1, 1), (pad, pad), dimension_numbers=dn)
+    return y + bias
 
 
 class UNet(nn.Module):
@@ -36,7 +63,7 @@ class UNet(nn.Module):
 
     for i in reversed(range(self.depth)):
       channels = max(self.width * 2 ** i // 2, 1)
-      y = nn.relu(nn.ConvTranspose(channels, (3, 3), strides=(2, 2), name=f'up{i}')(y))
+      y = nn.relu(UpConv(channels, name=f'up{i}')(y))
       y = jnp.concatenate([y, skips.pop()], axis=-1)
 
     y = nn.Conv(self.num_classes, (1, 1), name='head')(y)

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from iterseg import models
 
@@ -46,3 +47,15 @@ def test_probabilities_sigmoid_for_one_class_softmax_for_more():
   np.testing.assert_allclose(models.probabilities(jnp.zeros((2, 1))), 0.5)
   p = models.probabilities(jnp.array([[0.0, 0.0, jnp.log(2.0)]]))
   np.testing.assert_allclose(p, [[0.25, 0.25, 0.5]], rtol=1e-6)
+
+
+@pytest.mark.parametrize('side', [1, 2, 3, 5])
+def test_upconv_is_flax_conv_transpose_with_the_same_parameters(side):
+  width = side if side <= 2 else side + 1  # Side <= 2 takes the explicit-zeros path.
+  x = jax.random.normal(jax.random.key(0), (3, side, width, 16))
+  ours = models.UpConv(8)
+  theirs = nn.ConvTranspose(8, (3, 3), strides=(2, 2))
+  params = ours.init(jax.random.key(1), x)
+  reference = theirs.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params, reference)  # Same names, shapes, values.
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=1e-5, rtol=1e-5)
