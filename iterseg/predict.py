@@ -126,7 +126,7 @@ def _tmp(path: Path) -> Path:
 
 def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_patches: int, *,
                  outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
-                 compression: int = 1) -> dict:
+                 compression: int = 0) -> dict:
   """Writes the selected outputs of one image; returns {kind: path}. All of them take their final
   names together, once every one is complete, so a failure leaves the previous ones as they were."""
   probs, mask = result['probs'], result['mask']
@@ -138,8 +138,9 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_p
   tmps = {kind: _tmp(p) for kind, p in paths.items()}
   png = {'format': 'PNG', 'compress_level': compression}
   try:
-    if 'mask' in paths:
-      Image.fromarray(mask * np.uint8(255) if binary else mask).save(tmps['mask'], **png)
+    if 'mask' in paths:  # At least level 1: 2 ms, and 100x smaller than stored.
+      Image.fromarray(mask * np.uint8(255) if binary else mask).save(
+          tmps['mask'], format='PNG', compress_level=max(compression, 1))
     if 'probs' in paths and binary:
       Image.fromarray(np.round(probs[..., 0] * 65535).astype(np.uint16)).save(tmps['probs'], **png)
     elif 'probs' in paths:
@@ -176,7 +177,7 @@ def _chunks(items: Sequence, size: int):
 
 def predict_files(nets: inference.Networks, spec: Spec, paths: Sequence[Path], output, *,
                   batch_size: int = 8, outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
-                  compression: int = 1, workers: Optional[int] = None,
+                  compression: int = 0, workers: Optional[int] = None,
                   progress: bool = True) -> list:
   """Segments every file and writes its outputs into `output`; one record per file, in order:
   {'input', 'height', 'width', 'refined_patches', <kind>: path} or {'input', 'error'}.

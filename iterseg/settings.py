@@ -376,7 +376,7 @@ def from_config(config) -> Settings:
   predict = PredictPlan(
       input=r.str('predict.input'), output=r.str('predict.output'),
       batch_size=r.int('predict.batch_size', 1, default=8), outputs=tuple(dict.fromkeys(outputs)),
-      png_compression=r.int('predict.png_compression', 0, 9, default=1))
+      png_compression=r.int('predict.png_compression', 0, 9, default=0))
   if predict.input and predict.output and _same_path(predict.input, predict.output):
     r.fail('predict.output', predict.output, 'it must differ from config.predict.input, or the '
            'next run would segment its own outputs')
