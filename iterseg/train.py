@@ -29,7 +29,7 @@ import optax
 from jax import lax
 from tqdm import tqdm
 
-from iterseg import augment, checkpoints, files, inference, losses, state
+from iterseg import augment, checkpoints, files, inference, losses, settings, state
 from iterseg.data import pipeline
 from iterseg.settings import Settings, Spec, TrainPlan
 
@@ -381,8 +381,7 @@ def check_resumable(s: Settings, workdir: str):
   """CheckpointError, before anything is written, if the workdir's networks were trained with
   another geometry."""
   if checkpoints.trained_networks(workdir) and os.path.exists(os.path.join(workdir, 'config.json')):
-    from iterseg import settings as settings_lib  # pylint: disable=g-import-not-at-top
-    saved = settings_lib.from_config(checkpoints.read_config(workdir))
+    saved = settings.from_config(checkpoints.read_config(workdir))
     checkpoints.check_same_geometry(s, saved, workdir)
 
 

@@ -76,20 +76,22 @@ def test_pixels_outside_refined_patches_equal_coarse_exactly(tiny_config):
   assert not np.array_equal(np.asarray(pred.probs)[~outside], np.asarray(pred.coarse)[~outside])
 
 
-@pytest.mark.parametrize('uses_coarse', [True, False])
-def test_a_refined_patch_equals_stage2_run_by_hand(uses_coarse):
-  config = tiny(stage2_uses_coarse=uses_coarse)
+@pytest.mark.parametrize('uses_coarse, halo', [(True, 0), (False, 0), (True, 4), (False, 4)])
+def test_a_refined_patch_equals_stage2_run_by_hand_on_the_patch_and_its_neighbourhood(uses_coarse,
+                                                                                      halo):
+  config = tiny(stage2_uses_coarse=uses_coarse, halo=halo)
   params = iterseg.init_params(config, jax.random.key(3))
   images = jax.random.uniform(jax.random.key(4), (2, 64, 64, 3))
   pred = iterseg.infer(params, images, config)
   s, unet = 16, models.UNet(1, config.model.width, config.model.depth)
+  inputs = jnp.concatenate([images, pred.coarse], -1) if uses_coarse else images
+  padded = jnp.pad(inputs, ((0, 0), (halo, halo), (halo, halo), (0, 0)))  # Zeros past the border.
   for b in range(2):
     for idx in np.flatnonzero(pred.refined[b]):
       r, c = divmod(int(idx), 4)
-      patch = images[b:b + 1, r * s:(r + 1) * s, c * s:(c + 1) * s]
-      if uses_coarse:
-        patch = jnp.concatenate([patch, pred.coarse[b:b + 1, r * s:(r + 1) * s, c * s:(c + 1) * s]], -1)
-      expected = models.probabilities(unet.apply({'params': params.stage2[4]}, patch))[0]
+      window = padded[b:b + 1, r * s:r * s + s + 2 * halo, c * s:c * s + s + 2 * halo]
+      expected = models.probabilities(unet.apply({'params': params.stage2[4]}, window))[
+          0, halo:halo + s, halo:halo + s]
       np.testing.assert_allclose(pred.probs[b, r * s:(r + 1) * s, c * s:(c + 1) * s], expected,
                                  atol=1e-5)
 
@@ -241,21 +243,3 @@ def test_a_pooled_budget_gives_hard_images_more_patches(setup):
   counts = np.asarray(pred.refined).sum(1)
   assert counts.sum() == 6 and counts[0] > 3 and counts[1] < 3
   assert set(np.flatnonzero(pred.refined[0])) <= wanted[0]
-
-
-@pytest.mark.parametrize('halo', [0, 4])
-def test_with_a_halo_refined_patches_equal_stage2_on_the_patch_and_its_neighbourhood(halo):
-  config = tiny(halo=halo)
-  params = iterseg.init_params(config, jax.random.key(3))
-  images = jax.random.uniform(jax.random.key(4), (1, 64, 64, 3))
-  pred = iterseg.infer(params, images, config)
-  s, unet = 16, models.UNet(1, config.model.width, config.model.depth)
-  padded = jnp.pad(jnp.concatenate([images, pred.coarse], -1),
-                   ((0, 0), (halo, halo), (halo, halo), (0, 0)))
-  for idx in np.flatnonzero(pred.refined[0]):
-    r, c = divmod(int(idx), 4)
-    window = padded[:, r * s:r * s + s + 2 * halo, c * s:c * s + s + 2 * halo]
-    expected = models.probabilities(unet.apply({'params': params.stage2[4]}, window))[
-        0, halo:halo + s, halo:halo + s]
-    np.testing.assert_allclose(pred.probs[0, r * s:(r + 1) * s, c * s:(c + 1) * s], expected,
-                               atol=1e-5)
