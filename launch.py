@@ -8,12 +8,14 @@ import os
 import re
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from iterseg.settings import MODES
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(_HERE, 'configs', 'demo.py')
-MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate')
 
 # No default here: ml_collections would load it (and check the --config.* overrides) at import,
 # where a mistake is a traceback. `parse_flags` gives --config=DEFAULT_CONFIG when it is absent.
@@ -40,9 +42,14 @@ def parse_flags(argv):
     sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv.
   try:
     rest = FLAGS(argv)
-    FLAGS.config.get('seed')  # A config file that failed to load raises only when first used.
+    config = FLAGS.config  # A config file that failed to load raises only when first used.
   except Exception as e:  # pylint: disable=broad-except
     sys.exit(f'iterseg: error: {_flag_error(e, argv)}')
+  if not isinstance(config, ml_collections.ConfigDict):
+    path = config_flags.get_config_filename(FLAGS['config'])
+    sys.exit(f'iterseg: error: {path}: get_config() returned {type(config).__name__}, not an '
+             f'ml_collections.ConfigDict (start from configs/default.py: c = default.get_config(); '
+             f'...; return c).')
   return rest
 
 
@@ -87,7 +94,7 @@ def main(argv):
   from iterseg import cli  # noqa: E402  (the modes, as library functions)
   try:
     cli.run(FLAGS.mode, config, workdir)
-  except cli.user_errors() as e:  # One clear line instead of a traceback; --verbosity=1 shows it.
+  except cli.USER_ERRORS as e:  # One clear line instead of a traceback (--verbosity=1 logs it).
     logging.debug('Traceback:', exc_info=True)
     sys.exit(f'iterseg: error: {" ".join(str(e).split())}')
   except KeyboardInterrupt:  # Outside training (which saves first): nothing to save.

@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine_count = config_dict.placeholder(int)  # Patches refined per image; None = Np (authors).
   c.score = 'entropy'  # Patch uncertainty: 'entropy' | 'margin' | 'distance' (authors).
   c.stage2_uses_coarse = True  # Stage 2 also sees the stage-1 probabilities (False = authors).
-  c.threshold = config_dict.placeholder(float)  # A chosen patch scoring below this is not refined.
+  c.threshold = config_dict.placeholder(float)  # A chosen patch scoring below this keeps stage 1's
+  # probabilities. Stage 2 still runs on all refine_count patches: it changes the result, not the cost.
   c.halo = 0  # Stage 2 sees each patch with this many real neighbouring pixels; only the centre is
   # written back (the U-Net paper's overlap-tile). 0 = bare patches (authors).
   c.refine_budget = 'image'  # 'image': refine_count patches per image (authors); 'batch': the

@@ -21,23 +21,31 @@ from typing import Optional
 
 import jax
 
-from iterseg import checkpoints, evaluate, files, report, settings, train
+from iterseg import checkpoints, evaluate, files, models, report, train
+from iterseg.errors import CheckpointError
 from iterseg.settings import Settings
 
 
 @dataclasses.dataclass(frozen=True)
 class Feature:
+  section: str  # The Settings part that holds the field: 'spec' or 'train'.
   field: str
   off: object
   on: object
   retrains: tuple  # The networks whose weights depend on the feature.
 
+  def value(self, s: Settings):
+    return getattr(getattr(s, self.section), self.field)
+
+  def set(self, s: Settings, value) -> Settings:
+    return s.vary(self.section, **{self.field: value})
+
 
 FEATURES = {
-    'stage2_init': Feature('train.stage2_init', 'random', 'stage1', ('stage2',)),
-    'halo': Feature('halo', 0, 4, ('stage2',)),
-    'refine_budget': Feature('refine_budget', 'image', 'batch', ()),
-    'input_norm': Feature('model.input_norm', 'none', 'standardize',
+    'stage2_init': Feature('train', 'stage2_init', 'random', 'stage1', ('stage2',)),
+    'halo': Feature('spec', 'halo', 0, 4, ('stage2',)),
+    'refine_budget': Feature('spec', 'refine_budget', 'image', 'batch', ()),
+    'input_norm': Feature('spec', 'input_norm', 'none', 'standardize',
                           ('stage1', 'stage2', 'baseline')),
 }
 COLUMNS = (('feature', 'feature', 's'), ('state', 'state', 's'), ('value', 'value', 's'),
@@ -50,22 +58,11 @@ def variants(s: Settings, names) -> list:
   out = []
   for name in names:
     f = FEATURES[name]
-    current = settings.get_field(s.config, f.field)
+    current = f.value(s)
     on = current if current != f.off else f.on
     for state, value in (('off', f.off), ('on', on)):
       out.append((name, state, value, value == current))
   return out
-
-
-def _variant_config(config, field: str, value):
-  config = config.copy_and_resolve_references()
-  *path, leaf = field.split('.')
-  node = config
-  for p in path:
-    node = node[p]
-  with node.ignore_type():
-    node[leaf] = value
-  return config
 
 
 def _two_stage_row(results: dict, num_patches: int) -> Optional[dict]:
@@ -77,7 +74,7 @@ def run(s: Settings, workdir: str) -> dict:
   names = s.ablation_features
   trained = checkpoints.trained_networks(workdir)
   if 'stage1' not in trained:
-    raise checkpoints.CheckpointError(f'{workdir} has no trained stage 1: run --mode=train first.')
+    raise CheckpointError(f'{workdir} has no trained stage 1: run --mode=train first.')
   main = jax.process_index() == 0
   own_results = evaluate.run(s, workdir)
   rows = []
@@ -87,25 +84,24 @@ def run(s: Settings, workdir: str) -> dict:
       results, where = own_results, workdir
     else:
       where = os.path.join(workdir, 'ablation', f'{name}-{state}')
-      vs = settings.from_config(_variant_config(s.config, feature.field, value))
+      vs = feature.set(s, value)
       for network in trained:  # What the feature does not change is copied, not retrained.
-        kind = 'stage2' if network.startswith('stage2') else network
+        kind, _ = models.parse(network)
         target = checkpoints.network_dir(where, network)
         if kind not in feature.retrains and not os.path.exists(target) and main:
           shutil.copytree(checkpoints.network_dir(workdir, network), target)
       if feature.retrains:
         networks = tuple(n for n in vs.train.networks if n in feature.retrains)
-        vs = dataclasses.replace(vs, train=dataclasses.replace(vs.train, networks=networks))
-        train.train(vs, where)
+        train.train(vs.vary('train', networks=networks), where)
       else:
-        checkpoints.save_config(vs.config, where)
+        checkpoints.save_config(vs, where)
       results = evaluate.run(vs, where)
     row = _two_stage_row(results, s.spec.num_patches)
     if row is None:
       continue
     rows.append({'feature': name, 'state': state, 'value': str(value), 'workdir': where,
                  **{k: row.get(k) for k in ('soft_dice', 'hard_dice', 'iou', 'seam_soft_dice',
-                                            'gflops', 'latency_ms')}})
+                                            'gflops')}})
   out = {'num_patches': s.spec.num_patches, 'rows': rows, 'files': []}
   if main:
     from iterseg import plots  # pylint: disable=g-import-not-at-top

@@ -13,8 +13,11 @@ what would not fit, estimated from each method's warm-up call, and the report sa
 
 Weights come from the workdir's checkpoints when it has them and are random (seed) otherwise:
 speed does not depend on their values. Data is never read. Runs on the default device (one device).
+This is the one place that times methods: `latency` serves --mode=calibrate too. When the workdir
+has results.json of the same geometry, its Dice and the measured latency give tradeoff_latency.png.
 """
 
+import json
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -23,8 +26,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, flops, inference, methods, report
-from iterseg.inference import Networks
+from iterseg import checkpoints, files, flops, methods, models, plots, report
+from iterseg.errors import Error
+from iterseg.models import Networks
 from iterseg.settings import Settings
 
 CPU_SLIDING_WINDOW_MAX_NP = 8
@@ -62,19 +66,15 @@ def networks_for_benchmark(s: Settings, workdir: Optional[str]):
   if workdir:
     try:
       trained = checkpoints.load_networks(workdir, s)
-    except (ValueError, OSError) as e:  # No workdir, another config.
+    except (Error, OSError) as e:  # No workdir, another config.
       print(f'No trained weights used ({str(e).splitlines()[0][:200]}); timing random weights.')
-  randoms = inference.random_networks(s.spec, jax.random.key(s.seed))
-  stage2 = {n: trained.stage2.get(n) for n in s.train.num_patches_list}
-  nets = Networks(
-      baseline=randoms.baseline if trained.baseline is None else trained.baseline,
-      stage1=randoms.stage1 if trained.stage1 is None else trained.stage1,
-      stage2={n: p if p is not None else inference.init_unet(
-          jax.random.key(s.seed), s.spec_for(n), s.spec.stage2_in_channels)
-              for n, p in stage2.items()})
-  weights = {'baseline': 'random' if trained.baseline is None else 'trained',
-             'stage1': 'random' if trained.stage1 is None else 'trained',
-             **{f'stage2_np{n}': 'random' if p is None else 'trained' for n, p in stage2.items()}}
+  nps = s.train.num_patches_list
+  randoms = models.random_networks(s.spec, jax.random.key(s.seed), nps)
+  nets = Networks(**{network: trained.get(network) or randoms.get(network)
+                     for network in ('stage1', 'baseline')},
+                  stage2={n: trained.stage2.get(n) or randoms.stage2[n] for n in nps})
+  weights = {name: 'trained' if trained.get(name) is not None else 'random'
+             for name in nets.names()}
   return nets, weights
 
 
@@ -82,6 +82,15 @@ def _timed_call(fn: Callable, images) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn(images))
   return time.perf_counter() - start
+
+
+def latency(method: methods.Method, images, repeats: int) -> float:
+  """Seconds per image of `method` on the batch `images`: the median of `repeats` blocked calls,
+  after one call that compiles."""
+  compiled = method.lower(images).compile()
+  fn = lambda x: compiled(method.params, x)
+  _timed_call(fn, images)
+  return float(np.median([_timed_call(fn, images) for _ in range(repeats)])) / len(images)
 
 
 def benchmark(comparison: Sequence[methods.Method], *, batch_sizes: Sequence[int], hi_size: int,
@@ -149,6 +158,22 @@ def speedup_summary(rows: Sequence[dict]) -> str:
   return 'two-stage speed-up over the baseline (same run): ' + '; '.join(parts)
 
 
+def plot_with_dice(rows: Sequence[dict], s: Settings, workdir: str) -> Optional[str]:
+  """tradeoff_latency.png: the Dice of <workdir>/results.json (same geometry) against the batch-1
+  latency measured here; None when there is no such results.json."""
+  try:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+    if results.get('geometry') != s.spec.geometry():
+      return None
+    dice = {(r['method'], r['num_patches']): r['soft_dice'] for r in results['rows']}
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  joined = [dict(r, soft_dice=dice[(r['method'], r['num_patches'])]) for r in rows
+            if r['batch_size'] == 1 and (r['method'], r['num_patches']) in dice]
+  return plots.plot_tradeoff(joined, os.path.join(workdir, 'tradeoff_latency.png'), x='latency_ms')
+
+
 def run(s: Settings, workdir: str, *, predict_throughput: Optional[Callable[[], dict]] = None
         ) -> dict:
   """--mode=benchmark: times every method; prints the table; writes <workdir>/benchmark.json.
@@ -173,11 +198,11 @@ def run(s: Settings, workdir: str, *, predict_throughput: Optional[Callable[[], 
   rows, skipped = benchmark(comparison, batch_sizes=what['batch_sizes'], hi_size=s.spec.hi_size,
                             repeats=s.benchmark.repeats, max_seconds=s.benchmark.max_seconds,
                             progress=main)
-  skipped += [f'sliding_window_np{n}: not on {jax.default_backend()} by default (set '
-              f'--config.benchmark.sliding_window=True)' for n in s.train.num_patches_list
+  skipped += [f'{methods.method_key("sliding_window", n)}: not on {jax.default_backend()} by '
+              f'default (set --config.benchmark.sliding_window=True)' for n in s.train.num_patches_list
               if n not in what['sliding_window_nps'] and s.benchmark.sliding_window is None]
   results = {
-      'device': description, 'backend': jax.default_backend(), 'geometry': s.geometry(),
+      'device': description, 'backend': jax.default_backend(), 'geometry': s.spec.geometry(),
       'refine_count': s.refine_count, 'score': s.spec.score, 'threshold': s.spec.threshold,
       'weights': weights, 'repeats': s.benchmark.repeats, 'plan': what, 'skipped': skipped,
       'statistic': 'median over repeats, after 1 warm-up', 'rows': rows,
@@ -192,6 +217,7 @@ def run(s: Settings, workdir: str, *, predict_throughput: Optional[Callable[[], 
     path = os.path.join(workdir, 'benchmark.json')
     files.atomic_write_json(path, results)
     results['file'] = path
+    results['plot'] = plot_with_dice(rows, s, workdir)
     print(speedup_summary(rows))
     for line in skipped:
       print(f'Skipped {line}')

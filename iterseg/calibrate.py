@@ -2,9 +2,12 @@
 
 For each Np with a trained stage 2, every k of `calibrate.refine_counts` (default 1, 2, 4, ... up to
 Np * Np, and Np) and every threshold of `calibrate.thresholds` is measured: soft and hard Dice,
-GFLOPs per image (as `flops.report` counts them: stage1 + k * stage2), latency per image (the median
-blocked call at config.eval.batch_size, after a compiling one) and the refined fraction. The Pareto
-front over (soft Dice higher, GFLOPs lower, latency lower) and the operating point of
+GFLOPs per image (`flops.NetworkFlops.two_stage`: stage1 + k * stage2), latency per image
+(`benchmark.latency`: the median of benchmark.repeats blocked calls on one batch of
+config.eval.batch_size held-out images) and the refined fraction. (A threshold
+changes which of the k patches keep stage 2's result, not the compute: stage 2 runs on all k, so
+every threshold of one k has the same GFLOPs.) The Pareto front over (soft Dice higher, GFLOPs lower,
+latency lower) and the operating point of
 `calibrate.target` are written to <workdir>/calibration.{json,csv,png}:
   'dice_drop': the fewest GFLOPs with soft Dice >= baseline soft Dice - calibrate.max_dice_drop;
   'latency':   the best soft Dice with latency_ms <= calibrate.latency_budget_ms.
@@ -16,7 +19,6 @@ operating points, not an unbiased Dice (for that, train with the holdout exclude
 stays untouched for --mode=evaluate.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -26,9 +28,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from iterseg import checkpoints, evaluate, files, flops, methods, report
-from iterseg.checkpoints import operating_point  # pylint: disable=unused-import  (re-exported)
-from iterseg.inference import Networks
+from iterseg import benchmark, checkpoints, evaluate, files, flops, methods, report
+from iterseg.errors import CheckpointError, DataError
+from iterseg.models import Networks
 from iterseg.settings import CalibratePlan, Settings
 
 DICE_EPS = 1e-9  # Float slack of the 'dice_drop' rule (0.8 - 0.01 > 0.79 in binary floats).
@@ -55,11 +57,14 @@ def refine_counts(num_patches: int, configured: Optional[Sequence[int]] = None) 
   return sorted({2 ** i for i in range(cells.bit_length()) if 2 ** i <= cells} | {num_patches})
 
 
-def measure(method: methods.Method, batches: Sequence[dict], num_classes: int) -> dict:
-  """{'soft_dice', 'hard_dice', 'refined_fraction', 'latency_s'} of `method`, as evaluate measures
-  them (`evaluate.evaluate` on the batches)."""
+def measure(method: methods.Method, batches: Sequence[dict], num_classes: int,
+            repeats: int) -> dict:
+  """{'soft_dice', 'hard_dice', 'refined_fraction'} of `method` as evaluate measures them on the
+  batches, and 'latency_ms' per image as the benchmark times it on the first batch."""
   e = evaluate.evaluate([method], batches, num_classes, progress=False)['methods'][method.key]
-  return {k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction', 'latency_s')}
+  latency = benchmark.latency(method, batches[0]['image'], repeats)
+  return {**{k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction')},
+          'latency_ms': latency * 1e3}
 
 
 def dominates(a: dict, b: dict) -> bool:
@@ -162,17 +167,17 @@ def run(s: Settings, workdir: str) -> dict:
   nets = checkpoints.load_networks(workdir, s)
   nps = sorted(nets.stage2) if nets.stage1 is not None else []
   if not nps:
-    raise checkpoints.CheckpointError(
-        f'{workdir} has no trained stage 1 with a stage 2 (networks: {nets.trained()}): nothing to '
+    raise CheckpointError(
+        f'{workdir} has no trained stage 1 with a stage 2 (networks: {nets.names()}): nothing to '
         f'calibrate; train them with --mode=train.')
   if plan.target == 'dice_drop' and nets.baseline is None:
-    raise checkpoints.CheckpointError(
+    raise CheckpointError(
         f"config.calibrate.target='dice_drop' compares with the baseline, which {workdir} lacks: "
         f"train it, or use calibrate.target='latency'.")
   source = data.load_split(s.data, 'train')
   indices = holdout_indices(len(source), plan.holdout, s.seed)
   if not len(indices):
-    raise ValueError(f'no training images to calibrate on: the train split of {s.data.name} is '
+    raise DataError(f'no training images to calibrate on: the train split of {s.data.name} is '
                      f'empty; check config.data.')
   batch_size = min(s.eval.batch_size, len(indices))
   batches = list(pipeline.eval_batches([source[int(i)] for i in indices], batch_size))
@@ -180,30 +185,22 @@ def run(s: Settings, workdir: str) -> dict:
   sweep = [(n, k, t) for n in nps for k in refine_counts(n, plan.refine_counts)
            for t in plan.thresholds]
   if not sweep:
-    raise ValueError(f'config.calibrate.refine_counts={plan.refine_counts} has no count <= Np*Np '
+    raise CheckpointError(f'config.calibrate.refine_counts={plan.refine_counts} has no count <= Np*Np '
                      f'for the trained Np {nps}: nothing to sweep.')
-  # GFLOPs as `flops.report` counts them (stage1 + k * stage2), without compiling every two-stage.
-  stage1_flops = flops.unet_flops(s.spec, s.spec.stage1_size, 3)
-  stage2_flops = {n: flops.unet_flops(sn, sn.patch_size + 2 * sn.halo, sn.stage2_in_channels)
-                  for n, sn in ((n, s.spec_for(n)) for n in nps)}
+  counts = flops.network_flops(s, nps)  # Without compiling every two-stage.
+  repeats = s.benchmark.repeats
 
   baseline = None
   if nets.baseline is not None:
-    e = measure(methods.methods(Networks(baseline=nets.baseline), s)[0], batches, classes)
-    baseline = {'soft_dice': e['soft_dice'],
-                'gflops': flops.unet_flops(s.spec, s.spec.hi_size, 3) / 1e9,
-                'latency_ms': e['latency_s'] * 1e3}
+    e = measure(methods.methods(Networks(baseline=nets.baseline), s)[0], batches, classes, repeats)
+    baseline = {'soft_dice': e['soft_dice'], 'gflops': counts.baseline / 1e9,
+                'latency_ms': e['latency_ms']}
   points = []
   for n, k, t in tqdm(sweep, desc='calibrate', unit='point', disable=not main):
-    spec = dataclasses.replace(s.spec_for(n), refine_count=k, threshold=t)
-    method = methods.Method('two_stage', n, methods.two_stage_probs,
-                            Networks(stage1=nets.stage1, stage2={n: nets.stage2[n]}), spec)
-    e = measure(method, batches, classes)
-    points.append({
-        'num_patches': n, 'refine_count': k, 'threshold': t, 'soft_dice': e['soft_dice'],
-        'hard_dice': e['hard_dice'],
-        'gflops': (stage1_flops + k * stage2_flops[n]) / 1e9,
-        'latency_ms': e['latency_s'] * 1e3, 'refined_fraction': e['refined_fraction']})
+    spec = s.at_operating_point({'num_patches': n, 'refine_count': k, 'threshold': t}).spec
+    e = measure(methods.two_stage(nets, spec), batches, classes, repeats)
+    points.append({'num_patches': n, 'refine_count': k, 'threshold': t, **e,
+                   'gflops': counts.two_stage(spec) / 1e9})
   front = pareto_front(points)
   chosen = choose(points, None if baseline is None else baseline['soft_dice'], plan)
   result = {
@@ -212,7 +209,7 @@ def run(s: Settings, workdir: str) -> dict:
           k: chosen[k] for k in ('num_patches', 'refine_count', 'threshold')},
       'num_images': len(indices),
       'holdout': {'fraction': plan.holdout, 'seed': s.seed, 'split': 'train'},
-      'geometry': s.geometry(),
+      'geometry': s.spec.geometry(),
   }
   if main:
     paths = [os.path.join(workdir, f'calibration.{ext}') for ext in ('json', 'csv', 'png')]

@@ -11,23 +11,39 @@ mid-write leaves no step that looks complete; `restore_latest` takes the newest 
 """
 
 import json
+import logging as std_logging
 import os
-import re
 from typing import Optional
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from iterseg import files, inference, settings, state
-from iterseg.configs import default as default_config
+from iterseg import files, models, settings, state
+from iterseg.errors import CheckpointError
+from iterseg.models import Networks
+from iterseg.settings import Settings
 
 
-class CheckpointError(ValueError):
-  """A checkpoint is missing, damaged, incomplete, or belongs to another config."""
+class _QuietFailedReads(std_logging.Filter):
+  """Drops the log records that orbax's worker threads and asyncio write when a read or write of a
+  checkpoint fails, tracebacks included: the same error reaches the caller, who turns it into one
+  CheckpointError or TrainingError line. Only at the default verbosity (--verbosity=1 shows all)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if logging.get_verbosity() >= logging.INFO:
+      return True
+    message = str(record.msg)
+    orbax_thread = (record.pathname.endswith(os.path.join('futures', 'future.py')) and
+                    'raised an exception' in message)
+    unretrieved = record.name == 'asyncio' and 'exception was never retrieved' in message
+    return not (orbax_thread or unretrieved)
+
+
+for _name in ('absl', 'asyncio'):
+  std_logging.getLogger(_name).addFilter(_QuietFailedReads())
 
 
 def network_dir(workdir: str, name: str) -> str:
@@ -119,8 +135,9 @@ def _on_this_host(x) -> jax.ShapeDtypeStruct:
 # --- What a workdir holds -----------------------------------------------------------------------------
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The workdir's config.json, completed with today's defaults for fields it predates."""
+def read_settings(workdir: str) -> Settings:
+  """The Settings of the workdir's config.json, completed with today's defaults for fields it
+  predates; CheckpointError naming the file if it is missing or cannot be read."""
   path = os.path.join(os.path.expanduser(workdir), 'config.json')
   if not os.path.exists(path):
     raise CheckpointError(f'{path} not found: {workdir} is not a trained workdir '
@@ -133,20 +150,19 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, ValueError) as e:
     raise CheckpointError(f'{path} cannot be read ({" ".join(str(e).split())[:120]}): restore it '
                           f'from a backup, or delete the workdir and train again.') from e
-  return settings.complete(saved, default_config.get_config())
+  return settings.from_json(saved)
 
 
-def save_config(config, workdir: str):
+def save_config(s: Settings, workdir: str):
   """The resolved config beside the metrics: <workdir>/config.json (process 0 only)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    files.atomic_write_text(os.path.join(workdir, 'config.json'),
-                            config.to_json_best_effort(indent=2))
+    files.atomic_write_json(os.path.join(workdir, 'config.json'), settings.to_dict(s), indent=2)
 
 
-def check_same_geometry(current: settings.Settings, saved: settings.Settings, workdir: str = ''):
+def check_same_geometry(current: Settings, saved: Settings, workdir: str = ''):
   """CheckpointError unless both agree on what the weights depend on (settings.GEOMETRY)."""
-  ours, theirs = current.geometry(), saved.geometry()
+  ours, theirs = current.spec.geometry(), saved.spec.geometry()
   for field in settings.GEOMETRY:
     if ours[field] != theirs[field]:
       raise CheckpointError(
@@ -205,13 +221,13 @@ def check_finished(workdir: str, names, *, strict: bool) -> list:
   return unfinished
 
 
-def load_network(workdir: str, name: str, s: settings.Settings):
+def load_network(workdir: str, name: str, s: Settings):
   """The parameters of network `name` ('stage1', 'stage2_np8', 'baseline') at its latest step."""
   path = network_dir(workdir, name)
   if not _has_step(path):
     raise CheckpointError(f'no checkpoint of {name} in {path}; train it first.')
-  network, _, n = name.partition('_np')
-  spec = s.spec_for(int(n)) if n else s.spec
+  network, n = models.parse(name)
+  spec = s.spec_for(n) if n else s.spec
   template = jax.eval_shape(lambda: state.create_train_state(s.train, spec, network))
   mngr = ocp.CheckpointManager(path)
   try:
@@ -220,29 +236,35 @@ def load_network(workdir: str, name: str, s: settings.Settings):
     mngr.close()
 
 
-def load_networks(workdir: str, current: Optional[settings.Settings] = None, *,
-                  num_patches=None, strict: bool = False) -> inference.Networks:
+def trained_num_patches(workdir: str) -> list:
+  """The Np of every stage 2 trained in `workdir`, sorted."""
+  return sorted(n for network, n in map(models.parse, trained_networks(workdir))
+                if network == 'stage2')
+
+
+def load_networks(workdir: str, current: Optional[Settings] = None, *,
+                  num_patches=None, strict: bool = False) -> Networks:
   """Every network trained in `workdir` (or stage 2 only at `num_patches`), as Networks.
 
   `current` (the settings of the command) must agree with the saved config on the geometry.
   A network whose training did not finish is a warning, or a CheckpointError when `strict`.
   """
-  saved = settings.from_config(read_config(workdir))
+  saved = read_settings(workdir)
   if current is not None:
     check_same_geometry(current, saved, workdir)
   names = trained_networks(workdir)
-  nps = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r'stage2_np(\d+)', n)))
+  nps = trained_num_patches(workdir)
   if num_patches is not None:
     nps = [n for n in nps if n in set(num_patches)]
   if not {'stage1', 'baseline'} & set(names):
     raise CheckpointError(f'no trained network in {network_dir(workdir, "")}: run '
                           f'`python launch.py --mode=train --workdir={workdir}` first.')
-  chosen = [n for n in ('stage1', 'baseline') if n in names] + [f'stage2_np{n}' for n in nps]
+  chosen = [n for n in ('stage1', 'baseline') if n in names] + [models.name('stage2', n)
+                                                                 for n in nps]
   check_finished(workdir, chosen, strict=strict)
-  return inference.Networks(
-      stage1=load_network(workdir, 'stage1', saved) if 'stage1' in names else None,
-      baseline=load_network(workdir, 'baseline', saved) if 'baseline' in names else None,
-      stage2={n: load_network(workdir, f'stage2_np{n}', saved) for n in nps})
+  return Networks(**{network: (load_network(workdir, network, saved) if network in names else None)
+                     for network in ('stage1', 'baseline')},
+                  stage2={n: load_network(workdir, models.name('stage2', n), saved) for n in nps})
 
 
 def operating_point(workdir: str) -> Optional[dict]:
@@ -256,13 +278,31 @@ def operating_point(workdir: str) -> Optional[dict]:
     return None
 
 
-def with_operating_point(config, point: dict) -> ml_collections.ConfigDict:
-  """A copy of `config` at the calibrated operating point."""
-  config = config.copy_and_resolve_references()
-  for key in ('num_patches', 'refine_count', 'threshold'):
-    with config.ignore_type():
-      config[key] = point[key]
-  return config
+def inference_settings(workdir: str, s: Optional[Settings] = None,
+                       num_patches: Optional[int] = None, *, fallback: bool = True) -> Settings:
+  """The settings two-stage inference with `workdir`'s networks runs at.
+
+  `s` (default: the workdir's config.json) at the operating point of --mode=calibrate when the
+  workdir has one and `num_patches` is None or its Np; else at Np = `num_patches`, or s's Np if a
+  stage 2 is trained there, else (with `fallback`) the largest trained Np. CheckpointError if that
+  stage 2 is missing.
+  """
+  saved = read_settings(workdir)  # CheckpointError first if workdir was never trained.
+  s = saved if s is None else s
+  trained = trained_num_patches(workdir)
+  if not trained:
+    raise CheckpointError(f'{workdir} has no trained stage 2 (networks: '
+                          f'{trained_networks(workdir) or "none"}): train it with --mode=train '
+                          f'(config.train.networks includes "stage2").')
+  point = operating_point(workdir)
+  if point is not None and num_patches in (None, point['num_patches']):
+    s = s.at_operating_point(point)  # What --mode=calibrate chose.
+  elif num_patches is not None or (fallback and s.spec.num_patches not in trained):
+    s = s.vary('spec', num_patches=max(trained) if num_patches is None else int(num_patches))
+  if s.spec.num_patches not in trained:
+    raise CheckpointError(f'no stage 2 trained for Np={s.spec.num_patches} in {workdir} (trained: '
+                          f'{trained}); set --config.num_patches (or num_patches=) to one of them.')
+  return s
 
 
 def load(workdir: str, num_patches: Optional[int] = None, *, partial: bool = False):
@@ -270,24 +310,10 @@ def load(workdir: str, num_patches: Optional[int] = None, *, partial: bool = Fal
 
   Stage 2 at `num_patches` (default: the calibrated operating point of --mode=calibrate when the
   workdir has one, which also sets refine_count and threshold; else config.num_patches if trained,
-  else the largest trained Np); config.num_patches is set to it. A workdir without stage 2 is an error (it cannot run the
-  two-stage method), and so is a network whose training did not finish unless partial=True.
+  else the largest trained Np); config.num_patches is set to it. A workdir without stage 2 is an
+  error (it cannot run the two-stage method), and so is a network whose training did not finish
+  unless partial=True.
   """
-  config = read_config(workdir)
-  point = operating_point(workdir)
-  if point is not None and num_patches in (None, point['num_patches']):
-    config = with_operating_point(config, point)  # What --mode=calibrate chose.
-    num_patches = point['num_patches']
-  trained = [int(m.group(1)) for n in trained_networks(workdir)
-             if (m := re.fullmatch(r'stage2_np(\d+)', n))]
-  if not trained:
-    raise CheckpointError(f'{workdir} has no trained stage 2 (networks: '
-                          f'{trained_networks(workdir) or "none"}): train it with --mode=train '
-                          f'(config.train.networks includes "stage2").')
-  if num_patches is None:
-    num_patches = config.num_patches if config.num_patches in trained else max(trained)
-  if num_patches not in trained:
-    raise CheckpointError(f'no stage 2 trained for Np={num_patches} in {workdir}; trained: '
-                          f'{sorted(trained)}.')
-  config.num_patches = int(num_patches)
-  return load_networks(workdir, num_patches=[num_patches], strict=not partial), config
+  s = inference_settings(workdir, num_patches=num_patches)
+  nets = load_networks(workdir, num_patches=[s.spec.num_patches], strict=not partial)
+  return nets, settings.to_config(s)

@@ -1,31 +1,24 @@
 """The modes of launch.py, each a library function of (Settings, workdir).
 
 The config is read and checked here, once (`settings.from_config`), before anything is written;
-train, evaluate, benchmark and calibrate hold the workdir's lock while they run.
+train, evaluate, benchmark, calibrate and ablate hold the workdir's lock while they run. Imports
+nothing heavy at import time, so that launch.py's --help stays quick.
 """
 
-import jax
+from iterseg import errors, files, lock, settings
+from iterseg.settings import MODES
 
-from iterseg import files, settings
-from iterseg.data.common import DataError
-
-MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate')
-LOCKED = ('train', 'evaluate', 'benchmark', 'calibrate', 'ablate')
-
-
-def user_errors() -> tuple:
-  """Errors that mean "the user asked for something that cannot work": shown as one line."""
-  from iterseg import checkpoints, predict, train  # pylint: disable=g-import-not-at-top
-  return (settings.SettingsError, DataError, checkpoints.CheckpointError, train.TrainingError,
-          train.Interrupted, predict.PredictError, files.WriteError, files.LockedError, ValueError,
-          FileNotFoundError, PermissionError)
+# What launch.py shows as one `iterseg: error:` line: errors a user can act on, and the file
+# system's (each names its file). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (errors.Error, OSError)
 
 
 def run(mode: str, config, workdir: str, *, hooks=()):
-  """Runs `mode` ('train' then evaluates; see MODES). `hooks` are extra training hooks."""
+  """Runs `mode` ('train' then evaluates; see settings.MODES). `hooks` are extra training hooks."""
   if mode not in MODES:
-    raise ValueError(f'unknown mode {mode!r}; choose one of {MODES}')
+    raise settings.SettingsError(f'unknown mode {mode!r}; choose one of {MODES}')
   s = settings.from_config(config)
+  import jax  # pylint: disable=g-import-not-at-top
   if mode == 'prepare':
     from iterseg import data  # pylint: disable=g-import-not-at-top
     stats = data.prepare(s.data)
@@ -35,13 +28,13 @@ def run(mode: str, config, workdir: str, *, hooks=()):
   if mode == 'predict':
     from iterseg import predict  # pylint: disable=g-import-not-at-top
     return predict.run(s, workdir)
-  lock = files.WorkdirLock(workdir, enabled=jax.process_index() == 0)
-  if jax.process_index() == 0:
+  main = jax.process_index() == 0
+  if main:
     files.check_writable(workdir)
-  with lock:
+  with lock.WorkdirLock(workdir, enabled=main):
     if mode == 'train':
       from iterseg import evaluate, train  # pylint: disable=g-import-not-at-top
-      train.train(s, workdir, hooks=hooks)
+      train.train(s, workdir, extra_hooks=hooks)
       return evaluate.run(s, workdir)
     if mode == 'evaluate':
       from iterseg import evaluate  # pylint: disable=g-import-not-at-top

@@ -2,17 +2,12 @@
 
 Each method of `methods.methods` is a row of results.json / results.csv, with the metrics of
 `metrics.image_metrics` averaged over the test images (as the authors), `refined_fraction` (the share
-of each image's pixels that stage 2 recomputed, from `Prediction.refined`), GFLOPs per image from XLA
-(`gflops`: the authors' accounting stage1(hi/8) + k * stage2(hi/Np); `gflops_compiled`: the whole
-compiled function), and the latency per image: the batch-1 median of `<workdir>/benchmark.json` when
-that file was written for the same geometry, else timed during this evaluation (median over the
-batches after the first, which pays for compilation). `results['latency_source']` says which.
+of each image's pixels that stage 2 recomputed, from `Prediction.refined`) and GFLOPs per image from
+XLA (`gflops`: the authors' accounting stage1(hi/8) + k * stage2(hi/Np); `gflops_compiled`: the whole
+compiled function). Speed is the benchmark's (--mode=benchmark), measured on its own.
 """
 
-import json
 import math
-import os
-import time
 from typing import Iterable, Optional, Sequence
 
 import jax
@@ -21,17 +16,12 @@ import numpy as np
 from tqdm import tqdm
 
 from iterseg import checkpoints, files, flops, methods, metrics, report
+from iterseg.data import pipeline
 from iterseg.methods import Method
+from iterseg.errors import DataError
 from iterseg.settings import Settings
 
 SEAM = ('seam_soft_dice', 'seam_hard_dice')
-
-
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
-  """Repeats the last row so that a partial last batch has the shape already compiled."""
-  if len(array) == size:
-    return array
-  return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)])
 
 
 def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes: int, *,
@@ -46,24 +36,21 @@ def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes:
   batches: {'image': [b, H, W, 3], 'mask': [b, H, W] ids, 'name' (optional) [b]}, as
   `pipeline.eval_batches` yields them (a partial last batch is padded, so nothing recompiles).
   Returns {'num_images', 'names', 'methods': {key: {metric: mean, 'refined_fraction': mean or None,
-  'per_image': {metric: [values]}, 'latency_s': median blocked call time per image}}}.
+  'per_image': {metric: [values]}}}}.
   """
   keys = metrics.METRICS + SEAM + ('refined_fraction',)
   per_image = {m.key: {k: [] for k in keys} for m in comparison}
   bands = {}
-  call_times = {m.key: [] for m in comparison}
-  names, batch_size, num_images, last = [], None, 0, None
+  names, batch_size, num_images = [], None, 0
   for batch in tqdm(batches, total=total, desc='evaluate', unit='batch', disable=not progress):
     b = len(batch['image'])
     batch_size = batch_size or b
-    images = jnp.asarray(_pad(np.asarray(batch['image']), batch_size))
-    masks = jnp.asarray(_pad(np.asarray(batch['mask']), batch_size))
+    images = jnp.asarray(pipeline.pad_batch(np.asarray(batch['image']), batch_size))
+    masks = jnp.asarray(pipeline.pad_batch(np.asarray(batch['mask']), batch_size))
     names += [str(n) for n in batch['name']] if 'name' in batch else [str(num_images + i)
                                                                        for i in range(b)]
     for m in comparison:
-      start = time.perf_counter()
-      probs, fraction = jax.block_until_ready(m(images))
-      call_times[m.key].append(time.perf_counter() - start)
+      probs, fraction = m(images)
       values = jax.device_get(metrics.image_metrics(probs, masks, num_classes))
       for k in metrics.METRICS:
         per_image[m.key][k] += values[k][:b].tolist()
@@ -77,14 +64,8 @@ def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes:
       if fraction is not None:
         per_image[m.key]['refined_fraction'] += np.asarray(fraction)[:b].tolist()
     num_images += b
-    last = images
   if not num_images:
-    raise ValueError('no images to evaluate: the test split is empty; check config.data.')
-  for m in comparison:  # One batch only: its time included compilation.
-    if len(call_times[m.key]) == 1:
-      start = time.perf_counter()
-      jax.block_until_ready(m(last))
-      call_times[m.key].append(time.perf_counter() - start)
+    raise DataError('no images to evaluate: the test split is empty; check config.data.')
   out = {}
   for m in comparison:
     values = {k: v for k, v in per_image[m.key].items() if v}
@@ -93,31 +74,12 @@ def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes:
         **{k: float(np.mean(v)) for k, v in values.items()},
         'refined_fraction': float(np.mean(fractions)) if fractions else None,
         'per_image': values,
-        'latency_s': float(np.median(call_times[m.key][1:])) / batch_size,
     }
   return {'num_images': num_images, 'names': names, 'methods': out}
 
 
-def benchmark_latencies(workdir: str, s: Settings) -> Optional[dict]:
-  """{method key: seconds per image at batch 1} from <workdir>/benchmark.json, or None if absent or
-  written for another geometry."""
-  path = os.path.join(workdir, 'benchmark.json')
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      bench = json.load(f)
-    if bench['geometry'] != s.geometry():
-      return None
-    return {r['method'] if r['num_patches'] is None else f'{r["method"]}_np{r["num_patches"]}':
-            r['latency_ms'] / 1e3 for r in bench['rows'] if r['batch_size'] == 1}
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
-def make_rows(comparison: Sequence[Method], evaluation: dict, flop_report: dict,
-              latencies: dict) -> list:
-  """One flat row per method: the averaged metrics, GFLOPs per image and latency in ms."""
+def make_rows(comparison: Sequence[Method], evaluation: dict, flop_report: dict) -> list:
+  """One flat row per method: the averaged metrics and GFLOPs per image."""
   rows = []
   for m in comparison:
     e = evaluation['methods'][m.key]
@@ -126,13 +88,11 @@ def make_rows(comparison: Sequence[Method], evaluation: dict, flop_report: dict,
       compiled = flop_report['two_stage_compiled'][m.num_patches]
     else:
       gflops = compiled = flop_report[m.name]
-    latency = latencies.get(m.key)
     rows.append({
         'method': m.name, 'num_patches': m.num_patches, **{k: e[k] for k in metrics.METRICS},
         **{k: e.get(k) for k in SEAM},
         'refined_fraction': e['refined_fraction'], 'gflops': gflops / 1e9,
         'gflops_compiled': None if compiled is None else compiled / 1e9,
-        'latency_ms': None if latency is None else latency * 1e3,
         'num_images': evaluation['num_images']})
   return rows
 
@@ -140,7 +100,7 @@ def make_rows(comparison: Sequence[Method], evaluation: dict, flop_report: dict,
 def run(s: Settings, workdir: str) -> dict:
   """--mode=evaluate: every trained method on the test split; writes results.{json,csv} and plots.
 
-  Returns {'rows', 'latency_source', 'num_images', 'dataset', 'names', 'per_image', 'flops', 'files'}.
+  Returns {'rows', 'num_images', 'dataset', 'names', 'per_image', 'flops', 'files'}.
   """
   from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
   from iterseg.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -156,16 +116,9 @@ def run(s: Settings, workdir: str) -> dict:
                         seam_np=s.spec.num_patches)
   nps = sorted(nets.stage2) if nets.stage1 is not None else []
   flop_report = flops.report(s, nps or [s.spec.num_patches])
-  latencies = benchmark_latencies(workdir, s)
-  if latencies is None:
-    source_note = (f'timed during evaluation: median blocked call per image at batch '
-                   f'{batch_size} on {jax.default_backend()}')
-    latencies = {k: v['latency_s'] for k, v in evaluation['methods'].items()}
-  else:
-    source_note = 'benchmark.json (batch 1)'
-  rows = make_rows(comparison, evaluation, flop_report, latencies)
+  rows = make_rows(comparison, evaluation, flop_report)
   results = {
-      'rows': rows, 'latency_source': source_note, 'num_images': evaluation['num_images'],
+      'rows': rows, 'num_images': evaluation['num_images'], 'geometry': s.spec.geometry(),
       'dataset': s.data.name, 'names': evaluation['names'],
       'per_image': {k: v['per_image'] for k, v in evaluation['methods'].items()},
       'flops': {'baseline': flop_report['baseline'], 'stage1': flop_report['stage1'],
@@ -174,8 +127,8 @@ def run(s: Settings, workdir: str) -> dict:
   }
   if main:
     results['files'] = report.write_results(results, workdir)
-    print(f'Test split of {s.data.name}: {evaluation["num_images"]} images. '
-          f'Latency: {source_note}.')
+    print(f'Test split of {s.data.name}: {evaluation["num_images"]} images (speed: '
+          f'--mode=benchmark).')
     print(report.format_table(rows, report.EVALUATION_COLUMNS))
     print('Wrote ' + ', '.join(results['files']))
   return results

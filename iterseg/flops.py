@@ -1,16 +1,19 @@
 """FLOPs from XLA's cost analysis, and the paper's FLOP accounting (Figure 4).
 
 The authors count FLOPs = stage1(hi/8) + k * stage2(hi/Np) against baseline(hi), per image, with
-k = Np refined patches. `report` gives those figures measured by XLA on the compiled networks, plus the
-compiled two-stage function as a whole (which also pays for resizing, scoring and patch copies).
+k = Np refined patches: `NetworkFlops.two_stage` is that formula, written once. `report` gives those
+figures measured by XLA on the compiled networks, plus the compiled two-stage function as a whole
+(which also pays for resizing, scoring and patch copies).
 """
 
+import dataclasses
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from iterseg import inference, methods
+from iterseg import methods, models
 from iterseg.settings import Settings, Spec
 
 
@@ -56,11 +59,34 @@ def analytic_unet_flops(size: int, in_channels: int, width: int, depth: int,
   return 2.0 * macs
 
 
-def unet_flops(spec: Spec, size: int, in_channels: int) -> float:
-  """XLA's FLOPs of the U-Net on one size x size input with `in_channels` channels."""
-  params = jax.eval_shape(inference.init_unet, jax.random.key(0), spec, in_channels)
-  x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
-  return xla_flops(inference.unet(spec).apply, {'params': params}, x)
+@functools.lru_cache(maxsize=256)
+def unet_flops(spec: Spec, size: int, network: str) -> float:
+  """XLA's FLOPs of the U-Net `network` ('stage1', 'stage2', 'baseline') on one size x size input
+  (compiled once per process: they depend on the geometry only)."""
+  params = jax.eval_shape(models.init_unet, jax.random.key(0), spec, network)
+  x = jax.ShapeDtypeStruct((1, size, size, spec.in_channels(network)), jnp.float32)
+  return xla_flops(models.unet(spec).apply, {'params': params}, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkFlops:
+  """XLA's FLOPs per image (batch 1) of each network, and the authors' accounting of two-stage."""
+  baseline: float  # The U-Net on hi_size x hi_size.
+  stage1: float  # The U-Net on stage1_size x stage1_size.
+  stage2: dict  # {Np: the U-Net on one patch and its halo, (hi/Np + 2 halo)^2}.
+
+  def two_stage(self, spec: Spec) -> float:
+    """stage1(hi/8) + k * stage2(hi/Np + 2 halo), k = spec.refine_count: the paper's Figure 4."""
+    return self.stage1 + spec.refine_count * self.stage2[spec.num_patches]
+
+
+def network_flops(s: Settings, num_patches_list) -> NetworkFlops:
+  """NetworkFlops for the geometry of `s`, stage 2 at each Np of `num_patches_list`."""
+  return NetworkFlops(
+      baseline=unet_flops(s.spec, s.spec.hi_size, 'baseline'),
+      stage1=unet_flops(s.spec, s.spec.stage1_size, 'stage1'),
+      stage2={n: unet_flops(s.spec_for(n), s.spec_for(n).stage2_side, 'stage2')
+              for n in num_patches_list})
 
 
 def report(s: Settings, num_patches_list) -> dict:
@@ -69,18 +95,19 @@ def report(s: Settings, num_patches_list) -> dict:
   Returns {'baseline': f, 'stage1': f, 'stage2': {Np: f per patch}, 'two_stage': {Np: stage1 + k *
   stage2 (the authors' accounting)}, 'two_stage_compiled': {Np: the whole compiled function}}.
   """
-  spec = s.spec
-  out = {'baseline': unet_flops(spec, spec.hi_size, 3),
-         'stage1': unet_flops(spec, spec.stage1_size, 3),
-         'stage2': {}, 'two_stage': {}, 'two_stage_compiled': {}}
-  images = jax.ShapeDtypeStruct((1, spec.hi_size, spec.hi_size, 3), jnp.float32)
+  counts = network_flops(s, num_patches_list)
+  out = {'baseline': counts.baseline, 'stage1': counts.stage1, 'stage2': dict(counts.stage2),
+         'two_stage': {}, 'two_stage_compiled': {}}
   for n in num_patches_list:
-    sn = s.spec_for(n)
-    out['stage2'][n] = unet_flops(sn, sn.patch_size + 2 * sn.halo, sn.stage2_in_channels)
-    out['two_stage'][n] = out['stage1'] + sn.refine_count * out['stage2'][n]
-    nets = jax.eval_shape(lambda: inference.Networks(
-        stage1=inference.init_unet(jax.random.key(0), sn, 3),
-        stage2={n: inference.init_unet(jax.random.key(0), sn, sn.stage2_in_channels)}))
-    out['two_stage_compiled'][n] = compiled_flops(
-        methods.Method('two_stage', n, methods.two_stage_probs, nets, sn).lower(images).compile())
+    out['two_stage'][n] = counts.two_stage(s.spec_for(n))
+    out['two_stage_compiled'][n] = two_stage_compiled_flops(s.spec_for(n))
   return out
+
+
+@functools.lru_cache(maxsize=64)
+def two_stage_compiled_flops(spec: Spec) -> Optional[float]:
+  """XLA's FLOPs of the whole compiled two-stage function on one image (resizes, scores and patch
+  copies included); compiled once per process and Spec."""
+  images = jax.ShapeDtypeStruct((1, spec.hi_size, spec.hi_size, 3), jnp.float32)
+  nets = jax.eval_shape(lambda: models.random_networks(spec, jax.random.key(0)))
+  return compiled_flops(methods.two_stage(nets, spec).lower(images).compile())

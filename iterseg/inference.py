@@ -6,13 +6,12 @@
 
 `two_stage` is jit-compiled once per input shape and `Spec` (settings.Spec, the static geometry).
 `stage2_inputs` cuts stage 2's inputs for inference and training alike. `infer`, `infer_baseline`
-and `init_params` are the library's entry points: they check the config and the images, then call
-the compiled functions.
+and `init_params` are the library's entry points: they check the config (once per distinct config)
+and the images, then call the compiled functions.
 """
 
-import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import jax
@@ -21,23 +20,9 @@ import numpy as np
 from jax import lax
 
 from iterseg import models, settings
-from iterseg.settings import Spec
-
-
-@flax.struct.dataclass
-class Networks:
-  """The parameters of iterseg's networks, one layout everywhere (init_params, load, evaluate, ...).
-
-  stage1, baseline: U-Net params, or None when not trained; stage2: {Np: U-Net params}.
-  """
-  stage1: Any = None
-  baseline: Any = None
-  stage2: dict = dataclasses.field(default_factory=dict)
-
-  def trained(self) -> list:
-    """Names of the networks present: 'stage1', 'stage2_np8', 'baseline', ..."""
-    names = [n for n in ('stage1', 'baseline') if getattr(self, n) is not None]
-    return names + [f'stage2_np{n}' for n in sorted(self.stage2)]
+from iterseg.errors import InputError
+from iterseg.models import Networks, random_networks
+from iterseg.settings import Settings, Spec
 
 
 @flax.struct.dataclass
@@ -53,22 +38,6 @@ class Prediction:
   coarse: jax.Array
   scores: jax.Array
   refined: jax.Array
-
-
-def unet(spec: Spec) -> models.UNet:
-  return models.UNet(num_classes=spec.num_classes, width=spec.width, depth=spec.depth)
-
-
-@functools.partial(jax.jit, static_argnames=('spec', 'in_channels'))
-def init_unet(rng, spec: Spec, in_channels: int) -> dict:
-  """Random U-Net parameters for `in_channels` inputs (they do not depend on the image size).
-
-  The initialisers draw from an 'rbg' key derived from `rng`: XLA compiles the default threefry
-  for every parameter, which takes 13 s on a 2-core CPU against 2 s for rbg.
-  """
-  size = 2 ** spec.depth
-  rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
-  return unet(spec).init(rbg, jnp.zeros((1, size, size, in_channels), jnp.float32))['params']
 
 
 # --- The steps of the method --------------------------------------------------------------------------
@@ -102,7 +71,7 @@ def patch_scores(probs, num_patches: int, score: str = 'entropy'):
   elif score == 'distance':
     out = 1.0 - grid.mean(axis=(2, 4)).max(-1)
   else:
-    raise ValueError(f'score={score!r} is not one of {settings.SCORES}.')
+    raise ValueError(f'score={score!r} is not one of {settings.SCORES}.')  # Settings checked it.
   return out.reshape(b, n * n)
 
 
@@ -151,7 +120,7 @@ def stage2_inputs(images, coarse, flat, spec: Spec):
 
 def stage2_logits(params, inputs, spec: Spec):
   """Stage 2 on its input patches [M, s + 2 halo, ...] -> logits of the patch centres [M, s, s, C]."""
-  logits = unet(spec).apply({'params': params}, inputs)
+  logits = models.unet(spec).apply({'params': params}, inputs)
   h = spec.halo
   return logits[:, h:h + spec.patch_size, h:h + spec.patch_size] if h else logits
 
@@ -169,7 +138,7 @@ def stage1(params, images, spec: Spec):
   """Stage 1 on images [B, H, W, 3] resized to stage1_size; probabilities upsampled to [B, H, W, C]."""
   b, h, w, _ = images.shape
   small = jax.image.resize(images, (b, spec.stage1_size, spec.stage1_size, 3), 'linear')
-  probs = models.probabilities(unet(spec).apply({'params': params}, small))
+  probs = models.probabilities(models.unet(spec).apply({'params': params}, small))
   return jax.image.resize(probs, (b, h, w, spec.num_classes), 'linear')
 
 
@@ -204,7 +173,7 @@ def two_stage(params, images, spec: Spec) -> Prediction:
                          spec)
   fine = models.probabilities(logits)
   chosen = jnp.zeros(b * spec.num_patches ** 2, bool).at[flat].set(True)
-  if spec.threshold is not None:  # Adaptive budget: unsure-enough patches only.
+  if spec.threshold is not None:  # Chosen patches below it keep stage 1 (stage 2 ran on all k).
     keep = scores.reshape(-1)[flat] >= spec.threshold
     fine = jnp.where(keep[:, None, None, None], fine, cut(coarse, flat, spec))
     chosen = chosen & (scores.reshape(-1) >= spec.threshold)
@@ -215,7 +184,7 @@ def two_stage(params, images, spec: Spec) -> Prediction:
 @functools.partial(jax.jit, static_argnames='spec')
 def baseline(params, images, spec: Spec):
   """The same U-Net on the full image: [B, H, W, 3] -> probabilities [B, H, W, C]."""
-  return models.probabilities(unet(spec).apply({'params': params}, normalize(images, spec)))
+  return models.probabilities(models.unet(spec).apply({'params': params}, normalize(images, spec)))
 
 
 stage1_only = jax.jit(lambda params, images, spec: stage1(params, normalize(images, spec), spec),
@@ -225,20 +194,46 @@ stage1_only = jax.jit(lambda params, images, spec: stage1(params, normalize(imag
 # --- The library's entry points -----------------------------------------------------------------------
 
 
+def settings_of(config) -> Settings:
+  """The checked Settings of `config`: a Settings as it is, a ConfigDict (or dict) checked once per
+  distinct content (a later change to the same object is seen: the cache is keyed by value)."""
+  if isinstance(config, Settings):
+    return config
+  if not hasattr(config, 'items'):
+    raise settings.SettingsError(f'config must be an ml_collections.ConfigDict (e.g. '
+                                 f'iterseg.get_config("ph2")), got {type(config).__name__}')
+  return _checked(_frozen(config))
+
+
+def _frozen(node):
+  """A hashable copy of a config's content."""
+  if hasattr(node, 'items'):
+    return tuple(sorted((k, _frozen(v)) for k, v in node.items()))
+  if isinstance(node, (list, tuple)):
+    return ('__seq__', tuple(_frozen(v) for v in node))
+  return node
+
+
+def _thawed(frozen):
+  if isinstance(frozen, tuple) and frozen and frozen[0] == '__seq__':
+    return tuple(_thawed(v) for v in frozen[1])
+  if isinstance(frozen, tuple):
+    return {k: _thawed(v) for k, v in frozen}
+  return frozen
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(frozen) -> Settings:
+  return settings.from_config(_thawed(frozen))
+
+
 def init_params(config, rng) -> Networks:
   """Random Networks for `config`: baseline, stage 1, and stage 2 at config.num_patches."""
-  return random_networks(settings.from_config(config).spec, rng)
-
-
-def random_networks(spec: Spec, rng) -> Networks:
-  """Random Networks for `spec`: baseline, stage 1, and stage 2 at spec.num_patches."""
-  keys = jax.random.split(rng, 3)
-  return Networks(baseline=init_unet(keys[0], spec, 3), stage1=init_unet(keys[1], spec, 3),
-                  stage2={spec.num_patches: init_unet(keys[2], spec, spec.stage2_in_channels)})
+  return random_networks(settings_of(config).spec, rng)
 
 
 def check_images(images, spec: Spec, check_values: Optional[bool] = None):
-  """ValueError unless images are [B >= 1, hi, hi, 3] uint8, or floats in [0, 1].
+  """InputError unless images are [B >= 1, hi, hi, 3] uint8, or floats in [0, 1].
 
   Values are checked on the host for host (numpy) arrays, where it costs one pass and no device
   sync; device arrays only when check_values=True (that waits for the device).
@@ -246,15 +241,15 @@ def check_images(images, spec: Spec, check_values: Optional[bool] = None):
   shape = tuple(getattr(images, 'shape', ()))
   wanted = f'[B, {spec.hi_size}, {spec.hi_size}, 3] uint8, or float32 in [0, 1]'
   if len(shape) != 4 or shape[1:] != (spec.hi_size, spec.hi_size, 3):
-    raise ValueError(f'images must be {wanted} (config.hi_size={spec.hi_size}); got shape {shape}. '
+    raise InputError(f'images must be {wanted} (config.hi_size={spec.hi_size}); got shape {shape}. '
                      f'Resize them first (--mode=predict maps any size to hi_size and back).')
   if shape[0] == 0:
-    raise ValueError(f'images is an empty batch (shape {shape}): give at least one image.')
+    raise InputError(f'images is an empty batch (shape {shape}): give at least one image.')
   dtype = np.dtype(images.dtype)
   if dtype == np.uint8:
     return
   if dtype.kind != 'f':
-    raise ValueError(f'images have dtype {dtype}; give uint8 (0..255) or floats in [0, 1] '
+    raise InputError(f'images have dtype {dtype}; give uint8 (0..255) or floats in [0, 1] '
                      f'(e.g. images.astype(np.float32) / 65535 for 16-bit data).')
   if isinstance(images, jax.core.Tracer):
     return
@@ -264,31 +259,31 @@ def check_images(images, spec: Spec, check_values: Optional[bool] = None):
     return
   low, high = (float(v) for v in jax.device_get((images.min(), images.max())))
   if not (np.isfinite(low) and np.isfinite(high)):
-    raise ValueError('images contain NaN or inf; iterseg.infer needs finite values in [0, 1].')
+    raise InputError('images contain NaN or inf; iterseg.infer needs finite values in [0, 1].')
   if low < 0.0 or high > 1.0:
     hint = ' (they look like 0..255: pass uint8, or divide by 255)' if high > 1.0 else ''
-    raise ValueError(f'float images must lie in [0, 1], got values in [{low:g}, {high:g}]{hint}.')
+    raise InputError(f'float images must lie in [0, 1], got values in [{low:g}, {high:g}]{hint}.')
 
 
 def check_params(params: Networks, spec: Spec, network: str):
-  """ValueError unless `params` holds `network` ('stage1', 'stage2', 'baseline') made for `spec`."""
+  """InputError unless `params` holds `network` ('stage1', 'stage2', 'baseline') made for `spec`."""
   if not isinstance(params, Networks):
-    raise ValueError(f'params must be iterseg Networks (from iterseg.init_params or iterseg.load), '
+    raise InputError(f'params must be iterseg Networks (from iterseg.init_params or iterseg.load), '
                      f'got {type(params).__name__}.')
+  in_channels = spec.in_channels(network)
   if network == 'stage2':
-    tree, in_channels = params.stage2.get(spec.num_patches), spec.stage2_in_channels
-    label = f'stage 2 for Np={spec.num_patches}'
+    tree, label = params.stage2.get(spec.num_patches), f'stage 2 for Np={spec.num_patches}'
     if tree is None:
-      raise ValueError(f'params has no {label} (it has {params.trained()}); pass num_patches= one '
+      raise InputError(f'params has no {label} (it has {params.names()}); pass num_patches= one '
                        f'of {sorted(params.stage2)} or train it.')
   else:
-    tree, in_channels, label = getattr(params, network), 3, network
+    tree, label = getattr(params, network), network
     if tree is None:
-      raise ValueError(f'params has no {network} network (it has {params.trained()}).')
+      raise InputError(f'params has no {network} network (it has {params.names()}).')
   kernel, head = tree['down0']['kernel'], tree['head']['kernel']
   if kernel.shape[2] != in_channels or head.shape[-1] != spec.num_classes or (
       kernel.shape[-1] != spec.width):
-    raise ValueError(
+    raise InputError(
         f'params of {label} take {kernel.shape[2]} input channels, width {kernel.shape[-1]} and give '
         f'{head.shape[-1]} classes, but the config asks for {in_channels} inputs '
         f'(stage2_uses_coarse={spec.stage2_uses_coarse}), width {spec.width} and '
@@ -309,21 +304,21 @@ def infer(params: Networks, images, config, *, num_patches: Optional[int] = None
   """Two-stage segmentation of images [B, hi_size, hi_size, 3]: uint8, or float32 in [0, 1].
 
   params: Networks (from `init_params` or `iterseg.load`); config: a ConfigDict with the fields of
-  configs/default.py; num_patches overrides config.num_patches. A batch sharded over several
+  configs/default.py (or its checked `iterseg.settings.Settings`); num_patches overrides
+  config.num_patches. A batch sharded over several
   devices is computed where it lies, and the result keeps its sharding.
   """
-  s = settings.from_config(config)
+  s = settings_of(config)
   spec = s.spec_for(num_patches or s.spec.num_patches)
   check_images(images, spec, check_values)
   check_params(params, spec, 'stage1')
   check_params(params, spec, 'stage2')
-  nets = Networks(stage1=params.stage1, stage2={spec.num_patches: params.stage2[spec.num_patches]})
-  return two_stage(replicate_like(nets, images), images, spec)
+  return two_stage(replicate_like(params.at(spec.num_patches), images), images, spec)
 
 
 def infer_baseline(params: Networks, images, config, *, check_values: Optional[bool] = None):
   """The baseline U-Net on the full-resolution images: [B, H, W, 3] -> probabilities [B, H, W, C]."""
-  spec = settings.from_config(config).spec
+  spec = settings_of(config).spec
   check_images(images, spec, check_values)
   check_params(params, spec, 'baseline')
   return baseline(replicate_like(params.baseline, images), images, spec)

@@ -1,7 +1,8 @@
 """Segmentation losses: focal loss + (1 - soft Dice), as in the paper (Sec. 4, "Training").
 
 The paper trains with L(y, y_hat) = L_f(y, y_hat) + (1 - D(y, y_hat)): the focal loss of Lin et al.
-(alpha 0.25, gamma 2, mean over elements) plus one minus the soft Dice coefficient (smooth 1, computed
+(alpha 0.25, gamma 2, mean over elements; optax's for the binary case) plus one minus the soft Dice
+coefficient (smooth 1, computed
 over the whole batch, as the authors' code does). Every function here is jittable and differentiable;
 the hyperparameters may be Python numbers or traced scalars.
 """
@@ -14,9 +15,9 @@ import optax
 
 Axis = Optional[Union[int, Sequence[int]]]
 
-# 1 - p_t is clamped below by this before `** gamma`, so that the gradient stays finite when the
-# prediction saturates (1 - p_t == 0) and gamma < 1 (for gamma == 0 it would otherwise be 0 * inf).
-# The loss value changes by at most ce * _EPS**gamma, i.e. nothing measurable in float32.
+# The softmax focal loss (which optax lacks) clamps 1 - p below by this before `** gamma`, so that
+# the gradient stays finite when the prediction saturates (1 - p == 0) and gamma < 1 (for gamma == 0
+# it would otherwise be 0 * inf). The loss changes by at most ce * _EPS**gamma: nothing in float32.
 _EPS = 1e-12
 
 
@@ -29,18 +30,14 @@ def sigmoid_focal_loss(logits, labels, *, alpha=0.25, gamma=2.0):
 
   logits: float array, any shape; labels: same shape, targets in [0, 1] (usually {0, 1}).
   loss = alpha_t * (1 - p_t)**gamma * BCE(logits, labels), with p = sigmoid(logits),
-  p_t = p * y + (1 - p) * (1 - y) and alpha_t = alpha * y + (1 - alpha) * (1 - y); alpha < 0 turns the
-  alpha weighting off (torchvision's convention). Returns a float32 scalar.
+  p_t = p * y + (1 - p) * (1 - y) and alpha_t = alpha * y + (1 - alpha) * (1 - y); alpha=None turns
+  the weighting off. Computed by `optax.losses.sigmoid_focal_loss`, which takes (1 - p_t)**gamma in
+  log space: its gradient stays finite for saturated logits and gamma < 1, so it needs no guard.
+  Returns a float32 scalar.
   """
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels, jnp.float32)
-  p = jax.nn.sigmoid(logits)
-  ce = optax.sigmoid_binary_cross_entropy(logits, labels)  # Stable: built on log_sigmoid.
-  one_minus_pt = 1.0 - (p * labels + (1.0 - p) * (1.0 - labels))
-  loss = ce * _modulating_factor(one_minus_pt, gamma)
-  alpha_t = alpha * labels + (1.0 - alpha) * (1.0 - labels)
-  loss = jnp.where(jnp.asarray(alpha) >= 0, alpha_t * loss, loss)
-  return jnp.mean(loss)
+  return jnp.mean(optax.losses.sigmoid_focal_loss(logits, labels, alpha=alpha, gamma=gamma))
 
 
 def softmax_focal_loss(logits, labels_onehot, *, alpha=0.25, gamma=2.0):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from iterseg import inference
-from iterseg.inference import Networks
+from iterseg.models import Networks
 from iterseg.settings import Settings, Spec
 
 
@@ -33,13 +33,18 @@ class Method:
   @property
   def key(self) -> str:
     """'baseline', 'stage1', 'two_stage_np8', ...: the method's name in files."""
-    return self.name if self.num_patches is None else f'{self.name}_np{self.num_patches}'
+    return method_key(self.name, self.num_patches)
 
   def __call__(self, images):
     return self.fn(self.params, images, spec=self.spec)
 
   def lower(self, images):
     return self.fn.lower(self.params, images, spec=self.spec)
+
+
+def method_key(name: str, num_patches: Optional[int] = None) -> str:
+  """'baseline', 'stage1', 'two_stage_np8', 'sliding_window_np4': a method's name in files."""
+  return name if num_patches is None else f'{name}_np{num_patches}'
 
 
 @functools.partial(jax.jit, static_argnames='spec')
@@ -66,11 +71,15 @@ def methods(nets: Networks, s: Settings, *, sliding_window: bool = False) -> lis
   if nets.stage1 is None:
     return out
   out.append(Method('stage1', None, stage1_probs, nets.stage1, s.spec))
-  pairs = {n: Networks(stage1=nets.stage1, stage2={n: p}) for n, p in sorted(nets.stage2.items())}
-  for n, params in pairs.items():
-    out.append(Method('two_stage', n, two_stage_probs, params, s.spec_for(n)))
-  for n, params in pairs.items() if sliding_window else ():
+  for n in sorted(nets.stage2):
+    out.append(two_stage(nets, s.spec_for(n)))
+  for n in sorted(nets.stage2) if sliding_window else ():
     every = dataclasses.replace(s.spec_for(n), refine_count=n * n, threshold=None,
                                 refine_budget='image')
-    out.append(Method('sliding_window', n, two_stage_probs, params, every))
+    out.append(Method('sliding_window', n, two_stage_probs, nets.at(n), every))
   return out
+
+
+def two_stage(nets: Networks, spec: Spec) -> Method:
+  """The two-stage method at spec.num_patches (and spec's k and threshold)."""
+  return Method('two_stage', spec.num_patches, two_stage_probs, nets.at(spec.num_patches), spec)

@@ -1,4 +1,5 @@
-"""The paper's U-Net (Sec. 4, "Model"), as a pure Flax linen module.
+"""The networks: the paper's U-Net (Sec. 4, "Model") as a pure Flax linen module, its random
+parameters, and `Networks`, the one layout of the parameters iterseg trains and loads.
 
 Encoder: `depth` 3x3 stride-2 convolutions + ReLU with `width * 2**i` channels.
 Decoder: `depth` 3x3 stride-2 transposed convolutions + ReLU halving the channels, each output
@@ -7,11 +8,24 @@ Head: a 1x1 convolution to `num_classes` logits. No normalisation, as the author
 
 Any input size works: the input is zero-padded (bottom/right) to the next multiple of 2**depth and
 the logits are cropped back, so 768 / 16 = 48 or 97 x 131 are fine.
+
+Networks are named 'stage1', 'baseline' and 'stage2_np<Np>' (one stage 2 per grid size Np) in
+checkpoints, metrics and reports: `name` and `parse` are the one pair that builds and reads those names.
 """
 
+import dataclasses
+import functools
+import re
+from typing import Any, Optional
+
+import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+from iterseg.errors import InputError
+from iterseg.settings import Spec
 
 
 class UpConv(nn.Module):
@@ -75,3 +89,84 @@ def probabilities(logits):
   if logits.shape[-1] == 1:
     return nn.sigmoid(logits)
   return nn.softmax(logits, axis=-1)
+
+
+def unet(spec: Spec) -> UNet:
+  return UNet(num_classes=spec.num_classes, width=spec.width, depth=spec.depth)
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'network'))
+def init_unet(rng, spec: Spec, network: str) -> dict:
+  """Random U-Net parameters of `network` ('stage1', 'stage2', 'baseline'; they do not depend on
+  the image size, only on spec.in_channels(network)).
+
+  The initialisers draw from an 'rbg' key derived from `rng`: XLA compiles the default threefry
+  for every parameter, which takes 13 s on a 2-core CPU against 2 s for rbg.
+  """
+  size = 2 ** spec.depth
+  rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
+  x = jnp.zeros((1, size, size, spec.in_channels(network)), jnp.float32)
+  return unet(spec).init(rbg, x)['params']
+
+
+# --- Names and layout ---------------------------------------------------------------------------------
+
+
+def name(network: str, num_patches: Optional[int] = None) -> str:
+  """'stage1', 'baseline', or 'stage2_np<Np>': a network's name in checkpoints, metrics, reports."""
+  if network == 'stage2':
+    if num_patches is None:
+      raise ValueError('stage 2 is named by its Np: name("stage2", num_patches)')
+    return f'stage2_np{int(num_patches)}'
+  return network
+
+
+def parse(network_name: str) -> tuple:
+  """('stage2', 8) for 'stage2_np8', ('stage1', None) for 'stage1'; ValueError for other names."""
+  if network_name in ('stage1', 'baseline'):
+    return network_name, None
+  match = re.fullmatch(r'stage2_np(\d+)', network_name)
+  if match is None:
+    raise ValueError(f'{network_name!r} is not a network name (stage1, baseline, stage2_np<N>)')
+  return 'stage2', int(match.group(1))
+
+
+@flax.struct.dataclass
+class Networks:
+  """The parameters of iterseg's networks, one layout everywhere (init_params, load, evaluate, ...).
+
+  stage1, baseline: U-Net params, or None when not trained; stage2: {Np: U-Net params}.
+  """
+  stage1: Any = None
+  baseline: Any = None
+  stage2: dict = dataclasses.field(default_factory=dict)
+
+  def names(self) -> list:
+    """Names of the networks present: 'stage1', 'baseline', 'stage2_np8', ..."""
+    present = [n for n in ('stage1', 'baseline') if getattr(self, n) is not None]
+    return present + [name('stage2', n) for n in sorted(self.stage2)]
+
+  def get(self, network_name: str):
+    """The parameters of network `network_name` ('stage2_np8', ...), or None."""
+    network, n = parse(network_name)
+    return self.stage2.get(n) if network == 'stage2' else getattr(self, network)
+
+  def at(self, num_patches: int) -> 'Networks':
+    """Stage 1 and the stage 2 of `num_patches`: what two-stage inference at that Np needs
+    (InputError naming what is missing)."""
+    n = int(num_patches)
+    if self.stage1 is None or n not in self.stage2:
+      missing = 'stage 1' if self.stage1 is None else f'stage 2 for Np={n}'
+      raise InputError(f'these networks have no {missing} (they have {self.names() or "none"}): '
+                       f'two-stage inference at Np={n} needs stage 1 and stage 2 at that Np.')
+    return Networks(stage1=self.stage1, stage2={n: self.stage2[n]})
+
+
+def random_networks(spec: Spec, rng, num_patches=None) -> Networks:
+  """Random Networks for `spec`: baseline, stage 1, and stage 2 at each of `num_patches` (default
+  spec.num_patches; stage 2's parameters do not depend on Np)."""
+  keys = jax.random.split(rng, 3)
+  stage2 = init_unet(keys[2], spec, 'stage2')
+  return Networks(baseline=init_unet(keys[0], spec, 'baseline'),
+                  stage1=init_unet(keys[1], spec, 'stage1'),
+                  stage2={int(n): stage2 for n in (num_patches or [spec.num_patches])})

@@ -2,7 +2,8 @@
 
   dice.png      Figure 3: Dice over Np (two-stage as a line; baseline and stage 1 as horizontal lines).
   flops.png     Figure 4: GFLOPs per image over Np, log scale.
-  tradeoff.png  Soft Dice against measured latency per image (log scale): the speed/quality trade-off.
+  tradeoff.png  Soft Dice against GFLOPs per image (log scale): the quality/compute trade-off
+                (--mode=benchmark draws the same against measured latency, tradeoff_latency.png).
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend change).
 """
@@ -91,30 +92,36 @@ def plot_flops(rows, path: str, title: Optional[str] = None) -> str:
   return _save(fig, path)
 
 
-def plot_tradeoff(rows, path: str, title: Optional[str] = None) -> Optional[str]:
-  """Soft Dice against latency per image; None (nothing written) when no row has a latency."""
-  timed = [r for r in rows if r.get('latency_ms') is not None]
+TRADEOFF_AXES = {'gflops': 'GFLOPs per image (authors\' accounting, log scale)',
+                 'latency_ms': 'latency per image (ms, log scale)'}
+
+
+def plot_tradeoff(rows, path: str, x: str = 'gflops', title: Optional[str] = None
+                  ) -> Optional[str]:
+  """Soft Dice against rows[x] ('gflops' or 'latency_ms'); None (nothing written) when no row has
+  that value."""
+  timed = [r for r in rows if r.get(x) is not None and r.get('soft_dice') is not None]
   if not timed:
     return None
   fig, ax = _new_axes()
   for r in timed:
     label = SHORT[r['method']] + ('' if r['num_patches'] is None else f' Np={r["num_patches"]}')
-    ax.scatter(r['latency_ms'], r['soft_dice'], color=COLORS[r['method']])
-    ax.annotate(label, (r['latency_ms'], r['soft_dice']), textcoords='offset points',
+    ax.scatter(r[x], r['soft_dice'], color=COLORS[r['method']])
+    ax.annotate(label, (r[x], r['soft_dice']), textcoords='offset points',
                 xytext=(4, 4), fontsize=7)
   two = sorted((r for r in timed if r['method'] == 'two_stage'), key=lambda r: r['num_patches'])
   if len(two) > 1:
-    ax.plot([r['latency_ms'] for r in two], [r['soft_dice'] for r in two], '-',
+    ax.plot([r[x] for r in two], [r['soft_dice'] for r in two], '-',
             color=COLORS['two_stage'], alpha=0.5)
   ax.set_xscale('log')
   ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
   ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
   ax.xaxis.set_minor_locator(ticker.NullLocator())
   ax.margins(x=0.25, y=0.1)
-  ax.set_xlabel('latency per image (ms, log scale)')
+  ax.set_xlabel(TRADEOFF_AXES[x])
   ax.set_ylabel('mean soft Dice per image')
-  ax.set_title(title or 'Quality against speed (BL: baseline, S1: stage 1, S2: two-stage)',
-               fontsize=9)
+  ax.set_title(title or f'Quality against {"speed" if x == "latency_ms" else "compute"} (BL: '
+               f'baseline, S1: stage 1, S2: two-stage)', fontsize=9)
   ax.grid(alpha=0.3, which='both')
   return _save(fig, path)
 
@@ -144,7 +151,7 @@ def plot_ablation(rows, path: str) -> str:
 
 
 def plot_all(rows, workdir: str) -> list[str]:
-  """dice.png, flops.png and tradeoff.png (when latencies are known) in workdir; the paths written."""
+  """dice.png, flops.png and tradeoff.png (Dice against GFLOPs) in workdir; the paths written."""
   paths = [plot_dice(rows, os.path.join(workdir, 'dice.png')),
            plot_flops(rows, os.path.join(workdir, 'flops.png')),
            plot_tradeoff(rows, os.path.join(workdir, 'tradeoff.png'))]

@@ -28,8 +28,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, inference, settings
-from iterseg.data import common
+from iterseg import checkpoints, files, inference, models
+from iterseg.data import common, pipeline
+from iterseg.errors import InputError, PredictError
+from iterseg.models import Networks
 from iterseg.settings import Settings, Spec
 
 TINTS = np.array([(0, 255, 0), (0, 160, 255), (255, 0, 0), (255, 0, 255), (255, 128, 0),
@@ -37,24 +39,20 @@ TINTS = np.array([(0, 255, 0), (0, 160, 255), (255, 0, 0), (255, 0, 255), (255, 
 OUTLINE = (255, 255, 0)
 
 
-class PredictError(RuntimeError):
-  """Some images could not be segmented (the others were); the summary lists which and why."""
-
-
 # --- Inputs -------------------------------------------------------------------------------------------
 
 
 def list_inputs(path, exclude: Optional[str] = None) -> list:
-  """The image files at `path` (a file, or a folder's image files sorted by name); ValueError if none.
+  """The image files at `path` (a file, or a folder's image files sorted by name); InputError if none.
 
   Files inside `exclude` (the output folder) are never inputs.
   """
   if not str(path):
-    raise ValueError('config.predict.input is empty: set --config.predict.input=<an image file or a '
+    raise InputError('config.predict.input is empty: set --config.predict.input=<an image file or a '
                      'folder of images>.')
   path = Path(os.path.expanduser(str(path)))
   if not path.exists():
-    raise ValueError(f'config.predict.input={path} does not exist: point it at an image file or a '
+    raise InputError(f'config.predict.input={path} does not exist: point it at an image file or a '
                      f'folder of images.')
   if path.is_file():
     return [path]
@@ -64,7 +62,7 @@ def list_inputs(path, exclude: Optional[str] = None) -> list:
   found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith('.') and
                  p.suffix.lower() in extensions and outside(p))
   if not found:
-    raise ValueError(f'no image files in folder {path} (looked for extensions Pillow reads, e.g. '
+    raise InputError(f'no image files in folder {path} (looked for extensions Pillow reads, e.g. '
                      f'.png .jpg .tif .bmp): put images there or point config.predict.input at a file.')
   return found
 
@@ -175,7 +173,7 @@ def _chunks(items: Sequence, size: int):
     yield items[start:start + size]
 
 
-def predict_files(nets: inference.Networks, spec: Spec, paths: Sequence[Path], output, *,
+def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
                   batch_size: int = 8, outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
                   compression: int = 0, workers: Optional[int] = None,
                   progress: bool = True) -> list:
@@ -192,8 +190,7 @@ def predict_files(nets: inference.Networks, spec: Spec, paths: Sequence[Path], o
   workers = workers or min(8, (os.cpu_count() or 1) + 2)
   stems = dict(zip(paths, output_stems(paths)))
   sharding = _sharding(batch_size)
-  params = inference.replicate_like(inference.Networks(
-      stage1=nets.stage1, stage2={spec.num_patches: nets.stage2[spec.num_patches]}),
+  params = inference.replicate_like(nets.at(spec.num_patches),
                                     jax.device_put(np.zeros(batch_size), sharding))
   records = {}
 
@@ -227,8 +224,7 @@ def predict_files(nets: inference.Networks, spec: Spec, paths: Sequence[Path], o
           bar.update(1)
       if not good:
         continue
-      batch = np.stack([small for _, _, small in good])
-      padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
+      padded = pipeline.pad_batch(np.stack([small for _, _, small in good]), batch_size)
       pred = inference.two_stage(params, jax.device_put(padded, sharding), spec)
       probs, refined = jax.device_get((pred.probs, pred.refined))
       for i, (path, image, _) in enumerate(good):
@@ -250,7 +246,7 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
   size. Random weights: speed does not depend on them. Written in a temporary folder, then deleted."""
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax.random  # pylint: disable=g-import-not-at-top
-  nets = inference.random_networks(s.spec, jax.random.key(s.seed))
+  nets = models.random_networks(s.spec, jax.random.key(s.seed))
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory(prefix='iterseg-predict-') as folder:
     inputs = Path(folder) / 'in'
@@ -266,7 +262,7 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
     seconds = time.perf_counter() - start
   batch = jax.device_put(rng.integers(0, 256, (s.predict.batch_size, s.spec.hi_size,
                                                s.spec.hi_size, 3), dtype=np.uint8))
-  params = inference.Networks(stage1=nets.stage1, stage2=nets.stage2)
+  params = nets.at(s.spec.num_patches)
   jax.block_until_ready(inference.two_stage(params, batch, s.spec))
   calls = []
   for _ in range(5):
@@ -287,17 +283,13 @@ def run(s: Settings, workdir: str) -> dict:
   'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed.
   """
   point = checkpoints.operating_point(workdir)
+  s = checkpoints.inference_settings(workdir, s, fallback=False)
   if point is not None:
-    s = settings.from_config(checkpoints.with_operating_point(s.config, point))
     print(f'Using the calibrated operating point of {workdir}/calibration.json: {point}.')
   output = Path(os.path.expanduser(s.predict.output or os.path.join(workdir, 'predictions')))
   paths = list_inputs(s.predict.input, exclude=str(output))
   files.check_writable(output)
   nets = checkpoints.load_networks(workdir, s, num_patches=[s.spec.num_patches], strict=True)
-  if s.spec.num_patches not in nets.stage2:
-    raise checkpoints.CheckpointError(
-        f'no stage 2 trained for Np={s.spec.num_patches} in {workdir} (trained: '
-        f'{sorted(checkpoints.trained_networks(workdir))}); set --config.num_patches.')
   mine = paths[jax.process_index()::jax.process_count()]
   start = time.perf_counter()
   records = predict_files(nets, s.spec, mine, output, batch_size=s.predict.batch_size,

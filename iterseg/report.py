@@ -29,8 +29,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
 EVALUATION_COLUMNS = (
     ('method', 'method', 's'), ('Np', 'num_patches', 'd'), ('soft Dice', 'soft_dice', '.4f'),
     ('hard Dice', 'hard_dice', '.4f'), ('IoU', 'iou', '.4f'), ('seam Dice', 'seam_soft_dice', '.4f'),
-    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'),
-    ('ms/image', 'latency_ms', '.1f'))
+    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'))
 
 
 def write_csv(path: str, rows: Sequence[dict]):

@@ -1,57 +1,66 @@
-"""The config, read and checked once: a ConfigDict in, small frozen typed objects out.
+"""The config, read and checked once: a ConfigDict in, small frozen typed objects out, and back.
 
-  settings = settings.from_config(config)     # SettingsError naming the field on any bad value
-  settings.spec          inference geometry (`Spec`: hashable, a jit static argument)
-  settings.train         `TrainPlan`      settings.data  `DataSpec`     settings.eval  `EvalPlan`
-  settings.benchmark     `BenchmarkPlan`  settings.predict `PredictPlan`
-  settings.calibrate     `CalibratePlan`
+  s = settings.from_config(config)    # SettingsError naming the field on any bad or unknown field
+  s.spec          inference geometry (`Spec`: hashable, a jit static argument)
+  s.train         `TrainPlan`      s.data  `DataSpec`     s.eval  `EvalPlan`
+  s.benchmark     `BenchmarkPlan`  s.predict `PredictPlan`  s.calibrate `CalibratePlan`
+  settings.to_config(s)               # the ConfigDict of `s` (what config.json holds)
+  s.vary('train', stage2_init='stage1')   # a checked variant (dataclasses.replace)
 
-This is the only module that reads an ml_collections ConfigDict field by field (the command line,
-`iterseg.infer` and `iterseg.load` call it at the boundary); the rest of the package takes these
-objects. Every field of configs/default.py is checked here for its type, its range and its relations
-to other fields, before anything is computed or written.
+This is the only module that reads an ml_collections ConfigDict field by field. After `from_config`
+the rest of the package takes these objects; variants are made with `dataclasses.replace`, never by
+editing a ConfigDict. configs/default.py is the one list of fields and their defaults: a config that
+lacks a field gets the default, a field that default.py does not have is an error naming the closest
+one, and every value is checked for its type, its range and its relations to other fields.
 """
 
 import dataclasses
+import difflib
 import math
 import os
 from typing import Any, Optional
 
 import ml_collections
 
+from iterseg.configs import default as default_config
+from iterseg.errors import SettingsError
+
+MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate')
 SCORES = ('entropy', 'margin', 'distance')
 NETWORKS = ('stage1', 'stage2', 'baseline')
 SAMPLING = ('random', 'entropy_weighted', 'top')
-DATASETS = ('ph2', 'retina', 'kitti', 'folder', 'synthetic')
+DATASETS = ('ph2', 'retina', 'kitti', 'folder', 'synthetic')  # Modules of iterseg.data.
 BUDGETS = ('image', 'batch')
 ABLATION_FEATURES = ('stage2_init', 'halo', 'refine_budget', 'input_norm')
 PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
 CALIBRATE_TARGETS = ('dice_drop', 'latency')
-# Config fields the weights depend on: a workdir's networks only fit a config that agrees on these.
+# What the weights depend on: a workdir's networks only fit settings that agree on these fields.
 GEOMETRY = ('hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse', 'model.width',
             'model.depth', 'model.input_norm')
 
 
-class SettingsError(ValueError):
-  """A config field has a value that cannot work (the message names the field and what is valid)."""
+def _at(path: Optional[str]):
+  """A field stored at another place in the config (the dotted `path`), or (None) derived from other
+  fields and not stored. The other fields sit at <section>.<name> (see _SECTIONS)."""
+  return dataclasses.field(metadata={'config': path})
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Spec:
   """The static configuration of two-stage inference for one Np (hashable: a jit static argument)."""
   hi_size: int
   stage1_size: int
   num_classes: int
   num_patches: int
-  refine_count: int
+  refine_count: int = _at(None)  # Resolved: Settings.refine_count, or Np.
   score: str
   stage2_uses_coarse: bool
   threshold: Optional[float]
-  width: int
-  depth: int
-  halo: int = 0  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
-  input_norm: str = 'none'  # 'standardize': each image to zero mean, unit std per channel.
-  refine_budget: str = 'image'  # 'image': k patches per image; 'batch': B * k over the batch.
+  width: int = _at('model.width')
+  depth: int = _at('model.depth')
+  halo: int  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
+  input_norm: str = _at('model.input_norm')  # 'standardize': zero mean, unit std per channel.
+  refine_budget: str  # 'image': k patches per image; 'batch': B * k over the batch.
 
   @property
   def patch_size(self) -> int:
@@ -59,20 +68,31 @@ class Spec:
     return self.hi_size // self.num_patches
 
   @property
-  def stage2_in_channels(self) -> int:
-    return 3 + self.num_classes if self.stage2_uses_coarse else 3
+  def stage2_side(self) -> int:
+    """The side of stage 2's input: a patch and its halo on each side."""
+    return self.patch_size + 2 * self.halo
+
+  def in_channels(self, network: str) -> int:
+    """Input channels of 'stage1', 'stage2' or 'baseline': RGB, plus the stage-1 probabilities for
+    stage 2 when stage2_uses_coarse."""
+    return 3 + self.num_classes if network == 'stage2' and self.stage2_uses_coarse else 3
+
+  def geometry(self) -> dict:
+    """{config field: value} of the fields the weights depend on (GEOMETRY)."""
+    fields = {f.metadata.get('config', f.name): f.name for f in dataclasses.fields(self)}
+    return {path: getattr(self, fields[path]) for path in GEOMETRY}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainPlan:
   """What --mode=train does (configs/default.py, `train.*`)."""
-  seed: int
+  seed: int = _at(None)  # Settings.seed.
   networks: tuple
   batch_size: int
   learning_rate: float
   warmup_steps: int
   lr_schedule: str
-  epochs: dict  # {'stage1': n, 'stage2': n, 'baseline': n}
+  epochs: dict = _at(None)  # {'stage1': n, 'stage2': n, 'baseline': n}: train.<network>_epochs.
   num_patches_list: tuple
   patch_sampling: str
   focal_alpha: float
@@ -88,12 +108,12 @@ class TrainPlan:
   profile_steps: tuple  # (first, last) steps of stage 1 to trace with jax.profiler, or ().
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
   """Which dataset, where, and at what size (configs/default.py, `data.*`)."""
   name: str
-  hi_size: int
-  num_classes: int
+  hi_size: int = _at(None)  # Spec.hi_size.
+  num_classes: int = _at(None)  # Spec.num_classes.
   manual_dir: str
   data_dir: str
   split_seed: int
@@ -102,12 +122,12 @@ class DataSpec:
   kitti_label_ids: tuple
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalPlan:
   batch_size: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchmarkPlan:
   batch_sizes: Optional[tuple]  # None: the backend's default plan.
   repeats: int
@@ -115,7 +135,7 @@ class BenchmarkPlan:
   max_seconds: float
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PredictPlan:
   input: str
   output: str  # '' = <workdir>/predictions
@@ -124,20 +144,20 @@ class PredictPlan:
   png_compression: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibratePlan:
   """What --mode=calibrate sweeps and how it picks the operating point (`calibrate.*`)."""
-  holdout: float = 0.2  # Share of the train split held back for the sweep (seeded by `seed`).
-  refine_counts: Optional[tuple] = None  # None: 1, 2, 4, ... up to Np*Np, and Np.
-  thresholds: tuple = (None,)  # Each a float or None (no threshold).
-  target: str = 'dice_drop'  # 'dice_drop' | 'latency'.
-  max_dice_drop: float = 0.01
-  latency_budget_ms: Optional[float] = None  # Required (> 0) for target 'latency'.
+  holdout: float  # Share of the train split held back for the sweep (seeded by `seed`).
+  refine_counts: Optional[tuple]  # None: 1, 2, 4, ... up to Np*Np, and Np.
+  thresholds: tuple  # Each a float or None (no threshold).
+  target: str  # 'dice_drop' | 'latency'.
+  max_dice_drop: float
+  latency_budget_ms: Optional[float]  # Required (> 0) for target 'latency'.
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
-  """Everything a mode needs, checked. `config` is the resolved ConfigDict, kept only to be saved."""
+  """Everything a mode needs, checked; `to_config` gives back the ConfigDict it stands for."""
   seed: int
   spec: Spec
   train: TrainPlan
@@ -145,10 +165,9 @@ class Settings:
   eval: EvalPlan
   benchmark: BenchmarkPlan
   predict: PredictPlan
-  refine_count: Optional[int] = None  # As configured; None = Np patches per image (the authors).
-  ablation_features: tuple = ('stage2_init', 'halo', 'refine_budget')
-  calibrate: CalibratePlan = CalibratePlan()
-  config: Any = dataclasses.field(repr=False, compare=False, default=None)
+  calibrate: CalibratePlan
+  refine_count: Optional[int]  # As configured; None = Np patches per image (the authors).
+  ablation_features: tuple = _at('ablation.features')
 
   def spec_for(self, num_patches: int) -> Spec:
     """The inference Spec at another Np (refine_count: Np unless the config fixed it)."""
@@ -156,9 +175,31 @@ class Settings:
     return _check_spec(dataclasses.replace(
         self.spec, num_patches=n, refine_count=n if self.refine_count is None else self.refine_count))
 
-  def geometry(self) -> dict:
-    return {f: getattr(self.spec, 'input_norm') if f == 'model.input_norm' else
-            get_field(self.config, f) for f in GEOMETRY}
+  def vary(self, section: str, **fields) -> 'Settings':
+    """These settings with `fields` of `section` replaced ('spec', 'train', ..., or 'settings' for
+    Settings' own fields such as refine_count), the relations between fields checked again."""
+    if section == 'spec' and 'refine_count' in fields:
+      raise ValueError("refine_count is a Settings field: vary('settings', refine_count=k)")
+    if section == 'settings':
+      varied = dataclasses.replace(self, **fields)
+    else:
+      varied = dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section),
+                                                                         **fields)})
+    varied = dataclasses.replace(varied, spec=varied.spec_for(varied.spec.num_patches))
+    return _check_relations(varied)
+
+  def at_operating_point(self, point: dict) -> 'Settings':
+    """Settings for inference at {'num_patches', 'refine_count', 'threshold'} (e.g. the point
+    --mode=calibrate chose): that Np only (train.num_patches_list = (Np,)), since a fixed k need not
+    fit the other grids."""
+    n = int(point['num_patches'])
+    spec = dataclasses.replace(self.spec, num_patches=n, threshold=point['threshold'])
+    train = dataclasses.replace(self.train, num_patches_list=(n,))
+    return self.vary('settings', spec=spec, train=train, refine_count=point['refine_count'])
+
+
+_SECTIONS = (('spec', ''), ('train', 'train.'), ('data', 'data.'), ('eval', 'eval.'),
+             ('benchmark', 'benchmark.'), ('predict', 'predict.'), ('calibrate', 'calibrate.'))
 
 
 # --- Reading ------------------------------------------------------------------------------------------
@@ -172,24 +213,74 @@ def get_field(config, dotted: str):
   return node
 
 
+def flatten(config, prefix: str = '') -> dict:
+  """{'model.width': 64, ...}: every leaf field of a nested ConfigDict or dict."""
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  out = {}
+  for dotted, value in flat.items():
+    node = out
+    *path, leaf = dotted.split('.')
+    for key in path:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return out
+
+
+def known_fields() -> dict:
+  """{dotted field: default value} of configs/default.py, references resolved."""
+  return flatten(default_config.get_config().to_dict())
+
+
+def check_known(config, where: str = 'config') -> None:
+  """SettingsError naming the first field of `config` that configs/default.py does not have, with
+  the closest known one (a misspelled field in a config file must not be ignored)."""
+  known = known_fields()
+  sections = {k.rsplit('.', 1)[0] for k in known if '.' in k}
+  for field, value in flatten(config).items():
+    if field in known:
+      continue
+    if field in sections or any(k.startswith(field + '.') for k in known):
+      raise SettingsError(f'{where}: {field}={value!r} replaces a whole section; set its fields '
+                          f'instead (configs/default.py lists them).')
+    close = difflib.get_close_matches(field, list(known), n=1, cutoff=0.6)
+    hint = f'; did you mean {close[0]}?' if close else ''
+    raise SettingsError(f'{where}: unknown field {field}{hint} (configs/default.py lists every '
+                        f'field).')
+
+
+def complete(config) -> ml_collections.ConfigDict:
+  """A copy of `config` (ConfigDict or dict) with every field it lacks taken from configs/default.py,
+  references resolved."""
+  flat = known_fields()
+  given = flatten(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
+  flat.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+  return ml_collections.ConfigDict(_unflatten(flat))
+
+
 class _Reader:
-  """Reads fields of a ConfigDict with one check each; every error names the field and its value."""
+  """Reads fields of a complete ConfigDict with one check each; every error names the field."""
 
   def __init__(self, config):
     self.config = config
 
-  def raw(self, field: str, default=None):
-    try:
-      return get_field(self.config, field)
-    except (KeyError, AttributeError):
-      return default
+  def raw(self, field: str):
+    return get_field(self.config, field)
 
   def fail(self, field: str, value, valid: str):
     raise SettingsError(f'config.{field}={value!r} is not valid: {valid}.')
 
   def int(self, field: str, low: Optional[int] = None, high: Optional[int] = None,
-          default=None, optional: bool = False) -> Optional[int]:
-    value = self.raw(field, default)
+          optional: bool = False) -> Optional[int]:
+    value = self.raw(field)
     if value is None and optional:
       return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -202,9 +293,9 @@ class _Reader:
     return int(value)
 
   def float(self, field: str, low: Optional[float] = None, high: Optional[float] = None, *,
-            low_open: bool = False, high_open: bool = False, default=None,
+            low_open: bool = False, high_open: bool = False,
             optional: bool = False) -> Optional[float]:
-    value = self.raw(field, default)
+    value = self.raw(field)
     if value is None and optional:
       return None
     valid = f'it must be a finite number{_range(low, high, low_open, high_open)}'
@@ -216,29 +307,38 @@ class _Reader:
       self.fail(field, value, valid)
     return float(value)
 
-  def bool(self, field: str, default=None) -> bool:
-    value = self.raw(field, default)
+  def bool(self, field: str) -> bool:
+    value = self.raw(field)
     if not isinstance(value, bool):
       self.fail(field, value, 'it must be True or False')
     return value
 
-  def choice(self, field: str, choices, default=None) -> str:
-    value = self.raw(field, default)
+  def choice(self, field: str, choices) -> str:
+    value = self.raw(field)
     if value not in choices:
       self.fail(field, value, f'choose one of {", ".join(map(repr, choices))}')
     return str(value)
 
-  def str(self, field: str, default='') -> str:
-    value = self.raw(field, default)
+  def str(self, field: str) -> str:
+    value = self.raw(field)
     if value is None:
       return ''
     if not isinstance(value, str):
       self.fail(field, value, 'it must be a string')
     return value
 
+  def names(self, field: str, choices) -> tuple:
+    """A non-empty tuple of distinct names among `choices` (a string 'a,b' is split)."""
+    value = self.raw(field)
+    if isinstance(value, str):
+      value = tuple(v.strip() for v in value.split(',') if v.strip())
+    if not hasattr(value, '__iter__') or not value or any(v not in choices for v in value):
+      self.fail(field, value, f'a non-empty tuple among {choices}')
+    return tuple(dict.fromkeys(value))
+
   def ints(self, field: str, low: Optional[int] = None, high: Optional[int] = None, *,
-           allow_empty: bool = False, default=None, optional: bool = False) -> Optional[tuple]:
-    value = self.raw(field, default)
+           allow_empty: bool = False, optional: bool = False) -> Optional[tuple]:
+    value = self.raw(field)
     if value is None and optional:
       return None
     valid = f'it must be a tuple of whole numbers{_range(low, high)}'
@@ -300,28 +400,24 @@ def _check_spec(spec: Spec) -> Spec:
 def from_config(config) -> Settings:
   """Checks every field of `config` (see configs/default.py) and returns the typed Settings."""
   if not isinstance(config, (ml_collections.ConfigDict, dict)):
-    raise SettingsError(f'config must be an ml_collections.ConfigDict (e.g. '
+    raise SettingsError(f'a config must be an ml_collections.ConfigDict (e.g. '
                         f'iterseg.get_config("ph2")), got {type(config).__name__}')
-  r = _Reader(config)
-  for section in ('model', 'data', 'train', 'eval', 'benchmark', 'predict'):
-    if not hasattr(r.raw(section), 'get'):
-      raise SettingsError(f'config.{section} is missing: start from configs/default.py.')
+  check_known(config)
+  r = _Reader(complete(config))
   seed = r.int('seed', 0, 2 ** 32 - 1)
   hi = r.int('hi_size', 1)
   num_classes = r.int('num_classes', 1, 255)
-  stage1_size = r.int('stage1_size', 1, hi)
-  width, depth = r.int('model.width', 1), r.int('model.depth', 1, 10)
-  num_patches = r.int('num_patches', 1, hi)
   score = r.choice('score', SCORES)
-  threshold = r.float('threshold', 0.0, score_range(score, num_classes), optional=True)
   refine_count = r.int('refine_count', 1, optional=True)
-  spec = Spec(hi_size=hi, stage1_size=stage1_size, num_classes=num_classes,
-              num_patches=num_patches, refine_count=num_patches if refine_count is None else
-              refine_count, score=score, stage2_uses_coarse=r.bool('stage2_uses_coarse'),
-              threshold=threshold, width=width, depth=depth,
-              halo=r.int('halo', 0, default=0),
-              input_norm=r.choice('model.input_norm', ('none', 'standardize'), default='none'),
-              refine_budget=r.choice('refine_budget', BUDGETS, default='image'))
+  num_patches = r.int('num_patches', 1, hi)
+  spec = Spec(hi_size=hi, stage1_size=r.int('stage1_size', 1, hi), num_classes=num_classes,
+              num_patches=num_patches,
+              refine_count=num_patches if refine_count is None else refine_count, score=score,
+              stage2_uses_coarse=r.bool('stage2_uses_coarse'),
+              threshold=r.float('threshold', 0.0, score_range(score, num_classes), optional=True),
+              width=r.int('model.width', 1), depth=r.int('model.depth', 1, 10),
+              halo=r.int('halo', 0), input_norm=r.choice('model.input_norm', ('none', 'standardize')),
+              refine_budget=r.choice('refine_budget', BUDGETS))
   _check_spec(spec)
 
   networks = r.raw('train.networks')
@@ -329,33 +425,31 @@ def from_config(config) -> Settings:
       n not in NETWORKS for n in networks) or len(set(networks)) != len(tuple(networks)):
     r.fail('train.networks', networks, f'a non-empty tuple of distinct names among {NETWORKS}')
   networks = tuple(networks)
-  epochs = {n: r.int(f'train.{n}_epochs', 1 if n in networks else 0) for n in NETWORKS}
   nps = r.ints('train.num_patches_list', 1, hi)
   plan = TrainPlan(
       seed=seed, networks=networks, batch_size=r.int('train.batch_size', 1),
       learning_rate=r.float('train.learning_rate', 0.0, 1.0, low_open=True),
-      warmup_steps=r.int('train.warmup_steps', 0, default=0),
-      lr_schedule=r.choice('train.lr_schedule', ('constant', 'cosine'), default='constant'),
-      epochs=epochs, num_patches_list=nps,
-      patch_sampling=r.choice('train.patch_sampling', SAMPLING),
+      warmup_steps=r.int('train.warmup_steps', 0),
+      lr_schedule=r.choice('train.lr_schedule', ('constant', 'cosine')),
+      epochs={n: r.int(f'train.{n}_epochs', 1 if n in networks else 0) for n in NETWORKS},
+      num_patches_list=nps, patch_sampling=r.choice('train.patch_sampling', SAMPLING),
       focal_alpha=r.float('train.focal_alpha', 0.0, 1.0),
       focal_gamma=r.float('train.focal_gamma', 0.0, 10.0),
       head_bias_prior=r.float('train.head_bias_prior', 0.0, 1.0, low_open=True, high_open=True,
                               optional=True),
-      stage2_init=r.choice('train.stage2_init', ('random', 'stage1'), default='random'),
+      stage2_init=r.choice('train.stage2_init', ('random', 'stage1')),
       flip=r.bool('train.flip'),
       brightness_contrast=r.float('train.brightness_contrast', 0.0, 0.99),
       rotate=r.bool('train.rotate'), log_every=r.int('train.log_every', 1),
       checkpoint_every=r.int('train.checkpoint_every', 1),
       keep_checkpoints=r.int('train.keep_checkpoints', 1),
-      profile_steps=r.ints('train.profile_steps', 0, allow_empty=True, default=()))
+      profile_steps=r.ints('train.profile_steps', 0, allow_empty=True))
   if plan.profile_steps and (len(plan.profile_steps) != 2 or
                              plan.profile_steps[0] > plan.profile_steps[1]):
     r.fail('train.profile_steps', plan.profile_steps, 'give (first, last) steps, or () for none')
 
-  data_name = r.choice('data.name', DATASETS)
   data = DataSpec(
-      name=data_name, hi_size=hi, num_classes=num_classes,
+      name=r.choice('data.name', DATASETS), hi_size=hi, num_classes=num_classes,
       manual_dir=r.str('data.manual_dir'), data_dir=r.str('data.data_dir') or '~/tensorflow_datasets',
       split_seed=r.int('data.split_seed', 0, 2 ** 32 - 1),
       train_fraction=r.float('data.train_fraction', 0.0, 1.0, low_open=True),
@@ -364,44 +458,47 @@ def from_config(config) -> Settings:
   if data.train_fraction >= 1.0:
     r.fail('data.train_fraction', data.train_fraction, 'it must be in (0, 1): some cases are tested')
 
-  batch_sizes = r.ints('benchmark.batch_sizes', 1, optional=True)
   sliding = r.raw('benchmark.sliding_window')
   if sliding is not None and not isinstance(sliding, bool):
     r.fail('benchmark.sliding_window', sliding, 'True, False, or None for the backend default')
-  outputs = r.raw('predict.outputs', PREDICT_OUTPUTS)
-  if isinstance(outputs, str):
-    outputs = tuple(o.strip() for o in outputs.split(',') if o.strip())
-  if not outputs or any(o not in PREDICT_OUTPUTS for o in outputs):
-    r.fail('predict.outputs', outputs, f'a non-empty tuple among {PREDICT_OUTPUTS}')
   predict = PredictPlan(
       input=r.str('predict.input'), output=r.str('predict.output'),
-      batch_size=r.int('predict.batch_size', 1, default=8), outputs=tuple(dict.fromkeys(outputs)),
-      png_compression=r.int('predict.png_compression', 0, 9, default=0))
+      batch_size=r.int('predict.batch_size', 1),
+      outputs=r.names('predict.outputs', PREDICT_OUTPUTS),
+      png_compression=r.int('predict.png_compression', 0, 9))
   if predict.input and predict.output and _same_path(predict.input, predict.output):
     r.fail('predict.output', predict.output, 'it must differ from config.predict.input, or the '
            'next run would segment its own outputs')
   settings = Settings(
       seed=seed, spec=spec, train=plan, data=data,
       eval=EvalPlan(batch_size=r.int('eval.batch_size', 1)),
-      benchmark=BenchmarkPlan(batch_sizes=batch_sizes, repeats=r.int('benchmark.repeats', 1),
-                              sliding_window=sliding,
-                              max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True,
-                                                  default=180.0)),
-      predict=predict, refine_count=refine_count, ablation_features=_features(r),
+      benchmark=BenchmarkPlan(batch_sizes=r.ints('benchmark.batch_sizes', 1, optional=True),
+                              repeats=r.int('benchmark.repeats', 1), sliding_window=sliding,
+                              max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True)),
+      predict=predict,
       calibrate=_calibrate_plan(r, score_range(score, num_classes),
                                 max(n * n for n in {num_patches, *nps})),
-      config=config)
-  for n in sorted({num_patches, *nps}):
-    settings.spec_for(n)
-  return settings
+      refine_count=refine_count,
+      ablation_features=r.names('ablation.features', ABLATION_FEATURES))
+  return _check_relations(settings)
+
+
+def _check_relations(s: Settings) -> Settings:
+  """The relations between fields that a variant can break: the geometry at every Np, and the
+  threshold within the score's range."""
+  for n in sorted({s.spec.num_patches, *s.train.num_patches_list}):
+    s.spec_for(n)
+  top = score_range(s.spec.score, s.spec.num_classes)
+  if s.spec.threshold is not None and not 0.0 <= s.spec.threshold <= top:
+    raise SettingsError(f'config.threshold={s.spec.threshold!r} is not valid: it must be a finite '
+                        f'number in [0.0, {top}].')
+  return s
 
 
 def _calibrate_plan(r: _Reader, max_threshold: float, max_refine: int) -> CalibratePlan:
-  """The `calibrate.*` fields (each has a default, so a config without the section still works)."""
-  d = CalibratePlan()
-  refine_counts = r.ints('calibrate.refine_counts', 1, max_refine, optional=True,
-                         default=d.refine_counts)
-  thresholds = r.raw('calibrate.thresholds', d.thresholds)
+  """The `calibrate.*` fields."""
+  refine_counts = r.ints('calibrate.refine_counts', 1, max_refine, optional=True)
+  thresholds = r.raw('calibrate.thresholds')
   valid = (f'a non-empty tuple of None or numbers in [0, {max_threshold:g}] (the range of '
            f'config.score)')
   if isinstance(thresholds, (str, int, float)) or not hasattr(thresholds, '__iter__'):
@@ -412,42 +509,44 @@ def _calibrate_plan(r: _Reader, max_threshold: float, max_refine: int) -> Calibr
       not 0.0 <= t <= max_threshold) for t in thresholds):
     r.fail('calibrate.thresholds', thresholds, valid)
   plan = CalibratePlan(
-      holdout=r.float('calibrate.holdout', 0.0, 1.0, low_open=True, default=d.holdout),
+      holdout=r.float('calibrate.holdout', 0.0, 1.0, low_open=True),
       refine_counts=None if refine_counts is None else tuple(sorted(set(refine_counts))),
       thresholds=tuple(dict.fromkeys(None if t is None else float(t) for t in thresholds)),
-      target=r.choice('calibrate.target', CALIBRATE_TARGETS, default=d.target),
-      max_dice_drop=r.float('calibrate.max_dice_drop', 0.0, 1.0, default=d.max_dice_drop),
-      latency_budget_ms=r.float('calibrate.latency_budget_ms', 0.0, low_open=True, optional=True,
-                                default=d.latency_budget_ms))
+      target=r.choice('calibrate.target', CALIBRATE_TARGETS),
+      max_dice_drop=r.float('calibrate.max_dice_drop', 0.0, 1.0),
+      latency_budget_ms=r.float('calibrate.latency_budget_ms', 0.0, low_open=True, optional=True))
   if plan.target == 'latency' and plan.latency_budget_ms is None:
     r.fail('calibrate.latency_budget_ms', None, "set it > 0 (ms per image) for "
            "calibrate.target='latency'")
   return plan
 
 
-def _features(r: _Reader) -> tuple:
-  names = r.raw('ablation.features', ('stage2_init', 'halo', 'refine_budget'))
-  if isinstance(names, str) or not hasattr(names, '__iter__') or not names or any(
-      n not in ABLATION_FEATURES for n in names):
-    r.fail('ablation.features', names, f'a non-empty tuple among {ABLATION_FEATURES}')
-  return tuple(dict.fromkeys(names))
-
-
 def _same_path(a: str, b: str) -> bool:
   return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
-def complete(saved: dict, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A config read from an older workdir's config.json, with the fields it lacks from `defaults`."""
-  config = ml_collections.ConfigDict(defaults.to_dict())
-  _merge(config, saved)
-  return config
+# --- Writing ------------------------------------------------------------------------------------------
 
 
-def _merge(node, saved: dict):
-  for key, value in saved.items():
-    if isinstance(value, dict) and key in node and hasattr(node[key], 'keys'):
-      _merge(node[key], value)
-    else:
-      with node.ignore_type():
-        node[key] = tuple(value) if isinstance(value, list) else value
+def to_dict(s: Settings) -> dict:
+  """The nested config dict that `s` stands for: from_config(to_dict(s)) == s."""
+  flat = {'seed': s.seed, 'refine_count': s.refine_count, 'ablation.features': s.ablation_features}
+  for section, prefix in _SECTIONS:
+    part = getattr(s, section)
+    for f in dataclasses.fields(part):
+      path = f.metadata.get('config', prefix + f.name)
+      if path is not None:
+        flat[path] = getattr(part, f.name)
+  flat.update({f'train.{n}_epochs': e for n, e in s.train.epochs.items()})
+  return _unflatten(flat)
+
+
+def to_config(s: Settings) -> ml_collections.ConfigDict:
+  """The ConfigDict that `s` stands for (what config.json holds)."""
+  return ml_collections.ConfigDict(to_dict(s))
+
+
+def from_json(saved: dict) -> Settings:
+  """The Settings of a workdir's config.json (lists read as tuples; fields it predates get the
+  defaults)."""
+  return from_config(complete(saved))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from iterseg import inference
+from iterseg import models
 from iterseg.settings import Spec, TrainPlan
 
 
@@ -23,11 +23,6 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
-
-
-def network_name(network: str, num_patches: Optional[int] = None) -> str:
-  """'stage1', 'baseline', or 'stage2_np<Np>': the name of a network's checkpoints and metrics."""
-  return f'stage2_np{num_patches}' if network == 'stage2' else network
 
 
 def learning_rate(plan: TrainPlan, total_steps: int):
@@ -44,19 +39,18 @@ def create_optimizer(plan: TrainPlan, total_steps: int) -> optax.GradientTransfo
   return optax.adam(learning_rate(plan, total_steps))
 
 
-def in_channels(network: str, spec: Spec) -> int:
-  return spec.stage2_in_channels if network == 'stage2' else 3
-
-
-def create_train_state(plan: TrainPlan, spec: Spec, network: str, total_steps: int = 1) -> TrainState:
-  """A fresh state; its parameters and key depend only on the seed and the network's name."""
-  name = network_name(network, spec.num_patches)
+def create_train_state(plan: TrainPlan, spec: Spec, network: str, total_steps: int = 1,
+                       params: Optional[Any] = None) -> TrainState:
+  """A fresh state; its key (and its random parameters, unless `params` are given, e.g.
+  `from_stage1`) depend only on the seed and the network's name."""
+  name = models.name(network, spec.num_patches)
   key = jax.random.fold_in(jax.random.key(plan.seed), zlib.crc32(name.encode()))
   init_key, step_key = jax.random.split(key)
-  params = inference.init_unet(init_key, spec, in_channels(network, spec))
-  if plan.head_bias_prior is not None and spec.num_classes == 1:
-    prior = plan.head_bias_prior  # The focal-loss paper's prior: p = prior everywhere at step 0.
-    params['head']['bias'] = jnp.full_like(params['head']['bias'], jnp.log(prior / (1 - prior)))
+  if params is None:
+    params = models.init_unet(init_key, spec, network)
+    if plan.head_bias_prior is not None and spec.num_classes == 1:
+      prior = plan.head_bias_prior  # The focal-loss paper's prior: p = prior everywhere at step 0.
+      params['head']['bias'] = jnp.full_like(params['head']['bias'], jnp.log(prior / (1 - prior)))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=create_optimizer(plan, total_steps).init(params),
                     rng=jax.random.key_data(step_key))
@@ -67,7 +61,7 @@ def from_stage1(stage1_params, spec: Spec):
   coarse-probability input channels (stage2_uses_coarse) get zero weights in the two layers that
   see the input, down0 and the head (the input is the top skip), so stage 2 starts as stage 1
   applied at full resolution."""
-  extra = in_channels('stage2', spec) - 3
+  extra = spec.in_channels('stage2') - 3
 
   def widen(kernel):  # [kh, kw, C_in, C_out] -> [kh, kw, C_in + extra, C_out], the new rows zero.
     pad = [(0, 0)] * kernel.ndim

@@ -4,8 +4,9 @@
 probabilities), then stage 2 for each Np in num_patches_list, then the baseline; each resumes from
 its latest checkpoint, so rerunning the same command continues.
 
-The loop takes hooks (as flax's examples take periodic actions): `train` installs checkpointing,
-metrics lines, the progress bar and an optional profiler trace; a caller may add its own.
+The loop takes hooks (`hooks.py`, as flax's examples take periodic actions): `train` installs the
+NaN check, checkpointing, metrics lines, the progress bar and an optional profiler trace; a caller
+may add its own.
 
 A run killed at any point (even while writing a checkpoint) and started again ends with the bits of
 an uninterrupted run on the same devices: a step's randomness is the state's key folded with the
@@ -14,13 +15,9 @@ only once orbax has finished writing it, and the metric lines logged after it ar
 SIGINT and SIGTERM save the current step first, then stop with `Interrupted`.
 """
 
-import dataclasses
 import functools
-import json
 import os
-import signal
-import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,18 +26,11 @@ import optax
 from jax import lax
 from tqdm import tqdm
 
-from iterseg import augment, checkpoints, files, inference, losses, settings, state
+from iterseg import augment, checkpoints, hooks, inference, losses, models, state
 from iterseg.data import pipeline
+from iterseg.errors import Interrupted, TrainingError  # noqa: F401  (raised by the loop and hooks)
+from iterseg.hooks import Hook, StopSignals
 from iterseg.settings import Settings, Spec, TrainPlan
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (a non-finite loss, a checkpoint that cannot be written)."""
-
-
-class Interrupted(RuntimeError):
-  """SIGINT or SIGTERM arrived; the current step was saved."""
-
 
 # --- The step -----------------------------------------------------------------------------------------
 
@@ -107,7 +97,7 @@ def train_step(train_state: state.TrainState, batch, frozen, *, network: str, sp
     if network == 'stage2':
       logits = inference.stage2_logits(params, inputs, spec)
     else:
-      logits = inference.unet(spec).apply({'params': params}, inputs)
+      logits = models.unet(spec).apply({'params': params}, inputs)
     return losses.segmentation_loss(logits, labels, num_classes=spec.num_classes,
                                     alpha=plan.focal_alpha, gamma=plan.focal_gamma)
 
@@ -142,180 +132,19 @@ def replicate(tree):
   return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-# --- Hooks --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Step:
-  """What a hook sees after each step. `metrics` are device arrays: fetching them waits."""
-  name: str
-  step: int
-  total: int
-  state: Any
-  metrics: dict
-  last: bool  # The final step of this network (or the step at which it was interrupted).
-
-
-Hook = Callable[[Step], None]
-
-
-class Checkpointer:
-  """Saves every `every` steps and at the last step; stops training at the first failed save."""
-
-  def __init__(self, manager, workdir: str, every: int):
-    self.manager, self.workdir, self.every = manager, workdir, every
-
-  def __call__(self, s: Step):
-    if s.step % self.every and not s.last:
-      return
-    check_finite(jax.device_get(s.metrics), s.name, s.step, self.workdir)
-    self.save(s.step, s.state)
-
-  def save(self, step: int, train_state):
-    try:
-      self.manager.save(step, args=checkpoints.save_args(train_state), force=True)
-      self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except  # Orbax wraps the OSError differently.
-      raise TrainingError(_write_failure(self.manager, step, e)) from e
-
-
-def _write_failure(manager, step: int, error: BaseException) -> str:
-  cause = error
-  while cause is not None and not isinstance(cause, OSError):
-    cause = cause.__cause__ or cause.__context__
-  reason = files.describe_os_error(cause) if cause is not None else ' '.join(str(error).split())[:160]
-  return (f'cannot write the checkpoint of step {step} to {manager.directory} ({reason}); stopped. '
-          f'The last complete checkpoint there is kept: free space or fix the permissions, then '
-          f'rerun the same command to resume.')
-
-
-class MetricsWriter:
-  """Every `every` steps and at the last: one JSON line in <workdir>/metrics.jsonl (process 0), and
-  the loss, Dice and throughput on the progress bar."""
-
-  def __init__(self, workdir: str, every: int, per_epoch: int, unit: str, per_step: int, bar):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.every, self.per_epoch, self.unit, self.per_step, self.bar = (every, per_epoch, unit,
-                                                                     per_step, bar)
-    self.start, self.first = time.perf_counter(), None
-
-  def __call__(self, s: Step):
-    self.first = s.step - 1 if self.first is None else self.first
-    if s.step % self.every and not s.last:
-      return
-    m = {k: float(v) for k, v in jax.device_get(s.metrics).items()}
-    check_finite(m, s.name, s.step, os.path.dirname(self.path))
-    rate = (s.step - self.first) * self.per_step / (time.perf_counter() - self.start)
-    self.bar.set_postfix(loss=f'{m["loss"]:.4f}', dice=f'{m["dice"]:.3f}',
-                         **{f'{self.unit}/s': f'{rate:.1f}'})
-    if jax.process_index() == 0:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps({'network': s.name, 'step': s.step, 'epoch': s.step / self.per_epoch,
-                            f'{self.unit}_per_s': rate, **m}) + '\n')
-
-
-class FiniteCheck:
-  """Checks each step's loss while the next step runs (one step behind: no extra wait)."""
-
-  def __init__(self, workdir: str):
-    self.workdir, self.pending = workdir, None
-
-  def __call__(self, s: Step):
-    if self.pending is not None:
-      check_finite(jax.device_get(self.pending[1]), s.name, self.pending[0], self.workdir)
-    self.pending = (s.step, s.metrics)
-
-
-class Profiler:
-  """A jax.profiler trace of steps [first, last] into <workdir>/profile (TensorBoard/Perfetto)."""
-
-  def __init__(self, workdir: str, first: int, last: int):
-    self.dir, self.first, self.last, self.active = os.path.join(workdir, 'profile'), first, last, False
-
-  def __call__(self, s: Step):
-    if s.step == self.first and not self.active:
-      jax.profiler.start_trace(self.dir)
-      self.active = True
-    if self.active and (s.step >= self.last or s.last):
-      jax.block_until_ready(s.state)
-      jax.profiler.stop_trace()
-      self.active = False
-
-
-def check_finite(metrics: dict, name: str, step: int, workdir: str):
-  if not np.isfinite(metrics['loss']):
-    raise TrainingError(
-        f'{name}: the loss became {metrics["loss"]} at step {step}; stopped. The last good '
-        f'checkpoint is kept in {checkpoints.network_dir(workdir, name)}. Lower '
-        f'config.train.learning_rate or check the data for NaN/inf.')
-
-
-def trim_metrics(workdir: str, name: str, step: int):
-  """Drops the metric lines of `name` after `step` (process 0 only), and any line cut short.
-
-  A run killed after its last checkpoint logged steps that the resumed run repeats: without this,
-  metrics.jsonl would hold them twice.
-  """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  keep = []
-  for line in lines:
-    try:
-      record = json.loads(line)
-    except ValueError:  # The last line of a killed run may be cut short.
-      continue
-    if not (record.get('network') == name and record.get('step', 0) > step):
-      keep.append(line if line.endswith('\n') else line + '\n')
-  if keep != lines:
-    files.atomic_write(path, lambda f: f.writelines(keep))
-
-
-# --- Interruptions ------------------------------------------------------------------------------------
-
-
-class StopSignals:
-  """While active, SIGINT and SIGTERM set a flag (the loop saves, then stops) instead of killing.
-
-  A second Ctrl-C while saving is ignored until the save is done. Under several processes the flag
-  is orbax's preemption sync point, which every process reaches at the same step.
-  """
-
-  def __init__(self):
-    self.received, self.previous = None, {}
-
-  def __enter__(self):
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      try:
-        self.previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # Not the main thread: leave signals alone.
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self.previous.items():
-      signal.signal(sig, handler)
-
-
 # --- The loop -----------------------------------------------------------------------------------------
 
 
 def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optional[int] = None,
-                  frozen=None, source=None, hooks: Sequence[Hook] = (),
+                  frozen=None, source=None, extra_hooks: Sequence[Hook] = (),
                   stop: Optional[StopSignals] = None) -> Any:
   """Trains one network to its planned number of epochs, resuming from its latest checkpoint.
 
   Returns its parameters. `source` (the train split) defaults to data.load_split(s.data, 'train').
-  `hooks` run after the built-in ones, after every step.
+  `extra_hooks` run after the built-in ones, after every step.
   """
   spec = s.spec_for(num_patches) if network == 'stage2' else s.spec
-  name = state.network_name(network, spec.num_patches)
+  name = models.name(network, spec.num_patches)
   plan = s.train
   if source is None:
     from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
@@ -324,17 +153,18 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
   total = per_epoch * plan.epochs[network]
   checkpoints.write_plan(workdir, name, total)
 
-  fresh = state.create_train_state(plan, spec, network, total)
-  if network == 'stage2' and plan.stage2_init == 'stage1':
-    fresh = fresh.replace(params=state.from_stage1(jax.device_get(frozen), spec))
-    fresh = fresh.replace(opt_state=state.create_optimizer(plan, total).init(fresh.params))
+  copied = network == 'stage2' and plan.stage2_init == 'stage1'
+  fresh = state.create_train_state(
+      plan, spec, network, total,
+      params=state.from_stage1(jax.device_get(frozen), spec) if copied else None)
   manager = checkpoints.manager(workdir, name, plan.keep_checkpoints)
+  bar = None
   try:
     train_state = replicate(checkpoints.restore_latest(manager, fresh, name))
     step = int(train_state.step)
     if step >= total:
       return train_state.params
-    trim_metrics(workdir, name, step)
+    hooks.trim_metrics(workdir, name, step)
 
     frozen = None if frozen is None else replicate(frozen)
     p_step = make_train_step(network, spec, plan, total)
@@ -342,11 +172,11 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
         'images', plan.batch_size)
     bar = tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
                disable=jax.process_index() != 0, dynamic_ncols=True)
-    checkpointer = Checkpointer(manager, workdir, plan.checkpoint_every)
-    builtin = [FiniteCheck(workdir), checkpointer,
-               MetricsWriter(workdir, plan.log_every, per_epoch, unit, per_step, bar)]
+    every = [hooks.FiniteCheck(workdir, plan.checkpoint_every),
+             hooks.Checkpointer(manager, plan.checkpoint_every),
+             hooks.MetricsWriter(workdir, plan.log_every, per_epoch, unit, per_step, bar)]
     if plan.profile_steps and network == 'stage1':
-      builtin.append(Profiler(workdir, *plan.profile_steps))
+      every.append(hooks.Profiler(workdir, *plan.profile_steps))
     while step < total:
       epoch, start = divmod(step, per_epoch)
       for batch in pipeline.prefetch_to_device(pipeline.batches(
@@ -355,19 +185,20 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
         step += 1
         bar.update(1)
         interrupted = stop is not None and _stop_requested(stop, manager, step)
-        info = Step(name, step, total, train_state, metrics, last=step >= total or interrupted)
-        for hook in (*builtin, *hooks):
+        info = hooks.Step(name, step, total, train_state, metrics,
+                          last=step >= total or interrupted)
+        for hook in (*every, *extra_hooks):
           hook(info)
         if interrupted:
           manager.wait_until_finished()
-          bar.close()
           raise Interrupted(f'interrupted ({stop.received or "preempted"}) at step {step} of '
                             f'{name}; its checkpoint is saved: rerun the same command to resume.')
         if step >= total:
           break
-    bar.close()
     return train_state.params
   finally:
+    if bar is not None:
+      bar.close()
     manager.close()  # Waits for the checkpoint being written, also when training stopped on an error.
 
 
@@ -381,19 +212,19 @@ def check_resumable(s: Settings, workdir: str):
   """CheckpointError, before anything is written, if the workdir's networks were trained with
   another geometry."""
   if checkpoints.trained_networks(workdir) and os.path.exists(os.path.join(workdir, 'config.json')):
-    saved = settings.from_config(checkpoints.read_config(workdir))
-    checkpoints.check_same_geometry(s, saved, workdir)
+    checkpoints.check_same_geometry(s, checkpoints.read_settings(workdir), workdir)
 
 
-def train(s: Settings, workdir: str, *, hooks: Sequence[Hook] = ()) -> None:
+def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> None:
   """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says)."""
   check_resumable(s, workdir)
-  checkpoints.save_config(s.config, workdir)
+  checkpoints.save_config(s, workdir)
   from iterseg import data  # pylint: disable=g-import-not-at-top
   source = data.load_split(s.data, 'train')
   networks = s.train.networks
   with StopSignals() as stop:
-    run = functools.partial(train_network, s, workdir, source=source, hooks=hooks, stop=stop)
+    run = functools.partial(train_network, s, workdir, source=source, extra_hooks=extra_hooks,
+                            stop=stop)
     stage1 = run('stage1') if 'stage1' in networks else None
     if 'stage2' in networks:
       if stage1 is None:

@@ -1,37 +1,75 @@
-"""Tests run on CPU with 4 fake devices, so pmap and multi-device code runs in CI."""
+"""Tests run on CPU with 4 fake devices, so pmap and multi-device code runs in CI.
+
+Session fixtures share what is expensive to make: one XLA compilation cache (also used by the
+launch.py subprocesses), one prepared synthetic dataset, one tiny trained workdir (`reference`) and
+one workdir of random networks. Tests that change a workdir copy it first (`trained`).
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One compilation cache per test run, shared by pytest-xdist's workers (the same run id) and the
+# launch.py subprocesses; removed by the process that created the run.
+_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'{os.getpid()}'
+_CACHE = os.path.join(tempfile.gettempdir(), f'iterseg-test-xla-cache-{_RUN}')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402  (after XLA_FLAGS, before anything imports jax)
 
-from iterseg.configs import default  # noqa: E402
+from tests import helpers, launch_runs  # noqa: E402
 
 
-def tiny(**overrides):
-  """The default config shrunk to seconds on CPU: 64 x 64 images, a 3-level U-Net of width 4."""
-  c = default.get_config()
-  c.hi_size = 64
-  c.model.width = 4
-  c.model.depth = 3
-  c.num_patches = 4
-  c.train.num_patches_list = (2, 4)
-  c.train.batch_size = 8
-  c.train.stage1_epochs = c.train.stage2_epochs = c.train.baseline_epochs = 1
-  c.train.log_every = 1
-  c.data.num_examples = 20
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if 'PYTEST_XDIST_WORKER' not in os.environ:  # The controller (or a run without xdist).
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
 def tiny_config():
-  return tiny()
+  return helpers.tiny()
+
+
+@pytest.fixture(scope='session')
+def subprocess_env():
+  """The environment of launch.py subprocesses: this session's compilation cache and devices."""
+  return launch_runs.env(os.environ['JAX_COMPILATION_CACHE_DIR'])
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """A data_dir with the tiny run's synthetic dataset prepared (16 images of 64 x 64)."""
+  from iterseg import data, settings  # pylint: disable=g-import-not-at-top
+  folder = tmp_path_factory.mktemp('tfds')
+  data.prepare(settings.from_config(launch_runs.tiny_config(folder)).data)
+  return folder
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory, data_dir):
+  """The tiny run (launch_runs.TINY_RUN) trained and evaluated once, in-process, uninterrupted."""
+  from iterseg import cli  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  cli.run('train', launch_runs.tiny_config(data_dir), str(workdir))
+  return workdir
+
+
+@pytest.fixture
+def trained(reference, tmp_path):
+  """A copy of the reference workdir, to damage or misuse."""
+  return shutil.copytree(reference, tmp_path / 'trained')
+
+
+@pytest.fixture(scope='session')
+def random_workdir(tmp_path_factory, data_dir):
+  """A workdir of random networks as training leaves them: tiny(), stage 2 at Np 2 and 4, the
+  baseline; data in the session's data_dir (16 synthetic images). Read only."""
+  config = helpers.tiny(**{'data.num_examples': 16, 'data.data_dir': str(data_dir),
+                           'eval.batch_size': 2})
+  return config, helpers.save_random_networks(config, tmp_path_factory.mktemp('random') / 'run')

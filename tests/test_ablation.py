@@ -7,16 +7,14 @@ import numpy as np
 
 from iterseg import ablation, settings
 from iterseg.data.synthetic import make_synthetic_example
-from tests.conftest import tiny
-from tests.test_evaluate import save_random_networks
+from tests.helpers import save_random_networks, tiny
 
 
-def test_ablation_reports_each_feature_off_and_on(tmp_path):
-  config = tiny(num_patches=4, **{'train.num_patches_list': (4,), 'data.num_examples': 20,
-                                  'data.data_dir': str(tmp_path / 'tfds'), 'eval.batch_size': 2,
+def test_ablation_reports_each_feature_off_and_on(data_dir, tmp_path):
+  config = tiny(num_patches=4, **{'train.num_patches_list': (4,), 'data.num_examples': 16,
+                                  'data.data_dir': str(data_dir), 'eval.batch_size': 5,
                                   'ablation.features': ('stage2_init', 'refine_budget')})
-  workdir = tmp_path / 'run'
-  save_random_networks(config, workdir)
+  workdir = save_random_networks(config, tmp_path / 'run')
   out = ablation.run(settings.from_config(config), str(workdir))
   rows = {(r['feature'], r['state']): r for r in out['rows']}
   assert set(rows) == {(f, s) for f in ('stage2_init', 'refine_budget') for s in ('off', 'on')}

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
+import shutil
+
 from iterseg import benchmark, evaluate, inference, methods, settings
-from tests.conftest import tiny
-from tests.test_evaluate import save_random_networks
+from tests.helpers import save_random_networks, tiny
 
 
 @pytest.fixture(scope='module')
@@ -52,13 +53,19 @@ def test_benchmark_rows_are_consistent(tiny_benchmark):
         'gflops_per_image']
 
 
-def test_benchmark_json_feeds_evaluation_latencies(tiny_benchmark):
-  config, workdir, results = tiny_benchmark
-  latencies = evaluate.benchmark_latencies(str(workdir), settings.from_config(config))
-  assert latencies['two_stage_np4'] * 1e3 == pytest.approx(
-      next(r['latency_ms'] for r in results['rows']
-           if r['method'] == 'two_stage' and r['num_patches'] == 4 and r['batch_size'] == 1))
-  assert 'sliding_window_np2' in latencies  # Extra methods are harmless.
+def test_the_measured_latency_meets_the_dice_of_results_json(random_workdir, tmp_path):
+  config, workdir = random_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  s = settings.from_config(config)
+  evaluate.run(s, str(workdir))
+  rows = [{'method': 'baseline', 'num_patches': None, 'batch_size': 1, 'latency_ms': 5.0},
+          {'method': 'two_stage', 'num_patches': 4, 'batch_size': 1, 'latency_ms': 1.0},
+          {'method': 'two_stage', 'num_patches': 4, 'batch_size': 2, 'latency_ms': 0.7}]
+  path = benchmark.plot_with_dice(rows, s, str(workdir))
+  assert path == str(workdir / 'tradeoff_latency.png')
+  assert (workdir / 'tradeoff_latency.png').read_bytes()[:4] == b'\x89PNG'
+  other = settings.from_config(tiny(**{'model.width': 8}))
+  assert benchmark.plot_with_dice(rows, other, str(workdir)) is None  # Another geometry.
 
 
 def test_sliding_window_refines_every_patch():

@@ -1,15 +1,21 @@
 """--mode=calibrate: the held-out train subset, the Pareto front, the target rules, the calibrate.*
 config fields, and one sweep end to end on random tiny networks."""
 
+import dataclasses
 import json
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from iterseg import calibrate, methods, settings
-from iterseg.settings import CalibratePlan
-from tests.conftest import tiny
-from tests.test_evaluate import save_random_networks
+from iterseg import calibrate, checkpoints, methods, settings
+from tests.helpers import set_fields, tiny
+
+
+def calibrate_plan(**fields):
+  """The calibrate plan of the default config, with `fields` changed."""
+  return dataclasses.replace(settings.from_config(tiny()).calibrate, **fields)
 
 
 def point(dice, gflops, latency, n=4, k=1, t=None):
@@ -49,7 +55,7 @@ def test_pareto_front_keeps_exactly_the_non_dominated_points():
 def test_dice_drop_picks_the_fewest_flops_within_the_drop():
   points = [point(0.79, 1.0, 1.0), point(0.80, 2.0, 1.0, k=2), point(0.81, 4.0, 3.0, k=4),
             point(0.805, 4.0, 3.0, k=8)]
-  plan = CalibratePlan(max_dice_drop=0.01)
+  plan = calibrate_plan(max_dice_drop=0.01)
   assert calibrate.choose(points, 0.80, plan)['refine_count'] == 1  # 0.79 is on the floor.
   assert calibrate.choose(points, 0.805, plan)['refine_count'] == 2
   assert calibrate.choose(points, 0.815, plan)['refine_count'] == 4  # Same FLOPs: better Dice.
@@ -59,23 +65,23 @@ def test_dice_drop_picks_the_fewest_flops_within_the_drop():
 
 def test_latency_picks_the_best_dice_under_the_budget():
   points = [point(0.80, 1.0, 1.0), point(0.85, 2.0, 2.0, k=2), point(0.90, 4.0, 5.0, k=4)]
-  plan = CalibratePlan(target='latency', latency_budget_ms=2.0)
+  plan = calibrate_plan(target='latency', latency_budget_ms=2.0)
   assert calibrate.choose(points, None, plan)['refine_count'] == 2
-  assert calibrate.choose(points, 0.9, CalibratePlan(target='latency',
+  assert calibrate.choose(points, 0.9, calibrate_plan(target='latency',
                                                      latency_budget_ms=10.0))['refine_count'] == 4
-  assert calibrate.choose(points, None, CalibratePlan(target='latency',
+  assert calibrate.choose(points, None, calibrate_plan(target='latency',
                                                       latency_budget_ms=0.5)) is None
 
 
 def test_operating_point_reads_calibration_json(tmp_path):
-  assert calibrate.operating_point(str(tmp_path)) is None  # Absent.
+  assert checkpoints.operating_point(str(tmp_path)) is None  # Absent.
   (tmp_path / 'calibration.json').write_text('{"operating_point": ')
-  assert calibrate.operating_point(str(tmp_path)) is None  # Unreadable.
+  assert checkpoints.operating_point(str(tmp_path)) is None  # Unreadable.
   (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': None}))
-  assert calibrate.operating_point(str(tmp_path)) is None  # No point met the target.
+  assert checkpoints.operating_point(str(tmp_path)) is None  # No point met the target.
   chosen = {'num_patches': 4, 'refine_count': 2, 'threshold': 0.1}
   (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': chosen}))
-  assert calibrate.operating_point(str(tmp_path)) == chosen
+  assert checkpoints.operating_point(str(tmp_path)) == chosen
 
 
 def test_measure_averages_over_the_real_images_of_padded_batches():
@@ -83,13 +89,14 @@ def test_measure_averages_over_the_real_images_of_padded_batches():
   masks = (rng.random((5, 8, 8)) < 0.3).astype(np.uint8)
   images = np.repeat(masks[..., None].astype(np.float32), 3, -1)  # The image carries its mask.
   batches = [{'image': images[i:i + 2], 'mask': masks[i:i + 2]} for i in range(0, 5, 2)]
-  half = methods.Method('half', None, lambda p, x, spec: (x[..., :1] * 0.5, None), None, None)
-  got = calibrate.measure(half, batches, 1)
+  half_fn = jax.jit(lambda p, x, spec: (x[..., :1] * 0.5, None), static_argnames='spec')
+  half = methods.Method('half', None, half_fn, None, None)
+  got = calibrate.measure(half, batches, 1, repeats=2)
   p, y = masks.reshape(5, -1) * 0.5, masks.reshape(5, -1)
   soft = (2 * (p * y).sum(1) + 1) / (p.sum(1) + y.sum(1) + 1)  # Only the 5 real images count.
   assert got['soft_dice'] == pytest.approx(soft.mean(), rel=1e-5)
   assert got['hard_dice'] == pytest.approx(np.mean([float(m.sum() == 0) for m in masks]))
-  assert got['refined_fraction'] is None and got['latency_s'] > 0
+  assert got['refined_fraction'] is None and got['latency_ms'] > 0
 
 
 def test_the_latency_target_needs_a_budget():
@@ -101,28 +108,27 @@ def test_the_latency_target_needs_a_budget():
 
 
 def test_calibrate_defaults_and_a_config_without_the_section():
-  assert settings.from_config(tiny()).calibrate == CalibratePlan()
   old = tiny().to_dict()
   del old['calibrate']
-  assert settings.from_config(old).calibrate == CalibratePlan()
+  assert settings.from_config(old).calibrate == calibrate_plan()
   s = settings.from_config(tiny(**{'calibrate.thresholds': (0.1, None, 0.1),
                                    'calibrate.refine_counts': (4, 1, 4)}))
   assert s.calibrate.thresholds == (0.1, None) and s.calibrate.refine_counts == (1, 4)
 
 
-def test_run_sweeps_every_np_and_k_and_writes_the_calibration(tmp_path, capsys):
-  config = tiny(**{'data.num_examples': 10, 'data.data_dir': str(tmp_path / 'tfds'),
-                   'train.num_patches_list': (2, 4), 'eval.batch_size': 2,
-                   'calibrate.refine_counts': (1, 4, 16)})  # A short sweep: each k compiles.
-  workdir = tmp_path / 'run'
-  save_random_networks(config, workdir)
+def test_run_sweeps_every_np_and_k_and_writes_the_calibration(random_workdir, tmp_path, capsys):
+  config, workdir = random_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'calibrate.refine_counts': (1, 4, 16),  # A short sweep: each k compiles.
+      'calibrate.max_dice_drop': 1.0, 'benchmark.repeats': 2})
   result = calibrate.run(settings.from_config(config), str(workdir))
 
   saved = json.loads((workdir / 'calibration.json').read_text())
   assert saved['points'] == json.loads(json.dumps(result['points']))
   assert (workdir / 'calibration.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert (workdir / 'calibration.csv').exists()
-  assert saved['num_images'] == 2  # ceil(0.2 * 7 training examples).
+  assert saved['num_images'] == 3  # ceil(0.2 * 11 training examples).
   assert saved['target'] == 'dice_drop' and saved['baseline']['gflops'] > 0
   points = saved['points']
   assert sorted((p['num_patches'], p['refine_count']) for p in points) == [
@@ -137,27 +143,28 @@ def test_run_sweeps_every_np_and_k_and_writes_the_calibration(tmp_path, capsys):
   assert by_k[(4, 16)]['gflops'] > by_k[(4, 1)]['gflops']
   per_patch = (by_k[(4, 16)]['gflops'] - by_k[(4, 1)]['gflops']) / 15  # stage1 + k * stage2.
   assert by_k[(4, 4)]['gflops'] == pytest.approx(by_k[(4, 1)]['gflops'] + 3 * per_patch)
-  chosen = saved['operating_point']
-  out = capsys.readouterr().out
-  if chosen is None:
-    assert 'No operating point' in out
-  else:
-    assert chosen in [{k: p[k] for k in chosen} for p in points] and 'Operating point' in out
-    assert calibrate.operating_point(str(workdir)) == chosen
+  # Any Dice is within a drop of 1.0: the operating point is the point of fewest GFLOPs, Np=4, k=1
+  # (a 16-px patch costs less than a 32-px one).
+  expected = {'num_patches': 4, 'refine_count': 1, 'threshold': None}
+  assert saved['operating_point'] == expected
+  assert min(points, key=lambda p: p['gflops'])['refine_count'] == 1
+  assert 'Operating point (dice_drop): Np=4, refine_count=1, threshold=None' in capsys.readouterr().out
+  assert checkpoints.operating_point(str(workdir)) == expected
 
 
-def test_load_and_predict_use_the_calibrated_operating_point(tmp_path):
+def test_load_and_predict_use_the_calibrated_operating_point(random_workdir, tmp_path):
   import iterseg  # pylint: disable=g-import-not-at-top
-  from iterseg import checkpoints, predict  # pylint: disable=g-import-not-at-top
+  from iterseg import predict  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  config = tiny(**{'train.num_patches_list': (2, 4)})
-  save_random_networks(config, tmp_path / 'run')
+  config, workdir = random_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
   point = {'num_patches': 2, 'refine_count': 1, 'threshold': None}
-  (tmp_path / 'run' / 'calibration.json').write_text(json.dumps({'operating_point': point}))
-  params, loaded = iterseg.load(str(tmp_path / 'run'))
+  (workdir / 'calibration.json').write_text(json.dumps({'operating_point': point}))
+  params, loaded = iterseg.load(str(workdir))
   assert (loaded.num_patches, loaded.refine_count) == (2, 1) and sorted(params.stage2) == [2]
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'a.png')
-  config.predict.input = str(tmp_path / 'a.png')
-  result = predict.run(settings.from_config(config), str(tmp_path / 'run'))
+  config = set_fields(config.copy_and_resolve_references(),
+                      **{'predict.input': str(tmp_path / 'a.png')})
+  result = predict.run(settings.from_config(config), str(workdir))
   assert result['num_patches'] == 2 and result['images'][0]['refined_patches'] == 1
-  assert checkpoints.operating_point(str(tmp_path / 'run')) == point
+  assert checkpoints.operating_point(str(workdir)) == point

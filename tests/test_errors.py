@@ -1,5 +1,8 @@
-"""Bad input through the command line: exit status != 0, one `iterseg: error: ...` line that names the
-thing and what to do, no traceback, and nothing good overwritten.
+"""Bad input: one error that names the thing and what to do, and nothing good overwritten.
+
+In-process through `cli.run`, as launch.py calls it: every refusal is an `errors.Error` whose message
+is one line (launch.py prints it as `iterseg: error: <message>` and exits 1). Two subprocess tests
+pin that contract end to end: exit status, exactly one error line, no traceback on stderr.
 
 Covered elsewhere, through the library: NaN or inf images given to `iterseg.infer`
 (test_inference.py::test_bad_images_get_a_clear_error), every data-layer error with its file names
@@ -8,7 +11,7 @@ inputs converted (test_data.py::test_folder_reads_mixed_formats_exactly,
 test_predict.py::test_outputs_have_the_size_of_each_input_whatever_its_mode).
 """
 
-import hashlib
+import os
 import shutil
 
 import jax
@@ -16,27 +19,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iterseg import checkpoints, settings
-from tests import launch_runs
-from tests.conftest import tiny
-from tests.launch_runs import STAGE2_STEPS, one_line_error
+from iterseg import checkpoints, cli, errors, settings
+from tests import helpers, launch_runs
+from tests.helpers import tiny
+from tests.launch_runs import STAGE2_STEPS
 
 
-@pytest.fixture(scope='module')
-def launch(tmp_path_factory):
-  return launch_runs.launcher(tmp_path_factory)
-
-
-@pytest.fixture
-def trained(launch, tmp_path):
-  """A copy of the session's trained tiny workdir, to damage or misuse."""
-  return shutil.copytree(launch.reference(), tmp_path / 'trained')
-
-
-def snapshot(folder) -> dict:
-  """{relative path: sha1 of the content} of every file under `folder`."""
-  return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob('*')) if p.is_file()}
+def refused(mode, config, workdir, *words) -> str:
+  """The one-line message of the errors.Error that `cli.run(mode, ...)` raises; it holds `words`."""
+  with pytest.raises(errors.Error) as error:
+    cli.run(mode, config, str(workdir))
+  message = str(error.value)
+  assert '\n' not in message, message
+  for word in words:
+    assert word in message, message
+  return message
 
 
 def write_cases(root, shapes: dict) -> dict:
@@ -55,105 +52,161 @@ def write_cases(root, shapes: dict) -> dict:
   return paths
 
 
-def prepare_folder(launch, tmp_path, manual_dir):
-  return launch.run('--mode=prepare', '--config.data.name=folder', '--config.hi_size=32',
-                    '--config.model.depth=2',
-                    f'--config.data.manual_dir={manual_dir}', f'--config.data.data_dir={tmp_path}/tfds')
+def folder_config(tmp_path, manual_dir):
+  return tiny(hi_size=32, **{'model.depth': 2, 'data.name': 'folder',
+                             'data.manual_dir': str(manual_dir),
+                             'data.data_dir': str(tmp_path / 'tfds')})
+
+
+# --- The one-line contract, end to end -----------------------------------------------------------
+
+
+def test_an_unknown_config_key_on_the_command_line_is_one_line(subprocess_env, tmp_path):
+  for flags, expected in [
+      (['--config.train.nope=1'], '--config.train.nope: unknown config key'),
+      (['--config.model.widht=8'], 'Did you mean "width"'),
+      (['--config=configs/ph2.py', '--config.nope.deeper=1'],
+       '--config.nope.deeper: unknown config key')]:
+    result = launch_runs.run('--mode=prepare', *flags, f'--workdir={tmp_path}/run',
+                             env=subprocess_env)
+    line = helpers.one_line_error(result)
+    assert expected in line and 'configs/default.py' in line
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_and_deleting_it_resumes(reference, trained, data_dir,
+                                                                    subprocess_env):
+  step_dir = trained / 'checkpoints' / 'stage2_np4' / str(STAGE2_STEPS)
+  for path in (step_dir / 'default' / 'd').iterdir():
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  before = helpers.snapshot(trained)
+  line = helpers.one_line_error(launch_runs.run(*launch_runs.tiny_flags(trained, data_dir),
+                                                env=subprocess_env))
+  assert f'{step_dir} is damaged or incomplete' in line and 'Delete that folder' in line
+  assert helpers.snapshot(trained) == before
+  shutil.rmtree(step_dir)  # As the message says: training resumes from the step before.
+  cli.run('train', launch_runs.tiny_config(data_dir), str(trained))
+  helpers.assert_same_bits(helpers.read_checkpoint(reference, 'stage2_np4', STAGE2_STEPS),
+                           helpers.read_checkpoint(trained, 'stage2_np4', STAGE2_STEPS))
 
 
 # --- Data -------------------------------------------------------------------------------------------
 
 
-def test_a_missing_data_folder_is_named(launch, tmp_path):
-  line = one_line_error(prepare_folder(launch, tmp_path, tmp_path / 'nowhere'))
-  assert f'manual_dir {tmp_path / "nowhere"} does not exist' in line and 'images/' in line
+def test_a_missing_data_folder_is_named(tmp_path):
+  refused('prepare', folder_config(tmp_path, tmp_path / 'nowhere'), tmp_path / 'run',
+          f'manual_dir {tmp_path / "nowhere"} does not exist', 'images/')
 
 
-def test_a_corrupted_image_is_named_and_nothing_is_prepared(launch, tmp_path):
+def test_a_corrupted_image_is_named_and_nothing_is_prepared(tmp_path):
   paths = write_cases(tmp_path / 'raw', {s: ('RGB', 40, 48, 40) for s in 'abc'})
   paths['b'].write_bytes(paths['b'].read_bytes()[:100])  # Truncated.
-  line = one_line_error(prepare_folder(launch, tmp_path, tmp_path / 'raw'))
-  assert f'cannot read image {paths["b"]}' in line
+  refused('prepare', folder_config(tmp_path, tmp_path / 'raw'), tmp_path / 'run',
+          f'cannot read image {paths["b"]}')
   assert not list((tmp_path / 'tfds').rglob('dataset_info.json'))
 
 
-def test_an_image_and_mask_of_different_sizes_are_both_named(launch, tmp_path):
+def test_an_image_and_mask_of_different_sizes_are_both_named(tmp_path):
   write_cases(tmp_path / 'raw', {'a': ('RGB', 40, 48, 40), 'b': ('RGB', 40, 48, 40),
                                  'c': ('RGB', 40, 48, 30)})
-  line = one_line_error(prepare_folder(launch, tmp_path, tmp_path / 'raw'))
-  assert 'size mismatch' in line and 'images/c.png is 48x40' in line and 'masks/c.png is 48x30' in line
+  refused('prepare', folder_config(tmp_path, tmp_path / 'raw'), tmp_path / 'run',
+          'size mismatch', 'images/c.png is 48x40', 'masks/c.png is 48x30')
 
 
-def test_grey_and_rgba_images_are_converted_not_refused(launch, tmp_path):
+def test_grey_and_rgba_images_are_converted_not_refused(tmp_path, capsys):
   write_cases(tmp_path / 'raw', {'a': ('L', 40, 48, 40), 'b': ('RGBA', 40, 48, 40),
                                  'c': ('RGB', 40, 48, 40)})
-  result = prepare_folder(launch, tmp_path, tmp_path / 'raw')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'train: 2, test: 1' in result.stdout
+  stats = cli.run('prepare', folder_config(tmp_path, tmp_path / 'raw'), str(tmp_path / 'run'))
+  assert (stats['train'], stats['test']) == (2, 1)
+  assert 'train: 2, test: 1' in capsys.readouterr().out
 
 
 # --- Config -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('flags, expected', [
-    (['--config.train.nope=1'], '--config.train.nope: unknown config key'),
-    (['--config.model.widht=8'], 'Did you mean "width"'),
-    (['--config=configs/ph2.py', '--config.nope.deeper=1'], '--config.nope.deeper: unknown config key'),
-])
-def test_an_unknown_config_key_names_the_flag(launch, tmp_path, flags, expected):
-  line = one_line_error(launch.run('--mode=prepare', *flags, f'--workdir={tmp_path}/run'))
-  assert expected in line and 'configs/default.py' in line
-  assert not (tmp_path / 'run').exists()
+def test_an_unknown_field_in_a_config_is_named_with_the_closest_one(trained, data_dir):
+  before = helpers.snapshot(trained)
+  config = launch_runs.tiny_config(data_dir)
+  config.train.bach_size = 8  # As a config file would: c.train.bach_size = 8.
+  refused('train', config, trained, 'unknown field train.bach_size', 'did you mean train.batch_size')
+  assert helpers.snapshot(trained) == before
 
 
-def test_hi_size_not_divisible_by_np_fails_before_touching_the_workdir(launch, trained):
-  before = snapshot(trained)
-  line = one_line_error(launch.run(*launch.tiny(trained), '--config.num_patches=5'))
-  assert 'hi_size=64 is not divisible by num_patches (Np)=5' in line and 'divisors' in line
-  assert snapshot(trained) == before
+def test_hi_size_not_divisible_by_np_fails_before_touching_the_workdir(trained, data_dir):
+  before = helpers.snapshot(trained)
+  refused('train', launch_runs.tiny_config(data_dir, num_patches=5), trained,
+          'hi_size=64 is not divisible by num_patches (Np)=5', 'divisors')
+  assert helpers.snapshot(trained) == before
 
 
 # --- Checkpoints ------------------------------------------------------------------------------------
 
 
-def test_a_checkpoint_of_another_config_is_refused(launch, trained):
-  before = snapshot(trained)
-  line = one_line_error(launch.run(*launch.tiny(trained), '--config.model.width=8'))
-  assert 'config.model.width=8' in line and 'trained with 4' in line
-  assert snapshot(trained) == before
+def test_a_checkpoint_of_another_config_is_refused(trained, data_dir):
+  before = helpers.snapshot(trained)
+  refused('train', launch_runs.tiny_config(data_dir, **{'model.width': 8}), trained,
+          'config.model.width=8', 'trained with 4')
+  assert helpers.snapshot(trained) == before
   # Without the workdir's config.json to compare with, the checkpoint's own shapes say it.
-  config = tiny(**{'model.width': 8})
-  with pytest.raises(checkpoints.CheckpointError, match=r'stage1/4 was written with another config: '
+  with pytest.raises(errors.CheckpointError, match=r'stage1/4 was written with another config: '
                      r'\d+ arrays differ, e.g. params\.\S+ is \(\S+\) there but \(\S+\)'):
-    checkpoints.load_network(str(trained), 'stage1', settings.from_config(config))
-
-
-def test_a_truncated_checkpoint_is_named_and_deleting_it_resumes(launch, trained):
-  step_dir = trained / 'checkpoints' / 'stage2_np4' / str(STAGE2_STEPS)
-  for path in (step_dir / 'default' / 'd').iterdir():
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-  before = snapshot(trained)
-  line = one_line_error(launch.run(*launch.tiny(trained)))
-  assert f'{step_dir} is damaged or incomplete' in line and 'Delete that folder' in line
-  assert snapshot(trained) == before
-  shutil.rmtree(step_dir)  # As the message says: training resumes from the step before.
-  result = launch.run(*launch.tiny(trained))
-  assert result.returncode == 0, result.stderr[-3000:]
-  reference = launch_runs.read_checkpoint(launch.reference(), 'stage2_np4', STAGE2_STEPS)
-  resumed = launch_runs.read_checkpoint(trained, 'stage2_np4', STAGE2_STEPS)
-  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
+    checkpoints.load_network(str(trained), 'stage1', settings.from_config(tiny(**{'model.width': 8})))
 
 
 # --- Predict ----------------------------------------------------------------------------------------
 
 
-def test_predict_on_an_empty_folder(launch, trained, tmp_path):
+def test_predict_on_an_empty_folder(trained, data_dir, tmp_path):
   (trained / 'predictions').mkdir()
   (trained / 'predictions' / 'earlier_mask.png').write_bytes(b'a result of an earlier run')
   (tmp_path / 'empty').mkdir()
-  before = snapshot(trained)
-  line = one_line_error(launch.run(*launch.tiny(trained), '--mode=predict',
-                                   f'--config.predict.input={tmp_path / "empty"}'))
-  assert f'no image files in folder {tmp_path / "empty"}' in line
-  assert snapshot(trained) == before
+  before = helpers.snapshot(trained)
+  refused('predict', launch_runs.tiny_config(data_dir, **{'predict.input': str(tmp_path / 'empty')}),
+          trained, f'no image files in folder {tmp_path / "empty"}')
+  assert helpers.snapshot(trained) == before
+
+
+def test_an_internal_error_is_not_shown_as_a_user_error(monkeypatch, data_dir, tmp_path):
+  """A bug (here a ValueError from deep inside) keeps its traceback: launch.py shows only
+  cli.USER_ERRORS as one line."""
+  from iterseg import evaluate  # pylint: disable=g-import-not-at-top
+  def broken(*args, **kwargs):
+    raise ValueError('an internal bug')
+  monkeypatch.setattr(evaluate, 'run', broken)
+  with pytest.raises(ValueError, match='an internal bug') as error:
+    cli.run('evaluate', launch_runs.tiny_config(data_dir), str(tmp_path / 'run'))
+  assert not isinstance(error.value, cli.USER_ERRORS)
+  assert isinstance(errors.SettingsError('x'), cli.USER_ERRORS)
+
+
+def test_orbax_worker_tracebacks_are_not_shown_beside_the_one_line(capsys):
+  """A failed checkpoint read reaches the caller (one CheckpointError line); the copies that orbax's
+  worker threads and asyncio log, with tracebacks, are dropped at the default verbosity only."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  future_py = os.path.join(os.path.dirname(checkpoints.ocp.__file__), '_src', 'futures',
+                           'future.py')
+
+  def emitted(verbosity) -> list:
+    kept = []
+    handler = std_logging.Handler()
+    handler.emit = kept.append
+    previous = logging.get_verbosity()
+    logging.set_verbosity(verbosity)
+    try:
+      for name, path, message in [
+          ('absl', future_py, '_SignalingThread.run() raised an exception: OUT_OF_RANGE'),
+          ('asyncio', 'asyncio/base_events.py', 'Task exception was never retrieved'),
+          ('absl', 'train.py', 'something else')]:
+        logger = std_logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+          logger.handle(logger.makeRecord(name, std_logging.ERROR, path, 1, message, (), None))
+        finally:
+          logger.removeHandler(handler)
+    finally:
+      logging.set_verbosity(previous)
+    return [r.getMessage() for r in kept]
+
+  assert emitted(logging.WARNING) == ['something else']
+  assert len(emitted(logging.INFO)) == 3

@@ -5,8 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from iterseg import checkpoints, evaluate, inference, methods, metrics, plots, settings, state
-from tests.conftest import tiny
+import shutil
+
+from iterseg import checkpoints, errors, evaluate, inference, methods, metrics, plots, settings
+from tests.helpers import save_random_networks, tiny
 
 
 def numpy_metrics(probs, mask):
@@ -73,7 +75,7 @@ def test_a_perfect_predictor_scores_one_on_every_image():
   for k in metrics.METRICS:  # Soft Dice with smooth 1 is exactly 1 too when p == y in {0, 1}.
     assert m['per_image'][k] == pytest.approx([1.0] * 5)
     assert m[k] == pytest.approx(1.0)
-  assert m['refined_fraction'] is None and m['latency_s'] > 0
+  assert m['refined_fraction'] is None
   assert masks[0].sum() == 0  # The empty image counted as perfect, not as 1/1 by chance.
 
 
@@ -119,72 +121,42 @@ def test_refined_fraction_counts_only_patches_over_the_threshold():
   assert float(fraction[0]) == pytest.approx(np.asarray(pred.refined[0]).mean())
 
 
-def save_random_networks(config, workdir, networks=('stage1', 'stage2', 'baseline')):
-  """A workdir as training leaves it (config.json and one checkpoint per network), random weights."""
-  s = settings.from_config(config)
-  checkpoints.save_config(config, str(workdir))
-  for network in networks:
-    for n in (s.train.num_patches_list if network == 'stage2' else [None]):
-      spec = s.spec_for(n) if n else s.spec
-      name = state.network_name(network, n)
-      fresh = state.create_train_state(s.train, spec, network)
-      manager = checkpoints.manager(str(workdir), name, 1)
-      manager.save(1, args=checkpoints.save_args(fresh))
-      manager.wait_until_finished()
-      manager.close()
-
-
-def test_run_writes_results_csv_and_plots(tmp_path):
-  config = tiny(num_patches=4, **{'train.num_patches_list': (4,), 'data.num_examples': 10,
-                                  'data.data_dir': str(tmp_path / 'tfds'), 'eval.batch_size': 2})
-  workdir = tmp_path / 'run'
-  save_random_networks(config, workdir)
+def test_run_writes_results_csv_and_plots(random_workdir, tmp_path):
+  config, workdir = random_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
   results = evaluate.run(settings.from_config(config), str(workdir))
 
   rows = {(r['method'], r['num_patches']): r for r in results['rows']}
-  assert set(rows) == {('baseline', None), ('stage1', None), ('two_stage', 4)}
-  assert results['num_images'] == 3  # 30 % of 10: a full batch of 2 and a partial one.
+  assert set(rows) == {('baseline', None), ('stage1', None), ('two_stage', 2), ('two_stage', 4)}
+  assert results['num_images'] == 5  # 30 % of 16: two full batches of 2 and a partial one.
   for r in rows.values():
     assert 0 <= r['soft_dice'] <= 1 and 0 <= r['hard_dice'] <= 1 and 0 <= r['iou'] <= 1
-    assert r['latency_ms'] > 0 and r['gflops'] > 0
+    assert r['gflops'] > 0 and 'latency_ms' not in r  # Speed is the benchmark's.
   assert rows[('two_stage', 4)]['gflops'] < rows[('baseline', None)]['gflops']
   assert rows[('two_stage', 4)]['refined_fraction'] == pytest.approx(0.25)
-  assert 'timed during evaluation' in results['latency_source']
+  assert rows[('two_stage', 2)]['refined_fraction'] == pytest.approx(0.5)
 
   saved = json.loads((workdir / 'results.json').read_text())
   assert saved['rows'] == json.loads(json.dumps(results['rows']))
   with open(workdir / 'results.csv') as f:
     table = list(csv.DictReader(f))
   assert [(r['method'], r['num_patches']) for r in table] == [
-      ('baseline', ''), ('stage1', ''), ('two_stage', '4')]
-  assert float(table[2]['soft_dice']) == pytest.approx(rows[('two_stage', 4)]['soft_dice'])
+      ('baseline', ''), ('stage1', ''), ('two_stage', '2'), ('two_stage', '4')]
+  assert float(table[3]['soft_dice']) == pytest.approx(rows[('two_stage', 4)]['soft_dice'])
   for name in ('dice.png', 'flops.png', 'tradeoff.png'):
     assert (workdir / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_run_refuses_a_config_that_disagrees_with_the_trained_networks(tmp_path):
-  checkpoints.save_config(tiny(), str(tmp_path))
-  with pytest.raises(ValueError, match=r'config.model.width=8 .* trained with 4'):
+  checkpoints.save_config(settings.from_config(tiny()), str(tmp_path))
+  with pytest.raises(errors.CheckpointError, match=r'config.model.width=8 .* trained with 4'):
     evaluate.run(settings.from_config(tiny(**{'model.width': 8})), str(tmp_path))
 
 
 def test_run_without_checkpoints_says_to_train_first(tmp_path):
-  checkpoints.save_config(tiny(), str(tmp_path))
-  with pytest.raises(checkpoints.CheckpointError, match='train'):
+  checkpoints.save_config(settings.from_config(tiny()), str(tmp_path))
+  with pytest.raises(errors.CheckpointError, match='train'):
     checkpoints.load_networks(str(tmp_path), settings.from_config(tiny()))
-
-
-def test_latency_is_read_from_a_matching_benchmark_json(tmp_path):
-  config = tiny()
-  rows = [{'method': 'baseline', 'num_patches': None, 'batch_size': 1, 'latency_ms': 5.0},
-          {'method': 'baseline', 'num_patches': None, 'batch_size': 2, 'latency_ms': 3.0},
-          {'method': 'two_stage', 'num_patches': 4, 'batch_size': 1, 'latency_ms': 1.0}]
-  geometry = settings.from_config(config).geometry()
-  (tmp_path / 'benchmark.json').write_text(json.dumps({'geometry': geometry, 'rows': rows}))
-  assert evaluate.benchmark_latencies(str(tmp_path), settings.from_config(config)) == {
-      'baseline': 0.005, 'two_stage_np4': 0.001}
-  other = settings.from_config(tiny(hi_size=128))
-  assert evaluate.benchmark_latencies(str(tmp_path), other) is None  # Other geometry.
 
 
 def test_plots_draw_figures_3_and_4_and_the_tradeoff(tmp_path):
@@ -197,7 +169,8 @@ def test_plots_draw_figures_3_and_4_and_the_tradeoff(tmp_path):
   paths = plots.plot_all(rows, str(tmp_path))
   assert sorted(p.split('/')[-1] for p in paths) == ['dice.png', 'flops.png', 'tradeoff.png']
   no_latency = [dict(r, latency_ms=None) for r in rows]
-  assert plots.plot_tradeoff(no_latency, str(tmp_path / 't.png')) is None
+  assert plots.plot_tradeoff(no_latency, str(tmp_path / 't.png'), x='latency_ms') is None
+  assert plots.plot_tradeoff(rows, str(tmp_path / 't.png'), x='latency_ms') == str(tmp_path / 't.png')
 
 
 def test_seam_band_marks_the_pixels_near_inner_patch_borders():
@@ -222,27 +195,26 @@ def test_a_network_whose_training_stopped_half_way_is_refused_by_load_and_flagge
   config = tiny(num_patches=4, **{'train.num_patches_list': (4,)})
   save_random_networks(config, tmp_path)
   checkpoints.write_plan(str(tmp_path), 'stage2_np4', 10)  # Planned 10 steps; the checkpoint is 1.
-  with pytest.raises(checkpoints.CheckpointError, match=r'stage2_np4 \(step 1 of 10\).* did not '
+  with pytest.raises(errors.CheckpointError, match=r'stage2_np4 \(step 1 of 10\).* did not '
                      r'finish.*partial=True'):
     iterseg.load(str(tmp_path))
   params, _ = iterseg.load(str(tmp_path), partial=True)
   assert sorted(params.stage2) == [4]
   nets = checkpoints.load_networks(str(tmp_path), settings.from_config(config))
   assert 'stage2_np4 (step 1 of 10)' in capsys.readouterr().out and nets.stage2
-  checkpoints.save_config(config, str(tmp_path / 'nostage2'))
   save_random_networks(config, tmp_path / 'nostage2', networks=('stage1', 'baseline'))
-  with pytest.raises(checkpoints.CheckpointError, match='has no trained stage 2'):
+  with pytest.raises(errors.CheckpointError, match='has no trained stage 2'):
     iterseg.load(str(tmp_path / 'nostage2'))
 
 
 def test_a_corrupt_config_json_is_named(tmp_path):
   (tmp_path / 'config.json').write_text('{"hi_size": 64,')
-  with pytest.raises(checkpoints.CheckpointError, match=f'{tmp_path / "config.json"} cannot be read'):
-    checkpoints.read_config(str(tmp_path))
+  with pytest.raises(errors.CheckpointError, match=f'{tmp_path / "config.json"} cannot be read'):
+    checkpoints.read_settings(str(tmp_path))
 
 
 def test_evaluate_refuses_an_unwritable_workdir_before_computing(tmp_path):
   from iterseg import files  # pylint: disable=g-import-not-at-top
   (tmp_path / 'file').write_text('not a folder')
-  with pytest.raises(files.WriteError, match='cannot write to'):
+  with pytest.raises(errors.WriteError, match='cannot write to'):
     evaluate.run(settings.from_config(tiny()), str(tmp_path / 'file' / 'run'))

@@ -11,18 +11,16 @@ import sys
 
 import pytest
 
-from iterseg import files
+from iterseg import errors, files, lock
 
-FILES_PY = files.__file__
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A second process that holds the lock until a line arrives on its stdin. It loads files.py by path,
-# so it starts fast (importing the iterseg package would import jax).
+# A second process that holds the lock until a line arrives on its stdin (iterseg.lock imports no
+# jax, so it starts fast).
 HOLDER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location('iterseg_files', sys.argv[1])
-files = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(files)
-with files.WorkdirLock(sys.argv[2]):
+import sys
+from iterseg import lock
+with lock.WorkdirLock(sys.argv[1]):
   print('locked', flush=True)
   sys.stdin.readline()
 """
@@ -34,7 +32,7 @@ def holder(tmp_path):
   started = []
 
   def start():
-    child = subprocess.Popen([sys.executable, '-c', HOLDER, FILES_PY, str(tmp_path / 'run')],
+    child = subprocess.Popen([sys.executable, '-c', HOLDER, str(tmp_path / 'run')], cwd=ROOT,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     started.append(child)
     assert child.stdout.readline() == 'locked\n'
@@ -49,18 +47,16 @@ def holder(tmp_path):
 
 @pytest.fixture
 def notes(monkeypatch):
-  """The warnings files.py logs, formatted."""
+  """The warnings lock.py logs, formatted."""
   logged = []
-  monkeypatch.setattr(files.logging, 'warning', lambda msg, *args: logged.append(msg % args))
+  monkeypatch.setattr(lock.logging, 'warning', lambda msg, *args: logged.append(msg % args))
   return logged
 
 
-def test_module_does_not_import_jax():
-  code = ('import importlib.util, sys\n'
-          f'spec = importlib.util.spec_from_file_location("iterseg_files", {FILES_PY!r})\n'
-          'spec.loader.exec_module(importlib.util.module_from_spec(spec))\n'
-          'assert "jax" not in sys.modules and "iterseg" not in sys.modules, "imported"\n')
-  subprocess.run([sys.executable, '-c', code], check=True)
+def test_files_and_the_lock_do_not_import_jax():
+  code = ('import sys\nfrom iterseg import files, lock\n'
+          'assert "jax" not in sys.modules, "jax imported"\n')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
 
 
 def test_atomic_write_keeps_the_old_file_when_write_fails(tmp_path):
@@ -95,12 +91,12 @@ def test_check_writable_creates_the_folder_and_leaves_nothing(tmp_path):
 
 def test_check_writable_under_a_file(tmp_path):
   (tmp_path / 'f').write_text('')
-  with pytest.raises(files.WriteError) as e:
+  with pytest.raises(errors.WriteError) as e:
     files.check_writable(tmp_path / 'f' / 'run')
   message = str(e.value)
   assert str(tmp_path / 'f' / 'run') in message and 'not a folder' in message
   assert '\n' not in message
-  with pytest.raises(files.WriteError, match='is not a folder'):
+  with pytest.raises(errors.WriteError, match='is not a folder'):
     files.check_writable(tmp_path / 'f')
 
 
@@ -109,7 +105,7 @@ def test_check_writable_read_only_folder(tmp_path):
   folder = tmp_path / 'ro'
   folder.mkdir(mode=0o555)
   try:
-    with pytest.raises(files.WriteError, match=f'cannot write to {folder}: permission denied'):
+    with pytest.raises(errors.WriteError, match=f'cannot write to {folder}: permission denied'):
       files.check_writable(folder)
   finally:
     folder.chmod(0o755)
@@ -123,23 +119,23 @@ def test_check_writable_names_the_cause(tmp_path, monkeypatch, code, cause):
     raise OSError(code, os.strerror(code), path)
 
   monkeypatch.setattr(files.os, 'open', failing_open)
-  with pytest.raises(files.WriteError) as e:
+  with pytest.raises(errors.WriteError) as e:
     files.check_writable(tmp_path)
   assert str(e.value).startswith(f'cannot write to {tmp_path}: {cause} (errno {code}). ')
 
 
 def test_lock_held_by_another_process(tmp_path, holder):
   child = holder()
-  with pytest.raises(files.LockedError) as e:
-    files.WorkdirLock(tmp_path / 'run').acquire()
+  with pytest.raises(errors.LockedError) as e:
+    lock.WorkdirLock(tmp_path / 'run').acquire()
   message = str(e.value)
   assert f'PID {child.pid} on host {socket.gethostname()} since ' in message
   assert str(tmp_path / 'run' / '.iterseg.lock') in message and '\n' not in message
   child.communicate('exit\n')
   assert child.returncode == 0
   assert os.listdir(tmp_path / 'run') == []
-  with files.WorkdirLock(tmp_path / 'run') as lock:
-    assert lock.held
+  with lock.WorkdirLock(tmp_path / 'run') as held:
+    assert held.held
   assert os.listdir(tmp_path / 'run') == []
 
 
@@ -148,7 +144,7 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path, holder, notes):
   os.kill(child.pid, signal.SIGKILL)
   child.wait()
   assert os.listdir(tmp_path / 'run') == ['.iterseg.lock']
-  with files.WorkdirLock(tmp_path / 'run'):
+  with lock.WorkdirLock(tmp_path / 'run'):
     info = json.loads((tmp_path / 'run' / '.iterseg.lock').read_text())
     assert info['pid'] == os.getpid()
   assert len(notes) == 1
@@ -165,7 +161,7 @@ def write_lock(workdir, **info):
 
 def test_lock_of_a_reused_pid_is_taken_over(tmp_path, notes):
   write_lock(tmp_path, pid=os.getppid())  # Alive, but holds no flock: the PID was reused.
-  with files.WorkdirLock(tmp_path):
+  with lock.WorkdirLock(tmp_path):
     pass
   assert notes == [f'took over the stale lock of PID {os.getppid()} on host {socket.gethostname()} '
                    f'(since 2026-11-25 14:30:02) in {tmp_path}']
@@ -177,16 +173,16 @@ def test_lock_of_a_dead_pid_is_taken_over_even_if_a_child_kept_its_flock(tmp_pat
   write_lock(tmp_path, pid=dead.pid)
   with open(tmp_path / '.iterseg.lock') as f:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # As a forked child of the dead run would.
-    with files.WorkdirLock(tmp_path):
+    with lock.WorkdirLock(tmp_path):
       assert json.loads((tmp_path / '.iterseg.lock').read_text())['pid'] == os.getpid()
   assert len(notes) == 1 and notes[0].startswith(f'took over the stale lock of PID {dead.pid} ')
 
 
 def test_lock_from_another_host_is_refused(tmp_path):
   write_lock(tmp_path, host='elsewhere', pid=1)
-  with pytest.raises(files.LockedError, match='PID 1 on host elsewhere since 2026-11-25 14:30:02 '
+  with pytest.raises(errors.LockedError, match='PID 1 on host elsewhere since 2026-11-25 14:30:02 '
                      '.* If that run is dead, delete the lock file.'):
-    files.WorkdirLock(tmp_path).acquire()
+    lock.WorkdirLock(tmp_path).acquire()
   assert json.loads((tmp_path / '.iterseg.lock').read_text())['host'] == 'elsewhere'
 
 
@@ -195,26 +191,26 @@ def test_unreadable_lock(tmp_path, notes):
   path.write_text('')
   with open(path) as f:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Held: its writer may still be writing.
-    with pytest.raises(files.LockedError, match='held but unreadable'):
-      files.WorkdirLock(tmp_path).acquire()
-  with files.WorkdirLock(tmp_path):  # Free: its writer crashed.
+    with pytest.raises(errors.LockedError, match='held but unreadable'):
+      lock.WorkdirLock(tmp_path).acquire()
+  with lock.WorkdirLock(tmp_path):  # Free: its writer crashed.
     pass
   assert notes == [f'took over the stale, unreadable lock file {path}']
 
 
 def test_acquiring_twice_in_one_process(tmp_path):
-  with files.WorkdirLock(tmp_path) as lock:
-    for again in (lock, files.WorkdirLock(tmp_path)):
-      with pytest.raises(files.LockedError, match=f'PID {os.getpid()} \\(this process\\)'):
+  with lock.WorkdirLock(tmp_path) as held:
+    for again in (held, lock.WorkdirLock(tmp_path)):
+      with pytest.raises(errors.LockedError, match=f'PID {os.getpid()} \\(this process\\)'):
         again.acquire()
-  lock.release()
+  held.release()
   assert os.listdir(tmp_path) == []
 
 
 def test_disabled_lock_does_nothing(tmp_path):
   write_lock(tmp_path, host='elsewhere')
-  with files.WorkdirLock(tmp_path, enabled=False) as lock:
-    assert not lock.held
-  with files.WorkdirLock(tmp_path / 'other', enabled=False):
+  with lock.WorkdirLock(tmp_path, enabled=False) as held:
+    assert not held.held
+  with lock.WorkdirLock(tmp_path / 'other', enabled=False):
     pass
   assert os.listdir(tmp_path) == ['.iterseg.lock']

@@ -7,7 +7,7 @@ import pytest
 
 import iterseg
 from iterseg import inference, models
-from tests.conftest import tiny
+from tests.helpers import tiny
 
 
 def input_passthrough(params, gain=20.0, bias=-10.0, channel=0):

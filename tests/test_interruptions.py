@@ -4,84 +4,86 @@ refused; a checkpoint that cannot be written stops training at once, keeping the
 
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from iterseg import checkpoints, settings, train
+from iterseg import checkpoints, cli, errors, settings, train
 from iterseg.data.synthetic import make_synthetic_example
-from tests import launch_runs
-from tests.conftest import tiny
-from tests.launch_runs import STAGE1_STEPS, STAGE2_STEPS, one_line_error
-from tests.test_errors import snapshot
-from tests.test_resume import assert_same_bits, logged
+from tests import helpers, launch_runs
+from tests.helpers import tiny
+from tests.launch_runs import STAGE1_STEPS, STAGE2_STEPS
 
 
-@pytest.fixture(scope='module')
-def launch(tmp_path_factory):
-  return launch_runs.launcher(tmp_path_factory)
-
-
-def assert_resumes_exactly(launch, workdir, command):
-  resumed = launch.run(*command)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  reference = launch.reference()
+def assert_resumes_exactly(workdir, reference, data_dir):
+  cli.run('train', launch_runs.tiny_config(data_dir), str(workdir))  # The same command, again.
   for name, step in (('stage1', STAGE1_STEPS), ('stage2_np4', STAGE2_STEPS)):
-    assert_same_bits(launch_runs.read_checkpoint(workdir, name, step),
-                     launch_runs.read_checkpoint(reference, name, step))
-  assert logged(workdir) == logged(reference)
+    helpers.assert_same_bits(helpers.read_checkpoint(workdir, name, step),
+                             helpers.read_checkpoint(reference, name, step))
+  assert helpers.logged(workdir) == helpers.logged(reference)
 
 
-def test_ctrl_c_saves_the_step_says_one_line_and_the_rerun_resumes_exactly(launch, tmp_path):
+def signal_after(network: str, step: int, signum: int):
+  def hook(s):
+    if s.name == network and s.step == step:
+      os.kill(os.getpid(), signum)
+  return hook
+
+
+def test_ctrl_c_saves_the_step_says_one_line_and_the_rerun_resumes_exactly(reference, data_dir,
+                                                                              tmp_path):
   workdir = tmp_path / 'run'
-  command = launch.tiny(workdir, '--config.train.checkpoint_every=100')
-  interrupted = launch.run(*command, kill_at='stage1:1:SIGINT')
-  line = one_line_error(interrupted)
+  config = launch_runs.tiny_config(data_dir, **{'train.checkpoint_every': 100})
+  with pytest.raises(errors.Interrupted) as interrupted:
+    cli.run('train', config, str(workdir), hooks=(signal_after('stage1', 1, signal.SIGINT),))
+  line = str(interrupted.value)
   assert 'interrupted (SIGINT) at step 2 of stage1' in line and 'rerun the same command' in line
-  assert launch_runs.complete_steps(workdir, 'stage1') == [2]  # Saved: not a checkpoint step.
+  assert '\n' not in line
+  assert helpers.complete_steps(workdir, 'stage1') == [2]  # Saved: not a checkpoint step.
   assert not (workdir / 'checkpoints' / 'stage2_np4').exists()
-  assert_resumes_exactly(launch, workdir, command)
+  assert_resumes_exactly(workdir, reference, data_dir)
 
 
-def test_sigterm_from_outside_saves_and_the_rerun_resumes_exactly(launch, tmp_path):
+def test_sigterm_from_outside_saves_says_one_line_and_the_rerun_resumes_exactly(
+    reference, data_dir, subprocess_env, tmp_path):
+  """launch.py waits after stage 2's step 3 until this test's SIGTERM arrives (no race)."""
   workdir = tmp_path / 'run'
-  command = launch.tiny(workdir, '--config.train.checkpoint_every=100')
-  process = subprocess.Popen(launch.command(*command), cwd=launch_runs.ROOT, env=launch.env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / 'metrics.jsonl'
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-    time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  result = subprocess.CompletedProcess(process.args, process.returncode, '', stderr)
-  if result.returncode == 0:  # It finished before the signal arrived: nothing to test.
-    pytest.skip('training finished before SIGTERM arrived')
-  line = one_line_error(result)
-  assert 'interrupted (SIGTERM) at step' in line
-  name = line.split(' of ')[1].split(';')[0]
-  step = int(line.split('at step ')[1].split()[0])
-  assert launch_runs.complete_steps(workdir, name)[-1] == step
-  assert_resumes_exactly(launch, workdir, launch.tiny(workdir))
+  flags = launch_runs.tiny_flags(workdir, data_dir, **{'train.checkpoint_every': 100})
+  process = subprocess.Popen(launch_runs.command(*flags, hook='stage2_np4:3:wait'),
+                             cwd=launch_runs.ROOT, env=subprocess_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    for line in process.stdout:
+      if line.startswith('waiting at stage2_np4:3'):
+        break
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+  finally:
+    process.kill()
+  line = helpers.one_line_error(subprocess.CompletedProcess(process.args, process.returncode,
+                                                            stdout, stderr))
+  assert 'interrupted (SIGTERM) at step 4 of stage2_np4' in line and 'rerun' in line
+  assert helpers.complete_steps(workdir, 'stage2_np4') == [4]
+  assert_resumes_exactly(workdir, reference, data_dir)
 
 
-def test_a_second_run_on_a_workdir_in_use_is_refused(launch, tmp_path):
+def test_a_second_run_on_a_workdir_in_use_is_refused(data_dir, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys; from iterseg import files; '
-       f'lock = files.WorkdirLock({str(workdir)!r}).acquire(); print("held", flush=True); '
+      [sys.executable, '-c', 'import sys; from iterseg import lock; '
+       f'held = lock.WorkdirLock({str(workdir)!r}).acquire(); print("held", flush=True); '
        'sys.stdin.read()'], cwd=launch_runs.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
       text=True)
   try:
     assert holder.stdout.readline().strip() == 'held'
-    before = snapshot(workdir)
-    line = one_line_error(launch.run(*launch.tiny(workdir)))
-    assert f'is in use by PID {holder.pid}' in line and 'since' in line
-    assert snapshot(workdir) == before
+    before = helpers.snapshot(workdir)
+    with pytest.raises(errors.LockedError, match=f'is in use by PID {holder.pid} .*since'):
+      cli.run('train', launch_runs.tiny_config(data_dir), str(workdir))
+    assert helpers.snapshot(workdir) == before
   finally:
     holder.communicate('', timeout=60)
 
@@ -100,12 +102,12 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_keeping_the_last_goo
       raise OSError(errno.ENOSPC, 'No space left on device')
     return save_args(state)
   monkeypatch.setattr(checkpoints, 'save_args', full_disk_at_step_4)
-  with pytest.raises(train.TrainingError) as error:
+  with pytest.raises(errors.TrainingError) as error:
     train.train_network(s, str(tmp_path), 'stage1', source=source)
   message = str(error.value)
   assert 'cannot write the checkpoint of step 4' in message and 'disk full' in message
   assert str(checkpoints.network_dir(str(tmp_path), 'stage1')) in message and '\n' not in message
   assert calls == [2, 4]  # Stopped at the first failed save: step 6 never ran.
-  assert launch_runs.complete_steps(tmp_path, 'stage1') == [2]
+  assert helpers.complete_steps(tmp_path, 'stage1') == [2]
   steps = [json.loads(line)['step'] for line in open(tmp_path / 'metrics.jsonl')]
   assert max(steps) == 3  # Step 4's line comes after its checkpoint, which failed.

@@ -19,7 +19,7 @@ def np_sigmoid_focal(x, y, alpha=0.25, gamma=2.0):
   ce = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
   p_t = p * y + (1 - p) * (1 - y)
   loss = ce * (1 - p_t) ** gamma
-  if alpha >= 0:
+  if alpha is not None:
     loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
   return loss.mean()
 
@@ -58,11 +58,11 @@ def test_sigmoid_focal_without_alpha_and_gamma_is_mean_bce():
   x = jnp.array([-2.0, 0.5, 3.0])
   y = jnp.array([0.0, 1.0, 0.0])
   bce = np.mean(np.log1p(np.exp(-np.array([2.0, 0.5, -3.0]))))
-  got = losses.sigmoid_focal_loss(x, y, alpha=-1.0, gamma=0.0)
+  got = losses.sigmoid_focal_loss(x, y, alpha=None, gamma=0.0)
   assert np.isclose(got, bce, rtol=1e-6)
 
 
-@pytest.mark.parametrize('alpha,gamma', [(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.25, 1.5)])
+@pytest.mark.parametrize('alpha,gamma', [(0.25, 2.0), (None, 2.0), (0.5, 0.0), (0.25, 1.5)])
 def test_sigmoid_focal_matches_numpy_reference_on_random_inputs(alpha, gamma):
   rng = np.random.default_rng(0)
   x = rng.normal(scale=4.0, size=(2, 5, 6, 1)).astype(np.float32)
@@ -203,5 +203,6 @@ def test_loss_jits_with_traced_hyperparameters():
   f = jax.jit(lambda x, m, a, g: losses.segmentation_loss(x, m, alpha=a, gamma=g)[0])
   np.testing.assert_allclose(f(logits, mask, 0.25, 2.0),
                              losses.segmentation_loss(logits, mask)[0], rtol=1e-6)
-  np.testing.assert_allclose(f(logits, mask, -1.0, 2.0),
-                             losses.segmentation_loss(logits, mask, alpha=-1.0)[0], rtol=1e-6)
+  np.testing.assert_allclose(f(logits, mask, 0.5, 1.0),
+                             losses.segmentation_loss(logits, mask, alpha=0.5, gamma=1.0)[0],
+                             rtol=1e-6)

@@ -12,15 +12,9 @@ import subprocess
 
 import jax
 import numpy as np
-import pytest
 
-from tests import launch_runs
+from tests import helpers, launch_runs
 from tests.launch_runs import ROOT, STAGE1_STEPS
-
-
-@pytest.fixture(scope='module')
-def launch(tmp_path_factory):
-  return launch_runs.launcher(tmp_path_factory)
 
 
 def free_port() -> int:
@@ -29,15 +23,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_with_two_devices_train_like_one_with_four(launch, tmp_path):
-  reference = launch.reference()  # One process, 4 devices (tests/conftest.py).
+def test_two_processes_with_two_devices_train_like_one_with_four(reference, subprocess_env,
+                                                                tmp_path):
+  """`reference` is one process with 4 devices (tests/conftest.py)."""
   workdir = tmp_path / 'run'
-  flags = launch.tiny(workdir, f'--coordinator_address=localhost:{free_port()}', '--num_processes=2',
-                      data_dir=tmp_path / 'data',  # Not prepared yet: process 0 prepares, 1 waits.
-                      networks=('stage1',))
-  env = launch.env(XLA_FLAGS='--xla_force_host_platform_device_count=2',
-                   JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  processes = [subprocess.Popen(launch.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
+  flags = launch_runs.tiny_flags(  # data_dir not prepared yet: process 0 prepares, 1 waits.
+      workdir, tmp_path / 'data', f'--coordinator_address=localhost:{free_port()}',
+      '--num_processes=2', **{'train.networks': ('stage1',)})
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
   try:
@@ -48,8 +43,8 @@ def test_two_processes_with_two_devices_train_like_one_with_four(launch, tmp_pat
   for p, (_, stderr) in zip(processes, outputs):
     assert p.returncode == 0, stderr[-3000:]
 
-  ours = launch_runs.read_checkpoint(workdir, 'stage1', STAGE1_STEPS)
-  theirs = launch_runs.read_checkpoint(reference, 'stage1', STAGE1_STEPS)
+  ours = helpers.read_checkpoint(workdir, 'stage1', STAGE1_STEPS)
+  theirs = helpers.read_checkpoint(reference, 'stage1', STAGE1_STEPS)
   for a, b in zip(jax.tree.leaves(ours['params']), jax.tree.leaves(theirs['params'])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert int(ours['step']) == STAGE1_STEPS

@@ -15,10 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # The dependency line, bottom first (README "How the code is laid out"): a module may import only
 # modules of an earlier rank (imports inside functions included).
 LAYERS = [
-    {'files', 'settings', 'models', 'losses', 'augment', 'configs', 'data'},
-    {'inference', 'plots'},
-    {'state', 'methods', 'metrics', 'report'},
+    {'errors', 'configs'},
+    {'files', 'settings'},
+    {'lock', 'models', 'losses', 'augment', 'data'},
+    {'inference', 'state', 'plots'},
+    {'methods', 'metrics', 'report'},
     {'flops', 'checkpoints'},
+    {'hooks'},
     {'train', 'evaluate', 'benchmark', 'predict'},
     {'calibrate', 'ablation'},
     {'cli'},
@@ -56,7 +59,7 @@ def test_no_module_imports_one_above_it():
     for other in iterseg_imports(path) - {module}:
       assert RANK.get(other, -1) < RANK[module], f'{module} imports {other}, which is not below it'
   for path in sorted((package / 'data').glob('*.py')):
-    assert iterseg_imports(path) <= {'data', 'settings'}, path
+    assert iterseg_imports(path) <= {'data', 'settings', 'errors'}, path
 
 
 def test_every_imported_package_is_declared():
@@ -87,7 +90,8 @@ def readme_example() -> str:
 
 def test_the_readme_library_example_runs_from_an_empty_folder_after_a_wheel_install(tmp_path):
   """Builds the wheel (offline, no build isolation), installs it without the checkout on the path,
-  and runs the example exactly as written, from an empty folder."""
+  and runs the example as written, from an empty folder, against a small U-Net (width 4, depth 3:
+  the example's shapes, in seconds on a CPU)."""
   source = tmp_path / 'source'
   shutil.copytree(ROOT, source, symlinks=True,
                   ignore=shutil.ignore_patterns('.venv', '.git', 'runs', '__pycache__', 'build',
@@ -105,11 +109,45 @@ def test_the_readme_library_example_runs_from_an_empty_folder_after_a_wheel_inst
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'example.py').write_text(readme_example())
-  check = (f'import iterseg, runpy; assert iterseg.__file__.startswith({str(site)!r}), '
-           f'iterseg.__file__; runpy.run_path("example.py", run_name="__main__")')
+  check = '\n'.join([
+      'import iterseg, runpy',
+      f'assert iterseg.__file__.startswith({str(site)!r}), iterseg.__file__',
+      'shipped = iterseg.get_config',
+      'def small(name):',
+      '  c = shipped(name)',
+      '  c.model.width, c.model.depth = 4, 3',
+      '  return c',
+      'iterseg.get_config = small',
+      'runpy.run_path("example.py", run_name="__main__")'])
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   env.update(PYTHONPATH=str(site), JAX_PLATFORMS='cpu', XLA_FLAGS='')
   result = subprocess.run([sys.executable, '-c', check], cwd=empty, env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines()[:3] == ['(2, 768, 768, 1)', '(2, 768, 768, 1)', '(2, 64)']
   assert list(empty.iterdir()) == [empty / 'example.py']  # It wrote nothing beside itself.
+
+
+def test_get_config_names_the_configs_but_passes_a_missing_dependency_through(monkeypatch):
+  import importlib  # pylint: disable=g-import-not-at-top
+  import iterseg  # pylint: disable=g-import-not-at-top
+  from iterseg import errors  # pylint: disable=g-import-not-at-top
+  try:
+    iterseg.get_config('nope')
+  except errors.SettingsError as e:
+    assert "no config named 'nope'" in str(e) and "'ph2'" in str(e)
+  else:
+    raise AssertionError('no error for a config that does not exist')
+  real = importlib.import_module
+
+  def a_config_whose_dependency_is_missing(name, *args):
+    if name == 'iterseg.configs.demo':
+      raise ModuleNotFoundError("No module named 'scipy'", name='scipy')
+    return real(name, *args)
+  monkeypatch.setattr(importlib, 'import_module', a_config_whose_dependency_is_missing)
+  try:
+    iterseg.get_config('demo')
+  except ModuleNotFoundError as e:
+    assert e.name == 'scipy' and not isinstance(e, errors.Error)
+  else:
+    raise AssertionError('the missing dependency was not reported')

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 import iterseg
-from iterseg import predict, settings
-from tests.conftest import tiny
-from tests.test_evaluate import save_random_networks
+from iterseg import errors, predict, settings
+from tests.helpers import tiny
+from tests.helpers import save_random_networks
 
 INPUTS = {  # file name: (mode, height, width)
     'odd.png': ('RGB', 37, 53),
@@ -155,7 +155,7 @@ def test_one_unreadable_file_does_not_stop_the_others(trained_tiny, tmp_path):
   broken = tmp_path / 'b.jpg'
   broken.write_bytes(broken.read_bytes()[:200])  # Truncated.
   out = tmp_path / 'out'
-  with pytest.raises(predict.PredictError, match=r'1 of 3 image\(s\) failed .*b\.jpg'):
+  with pytest.raises(errors.PredictError, match=r'1 of 3 image\(s\) failed .*b\.jpg'):
     run_predict(config, root / 'run', input=str(tmp_path), output=str(out), batch_size=2)
   for stem in ('a', 'c'):
     for kind in ('mask', 'prob', 'overlay'):
@@ -199,5 +199,5 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(trained_tiny, tm
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'a.png')
   (tmp_path / 'file').write_text('a file, not a folder')
   from iterseg import files  # pylint: disable=g-import-not-at-top
-  with pytest.raises(files.WriteError, match='cannot write to .*file'):
+  with pytest.raises(errors.WriteError, match='cannot write to .*file'):
     run_predict(config, root / 'run', input=str(tmp_path), output=str(tmp_path / 'file' / 'out'))

@@ -6,8 +6,10 @@ import dataclasses
 import pytest
 
 from iterseg import settings
-from iterseg.configs import default, demo, kitti, ph2, retina
-from tests.conftest import tiny
+from iterseg.configs import default, demo, kitti, ph2, retina, retina_vessels
+from tests.helpers import set_fields, tiny
+
+SHIPPED = [default, demo, ph2, retina, kitti, retina_vessels]  # Every file in configs/.
 
 # (field, bad value, words the message must hold). One case per checked field.
 BAD = [
@@ -88,19 +90,9 @@ BAD = [
 ]
 
 
-def set_field(config, dotted, value):
-  *path, leaf = dotted.split('.')
-  node = config
-  for p in path:
-    node = node[p]
-  with node.ignore_type():
-    node[leaf] = value
-
-
 @pytest.mark.parametrize('field, value, words', BAD, ids=[f'{f}={v!r}' for f, v, _ in BAD])
 def test_every_bad_value_is_one_error_naming_the_field(field, value, words):
-  config = tiny()
-  set_field(config, field, value)
+  config = set_fields(tiny(), **{field: value})
   with pytest.raises(settings.SettingsError) as error:
     settings.from_config(config)
   message = str(error.value)
@@ -114,12 +106,75 @@ def test_predict_output_equal_to_its_input_is_refused(tmp_path):
     settings.from_config(config)
 
 
-@pytest.mark.parametrize('module', [default, demo, ph2, retina, kitti])
-def test_the_shipped_configs_are_valid(module):
-  s = settings.from_config(module.get_config())
+def test_every_config_file_is_checked():
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  files = sorted(p.stem for p in (Path(default.__file__).parent).glob('*.py')
+                 if not p.stem.startswith('_'))
+  assert files == sorted(m.__name__.rsplit('.', 1)[1] for m in SHIPPED)
+
+
+@pytest.mark.parametrize('module', SHIPPED, ids=lambda m: m.__name__.rsplit('.', 1)[1])
+def test_the_shipped_configs_are_valid_and_round_trip(module):
+  config = module.get_config()
+  s = settings.from_config(config)
   assert dataclasses.is_dataclass(s.spec) and hash(s.spec)  # A jit static argument.
   for n in s.train.num_patches_list:
     assert s.spec_for(n).num_patches == n
+  back = settings.to_config(s)
+  assert settings.flatten(back.to_dict()) == settings.flatten(config.to_dict())
+  assert settings.from_config(back) == s
+
+
+def test_every_field_survives_the_round_trip_with_a_value_other_than_its_default():
+  """to_config(from_config(c)) == c for a config where every field differs from its default, so
+  that no field is lost on the way to config.json."""
+  other = {
+      'seed': 7, 'hi_size': 96, 'stage1_size': 24, 'num_classes': 3, 'num_patches': 4,
+      'refine_count': 3, 'score': 'margin', 'stage2_uses_coarse': False, 'threshold': 0.2,
+      'halo': 2, 'refine_budget': 'batch', 'model.width': 6, 'model.depth': 2,
+      'model.input_norm': 'standardize', 'data.name': 'folder', 'data.manual_dir': '/m',
+      'data.data_dir': '/d', 'data.split_seed': 5, 'data.train_fraction': 0.6,
+      'data.num_examples': 9, 'data.kitti_label_ids': (26,), 'train.networks': ('stage1',),
+      'train.batch_size': 3, 'train.learning_rate': 0.01, 'train.lr_schedule': 'cosine',
+      'train.warmup_steps': 4, 'train.stage1_epochs': 2, 'train.stage2_epochs': 3,
+      'train.baseline_epochs': 4, 'train.num_patches_list': (2, 4), 'train.patch_sampling': 'top',
+      'train.stage2_init': 'stage1', 'train.focal_alpha': 0.5, 'train.focal_gamma': 1.0,
+      'train.head_bias_prior': 0.1, 'train.flip': False, 'train.brightness_contrast': 0.2,
+      'train.rotate': False, 'train.log_every': 3, 'train.checkpoint_every': 4,
+      'train.keep_checkpoints': 2, 'train.profile_steps': (1, 2), 'eval.batch_size': 3,
+      'benchmark.batch_sizes': (2,), 'benchmark.repeats': 2, 'benchmark.sliding_window': True,
+      'benchmark.max_seconds': 9.0, 'predict.input': '/in', 'predict.output': '/out',
+      'predict.batch_size': 3, 'predict.outputs': ('mask',), 'predict.png_compression': 3,
+      'calibrate.holdout': 0.3, 'calibrate.refine_counts': (1, 2), 'calibrate.thresholds': (0.1,),
+      'calibrate.target': 'latency', 'calibrate.max_dice_drop': 0.02,
+      'calibrate.latency_budget_ms': 5.0, 'ablation.features': ('halo',)}
+  defaults = settings.known_fields()
+  assert sorted(other) == sorted(defaults)  # Every field, once.
+  assert all(other[k] != defaults[k] for k in other)
+  config = set_fields(default.get_config(), **other)
+  back = settings.flatten(settings.to_config(settings.from_config(config)).to_dict())
+  assert back == settings.flatten(config.to_dict())
+
+
+@pytest.mark.parametrize('field, close', [('train.bach_size', 'train.batch_size'),
+                                          ('hi_sise', 'hi_size'),
+                                          ('model.widht', 'model.width')])
+def test_an_unknown_field_is_an_error_naming_the_closest_known_one(field, close):
+  config = tiny().to_dict()
+  node = config
+  *path, leaf = field.split('.')
+  for p in path:
+    node = node[p]
+  node[leaf] = 8
+  with pytest.raises(settings.SettingsError, match=f'unknown field {field}; did you mean {close}'):
+    settings.from_config(config)
+
+
+def test_a_missing_field_takes_its_default():
+  config = tiny().to_dict()
+  del config['halo'], config['train']['stage2_init'], config['predict']
+  s = settings.from_config(config)
+  assert s.spec.halo == 0 and s.train.stage2_init == 'random' and s.predict.batch_size == 8
 
 
 def test_refine_count_follows_np_unless_fixed():
@@ -130,9 +185,20 @@ def test_refine_count_follows_np_unless_fixed():
 
 
 def test_an_older_config_json_gets_the_fields_it_lacks_from_the_defaults():
-  saved = default.get_config().to_dict()
+  import json  # pylint: disable=g-import-not-at-top
+  saved = json.loads(json.dumps(default.get_config().to_dict()))  # Tuples become lists.
   del saved['halo'], saved['train']['stage2_init'], saved['predict']
   saved['hi_size'] = 512
-  config = settings.complete(saved, default.get_config())
-  s = settings.from_config(config)
+  s = settings.from_json(saved)
   assert s.spec.halo == 0 and s.train.stage2_init == 'random' and s.spec.hi_size == 512
+  assert s.train.num_patches_list == (2, 4, 8, 16)
+
+
+def test_a_variant_is_checked_again():
+  s = settings.from_config(tiny())
+  assert s.vary('spec', halo=2).spec.halo == 2 and s.spec.halo == 0
+  with pytest.raises(settings.SettingsError, match='not divisible'):
+    s.vary('spec', num_patches=5)
+  at = s.at_operating_point({'num_patches': 2, 'refine_count': 1, 'threshold': 0.1})
+  assert (at.spec.num_patches, at.spec.refine_count, at.spec.threshold) == (2, 1, 0.1)
+  assert at.spec_for(4).refine_count == 1  # Fixed by the operating point, at every Np.

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +11,8 @@ import pytest
 from iterseg import checkpoints, inference, settings, state, train
 from iterseg.data import pipeline
 from iterseg.data.synthetic import make_synthetic_example
-from tests.conftest import tiny
+from tests.helpers import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -125,20 +122,3 @@ def test_a_rerun_resumes_at_the_saved_step(tmp_path, source):
   assert steps_logged(workdir, 'stage1') == [1, 2, 3, 4]
   jax.tree.map(np.testing.assert_array_equal, params, again)
   assert sorted(os.listdir(checkpoints.network_dir(workdir, 'stage1'))) == ['2', '4', 'plan.json']
-
-
-def test_the_demo_pipeline_runs_with_pmap_over_two_devices(tmp_path):
-  """launch.py --mode=train on 2 fake CPU devices: every network trains, then evaluation runs."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
-  args = [sys.executable, 'launch.py', f'--workdir={tmp_path}/run',
-          f'--config.data.data_dir={tmp_path}/data', '--config.data.num_examples=12',
-          '--config.hi_size=32', '--config.model.width=4', '--config.model.depth=2',
-          '--config.train.num_patches_list=(4,)', '--config.num_patches=4',
-          '--config.train.batch_size=4', '--config.train.stage1_epochs=1',
-          '--config.train.stage2_epochs=1', '--config.train.baseline_epochs=1',
-          '--config.benchmark.repeats=1']
-  out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  names = {json.loads(line)['network'] for line in open(f'{tmp_path}/run/metrics.jsonl')}
-  assert names == {'stage1', 'stage2_np4', 'baseline'}
-  assert os.path.exists(f'{tmp_path}/run/results.json')

@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT.parent / 'shared' / 'data' / 'samples'
 
-pytestmark = pytest.mark.skipif(not (SAMPLES / 'DRIVE').is_dir(),
-                                reason=f'no real data samples at {SAMPLES}')
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (SAMPLES / 'DRIVE').is_dir(),
+                                 reason=f'no real data samples at {SAMPLES}')]
 
 
 def test_the_vessel_recipe_learns_vessels_on_the_samples(tmp_path):

@@ -22,26 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from iterseg.data.common import DataError
+from iterseg.errors import DataError
+from iterseg.settings import DATASETS
 
-__all__ = ['DataError', 'prepare', 'load_split', 'make_builder', 'DATASETS']
+__all__ = ['DataError', 'prepare', 'load_split', 'make_builder']
 
-DATASETS = {
-    'ph2': 'iterseg.data.ph2:Ph2',
-    'retina': 'iterseg.data.retina:Retina',
-    'kitti': 'iterseg.data.kitti:Kitti',
-    'folder': 'iterseg.data.folder:Folder',
-    'synthetic': 'iterseg.data.synthetic:Synthetic',
-}
 SPLITS = ('train', 'test')
 
 
 def make_builder(spec):
-  """The TFDS builder of the dataset `spec` (a settings.DataSpec) names; nothing is read or written."""
+  """The TFDS builder of the dataset `spec` (a settings.DataSpec) names: `Builder` of the module
+  iterseg.data.<name>, one per name of settings.DATASETS. Nothing is read or written."""
   if spec.name not in DATASETS:
-    raise ValueError(f'unknown dataset config.data.name={spec.name!r}; choose one of {sorted(DATASETS)}')
-  module, cls_name = DATASETS[spec.name].split(':')
-  cls = getattr(importlib.import_module(module), cls_name)
+    raise DataError(f'unknown dataset config.data.name={spec.name!r}; choose one of {DATASETS}')
+  cls = importlib.import_module(f'iterseg.data.{spec.name}').Builder
   return cls(config=cls.config_from(spec), data_dir=_expand(spec.data_dir),
              file_format='array_record', manual_dir=spec.manual_dir)
 

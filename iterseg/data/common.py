@@ -29,8 +29,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-class DataError(ValueError):
-  """A dataset's files are missing, unreadable or inconsistent (the message names the path)."""
+from iterseg.errors import DataError  # noqa: F401  (every data module raises it from here)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,3 +93,6 @@ class Folder(SegmentationBuilder, skip_registration=True):
       raise DataError(f'folder: mask {path} holds ids {np.unique(ids)[:8].tolist()}, '
                       f'outside [0, {num_classes})')
     return ids.astype(np.uint8)
+
+
+Builder = Folder  # What iterseg.data.make_builder builds for config.data.name='folder'.

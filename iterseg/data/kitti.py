@@ -83,3 +83,6 @@ class Kitti(SegmentationBuilder, skip_registration=True):
   def read_mask(self, path: Path) -> np.ndarray:
     ids = common.read_label_map(path)
     return np.isin(ids, self.builder_config.label_ids).astype(np.uint8)
+
+
+Builder = Kitti  # What iterseg.data.make_builder builds for config.data.name='kitti'.

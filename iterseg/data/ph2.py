@@ -55,3 +55,6 @@ class Ph2(SegmentationBuilder, skip_registration=True):
       mask = common.find_file(folder / f'{case_id}_lesion', f'{case_id}_lesion', ('.bmp',))
       cases[f'PH2/{image.name if image else case_id + ".bmp"}'] = Case(image=image, mask=mask)
     return cases
+
+
+Builder = Ph2  # What iterseg.data.make_builder builds for config.data.name='ph2'.

@@ -149,6 +149,14 @@ def eval_batches(source: Sequence[dict[str, Any]], batch_size: int, *, prefetch:
   return _closing(iterator)
 
 
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+  """[size, ...]: a partial last batch [b <= size, ...] completed with copies of its last row, so
+  that it has the shape already compiled (drop rows b: afterwards)."""
+  if len(array) == size:
+    return array
+  return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)])
+
+
 def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
                        devices: Sequence[jax.Device] | None = None) -> Iterator[Any]:
   """Yields the items of `iterator` (pytrees of numpy arrays [D, ...], D = len(devices)) as jax.Arrays

@@ -112,3 +112,6 @@ class Retina(SegmentationBuilder, skip_registration=True):
       if stem not in stems:  # An annotation without its image: skipped.
         cases[f'CHASE_DB1/{stem}.jpg'] = Case(image=None, mask=mask)
     return cases
+
+
+Builder = Retina  # What iterseg.data.make_builder builds for config.data.name='retina'.

@@ -153,3 +153,6 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
     size = self.builder_config.hi_size
     example = make_synthetic_example(case, size, self.builder_config.num_classes)
     return dict(example, original_size=np.array([size, size], np.int32), name=name)
+
+
+Builder = Synthetic  # What iterseg.data.make_builder builds for config.data.name='synthetic'.

@@ -1,0 +1,186 @@
+"""What the training loop does around each step: hooks (checkpoints, the NaN check, metrics lines
+and the progress bar, a profiler trace) and the signals that stop it cleanly.
+
+A hook is a callable of `Step`, run after every step in the order given (flax's examples call
+these periodic actions). `train.train_network` installs FiniteCheck, Checkpointer, MetricsWriter
+and, when asked, Profiler; a caller may add its own (tests/kill_during_training.py does).
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from iterseg import checkpoints, files
+from iterseg.errors import TrainingError
+
+
+@dataclasses.dataclass
+class Step:
+  """What a hook sees after each step. `metrics` are device arrays: fetching them waits."""
+  name: str
+  step: int
+  total: int
+  state: Any
+  metrics: dict
+  last: bool  # The final step of this network (or the step at which it was interrupted).
+
+
+Hook = Callable[[Step], None]
+
+
+class Checkpointer:
+  """Saves every `every` steps and at the last step; stops training at the first failed save.
+  (FiniteCheck, run before it, has checked the loss of every step it saves.)"""
+
+  def __init__(self, manager, every: int):
+    self.manager, self.every = manager, every
+
+  def __call__(self, s: Step):
+    if s.step % self.every and not s.last:
+      return
+    self.save(s.step, s.state)
+
+  def save(self, step: int, train_state):
+    try:
+      self.manager.save(step, args=checkpoints.save_args(train_state), force=True)
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # Orbax wraps the OSError differently.
+      raise TrainingError(_write_failure(self.manager, step, e)) from e
+
+
+def _write_failure(manager, step: int, error: BaseException) -> str:
+  cause = error
+  while cause is not None and not isinstance(cause, OSError):
+    cause = cause.__cause__ or cause.__context__
+  reason = files.describe_os_error(cause) if cause is not None else ' '.join(str(error).split())[:160]
+  return (f'cannot write the checkpoint of step {step} to {manager.directory} ({reason}); stopped. '
+          f'The last complete checkpoint there is kept: free space or fix the permissions, then '
+          f'rerun the same command to resume.')
+
+
+class MetricsWriter:
+  """Every `every` steps and at the last: one JSON line in <workdir>/metrics.jsonl (process 0), and
+  the loss, Dice and throughput on the progress bar."""
+
+  def __init__(self, workdir: str, every: int, per_epoch: int, unit: str, per_step: int, bar):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.every, self.per_epoch, self.unit, self.per_step, self.bar = (every, per_epoch, unit,
+                                                                     per_step, bar)
+    self.start, self.first = time.perf_counter(), None
+
+  def __call__(self, s: Step):
+    self.first = s.step - 1 if self.first is None else self.first
+    if s.step % self.every and not s.last:
+      return
+    m = {k: float(v) for k, v in jax.device_get(s.metrics).items()}
+    rate = (s.step - self.first) * self.per_step / (time.perf_counter() - self.start)
+    self.bar.set_postfix(loss=f'{m["loss"]:.4f}', dice=f'{m["dice"]:.3f}',
+                         **{f'{self.unit}/s': f'{rate:.1f}'})
+    if jax.process_index() == 0:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'network': s.name, 'step': s.step, 'epoch': s.step / self.per_epoch,
+                            f'{self.unit}_per_s': rate, **m}) + '\n')
+
+
+class FiniteCheck:
+  """Stops training at the first non-finite loss, the one place that checks it.
+
+  Each step's loss is fetched while the next step runs (one step behind: no extra wait), except at
+  the steps that are saved (every `save_every` and the last), which are checked at once: a
+  checkpoint never holds a state that a NaN produced.
+  """
+
+  def __init__(self, workdir: str, save_every: int):
+    self.workdir, self.save_every, self.pending = workdir, save_every, None
+
+  def __call__(self, s: Step):
+    if self.pending is not None:
+      self._check(s.name, *self.pending)
+      self.pending = None
+    if s.step % self.save_every == 0 or s.last:
+      self._check(s.name, s.step, s.metrics)
+    else:
+      self.pending = (s.step, s.metrics)
+
+  def _check(self, name: str, step: int, metrics: dict):
+    loss = float(jax.device_get(metrics['loss']))
+    if not np.isfinite(loss):
+      raise TrainingError(
+          f'{name}: the loss became {loss} at step {step}; stopped. The last good checkpoint is '
+          f'kept in {checkpoints.network_dir(self.workdir, name)}. Lower '
+          f'config.train.learning_rate or check the data for NaN/inf.')
+
+
+class Profiler:
+  """A jax.profiler trace of steps [first, last] into <workdir>/profile (TensorBoard/Perfetto)."""
+
+  def __init__(self, workdir: str, first: int, last: int):
+    self.dir, self.first, self.last, self.active = os.path.join(workdir, 'profile'), first, last, False
+
+  def __call__(self, s: Step):
+    if s.step == self.first and not self.active:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+    if self.active and (s.step >= self.last or s.last):
+      jax.block_until_ready(s.state)
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def trim_metrics(workdir: str, name: str, step: int):
+  """Drops the metric lines of `name` after `step` (process 0 only), and any line cut short.
+
+  A run killed after its last checkpoint logged steps that the resumed run repeats: without this,
+  metrics.jsonl would hold them twice.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:  # The last line of a killed run may be cut short.
+      continue
+    if not (record.get('network') == name and record.get('step', 0) > step):
+      keep.append(line if line.endswith('\n') else line + '\n')
+  if keep != lines:
+    files.atomic_write(path, lambda f: f.writelines(keep))
+
+
+# --- Interruptions ------------------------------------------------------------------------------------
+
+
+class StopSignals:
+  """While active, SIGINT and SIGTERM set a flag (the loop saves, then stops) instead of killing.
+
+  A second Ctrl-C while saving is ignored until the save is done. Under several processes the flag
+  is orbax's preemption sync point, which every process reaches at the same step.
+  """
+
+  def __init__(self):
+    self.received, self.previous = None, {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self.previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
