@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.outputs = ('mask', 'probs', 'overlay')  # Any of these.
   c.predict.png_compression = 0  # zlib level 0-9 of the probability and overlay PNGs: 0 (stored)
   # writes them 2x faster than 1, 1.5-1.7x larger (masks always use at least 1: 3 KiB, 2 ms).
+  c.predict.skip_existing = False  # Skip inputs whose outputs all exist (go on after Ctrl-C).
 
   # --- Calibration (--mode=calibrate: the operating point of k and threshold per Np) ------------
   c.calibrate = ml_collections.ConfigDict()

@@ -76,6 +76,17 @@ def run(s: Settings, workdir: str) -> dict:
   if 'stage1' not in trained:
     raise CheckpointError(f'{workdir} has no trained stage 1: run --mode=train first.')
   main = jax.process_index() == 0
+  plans = {}  # Every variant checked before anything is written (train.preflight).
+  for name, state, value, own in variants(s, names):
+    if not own:
+      feature = FEATURES[name]
+      where = os.path.join(workdir, 'ablation', f'{name}-{state}')
+      vs = feature.set(s, value)
+      networks = tuple(n for n in vs.train.networks if n in feature.retrains)
+      if networks:  # (The networks it keeps are copied from the workdir: not checked here.)
+        vs = vs.vary('train', networks=networks)
+        train.training_data(vs)
+      plans[name, state] = where, vs
   own_results = evaluate.run(s, workdir)
   rows = []
   for name, state, value, own in variants(s, names):
@@ -83,16 +94,14 @@ def run(s: Settings, workdir: str) -> dict:
     if own:
       results, where = own_results, workdir
     else:
-      where = os.path.join(workdir, 'ablation', f'{name}-{state}')
-      vs = feature.set(s, value)
+      where, vs = plans[name, state]
       for network in trained:  # What the feature does not change is copied, not retrained.
         kind, _ = models.parse(network)
         target = checkpoints.network_dir(where, network)
         if kind not in feature.retrains and not os.path.exists(target) and main:
           shutil.copytree(checkpoints.network_dir(workdir, network), target)
       if feature.retrains:
-        networks = tuple(n for n in vs.train.networks if n in feature.retrains)
-        train.train(vs.vary('train', networks=networks), where)
+        train.train(vs, where)
       else:
         checkpoints.save_config(vs, where)
       results = evaluate.run(vs, where)

@@ -72,17 +72,16 @@ def save_args(train_state):
   return ocp.args.StandardSave(train_state)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template, name: str = ''):
-  """`template` restored from the latest complete checkpoint of `mngr`, or `template` if none.
+def check_latest(workdir: str, name: str, template) -> None:
+  """CheckpointError, reading only metadata and writing nothing, if the latest complete checkpoint
+  of network `name` cannot be restored into `template` (another config, or unreadable metadata)."""
+  path = network_dir(workdir, name)
+  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  if steps:
+    _check_shapes(os.path.join(path, str(max(steps))), template, name)
 
-  A checkpoint whose arrays differ from the template in name or shape (another config) is a
-  CheckpointError found from the checkpoint's metadata, before any array is read; so is one that
-  cannot be read (damaged, e.g. truncated by a copy).
-  """
-  step = mngr.latest_step()
-  if step is None:
-    return template
-  path = os.path.join(str(mngr.directory), str(step))
+
+def _check_shapes(path: str, template, name: str):
   label = f'{name or "the"} checkpoint {path}'
   abstract = jax.tree.map(_on_this_host, template)
   try:
@@ -97,6 +96,20 @@ def restore_latest(mngr: ocp.CheckpointManager, template, name: str = ''):
         f'{label} was written with another config: {len(differ)} arrays differ, e.g. {differ[0]} '
         f'is {stored.get(differ[0], "absent")} there but {wanted.get(differ[0], "absent")} with '
         f'this config. Use the config it was trained with, or another --workdir.')
+  return label, abstract
+
+
+def restore_latest(mngr: ocp.CheckpointManager, template, name: str = ''):
+  """`template` restored from the latest complete checkpoint of `mngr`, or `template` if none.
+
+  A checkpoint whose arrays differ from the template in name or shape (another config) is a
+  CheckpointError found from the checkpoint's metadata, before any array is read; so is one that
+  cannot be read (damaged, e.g. truncated by a copy).
+  """
+  step = mngr.latest_step()
+  if step is None:
+    return template
+  label, abstract = _check_shapes(os.path.join(str(mngr.directory), str(step)), template, name)
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # pylint: disable=broad-except
@@ -204,12 +217,14 @@ def progress(workdir: str, name: str) -> tuple:
 
 
 def check_finished(workdir: str, names, *, strict: bool) -> list:
-  """The networks among `names` whose training stopped before its planned step; each named in one
-  warning, or a CheckpointError when `strict`."""
+  """The networks among `names` whose training stopped before its planned step (or never made a
+  checkpoint); each named in one warning, or a CheckpointError when `strict`."""
   unfinished = []
   for name in names:
     step, total = progress(workdir, name)
-    if total is not None and step < total:
+    if not step:
+      unfinished.append(f'{name} (no checkpoint in {network_dir(workdir, name)})')
+    elif total is not None and step < total:
       unfinished.append(f'{name} (step {step} of {total})')
   if unfinished:
     message = (f'training of {", ".join(unfinished)} in {workdir} did not finish: rerun '
@@ -256,12 +271,20 @@ def load_networks(workdir: str, current: Optional[Settings] = None, *,
   nps = trained_num_patches(workdir)
   if num_patches is not None:
     nps = [n for n in nps if n in set(num_patches)]
+  stage2 = [models.name('stage2', n) for n in nps]
+  if stage2 and 'stage1' not in names:
+    raise CheckpointError(
+        f'{network_dir(workdir, "stage1")} is missing, but {", ".join(stage2)} refine(s) its map '
+        f'and cannot be used without it: delete {", ".join(network_dir(workdir, n) for n in stage2)} '
+        f'too and rerun `--mode=train` to train stage 1 and stage 2 again (the baseline is kept).')
   if not {'stage1', 'baseline'} & set(names):
     raise CheckpointError(f'no trained network in {network_dir(workdir, "")}: run '
                           f'`python launch.py --mode=train --workdir={workdir}` first.')
-  chosen = [n for n in ('stage1', 'baseline') if n in names] + [models.name('stage2', n)
-                                                                 for n in nps]
-  check_finished(workdir, chosen, strict=strict)
+  chosen = [n for n in ('stage1', 'baseline') if n in names] + stage2
+  planned = [models.name(network, n) for network, n in saved.jobs()
+             if num_patches is None or n in (None, *num_patches)]
+  check_finished(workdir, chosen if strict else list(dict.fromkeys(chosen + planned)),
+                 strict=strict)
   return Networks(**{network: (load_network(workdir, network, saved) if network in names else None)
                      for network in ('stage1', 'baseline')},
                   stage2={n: load_network(workdir, models.name('stage2', n), saved) for n in nps})

@@ -29,23 +29,35 @@ def run(mode: str, config, workdir: str, *, hooks=()):
     from iterseg import predict  # pylint: disable=g-import-not-at-top
     return predict.run(s, workdir)
   main = jax.process_index() == 0
-  if main:
-    files.check_writable(workdir)
-  with lock.WorkdirLock(workdir, enabled=main):
-    if mode == 'train':
-      from iterseg import evaluate, train  # pylint: disable=g-import-not-at-top
-      train.train(s, workdir, extra_hooks=hooks)
-      return evaluate.run(s, workdir)
-    if mode == 'evaluate':
-      from iterseg import evaluate  # pylint: disable=g-import-not-at-top
-      return evaluate.run(s, workdir)
-    if mode == 'benchmark':
-      from iterseg import benchmark, predict  # pylint: disable=g-import-not-at-top
-      images = 16 if jax.default_backend() == 'cpu' else 64
-      return benchmark.run(s, workdir,
-                           predict_throughput=lambda: predict.throughput(s, num_images=images))
-    if mode == 'ablate':
-      from iterseg import ablation  # pylint: disable=g-import-not-at-top
-      return ablation.run(s, workdir)
-    from iterseg import calibrate  # pylint: disable=g-import-not-at-top
-    return calibrate.run(s, workdir)
+  created = files.Undo([], folders=[workdir])  # A refused command leaves no new, empty workdir.
+  try:
+    if main:
+      files.check_writable(workdir)
+    with lock.WorkdirLock(workdir, enabled=main):
+      return _locked(mode, s, workdir, hooks)
+  except errors.Error:
+    if main:
+      created.restore()
+    raise
+
+
+def _locked(mode: str, s, workdir: str, hooks):
+  """The modes that write into the workdir, run while holding its lock."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if mode == 'train':
+    from iterseg import evaluate, train  # pylint: disable=g-import-not-at-top
+    train.train(s, workdir, extra_hooks=hooks)
+    return evaluate.run(s, workdir)
+  if mode == 'evaluate':
+    from iterseg import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.run(s, workdir)
+  if mode == 'benchmark':
+    from iterseg import benchmark, predict  # pylint: disable=g-import-not-at-top
+    images = 16 if jax.default_backend() == 'cpu' else 64
+    return benchmark.run(s, workdir,
+                         predict_throughput=lambda: predict.throughput(s, num_images=images))
+  if mode == 'ablate':
+    from iterseg import ablation  # pylint: disable=g-import-not-at-top
+    return ablation.run(s, workdir)
+  from iterseg import calibrate  # pylint: disable=g-import-not-at-top
+  return calibrate.run(s, workdir)

@@ -118,3 +118,43 @@ def check_writable(folder) -> None:
   except OSError as e:
     code = f' (errno {e.errno})' if e.errno else ''
     raise WriteError(f'cannot write to {folder}: {describe_os_error(e)}{code}. {_hint(e)}') from e
+
+
+class Undo:
+  """The files (and folders) a command is about to write, as they are now, to put back if the
+  command is refused after its first write: a refused command leaves them exactly as they were.
+
+    undo = Undo([config.json, ...], folders=[checkpoints/stage1, ...])
+    ...write...; on refusal: undo.restore()
+  """
+
+  def __init__(self, paths, folders=()):
+    self.saved = {}
+    for path in map(os.fspath, paths):
+      try:
+        with open(path, 'rb') as f:
+          self.saved[path] = f.read()
+      except FileNotFoundError:
+        self.saved[path] = None
+    self.folders = [os.fspath(f) for f in folders if not os.path.exists(f)]
+
+  def restore(self) -> None:
+    """Every file back to its recorded bytes (or gone, if it did not exist); folders created since
+    removed when empty."""
+    for path, data in self.saved.items():
+      if data is None:
+        if os.path.exists(path):
+          os.unlink(path)
+        continue
+      try:
+        with open(path, 'rb') as f:
+          if f.read() == data:
+            continue
+      except FileNotFoundError:
+        pass
+      atomic_write(path, lambda f, d=data: f.write(d), 'wb')
+    for folder in sorted(self.folders, key=len, reverse=True):
+      try:
+        os.rmdir(folder)
+      except OSError:  # Not empty (something good is there) or already gone.
+        pass

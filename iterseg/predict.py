@@ -11,13 +11,22 @@ predict.outputs selects:
   <stem>_probs.npy    num_classes > 1 (instead of _prob.png): float32 [h, w, C] class probabilities.
   <stem>_overlay.png  the image with the mask tinted and the patches stage 2 refined outlined (yellow).
 A folder is read non-recursively (so an output folder inside it is never read); files whose
-extension Pillow does not know are skipped. Two inputs with the same stem (a.png, a.jpg) are named by
-their full file name (a_png). Each image's outputs take their final names only once all are complete.
-A file that cannot be read or written is reported and the others go on; `summary.json` lists every
-input with its outputs or its error, and the run fails (PredictError) if any image failed.
+extension Pillow does not know are skipped. Output names never collide (`output_names`): a stem that
+two inputs share (a.png, a.jpg) gives way to the full file name (a_png, a_jpg), and a name still
+taken (by a_png.png, or a file differing only in case) gets a short hash of its file name. Each
+image's outputs take their final names only once all are complete.
+
+Memory stays bounded whatever the number of files: a few batches are read ahead and a few written
+behind. Ctrl-C or SIGTERM stops within about a second (the batch in flight is dropped), writes
+`summary.json` for what was done and says how to go on: `predict.skip_existing=True` skips every
+input whose outputs all exist. A file that cannot be read or written is reported and the others go
+on; `summary.json` lists every input with its outputs or its error, and the run fails (PredictError)
+if any image failed.
 """
 
+import collections
 import concurrent.futures
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -28,9 +37,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, inference, models
+from iterseg import checkpoints, files, hooks, inference, models
 from iterseg.data import common, pipeline
-from iterseg.errors import InputError, PredictError
+from iterseg.errors import InputError, Interrupted, PredictError
 from iterseg.models import Networks
 from iterseg.settings import Settings, Spec
 
@@ -67,10 +76,22 @@ def list_inputs(path, exclude: Optional[str] = None) -> list:
   return found
 
 
-def output_stems(paths: Sequence[Path]) -> list:
-  """File stems, or full names with '.' -> '_' for stems that two inputs share."""
-  stems = [p.stem for p in paths]
-  return [p.name.replace('.', '_') if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
+def output_names(paths: Sequence[Path]) -> list:
+  """The output stem of each input, distinct even on a case-insensitive file system: the file's
+  stem; where two inputs share one, their full names with '.' -> '_' (a.png -> a_png); where that is
+  still taken, the full name and 8 hex digits of its hash (a_png-1f3a...)."""
+  def key(name):
+    return name.casefold()
+  names = [p.stem for p in paths]
+  for _ in range(2):  # Stems, then full names, for every name that is not unique yet.
+    counts = collections.Counter(map(key, names))
+    names = [p.name.replace('.', '_') if counts[key(n)] > 1 else n for p, n in zip(paths, names)]
+  counts = collections.Counter(map(key, names))
+  names = [f'{n}-{hashlib.sha1(p.name.encode()).hexdigest()[:8]}' if counts[key(n)] > 1 else n
+           for p, n in zip(paths, names)]
+  if len(set(map(key, names))) != len(names):  # Only a sha1 collision could do this.
+    raise InputError(f'input file names that cannot be told apart: {sorted(map(str, paths))[:5]}')
+  return names
 
 
 def read_resized(path: Path, hi_size: int):
@@ -122,6 +143,14 @@ def _tmp(path: Path) -> Path:
   return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
 
 
+def output_paths(output: Path, stem: str, outputs: Sequence[str], binary: bool) -> dict:
+  """{kind: path} of the outputs of one input named `stem`."""
+  paths = {'mask': output / f'{stem}_mask.png',
+           'probs': output / (f'{stem}_prob.png' if binary else f'{stem}_probs.npy'),
+           'overlay': output / f'{stem}_overlay.png'}
+  return {kind: p for kind, p in paths.items() if kind in outputs}
+
+
 def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_patches: int, *,
                  outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
                  compression: int = 0) -> dict:
@@ -129,10 +158,7 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_p
   names together, once every one is complete, so a failure leaves the previous ones as they were."""
   probs, mask = result['probs'], result['mask']
   binary = probs.shape[-1] == 1
-  paths = {'mask': output / f'{stem}_mask.png',
-           'probs': output / (f'{stem}_prob.png' if binary else f'{stem}_probs.npy'),
-           'overlay': output / f'{stem}_overlay.png'}
-  paths = {kind: p for kind, p in paths.items() if kind in outputs}
+  paths = output_paths(output, stem, outputs, binary)
   tmps = {kind: _tmp(p) for kind, p in paths.items()}
   png = {'format': 'PNG', 'compress_level': compression}
   try:
@@ -174,25 +200,33 @@ def _chunks(items: Sequence, size: int):
 
 
 def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
-                  batch_size: int = 8, outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
-                  compression: int = 0, workers: Optional[int] = None,
-                  progress: bool = True) -> list:
-  """Segments every file and writes its outputs into `output`; one record per file, in order:
-  {'input', 'height', 'width', 'refined_patches', <kind>: path} or {'input', 'error'}.
+                  names: Optional[Sequence[str]] = None, batch_size: int = 8,
+                  outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
+                  workers: Optional[int] = None, progress: bool = True, stop=None,
+                  skip_existing: bool = False, ahead: int = 2) -> tuple:
+  """Segments every file and writes its outputs into `output`: (records, interrupted).
 
-  Reading runs `workers` batches ahead in threads; each batch of `batch_size` images is split over
-  the local devices (padded to a full batch, so one compilation serves all); writing runs in
-  threads while the next batch is computed.
+  records: one per file done, in order: {'input', 'height', 'width', 'refined_patches', <kind>:
+  path}, {'input', 'error'}, or {'input', 'skipped', <kind>: path} (skip_existing and every output
+  there). interrupted: the signal's name if `stop` (hooks.StopSignals) received one, else None;
+  the files not reached then have no record.
+
+  `names` are the output stems (default output_names(paths)). Reading runs `ahead` batches ahead in
+  `workers` threads and at most 2 batches are written behind, so memory does not grow with the
+  number of files; each batch of `batch_size` images is split over the local devices (padded to a
+  full batch: one compilation serves all).
   """
   paths = [Path(p) for p in paths]
   output = Path(output)
   files.check_writable(output)
   workers = workers or min(8, (os.cpu_count() or 1) + 2)
-  stems = dict(zip(paths, output_stems(paths)))
+  stems = dict(zip(paths, names or output_names(paths)))
   sharding = _sharding(batch_size)
   params = inference.replicate_like(nets.at(spec.num_patches),
                                     jax.device_put(np.zeros(batch_size), sharding))
+  binary = spec.num_classes == 1
   records = {}
+  stopped = lambda: stop is not None and stop.received is not None
 
   def write(path, image, probs, refined):
     try:
@@ -207,37 +241,90 @@ def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
       return {'input': str(path), 'error': f'cannot write its outputs to {output} '
                                            f'({files.describe_os_error(e)})'}
 
-  bar = tqdm(total=len(paths), desc='predict', unit='image', disable=not progress,
-             dynamic_ncols=True)
+  todo = []
+  for path in paths:
+    existing = output_paths(output, stems[path], outputs, binary)
+    if skip_existing and all(p.exists() for p in existing.values()):
+      records[path] = {'input': str(path), 'skipped': 'its outputs exist',
+                       **{k: str(p) for k, p in existing.items()}}
+    else:
+      todo.append(path)
+  bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
+             disable=not progress, dynamic_ncols=True)
+  chunks = iter(list(_chunks(todo, batch_size)))
+  reads, writes = collections.deque(), collections.deque()
   with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='iterseg-read') as readers, \
       concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='iterseg-write') as writers:
-    reads = [[readers.submit(read_resized, p, spec.hi_size) for p in chunk]
-             for chunk in _chunks(paths, batch_size)]
-    pending = []
-    for chunk, futures in zip(_chunks(paths, batch_size), reads):
-      good = []
-      for path, future in zip(chunk, futures):
-        try:
-          good.append((path, *future.result()))
-        except (ValueError, OSError) as e:  # DataError is a ValueError: the file, and why.
-          records[path] = {'input': str(path), 'error': ' '.join(str(e).split())}
+
+    def read_ahead():
+      while len(reads) < ahead and not stopped():
+        chunk = next(chunks, None)
+        if chunk is None:
+          return
+        reads.append([(p, readers.submit(read_resized, p, spec.hi_size)) for p in chunk])
+
+    def collect(block: bool):
+      while writes and (block or writes[0][1].done()):
+        path, future = writes.popleft()
+        if not future.cancelled():
+          records[path] = future.result()
           bar.update(1)
-      if not good:
+
+    read_ahead()
+    while reads and not stopped():
+      good = []
+      for path, future in reads.popleft():
+        read = _wait(future, stopped)
+        if read is None:
+          break
+        if isinstance(read, Exception):
+          records[path] = {'input': str(path), 'error': ' '.join(str(read).split())}
+          bar.update(1)
+        else:
+          good.append((path, *read))
+      read_ahead()
+      if not good or stopped():
         continue
       padded = pipeline.pad_batch(np.stack([small for _, _, small in good]), batch_size)
       pred = inference.two_stage(params, jax.device_put(padded, sharding), spec)
+      if not _wait_ready(pred.probs, stopped):
+        break  # Stopped: the batch in flight is dropped.
       probs, refined = jax.device_get((pred.probs, pred.refined))
+      collect(block=len(writes) >= 2 * batch_size)
       for i, (path, image, _) in enumerate(good):
-        pending.append((path, writers.submit(write, path, image, probs[i], refined[i])))
-      while pending and pending[0][1].done():
-        path, future = pending.pop(0)
-        records[path] = future.result()
-        bar.update(1)
-    for path, future in pending:
-      records[path] = future.result()
-      bar.update(1)
+        writes.append((path, writers.submit(write, path, image, probs[i], refined[i])))
+      collect(block=False)
+    for batch in reads:  # Stopped: reads not started are cancelled, the others dropped.
+      for _, future in batch:
+        future.cancel()
+    if stopped():  # Writes not started are dropped too; those in flight finish (no half files).
+      for _, future in writes:
+        future.cancel()
+    collect(block=True)
   bar.close()
-  return [records[p] for p in paths]
+  return [records[p] for p in paths if p in records], stop.received if stopped() else None
+
+
+def _wait(future, stopped, poll: float = 0.05):
+  """A read's result; the error that names the file (DataError, OSError) as a value; or None as
+  soon as `stopped` holds."""
+  while True:
+    try:
+      return future.result(timeout=poll)
+    except concurrent.futures.TimeoutError:
+      if stopped():
+        return None
+    except (ValueError, OSError) as e:  # DataError is a ValueError: the file, and why.
+      return e
+
+
+def _wait_ready(array, stopped, poll: float = 0.02) -> bool:
+  """Waits for a device array; False (without waiting longer) once `stopped` holds."""
+  while not array.is_ready():
+    if stopped():
+      return False
+    time.sleep(poll)
+  return True
 
 
 def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
@@ -278,36 +365,53 @@ def run(s: Settings, workdir: str) -> dict:
   """--mode=predict: predict.input -> predict.output (default <workdir>/predictions).
 
   Uses the networks trained in `workdir`, stage 2 at config.num_patches, or at the operating point
-  of --mode=calibrate when the workdir has one (a line says so). Under several processes,
-  each takes every P-th file. Returns {'output', 'num_patches', 'images': [record], 'failed',
-  'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed.
+  of --mode=calibrate when the workdir has one (a line says so). Everything is checked before the
+  output folder is made. Under several processes, each takes every P-th file (names are decided
+  over all of them). Returns {'output', 'num_patches', 'images': [record], 'failed', 'skipped',
+  'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed,
+  and Interrupted (after writing summary.json) on Ctrl-C or SIGTERM.
   """
   point = checkpoints.operating_point(workdir)
   s = checkpoints.inference_settings(workdir, s, fallback=False)
-  if point is not None:
-    print(f'Using the calibrated operating point of {workdir}/calibration.json: {point}.')
   output = Path(os.path.expanduser(s.predict.output or os.path.join(workdir, 'predictions')))
   paths = list_inputs(s.predict.input, exclude=str(output))
-  files.check_writable(output)
+  names = dict(zip(paths, output_names(paths)))
   nets = checkpoints.load_networks(workdir, s, num_patches=[s.spec.num_patches], strict=True)
+  if point is not None:
+    print(f'Using the calibrated operating point of {workdir}/calibration.json: {point}.')
+  files.check_writable(output)
   mine = paths[jax.process_index()::jax.process_count()]
   start = time.perf_counter()
-  records = predict_files(nets, s.spec, mine, output, batch_size=s.predict.batch_size,
-                          outputs=s.predict.outputs, compression=s.predict.png_compression,
-                          progress=jax.process_index() == 0)
+  with hooks.StopSignals() as stop:
+    records, interrupted = predict_files(
+        nets, s.spec, mine, output, names=[names[p] for p in mine],
+        batch_size=s.predict.batch_size, outputs=s.predict.outputs,
+        compression=s.predict.png_compression, progress=jax.process_index() == 0, stop=stop,
+        skip_existing=s.predict.skip_existing)
   seconds = time.perf_counter() - start
   failed = [r for r in records if 'error' in r]
+  skipped = [r for r in records if 'skipped' in r]
   name = 'summary.json' if jax.process_count() == 1 else f'summary.{jax.process_index()}.json'
   summary = os.path.join(output, name)
-  files.atomic_write_json(summary, {'num_patches': s.spec.num_patches, 'outputs': s.predict.outputs,
-                                    'images': records, 'failed': len(failed)})
-  print(f'Segmented {len(records) - len(failed)} of {len(records)} image(s) in {seconds:.1f} s '
-        f'({len(records) / seconds:.1f} images/s) with the two-stage method at '
-        f'Np={s.spec.num_patches}; outputs in {output}, summary in {summary}')
+  files.atomic_write_json(summary, {
+      'num_patches': s.spec.num_patches, 'outputs': s.predict.outputs, 'images': records,
+      'failed': len(failed), 'skipped': len(skipped), 'total': len(mine),
+      'interrupted': interrupted})
+  done = len(records) - len(failed)
+  if interrupted:
+    raise Interrupted(f'interrupted ({interrupted}) with {done} of {len(mine)} image(s) done; their '
+                      f'outputs are in {output} and listed in {summary}. Rerun the same command with '
+                      f'--config.predict.skip_existing=True to segment the other '
+                      f'{len(mine) - len(records)}.')
+  print(f'Segmented {done - len(skipped)} of {len(records)} image(s) in {seconds:.1f} s '
+        f'({(len(records) - len(skipped)) / seconds:.1f} images/s) with the two-stage method at '
+        f'Np={s.spec.num_patches}' + (f'; {len(skipped)} skipped (outputs exist)' if skipped else '')
+        + f'; outputs in {output}, summary in {summary}')
   if failed:
     for r in failed:
       print(f'  failed: {r["input"]}: {r["error"]}')
     raise PredictError(f'{len(failed)} of {len(records)} image(s) failed (listed above and in '
                        f'{summary}), e.g. {failed[0]["input"]}: {failed[0]["error"]}')
   return {'output': str(output), 'num_patches': s.spec.num_patches, 'images': records,
-          'failed': failed, 'images_per_s': len(records) / seconds, 'summary': summary}
+          'failed': failed, 'skipped': skipped, 'images_per_s': len(records) / seconds,
+          'summary': summary}

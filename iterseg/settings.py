@@ -142,6 +142,7 @@ class PredictPlan:
   batch_size: int
   outputs: tuple
   png_compression: int
+  skip_existing: bool  # Skip an input whose outputs all exist (go on after an interruption).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -168,6 +169,13 @@ class Settings:
   calibrate: CalibratePlan
   refine_count: Optional[int]  # As configured; None = Np patches per image (the authors).
   ablation_features: tuple = _at('ablation.features')
+
+  def jobs(self) -> list:
+    """[(network, Np or None)] that --mode=train trains, in order: stage 1, stage 2 for each Np of
+    train.num_patches_list, the baseline (those of train.networks)."""
+    order = ([('stage1', None)] + [('stage2', n) for n in self.train.num_patches_list] +
+             [('baseline', None)])
+    return [(network, n) for network, n in order if network in self.train.networks]
 
   def spec_for(self, num_patches: int) -> Spec:
     """The inference Spec at another Np (refine_count: Np unless the config fixed it)."""
@@ -465,7 +473,8 @@ def from_config(config) -> Settings:
       input=r.str('predict.input'), output=r.str('predict.output'),
       batch_size=r.int('predict.batch_size', 1),
       outputs=r.names('predict.outputs', PREDICT_OUTPUTS),
-      png_compression=r.int('predict.png_compression', 0, 9))
+      png_compression=r.int('predict.png_compression', 0, 9),
+      skip_existing=r.bool('predict.skip_existing'))
   if predict.input and predict.output and _same_path(predict.input, predict.output):
     r.fail('predict.output', predict.output, 'it must differ from config.predict.input, or the '
            'next run would segment its own outputs')

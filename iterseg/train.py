@@ -26,7 +26,7 @@ import optax
 from jax import lax
 from tqdm import tqdm
 
-from iterseg import augment, checkpoints, hooks, inference, losses, models, state
+from iterseg import augment, checkpoints, files, hooks, inference, losses, models, state
 from iterseg.data import pipeline
 from iterseg.errors import Interrupted, TrainingError  # noqa: F401  (raised by the loop and hooks)
 from iterseg.hooks import Hook, StopSignals
@@ -215,21 +215,57 @@ def check_resumable(s: Settings, workdir: str):
     checkpoints.check_same_geometry(s, checkpoints.read_settings(workdir), workdir)
 
 
-def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> None:
-  """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says)."""
-  check_resumable(s, workdir)
-  checkpoints.save_config(s, workdir)
-  from iterseg import data  # pylint: disable=g-import-not-at-top
+def training_data(s: Settings):
+  """The train split, checked to split into s.train.batch_size batches over this run's devices."""
+  from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
   source = data.load_split(s.data, 'train')
-  networks = s.train.networks
-  with StopSignals() as stop:
-    run = functools.partial(train_network, s, workdir, source=source, extra_hooks=extra_hooks,
-                            stop=stop)
-    stage1 = run('stage1') if 'stage1' in networks else None
-    if 'stage2' in networks:
-      if stage1 is None:
-        stage1 = checkpoints.load_network(workdir, 'stage1', s)
-      for n in s.train.num_patches_list:
-        run('stage2', num_patches=n, frozen=stage1)
-    if 'baseline' in networks:
-      run('baseline')
+  pipeline.check_batch_size(s.train.batch_size, len(source))
+  return source
+
+
+def preflight(s: Settings, workdir: str):
+  """Everything that can refuse --mode=train, checked before it writes anything: the geometry of
+  the workdir's networks, the training data, the batch over this run's processes and devices, the
+  stage 1 that stage 2 learns from, and the metadata of every checkpoint it will resume from.
+  Returns (the train split, stage 1's parameters when stage 2 learns from a stage 1 trained
+  before, else None)."""
+  check_resumable(s, workdir)
+  source = training_data(s)
+  stage1 = None
+  if 'stage2' in s.train.networks and 'stage1' not in s.train.networks:
+    stage1 = checkpoints.load_network(workdir, 'stage1', s)
+  for network, n in s.jobs():
+    spec = s.spec_for(n) if n else s.spec
+    template = jax.eval_shape(lambda: state.create_train_state(s.train, spec, network))
+    checkpoints.check_latest(workdir, models.name(network, n), template)
+  return source, stage1
+
+
+def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> None:
+  """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says).
+
+  A refused command leaves the workdir as it was: `preflight` checks what it can before the first
+  write, and what is written before the first step (config.json, plan.json, metrics.jsonl trimmed
+  on resume) is put back if the command still fails before that step (e.g. a checkpoint whose
+  metadata reads but whose arrays do not).
+  """
+  source, stage1 = preflight(s, workdir)
+  names = [models.name(network, n) for network, n in s.jobs()]
+  undo = files.Undo(
+      [os.path.join(workdir, f) for f in ('config.json', 'metrics.jsonl')] +
+      [os.path.join(checkpoints.network_dir(workdir, n), 'plan.json') for n in names],
+      folders=[checkpoints.network_dir(workdir, '')] + [checkpoints.network_dir(workdir, n)
+                                                         for n in names])
+  stepped = []
+  try:
+    checkpoints.save_config(s, workdir)
+    with StopSignals() as stop:
+      run = functools.partial(train_network, s, workdir, source=source, stop=stop,
+                              extra_hooks=(lambda _: stepped.append(1), *extra_hooks))
+      for network, n in s.jobs():
+        params = run(network, num_patches=n, frozen=stage1 if network == 'stage2' else None)
+        stage1 = params if network == 'stage1' else stage1
+  except BaseException:
+    if not stepped and jax.process_index() == 0:
+      undo.restore()
+    raise

@@ -105,13 +105,43 @@ def test_prepare_is_idempotent_and_split_reproducible(tmp_path):
   assert len(other_train) == len(train) and other_train != train
 
 
-def test_reusing_data_prepared_from_another_folder_warns(tmp_path, caplog):
-  fixtures.write_ph2(tmp_path / 'a', num_cases=3)
-  fixtures.write_ph2(tmp_path / 'b', num_cases=3)
-  first = data.prepare(fixtures.config(tmp_path / 'tfds', 'ph2', tmp_path / 'a'))
-  with caplog.at_level('WARNING'):
-    assert data.prepare(fixtures.config(tmp_path / 'tfds', 'ph2', tmp_path / 'b')) == first
-  assert f'prepared from {tmp_path / "a"}' in caplog.text
+def test_data_prepared_from_another_folder_is_never_read_for_this_one(tmp_path, capsys):
+  """Folder B prepared into a data_dir that holds A's: B gets its own folder and B's images."""
+  for folder, seed in (('a', 0), ('b', 1)):
+    for stem in 'pqr':
+      fixtures.save(Image.fromarray(fixtures.rgb(seed * 10 + ord(stem))),
+                    tmp_path / folder / 'images' / f'{stem}.png')
+      fixtures.save(Image.fromarray(fixtures.binary()), tmp_path / folder / 'masks' / f'{stem}.png')
+  spec = lambda folder: fixtures.config(tmp_path / 'tfds', 'folder', tmp_path / folder)
+  first = data.prepare(spec('a'))
+  second = data.prepare(spec('b'))
+  assert first['path'] != second['path']
+  assert 'differ from those prepared before' in capsys.readouterr().out
+  for folder, seed in (('a', 0), ('b', 1)):
+    example = data.load_split(spec(folder), 'train')[0]
+    stem = example['name'].split('.')[0]
+    resized = common.resize_image(fixtures.rgb(seed * 10 + ord(stem)), 32)
+    np.testing.assert_array_equal(example['image'], resized)
+  with pytest.raises(DataError, match=r'2 datasets prepared from different files .*manual_dir'):
+    data.load_split(dataclasses.replace(spec('a'), manual_dir=''), 'train')
+
+
+@pytest.mark.parametrize('name', ['ph2', 'retina', 'kitti', 'folder'])
+def test_a_change_of_any_raw_file_gives_another_prepared_dataset(tmp_path, name):
+  write = {'ph2': fixtures.write_ph2, 'retina': lambda r: fixtures.write_chase(
+      fixtures.write_stare(fixtures.write_drive(r))), 'kitti': fixtures.write_kitti,
+           'folder': fixtures.write_folder}[name]
+  manual = tmp_path / 'raw'
+  write(manual)
+  spec = fixtures.config(tmp_path / 'tfds', name, manual)
+  before = data.make_builder(spec).builder_config.name
+  assert '_src' in before and data.make_builder(spec).builder_config.name == before
+  case = next(iter(data.make_builder(spec).list_cases().values()))
+  for path in (case.mask, case.image):  # A mask, then an image, each changed in place.
+    path.write_bytes(path.read_bytes() + b'\0')
+    after = data.make_builder(spec).builder_config.name
+    assert after != before
+    before = after
 
 
 def test_hi_size_is_part_of_the_prepared_dataset_identity(tmp_path):
@@ -261,7 +291,7 @@ def test_pipeline_reads_a_prepared_dataset_identically_with_threads(tmp_path):
 
 
 def test_missing_manual_dir_names_path_and_download_page(tmp_path):
-  with pytest.raises(DataError, match=r'manual_dir is not set.*fc\.up\.pt'):
+  with pytest.raises(DataError, match=r'no prepared dataset.*set config.data.manual_dir.*fc\.up\.pt'):
     data.prepare(fixtures.config(tmp_path / 'tfds', 'ph2', ''))
   missing = tmp_path / 'nowhere'
   with pytest.raises(DataError, match=f'{missing}.*does not exist.*fc\\.up\\.pt'):

@@ -61,12 +61,20 @@ def folder_config(tmp_path, manual_dir):
 # --- The one-line contract, end to end -----------------------------------------------------------
 
 
-def test_an_unknown_config_key_on_the_command_line_is_one_line(subprocess_env, tmp_path):
+def test_a_config_mistake_on_the_command_line_or_in_a_file_is_one_line(subprocess_env, tmp_path):
+  (tmp_path / 'typo.py').write_text('from iterseg.configs import default\n\n\ndef get_config():\n'
+                                    '  c = default.get_config()\n  c.train.bach_size = 8\n'
+                                    '  return c\n')
+  (tmp_path / 'nothing.py').write_text('def get_config():\n  pass\n')
   for flags, expected in [
       (['--config.train.nope=1'], '--config.train.nope: unknown config key'),
       (['--config.model.widht=8'], 'Did you mean "width"'),
       (['--config=configs/ph2.py', '--config.nope.deeper=1'],
-       '--config.nope.deeper: unknown config key')]:
+       '--config.nope.deeper: unknown config key'),
+      ([f'--config={tmp_path}/typo.py'], 'unknown field train.bach_size; did you mean '
+                                         'train.batch_size'),
+      ([f'--config={tmp_path}/nothing.py'], 'get_config() returned NoneType, not an '
+                                            'ml_collections.ConfigDict')]:
     result = launch_runs.run('--mode=prepare', *flags, f'--workdir={tmp_path}/run',
                              env=subprocess_env)
     line = helpers.one_line_error(result)
@@ -210,3 +218,73 @@ def test_orbax_worker_tracebacks_are_not_shown_beside_the_one_line(capsys):
 
   assert emitted(logging.WARNING) == ['something else']
   assert len(emitted(logging.INFO)) == 3
+
+
+# --- A refused command leaves the workdir exactly as it was ----------------------------------------
+
+
+def _delete(*names):
+  def prepare(workdir, data_dir):
+    for name in names:
+      shutil.rmtree(workdir / 'checkpoints' / name)
+    return data_dir
+  return prepare
+
+
+def _damaged_test_split(workdir, data_dir):
+  copy = shutil.copytree(data_dir, workdir.parent / 'tfds-damaged')
+  (path,) = copy.rglob('*-test.array_record-*')
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  return copy
+
+
+REFUSALS = [  # (mode, config fields, how the workdir is prepared, words of the one line)
+    ('train', {'train.batch_size': 6}, None, 'batch_size=6 does not split evenly over 1 process'),
+    ('train', {'train.batch_size': 12}, None, 'larger than the 11 training examples'),
+    ('train', {'model.width': 8}, None, 'trained with 4'),
+    ('train', {'data.name': 'folder', 'data.manual_dir': '/nowhere'}, None, 'does not exist'),
+    ('train', {'train.networks': ('stage2',)}, _delete('stage1'), 'no checkpoint of stage1'),
+    ('train', {'train.stage1_epochs': 3, 'train.batch_size': 5}, None, 'does not split evenly'),
+    ('evaluate', {}, _delete('stage1'), 'stage1 is missing'),
+    ('evaluate', {'model.depth': 2}, None, 'config.model.depth=2'),
+    ('evaluate', {}, _damaged_test_split, 'cannot be read'),
+    ('predict', {'num_patches': 2}, None, 'no stage 2 trained for Np=2'),
+    ('predict', {}, _delete('stage1'), 'stage1 is missing'),
+    ('predict', {}, _delete('stage1', 'stage2_np4'), 'has no trained stage 2'),
+    ('calibrate', {}, None, 'compares with the baseline'),
+    ('ablate', {'train.batch_size': 6, 'ablation.features': ('stage2_init',)}, None,
+     'does not split evenly'),
+]
+
+
+@pytest.mark.parametrize('mode, fields, prepare, words', REFUSALS,
+                         ids=[f'{m}-{"-".join(f) or (p.__name__ if p else "")}'
+                              for m, f, p, _ in REFUSALS])
+def test_a_refused_command_leaves_the_workdir_exactly_as_it_was(trained, data_dir, tmp_path, capfd,
+                                                                mode, fields, prepare, words):
+  data = prepare(trained, data_dir) if prepare else data_dir
+  image = tmp_path / 'in.png'
+  Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+  config = launch_runs.tiny_config(data, **{'predict.input': str(image), **fields})
+  before = helpers.snapshot(trained)
+  names = sorted(p.relative_to(trained) for p in trained.rglob('*'))
+  capfd.readouterr()
+  refused(mode, config, trained, words)
+  assert helpers.snapshot(trained) == before  # Names, sizes and bytes of every file.
+  assert sorted(p.relative_to(trained) for p in trained.rglob('*')) == names  # Folders too.
+  assert 'Traceback' not in capfd.readouterr().err
+
+
+def test_a_refused_command_leaves_no_new_workdir(data_dir, tmp_path):
+  workdir = tmp_path / 'new'
+  refused('train', launch_runs.tiny_config(data_dir, **{'train.batch_size': 6}), workdir,
+          'does not split evenly')
+  assert not workdir.exists()
+
+
+def test_load_names_a_missing_network_and_how_to_recover(trained):
+  import iterseg  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(trained / 'checkpoints' / 'stage1')
+  with pytest.raises(errors.CheckpointError, match=r'checkpoints/stage1 is missing, but stage2_np4 '
+                     r'refine\(s\) its map .* delete .*stage2_np4 too and rerun `--mode=train`'):
+    iterseg.load(str(trained))

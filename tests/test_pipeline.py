@@ -87,7 +87,8 @@ def test_two_processes_see_disjoint_halves_of_each_global_batch():
 
 
 def test_indivisible_batch_is_a_clear_error():
-  with pytest.raises(ValueError, match='not divisible by 2 process.*3 local device'):
+  with pytest.raises(ValueError, match=r'batch_size=8 does not split evenly over 2 process\(es\) x '
+                     r'3 local device\(s\): use a multiple of 6 \(e.g. 6 or 12\)'):
     run(batch_size=8, num_local_devices=3, process_count=2)
   with pytest.raises(ValueError, match='larger than the 50 training examples'):
     run(batch_size=64, num_local_devices=1)

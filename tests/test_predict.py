@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 
 import iterseg
 from iterseg import errors, predict, settings
-from tests.helpers import tiny
+from tests.helpers import set_fields, tiny
 from tests.helpers import save_random_networks
 
 INPUTS = {  # file name: (mode, height, width)
@@ -127,9 +128,32 @@ def test_run_without_trained_networks_says_so(tmp_path):
     predict.run(settings.from_config(config), str(tmp_path / 'run'))
 
 
-def test_inputs_sharing_a_stem_get_distinct_outputs():
-  assert predict.output_stems([Path('a.png'), Path('a.jpg'), Path('b.png')]) == [
-      'a_png', 'a_jpg', 'b']
+@pytest.mark.parametrize('names', [
+    ['a.png', 'a.jpg', 'b.png'],
+    ['a.png', 'a.jpg', 'a_png.png'],  # a.png's full name is a_png: a_png.png's stem.
+    ['A.png', 'a.jpg'],  # One output name on a case-insensitive file system.
+    ['a.b.png', 'a_b.png', 'a_b_png.jpg', 'a.b.jpg'],
+    ['x.tif', 'x.TIF'],
+])
+def test_output_names_never_collide(names):
+  got = predict.output_names([Path(n) for n in names])
+  assert len({g.casefold() for g in got}) == len(names), got
+  assert predict.output_names([Path(n) for n in names]) == got  # Deterministic.
+  if names == ['a.png', 'a.jpg', 'b.png']:
+    assert got == ['a_png', 'a_jpg', 'b']  # Readable where possible.
+
+
+def test_inputs_whose_names_collide_get_three_sets_of_outputs(trained_tiny, tmp_path):
+  config, root = trained_tiny
+  rng = np.random.default_rng(1)
+  for name in ('a.png', 'a.jpg', 'a_png.png'):
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'predict.input': str(tmp_path), 'predict.output': str(tmp_path / 'out')})
+  result = predict.run(settings.from_config(config), str(root / 'run'))
+  written = [r[k] for r in result['images'] for k in ('mask', 'probs', 'overlay')]
+  assert len(set(written)) == 9 and all(os.path.exists(p) for p in written)
+  assert len(os.listdir(tmp_path / 'out')) == 10  # And summary.json.
 
 
 @pytest.fixture(scope='module')
@@ -201,3 +225,63 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(trained_tiny, tm
   from iterseg import files  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.WriteError, match='cannot write to .*file'):
     run_predict(config, root / 'run', input=str(tmp_path), output=str(tmp_path / 'file' / 'out'))
+
+
+def many_inputs(folder: Path, count: int, size=(24, 30)) -> Path:
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(2)
+  for i in range(count):
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f'{i:03d}.png')
+  return folder
+
+
+def test_predict_reads_only_a_few_batches_ahead(trained_tiny, tmp_path, monkeypatch):
+  """Memory does not grow with the folder: when the first image is written, at most
+  (ahead + 1) batches have been read."""
+  config, root = trained_tiny
+  inputs = many_inputs(tmp_path / 'in', 40)
+  read, at_first_write = [], []
+  real_read, real_save = predict.read_resized, predict.save_outputs
+  monkeypatch.setattr(predict, 'read_resized', lambda *a: (read.append(1), real_read(*a))[1])
+  monkeypatch.setattr(predict, 'save_outputs',
+                      lambda *a, **k: (at_first_write.append(len(read)), real_save(*a, **k))[1])
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'predict.input': str(inputs), 'predict.output': str(tmp_path / 'out'), 'predict.batch_size': 2})
+  result = predict.run(settings.from_config(config), str(root / 'run'))
+  assert len(result['images']) == 40 and len(read) == 40
+  assert at_first_write[0] <= (2 + 1) * 2  # ahead=2 batches queued beside the one in hand.
+
+
+def test_ctrl_c_stops_predict_writes_the_summary_and_skip_existing_goes_on(trained_tiny, tmp_path,
+                                                                            monkeypatch):
+  config, root = trained_tiny
+  inputs = many_inputs(tmp_path / 'in', 12)
+  out = tmp_path / 'out'
+  real_save = predict.save_outputs
+  saved = []
+
+  def save_then_ctrl_c(*args, **kwargs):
+    paths = real_save(*args, **kwargs)
+    saved.append(1)
+    if len(saved) == 3:  # Ctrl-C after the third image is written (from a writer thread).
+      os.kill(os.getpid(), signal.SIGINT)
+    return paths
+  monkeypatch.setattr(predict, 'save_outputs', save_then_ctrl_c)
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'predict.input': str(inputs), 'predict.output': str(out), 'predict.batch_size': 2})
+  with pytest.raises(errors.Interrupted) as stopped:
+    predict.run(settings.from_config(config), str(root / 'run'))
+  summary = json.loads((out / 'summary.json').read_text())
+  done = [r for r in summary['images'] if 'mask' in r]
+  message = str(stopped.value)
+  assert summary['interrupted'] == 'SIGINT' and summary['total'] == 12 and 3 <= len(done) < 12
+  assert f'{len(done)} of 12 image(s) done' in message and 'skip_existing=True' in message
+  assert '\n' not in message
+  for record in done:  # Every listed output is complete; no temporary file is left.
+    assert all(os.path.getsize(record[k]) for k in ('mask', 'probs', 'overlay'))
+  assert not [p for p in os.listdir(out) if p.endswith('.tmp')]
+  monkeypatch.setattr(predict, 'save_outputs', real_save)
+  config = set_fields(config, **{'predict.skip_existing': True})
+  result = predict.run(settings.from_config(config), str(root / 'run'))
+  assert len(result['skipped']) == len(done) and len(result['images']) == 12
+  assert len([p for p in os.listdir(out) if p.endswith('_mask.png')]) == 12

@@ -145,6 +145,7 @@ def test_every_field_survives_the_round_trip_with_a_value_other_than_its_default
       'benchmark.batch_sizes': (2,), 'benchmark.repeats': 2, 'benchmark.sliding_window': True,
       'benchmark.max_seconds': 9.0, 'predict.input': '/in', 'predict.output': '/out',
       'predict.batch_size': 3, 'predict.outputs': ('mask',), 'predict.png_compression': 3,
+      'predict.skip_existing': True,
       'calibrate.holdout': 0.3, 'calibrate.refine_counts': (1, 2), 'calibrate.thresholds': (0.1,),
       'calibrate.target': 'latency', 'calibrate.max_dice_drop': 0.02,
       'calibrate.latency_budget_ms': 5.0, 'ablation.features': ('halo',)}

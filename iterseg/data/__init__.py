@@ -16,6 +16,8 @@ modules (and tensorflow_datasets) are imported only when a dataset is built; Ten
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import importlib
 import os
 from typing import Any
@@ -32,12 +34,42 @@ SPLITS = ('train', 'test')
 
 def make_builder(spec):
   """The TFDS builder of the dataset `spec` (a settings.DataSpec) names: `Builder` of the module
-  iterseg.data.<name>, one per name of settings.DATASETS. Nothing is read or written."""
+  iterseg.data.<name>, one per name of settings.DATASETS. Nothing is written.
+
+  A dataset read from files is named by their fingerprint (see builder.py, "Identity"): with
+  manual_dir, that of its files now; without, the one folder already prepared for these settings.
+  """
   if spec.name not in DATASETS:
     raise DataError(f'unknown dataset config.data.name={spec.name!r}; choose one of {DATASETS}')
   cls = importlib.import_module(f'iterseg.data.{spec.name}').Builder
-  return cls(config=cls.config_from(spec), data_dir=_expand(spec.data_dir),
-             file_format='array_record', manual_dir=spec.manual_dir)
+  kwargs = dict(data_dir=_expand(spec.data_dir), file_format='array_record',
+                manual_dir=spec.manual_dir)
+  config = cls.config_from(spec)
+  if not cls.SOURCE_FILES:
+    return cls(config=config, **kwargs)
+  if spec.manual_dir:
+    fingerprint = cls(config=config, **kwargs).source_fingerprint()
+    name = f'{config.name}_src{fingerprint}'
+  else:
+    name = _the_prepared_one(cls, config, spec, cls(config=config, **kwargs).download_hint())
+  return cls(config=dataclasses.replace(config, name=name), **kwargs)
+
+
+def _the_prepared_one(cls, config, spec, hint: str) -> str:
+  """The config name of the one dataset prepared for `config` in data_dir (any fingerprint)."""
+  root = os.path.join(_expand(spec.data_dir), cls.name)
+  found = sorted(glob.glob(os.path.join(glob.escape(root), glob.escape(config.name) + '_src*', '*',
+                                        'dataset_info.json')))
+  names = sorted({os.path.basename(os.path.dirname(os.path.dirname(p))) for p in found})
+  if len(names) == 1:
+    return names[0]
+  if not names:
+    raise DataError(f'{cls.name}: no prepared dataset for these settings in {root} '
+                    f'({config.name}_src*): set config.data.manual_dir to the raw files to prepare '
+                    f'it ({hint}).')
+  raise DataError(f'{cls.name}: {len(names)} datasets prepared from different files for these '
+                  f'settings in {root} ({", ".join(names)}): set config.data.manual_dir to the raw '
+                  f'files, which picks (or prepares) theirs.')
 
 
 def prepare(spec) -> dict[str, Any]:
@@ -47,10 +79,9 @@ def prepare(spec) -> dict[str, Any]:
   foreground pixels: paper Table 1 column %Fg), 'path' (the prepared folder)}.
   """
   builder = make_builder(spec)
-  if is_prepared(builder):
-    builder.check_source()
-  else:
+  if not is_prepared(builder):
     builder.find_cases()  # Fail on missing or misplaced files before TFDS announces anything.
+    _say_if_the_source_changed(builder)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds.disable_progress_bar()  # The builder shows one bar per split, which says more than TFDS's.
     try:
@@ -63,6 +94,22 @@ def prepare(spec) -> dict[str, Any]:
       'fg_percent': round(float(builder.info.metadata['fg_percent']), 2),
       'path': str(builder.data_dir),
   }
+
+
+def _say_if_the_source_changed(builder):
+  """One line when other files were prepared before for the same settings: the new ones get their
+  own folder (nothing is overwritten) and the change is not silent."""
+  name = builder.builder_config.name
+  if '_src' not in name:
+    return
+  base = name.rsplit('_src', 1)[0]
+  root = os.path.dirname(os.path.dirname(builder.data_dir))
+  others = sorted(d for d in glob.glob(os.path.join(glob.escape(root), glob.escape(base) + '_src*'))
+                  if os.path.basename(d) != name)
+  if others:
+    print(f'iterseg: the raw files in {builder.manual_dir} differ from those prepared before for '
+          f'these settings ({", ".join(others)}): a file was changed, added or removed, or they come '
+          f'from another folder. Preparing them into {builder.data_dir}.')
 
 
 def load_split(spec, split: str) -> 'Examples':
@@ -81,7 +128,26 @@ def load_split(spec, split: str) -> 'Examples':
   if not is_prepared(builder):
     prepare(spec)
     builder = make_builder(spec)
-  return Examples(builder.as_data_source(split))
+  folder = str(builder.data_dir)
+  for path in builder.info.splits[split].filepaths:
+    if not os.path.isfile(path) or not os.path.getsize(path):
+      raise DataError(f'the prepared dataset {folder} is incomplete: {path} is missing or empty. '
+                      f'{_reprepare(folder, spec)}')
+  try:
+    source = builder.as_data_source(split)
+  except Exception as e:  # pylint: disable=broad-except  # TFDS and array_record raise many types.
+    raise DataError(f'the prepared dataset {folder} cannot be read ({_short(e)}). '
+                    f'{_reprepare(folder, spec)}') from e
+  return Examples(source, folder, _reprepare(folder, spec))
+
+
+def _reprepare(folder: str, spec) -> str:
+  how = '' if spec.name == 'synthetic' else ' with config.data.manual_dir set to the raw files'
+  return f'Delete that folder and run again{how}: it is prepared anew.'
+
+
+def _short(error: Exception) -> str:
+  return f'{type(error).__name__}: {" ".join(str(error).split())[:160]}'
 
 
 def _prepare_on_process_0(spec):
@@ -107,10 +173,11 @@ def is_prepared(builder) -> bool:
 
 
 class Examples:
-  """A TFDS data source whose examples have 'name' as str (TFDS gives bytes). Sequence-like."""
+  """A TFDS data source whose examples have 'name' as str (TFDS gives bytes). Sequence-like. A read
+  that fails (a damaged file) is a DataError naming the prepared folder and how to recover."""
 
-  def __init__(self, source):
-    self.source = source
+  def __init__(self, source, folder: str = '', recover: str = ''):
+    self.source, self.folder, self.recover = source, folder, recover
 
   def __len__(self) -> int:
     return len(self.source)
@@ -118,7 +185,12 @@ class Examples:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not -len(self) <= index < len(self):
       raise IndexError(f'index {index} out of range for {len(self)} examples')
-    return _fix(self.source[int(index) % len(self)])
+    try:
+      example = self.source[int(index) % len(self)]
+    except Exception as e:  # pylint: disable=broad-except  # array_record, zlib, TFDS decoding.
+      raise DataError(f'example {index} of the prepared dataset {self.folder} cannot be read '
+                      f'({_short(e)}). {self.recover}') from e
+    return _fix(example)
 
   def __iter__(self):
     return (self[i] for i in range(len(self)))

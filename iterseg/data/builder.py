@@ -17,16 +17,22 @@ every dataset:
           leaves a dataset that loads.
 
 Identity. Whatever changes the stored arrays is in the builder config and hence in the folder name:
-`<data_dir>/<dataset>/hi<hi_size>_seed<split_seed>_frac<train_fraction>[_<extra>]/<version>/`, e.g.
-`ph2/hi768_seed123_frac0.7/1.0.0`. The raw files' location (`manual_dir`) is not part of it: a prepared
-dataset is reused whatever manual_dir says (a warning is logged when it differs from the one recorded in
-the dataset's metadata). To re-prepare from changed files, delete that folder or use another data_dir.
+`<data_dir>/<dataset>/hi<hi_size>_seed<split_seed>_frac<train_fraction>[_<extra>]_src<fingerprint>/
+<version>/`, e.g. `ph2/hi768_seed123_frac0.7_src3f9a1c07d2/1.0.0`. The fingerprint (`source_fingerprint`)
+hashes the raw files a dataset reads, each by its path under manual_dir, size and modification time:
+files from another folder, or a file changed, added or removed, give another folder, prepared anew
+beside the old one; the same files moved elsewhere give the same folder. Without manual_dir (train
+later on prepared data), the one folder prepared for these settings is used, and more than one is a
+DataError asking for manual_dir. Generated datasets (synthetic) have no source files and no
+fingerprint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging as std_logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +78,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   BUILDER_CONFIG_CLASS = SegmentationConfig
   HOMEPAGES: tuple[str, ...] = ()  # Official pages (the paper's footnotes), for docs and error messages.
   LAYOUT = ''  # The unpacked archive's layout under manual_dir, for error messages.
+  SOURCE_FILES = True  # Read from manual_dir (a fingerprint of the files names the folder).
   DESCRIPTION = ''
   # TFDS looks for checksum files beside a builder's code; there are none (nothing is downloaded). Saying
   # so also skips TFDS 4.9.10's lookup of the `importlib_resources` backport, which current etils no
@@ -197,9 +204,17 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       self.info.metadata['fg_percent'] = float(np.mean(fg_percents))
       yield name, example
 
-  def check_source(self) -> None:
-    """Logs a warning when a prepared dataset came from another manual_dir than the one given now."""
-    recorded = (self.info.metadata or {}).get('manual_dir', '')
-    if self.manual_dir is not None and recorded and Path(recorded) != self.manual_dir:
-      logging.warning('%s: reusing %s, prepared from %s (not from manual_dir=%s); delete it to '
-                      're-prepare.', self.name, self.data_dir, recorded, self.manual_dir)
+  def source_fingerprint(self) -> str:
+    """10 hex digits of a hash over every raw file the dataset reads (complete and incomplete cases):
+    its path relative to manual_dir, its size and its modification time (ns)."""
+    root = self.manual_root()
+    digest = hashlib.sha256()
+    for name, case in sorted(self.list_cases().items()):
+      for path in (case.image, case.mask):
+        if path is None:
+          digest.update(f'{name}\0-\n'.encode())
+          continue
+        info = os.stat(path)
+        digest.update(f'{name}\0{os.path.relpath(path, root)}\0{info.st_size}\0'
+                      f'{info.st_mtime_ns}\n'.encode())
+    return digest.hexdigest()[:10]

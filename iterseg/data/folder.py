@@ -10,8 +10,9 @@ are converted to RGB from their real range (16-bit, float: see `common.to_uint8_
 config.num_classes == 1 a mask pixel is 1 where it is non-zero in any channel; with more classes the mask
 must be single-channel (grey values or palette indices) holding ids in [0, num_classes).
 
-One folder dataset per data_dir and settings: the folder's location is not part of the prepared dataset's
-name (prepare once, train later without manual_dir). Use another data_dir for another folder.
+The prepared dataset is named by a fingerprint of the files (builder.py, "Identity"): another folder
+of images, or a changed file, is prepared into its own folder; once prepared, training without
+manual_dir uses it.
 """
 
 from __future__ import annotations

@@ -32,14 +32,30 @@ import grain
 import jax
 import numpy as np
 
+from iterseg.errors import SettingsError
+
+
+def check_batch_size(batch_size: int, num_examples: int, processes: int | None = None,
+                     devices: int | None = None) -> None:
+  """SettingsError unless the global `batch_size` splits evenly over `processes` x `devices` (default:
+  this JAX run's) and is at most `num_examples`: what training needs, checked before it writes."""
+  processes = jax.process_count() if processes is None else processes
+  devices = jax.local_device_count() if devices is None else devices
+  split = processes * devices
+  if batch_size < 1 or batch_size % split:
+    low = max(split, batch_size // split * split)
+    raise SettingsError(
+        f'config.train.batch_size={batch_size} does not split evenly over {processes} process(es) x '
+        f'{devices} local device(s): use a multiple of {split} (e.g. {low} or {low + split}).')
+  if batch_size > num_examples:
+    raise SettingsError(f'config.train.batch_size={batch_size} is larger than the {num_examples} '
+                        f'training examples: lower it to at most {num_examples}.')
+
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Full global batches per epoch (the last partial one is dropped); at least 1."""
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
-  if batch_size > num_examples:
-    raise ValueError(f'batch_size {batch_size} is larger than the {num_examples} training examples: '
-                     f'lower config.train.batch_size to at most {num_examples}')
+  if not 1 <= batch_size <= num_examples:
+    check_batch_size(batch_size, num_examples, 1, 1)
   return num_examples // batch_size
 
 
@@ -94,9 +110,7 @@ def batches(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, epo
   process = jax.process_index() if process_index is None else process_index
   if not 0 <= process < processes:
     raise ValueError(f'process_index {process} not in [0, {processes})')
-  if batch_size % (processes * devices):
-    raise ValueError(f'global batch_size {batch_size} is not divisible by {processes} process(es) x '
-                     f'{devices} local device(s); use a multiple of {processes * devices}')
+  check_batch_size(batch_size, len(source), processes, devices)
   per_device = batch_size // (processes * devices)
   num_batches = steps_per_epoch(len(source), batch_size)
   if not drop_remainder and len(source) % batch_size:

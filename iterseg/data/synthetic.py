@@ -134,6 +134,7 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
 
   name = 'synthetic'
   BUILDER_CONFIG_CLASS = SyntheticConfig
+  SOURCE_FILES = False
   DESCRIPTION = __doc__
 
   @classmethod
