@@ -24,8 +24,9 @@ config_flags.DEFINE_config_file(
     '--config.train.batch_size=8.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results (default runs/<config>).')
 flags.DEFINE_enum('mode', 'train', MODES, 'train (then evaluate), evaluate, benchmark, prepare '
-                  '(the dataset), predict (config.predict.input), calibrate (the operating point), or '
-                  'ablate (each feature beyond the paper off and on).')
+                  '(the dataset), predict (config.predict.input), calibrate (the operating point), '
+                  'ablate (each feature beyond the paper off and on), or export (a jax.export '
+                  'artifact of two-stage inference).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize(): it reads the cluster '
                   'from SLURM, TPU pod or Open MPI environment variables, or the flags below.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')

@@ -14,12 +14,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Parameter init, augmentation and stage-2 patch sampling.
 
   # --- Geometry (read by iterseg.infer) -------------------------------------------------------
+  c.resolution = 'square'  # 'square': every image resized to hi_size x hi_size (the paper);
+  # 'native': each image at its own size and aspect (times data.scale). Then hi_size is the side of
+  # the training crops, hi_size / stage1_size the factor stage 1 downscales by, hi_size / num_patches
+  # the side of a stage-2 tile, refine_count the tiles per crop stage 2 trains on, and inference
+  # takes any H x W (see c.native).
   c.hi_size = 768  # Every image is resized to hi_size x hi_size (paper Table 1).
   c.stage1_size = c.get_ref('hi_size') // 8  # Stage 1 sees the image at this side (authors: hi // 8).
   c.num_classes = 1  # 1 = binary (sigmoid); more = softmax over classes.
   c.num_patches = 8  # Np: the map is cut into Np x Np patches of side hi_size / Np.
   c.refine_count = config_dict.placeholder(int)  # Patches refined per image; None = Np (authors).
-  c.score = 'entropy'  # Patch uncertainty: 'entropy' | 'margin' | 'distance' (authors).
+  c.score = 'entropy'  # Patch uncertainty: 'entropy' | 'margin' | 'distance' (authors), or
+  # 'learned': stage 1's own predicted share of wrong pixels in the patch (needs model.error_head).
   c.stage2_uses_coarse = True  # Stage 2 also sees the stage-1 probabilities (False = authors).
   c.threshold = config_dict.placeholder(float)  # A chosen patch scoring below this keeps stage 1's
   # probabilities. Stage 2 still runs on all refine_count patches: it changes the result, not the cost.
@@ -32,8 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.width = 64  # Channels of the first encoder convolution; doubled at each level.
   c.model.depth = 5  # Number of stride-2 convolutions (and transposed convolutions).
+  c.model.dtype = 'float32'  # The convolutions' and activations': 'float32' | 'bfloat16' (GPU/TPU
+  # matrix units). Parameters, optimizer state, the loss, probabilities and patch scores stay float32,
+  # so checkpoints are the same whichever dtype trained them.
   c.model.input_norm = 'none'  # 'none' (authors) | 'standardize': each image to zero mean, unit
   # std per channel before any network (low-contrast images such as fundus photographs learn).
+  c.model.error_head = False  # Stage 1 also predicts, per stage-1 pixel, the share of the
+  # full-resolution pixels under it that its upsampled map gets wrong (for score='learned').
 
   # --- Data ----------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -44,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_fraction = 0.7
   c.data.num_examples = 200  # Synthetic only: how many images to generate.
   c.data.kitti_label_ids = (26, 27, 28, 29, 30, 31)  # KITTI: Cityscapes ids counted as "vehicle".
+  c.data.scale = 1.0  # Native: every image and mask scaled by this factor when prepared (aspect kept).
+  c.data.synthetic_sides = (1024, 2048)  # Native synthetic: each side drawn in this range (px).
+  c.data.synthetic_kind = 'lesions'  # Synthetic: 'lesions' (blobs and a few curves, as PH2) |
+  # 'vessels' (fundus-like vessel trees 1-3 px wide, as RETINA; square only).
 
   # --- Training (paper Sec. 4, "Training") ---------------------------------------------------
   c.train = ml_collections.ConfigDict()
@@ -58,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.num_patches_list = (2, 4, 8, 16)  # Stage 2 is trained once per Np in this list.
   c.train.patch_sampling = 'random'  # 'random' (authors) | 'entropy_weighted' | 'top'.
   c.train.stage2_init = 'random'  # 'random' (authors' 2022 code) | 'stage1' (their follow-up).
+  c.train.error_weight = 1.0  # model.error_head: weight of its loss (binary cross-entropy against
+  # the measured share of wrong pixels) beside stage 1's segmentation loss.
+  c.train.exclude_holdout = False  # True: train without the calibrate.holdout share of the train
+  # split, so that --mode=calibrate measures on images no network saw (False: all, as the paper).
   c.train.focal_alpha = 0.25
   c.train.focal_gamma = 2.0
   c.train.head_bias_prior = config_dict.placeholder(float)  # Binary: start every pixel at this
@@ -70,6 +89,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.profile_steps = ()  # (first, last): a jax.profiler trace of those stage-1 steps.
 
+  # --- Native resolution (resolution='native': inference on any H x W) ------------------------
+  c.native = ml_collections.ConfigDict()
+  c.native.refine_fraction = 0.1  # Share of the tiles that stage 2 refines: the least confident.
+  # With a threshold, only those of them that score at least the threshold (fewer tiles, less time).
+  c.native.chunk = 32  # Tiles per stage-2 call: the compute follows the tiles refined, in steps of this.
+  c.native.bucket = 64  # Stage 1's input is padded to a multiple of this (downscaled px): one compile
+  # per bucket, not per image size.
+  c.native.window = 0  # The dense reference: the baseline U-Net on windows of this side (0 = hi_size)
+  c.native.overlap = 0.25  # overlapping by this share, averaged (MONAI's sliding_window_inference).
+  c.native.max_pixels = 0  # Refuse larger images before any work (0: what the free memory can hold).
+
   # --- Evaluation and benchmark ---------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8
@@ -79,6 +109,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.benchmark.sliding_window = config_dict.placeholder(bool)  # Also time every patch through
   # stage 2. None: on CPU up to Np = 8 only (slow past it), everywhere else for every Np.
   c.benchmark.max_seconds = 180.0  # Time budget: what would not fit is skipped (and reported).
+  c.benchmark.native_sides = (1024, 2048, 4096, 8192, 16384)  # resolution='native': sides timed.
+  c.benchmark.peak_tflops = config_dict.placeholder(float)  # For utilisation: the device's peak
+  # TFLOP/s at model.dtype. None: known GPUs and TPUs by their device_kind, none on CPU.
+  c.benchmark.train = False  # Also time each network's pmapped training step (steps/s, images/s).
+  c.export = ml_collections.ConfigDict()  # --mode=export: a jax.export artifact of two-stage.
+  c.export.batch_size = 1  # Its fixed batch of images [B, hi_size, hi_size, 3] uint8.
+  c.export.platforms = ('cpu', 'cuda')  # What it runs on (lowered here, whatever this machine is).
+  c.export.output = ''  # Where ('' = <workdir>/export).
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ''  # An image file or a folder of images (any size, any format Pillow reads).
   c.predict.output = ''  # Where masks, probability maps and overlays go ('' = <workdir>/predictions).
@@ -98,7 +136,22 @@ def get_config() -> ml_collections.ConfigDict:
   # baseline's soft Dice; 'latency': best soft Dice within latency_budget_ms per image.
   c.calibrate.max_dice_drop = 0.01
   c.calibrate.latency_budget_ms = config_dict.placeholder(float)  # Needed for target 'latency'.
+  c.calibrate.refine_fractions = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)  # Native: shares of tiles.
   c.ablation = ml_collections.ConfigDict()
   c.ablation.features = ('stage2_init', 'halo', 'refine_budget')  # --mode=ablate: each off and on
   # (also 'input_norm', which retrains every network).
+  return c
+
+
+def native(c: ml_collections.ConfigDict, *, crop: int = 256, downscale: int = 8, tile: int = 64,
+           halo: int = 8) -> ml_collections.ConfigDict:
+  """`c` at resolution='native': training crops of `crop` px, stage 1 at 1 / downscale, stage-2
+  tiles of `tile` px with `halo` px of context (tile + 2 halo a multiple of 2**depth, so that the
+  halo costs only its own pixels)."""
+  c.resolution = 'native'
+  c.hi_size = crop
+  c.stage1_size = crop // downscale
+  c.num_patches = crop // tile
+  c.halo = halo
+  c.train.num_patches_list = (crop // tile,)
   return c

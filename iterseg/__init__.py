@@ -4,6 +4,7 @@
   params = iterseg.init_params(config, jax.random.key(0))   # or: params, config = iterseg.load(workdir)
   pred = iterseg.infer(params, images, config)              # images: [B, hi, hi, 3] uint8 or [0, 1]
   pred.probs, pred.coarse, pred.scores, pred.refined
+  # resolution='native' (e.g. get_config('native_demo')): one image [H, W, 3] of any size, or a list.
 
 Attributes load on first use, so `import iterseg` (and the config files) stay cheap.
 """
@@ -14,7 +15,7 @@ __all__ = ['Networks', 'Prediction', 'Settings', 'errors', 'get_config', 'infer'
            'init_params', 'load']
 
 _LAZY = {'Networks': 'models', 'Prediction': 'inference', 'Settings': 'settings',
-         'infer': 'inference', 'infer_baseline': 'inference', 'init_params': 'inference',
+         'infer': 'native', 'infer_baseline': 'native', 'init_params': 'inference',
          'load': 'checkpoints'}
 
 

@@ -14,9 +14,10 @@ latency lower) and the operating point of
 
 Data: never the test split. The sweep runs on a seeded (config.seed) random share
 `calibrate.holdout` of the TRAIN split. Training uses ALL training examples by default (as the
-paper), so these images were seen in training: the sweep measures the relative trade-off between
-operating points, not an unbiased Dice (for that, train with the holdout excluded). The test split
-stays untouched for --mode=evaluate.
+paper), so these images were seen in training: the sweep then ranks operating points but its Dice
+is optimistic. With train.exclude_holdout=True the networks train without them, and the operating
+point's Dice is an estimate on unseen images (calibration.json says which: 'seen_in_training').
+The test split stays untouched for --mode=evaluate.
 """
 
 import json
@@ -34,6 +35,13 @@ from iterseg.models import Networks
 from iterseg.settings import CalibratePlan, Settings
 
 DICE_EPS = 1e-9  # Float slack of the 'dice_drop' rule (0.8 - 0.01 > 0.79 in binary floats).
+NATIVE_KNOBS = ('refine_fraction', 'threshold')  # The operating point at resolution='native'.
+SQUARE_KNOBS = ('num_patches', 'refine_count', 'threshold')
+NATIVE_COLUMNS = (
+    ('tiles', 'refine_fraction', lambda v: f'{100 * v:g}%'), ('threshold', 'threshold', 's'),
+    ('soft Dice', 'soft_dice', '.4f'), ('hard Dice', 'hard_dice', '.4f'),
+    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'),
+    ('ms/image', 'latency_ms', '.1f'), ('front', 'front', 's'))
 COLUMNS = (
     ('Np', 'num_patches', 'd'), ('k', 'refine_count', 'd'),
     ('threshold', 'threshold', 's'),
@@ -42,11 +50,15 @@ COLUMNS = (
     ('ms/image', 'latency_ms', '.2f'), ('front', 'front', 's'))
 
 
-def holdout_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
-  """Sorted indices [ceil(fraction * num_examples)], a seeded random subset of range(N)."""
-  count = min(num_examples, math.ceil(round(fraction * num_examples, 9)))
-  rng = np.random.default_rng(seed)
-  return np.sort(rng.choice(num_examples, size=count, replace=False)).astype(np.int64)
+def seen_in_training(s: Settings, workdir: str) -> bool:
+  """Whether the workdir's networks trained on the images calibrate measures on: unless its
+  config.json excluded the same holdout (train.exclude_holdout, the same share and seed)."""
+  try:
+    trained = checkpoints.read_settings(workdir)
+  except CheckpointError:
+    return True
+  return not (trained.train.exclude_holdout and trained.calibrate.holdout == s.calibrate.holdout
+              and trained.seed == s.seed and trained.data == s.data)
 
 
 def refine_counts(num_patches: int, configured: Optional[Sequence[int]] = None) -> list:
@@ -115,7 +127,9 @@ def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
   ax.plot([p['gflops'] for p in line], [p['soft_dice'] for p in line], 'o-', color='tab:blue',
           markersize=4, label='Pareto front (Dice, GFLOPs, latency)')
   for p in line:
-    ax.annotate(f'{p["num_patches"]}/{p["refine_count"]}', (p['gflops'], p['soft_dice']),
+    label = (f'{100 * p["refine_fraction"]:g}%' if 'refine_fraction' in p else
+             f'{p["num_patches"]}/{p["refine_count"]}')
+    ax.annotate(label, (p['gflops'], p['soft_dice']),
                 textcoords='offset points', xytext=(3, 3), fontsize=6)
   if baseline is not None:
     ax.axhline(baseline['soft_dice'], color='tab:red', label='baseline (BL)')
@@ -128,7 +142,8 @@ def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
   ax.xaxis.set_minor_locator(ticker.NullLocator())
   ax.set_xlabel('GFLOPs per image (log scale)')
   ax.set_ylabel('mean soft Dice per image (held-out train)')
-  ax.set_title('Calibration: labels Np/k', fontsize=9)
+  ax.set_title('Calibration: labels ' + ('share of tiles refined' if points and
+                                          'refine_fraction' in points[0] else 'Np/k'), fontsize=9)
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -140,9 +155,9 @@ def _describe(chosen: Optional[dict], baseline: Optional[dict], plan: CalibrateP
   """One line: the operating point, or why there is none."""
   base = '' if baseline is None else f' (baseline {baseline["soft_dice"]:.4f})'
   if chosen is not None:
-    return (f'Operating point ({plan.target}): Np={chosen["num_patches"]}, '
-            f'refine_count={chosen["refine_count"]}, threshold={chosen["threshold"]}: soft Dice '
-            f'{chosen["soft_dice"]:.4f}{base}, {chosen["gflops"]:.4g} GFLOPs, '
+    knobs = NATIVE_KNOBS if 'refine_fraction' in chosen else SQUARE_KNOBS
+    return (f'Operating point ({plan.target}): ' + ', '.join(f'{k}={chosen[k]}' for k in knobs) +
+            f': soft Dice {chosen["soft_dice"]:.4f}{base}, {chosen["gflops"]:.4g} GFLOPs, '
             f'{chosen["latency_ms"]:.2f} ms/image.')
   if plan.target == 'dice_drop':
     return (f'No operating point: no point reaches soft Dice >= baseline - '
@@ -175,10 +190,14 @@ def run(s: Settings, workdir: str) -> dict:
         f"config.calibrate.target='dice_drop' compares with the baseline, which {workdir} lacks: "
         f"train it, or use calibrate.target='latency'.")
   source = data.load_split(s.data, 'train')
-  indices = holdout_indices(len(source), plan.holdout, s.seed)
+  indices = data.holdout_indices(len(source), plan.holdout, s.seed)
   if not len(indices):
     raise DataError(f'no training images to calibrate on: the train split of {s.data.name} is '
                      f'empty; check config.data.')
+  if s.spec.resolution == 'native':
+    return _finish(s, workdir, plan, *_native_sweep(s, nets, [source[int(i)] for i in indices],
+                                                    main), len(indices), NATIVE_KNOBS,
+                   NATIVE_COLUMNS, main)
   batch_size = min(s.eval.batch_size, len(indices))
   batches = list(pipeline.eval_batches([source[int(i)] for i in indices], batch_size))
   classes = s.spec.num_classes
@@ -201,14 +220,51 @@ def run(s: Settings, workdir: str) -> dict:
     e = measure(methods.two_stage(nets, spec), batches, classes, repeats)
     points.append({'num_patches': n, 'refine_count': k, 'threshold': t, **e,
                    'gflops': counts.two_stage(spec) / 1e9})
+  return _finish(s, workdir, plan, baseline, points, len(indices), SQUARE_KNOBS, COLUMNS, main,
+                 f'latency timed at batch {batch_size}')
+
+
+def _native_sweep(s: Settings, nets, images: Sequence[dict], main: bool) -> tuple:
+  """(baseline, points) at resolution='native': every refine_fraction x threshold on the held-out
+  images at their own sizes; GFLOPs are what ran, latency the mean seconds per image (after every
+  size bucket is compiled)."""
+  from iterseg import native  # pylint: disable=g-import-not-at-top
+  model = native.NativeModel(nets, s.native_spec)
+  for example in images:
+    model.warm(*example['mask'].shape)
+  model.two_stage(images[0]['image'][:64, :64], threshold=None)  # Stage 2 compiles here, not later.
+  baseline = None
+  if nets.baseline is not None:
+    e = evaluate.evaluate_native(native.NativeModel(Networks(baseline=nets.baseline),
+                                                    s.native_spec), images, s.spec.num_classes,
+                                 progress=False)['methods']['baseline']
+    baseline = {'soft_dice': e['soft_dice'], 'gflops': e['gflops'],
+                'latency_ms': e['seconds'] * 1e3}
+  key = methods.method_key('two_stage', s.spec.num_patches)
+  only = native.NativeModel(nets.at(s.spec.num_patches), s.native_spec)
+  only.stage1, only.stage2, only.band = model.stage1, model.stage2, model.band  # Compiled once.
+  points = []
+  sweep = [(f, t) for f in s.calibrate.refine_fractions for t in s.calibrate.thresholds]
+  for fraction, threshold in tqdm(sweep, desc='calibrate', unit='point', disable=not main):
+    e = evaluate.evaluate_native(only, images, s.spec.num_classes, refine_fraction=fraction,
+                                 threshold=threshold, progress=False)['methods'][key]
+    points.append({'refine_fraction': fraction, 'threshold': threshold,
+                   **{k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction', 'gflops')},
+                   'latency_ms': e['seconds'] * 1e3})
+  return baseline, points
+
+
+def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, num_images: int,
+            knobs, columns, main: bool, timing: str = 'latency: seconds per image') -> dict:
+  """The front, the operating point, calibration.{json,csv,png} and the printout."""
   front = pareto_front(points)
   chosen = choose(points, None if baseline is None else baseline['soft_dice'], plan)
   result = {
       'target': plan.target, 'baseline': baseline, 'points': points, 'front': front,
-      'operating_point': None if chosen is None else {
-          k: chosen[k] for k in ('num_patches', 'refine_count', 'threshold')},
-      'num_images': len(indices),
-      'holdout': {'fraction': plan.holdout, 'seed': s.seed, 'split': 'train'},
+      'operating_point': None if chosen is None else {k: chosen[k] for k in knobs},
+      'resolution': s.spec.resolution, 'num_images': num_images,
+      'holdout': {'fraction': plan.holdout, 'seed': s.seed, 'split': 'train',
+                  'seen_in_training': seen_in_training(s, workdir)},
       'geometry': s.spec.geometry(),
   }
   if main:
@@ -221,13 +277,14 @@ def run(s: Settings, workdir: str) -> dict:
     rows = [dict(p, front='*' if id(p) in on_front else '',
                  threshold='none' if p['threshold'] is None else f'{p["threshold"]:.3g}')
             for p in points]
-    print(f'Calibration on {len(indices)} held-out images of the train split of {s.data.name} '
-          f'(seen in training unless it excluded them; latency timed at batch {batch_size} on '
-          f'{jax.default_backend()}). *: on the Pareto front.')
+    seen = ('seen in training: the Dice ranks the points' if result['holdout']['seen_in_training']
+            else 'not seen in training')
+    print(f'Calibration on {num_images} held-out images of the train split of {s.data.name} '
+          f'({seen}; {timing} on {jax.default_backend()}). *: on the Pareto front.')
     if baseline is not None:
       print(f'Baseline: soft Dice {baseline["soft_dice"]:.4f}, {baseline["gflops"]:.4g} GFLOPs, '
             f'{baseline["latency_ms"]:.2f} ms/image.')
-    print(report.format_table(rows, COLUMNS))
+    print(report.format_table(rows, columns))
     print(_describe(chosen, baseline, plan))
     print('Wrote ' + ', '.join(paths))
   return result

@@ -291,12 +291,15 @@ def load_networks(workdir: str, current: Optional[Settings] = None, *,
 
 
 def operating_point(workdir: str) -> Optional[dict]:
-  """{'num_patches', 'refine_count', 'threshold'} that --mode=calibrate chose (calibration.json),
-  or None (never calibrated, unreadable, or no point met its target)."""
+  """The point --mode=calibrate chose (calibration.json): {'num_patches', 'refine_count',
+  'threshold'}, or at native resolution {'refine_fraction', 'threshold'}; None if never
+  calibrated, unreadable, or no point met its target."""
   try:
     with open(os.path.join(os.path.expanduser(workdir), 'calibration.json')) as f:
       point = json.load(f)['operating_point']
-    return {k: point[k] for k in ('num_patches', 'refine_count', 'threshold')}
+    keys = (('refine_fraction', 'threshold') if 'refine_fraction' in point else
+            ('num_patches', 'refine_count', 'threshold'))
+    return {k: point[k] for k in keys}
   except (OSError, ValueError, KeyError, TypeError):
     return None
 
@@ -318,7 +321,10 @@ def inference_settings(workdir: str, s: Optional[Settings] = None,
                           f'{trained_networks(workdir) or "none"}): train it with --mode=train '
                           f'(config.train.networks includes "stage2").')
   point = operating_point(workdir)
-  if point is not None and num_patches in (None, point['num_patches']):
+  if point is not None and 'refine_fraction' in point:  # Native: the share of tiles and threshold.
+    s = s.vary('native', refine_fraction=point['refine_fraction'])
+    s = s.vary('spec', threshold=point['threshold'])
+  elif point is not None and num_patches in (None, point['num_patches']):
     s = s.at_operating_point(point)  # What --mode=calibrate chose.
   elif num_patches is not None or (fallback and s.spec.num_patches not in trained):
     s = s.vary('spec', num_patches=max(trained) if num_patches is None else int(num_patches))

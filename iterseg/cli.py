@@ -59,5 +59,8 @@ def _locked(mode: str, s, workdir: str, hooks):
   if mode == 'ablate':
     from iterseg import ablation  # pylint: disable=g-import-not-at-top
     return ablation.run(s, workdir)
+  if mode == 'export':
+    from iterseg import export  # pylint: disable=g-import-not-at-top
+    return export.run(s, workdir)
   from iterseg import calibrate  # pylint: disable=g-import-not-at-top
   return calibrate.run(s, workdir)

@@ -78,6 +78,48 @@ def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes:
   return {'num_images': num_images, 'names': names, 'methods': out}
 
 
+def evaluate_native(model, source: Sequence[dict], num_classes: int, *,
+                    refine_fraction: Optional[float] = None, threshold='config',
+                    progress: bool = True) -> dict:
+  """resolution='native': every method of `model` (native.NativeModel) on every image of `source`
+  at its own size, the metrics on its own mask. Returns `evaluate`'s structure, and per method
+  'gflops' (the mean per image of what ran) and 'seconds' (the mean per image)."""
+  keys = {'baseline': model.nets.baseline is not None, 'stage1': model.nets.stage1 is not None,
+          methods.method_key('two_stage', model.nspec.spec.num_patches): model.stage2_params
+          is not None}
+  keys = [k for k, present in keys.items() if present]
+  per_image = {k: {m: [] for m in metrics.METRICS + ('refined_fraction', 'gflops', 'seconds')}
+               for k in keys}
+  names = []
+  for example in tqdm(source, total=len(source), desc='evaluate', unit='image',
+                      disable=not progress):
+    names.append(str(example['name']))
+    for key in keys:
+      if key == 'baseline':
+        pred = model.sliding_window(example['image'])
+      elif key == 'stage1':
+        pred = model.stage1_only(example['image'])
+      else:
+        pred = model.two_stage(example['image'], refine_fraction=refine_fraction,
+                               threshold=threshold)
+        per_image[key]['refined_fraction'].append(pred.stats['refined'] / pred.stats['tiles'])
+      for name, value in metrics.one_image_metrics(pred.probs, example['mask'],
+                                                   num_classes).items():
+        per_image[key][name].append(value)
+      per_image[key]['gflops'].append(sum(pred.stats['gflops'].values()))
+      per_image[key]['seconds'].append(sum(pred.stats['seconds'].values()))
+  if not names:
+    raise DataError('no images to evaluate: the test split is empty; check config.data.')
+  out = {}
+  for key in keys:
+    values = {k: v for k, v in per_image[key].items() if v}
+    fractions = values.pop('refined_fraction', [])
+    out[key] = {**{k: float(np.mean(v)) for k, v in values.items()},
+                'refined_fraction': float(np.mean(fractions)) if fractions else None,
+                'per_image': values}
+  return {'num_images': len(names), 'names': names, 'methods': out}
+
+
 def make_rows(comparison: Sequence[Method], evaluation: dict, flop_report: dict) -> list:
   """One flat row per method: the averaged metrics and GFLOPs per image."""
   rows = []
@@ -108,8 +150,10 @@ def run(s: Settings, workdir: str) -> dict:
   if main:
     files.check_writable(workdir)
   nets = checkpoints.load_networks(workdir, s)
-  comparison = methods.methods(nets, s)
   source = data.load_split(s.data, 'test')
+  if s.spec.resolution == 'native':
+    return _write(s, workdir, _native_results(s, nets, source, main), main)
+  comparison = methods.methods(nets, s)
   batch_size = s.eval.batch_size
   evaluation = evaluate(comparison, pipeline.eval_batches(source, batch_size), s.spec.num_classes,
                         total=math.ceil(len(source) / batch_size), progress=main,
@@ -125,10 +169,33 @@ def run(s: Settings, workdir: str) -> dict:
                 **{key: {str(n): f for n, f in flop_report[key].items()}
                    for key in ('stage2', 'two_stage', 'two_stage_compiled')}},
   }
+  return _write(s, workdir, results, main)
+
+
+def _native_results(s: Settings, nets, source, main: bool) -> dict:
+  """The results of resolution='native': each image at its own size; FLOPs are what ran."""
+  from iterseg import native  # pylint: disable=g-import-not-at-top
+  model = native.NativeModel(nets, s.native_spec)
+  evaluation = evaluate_native(model, source, s.spec.num_classes, progress=main)
+  rows = []
+  for key, e in evaluation['methods'].items():
+    name, _, n = key.partition('_np')
+    rows.append({'method': name, 'num_patches': int(n) if n else None,
+                 **{k: e[k] for k in metrics.METRICS}, 'refined_fraction': e['refined_fraction'],
+                 'gflops': e['gflops'], 'gflops_compiled': e['gflops'],
+                 'num_images': evaluation['num_images']})
+  return {'rows': rows, 'num_images': evaluation['num_images'], 'geometry': s.spec.geometry(),
+          'dataset': s.data.name, 'names': evaluation['names'], 'resolution': 'native',
+          'per_image': {k: v['per_image'] for k, v in evaluation['methods'].items()},
+          'compiles': model.compiles}
+
+
+def _write(s: Settings, workdir: str, results: dict, main: bool) -> dict:
   if main:
     results['files'] = report.write_results(results, workdir)
-    print(f'Test split of {s.data.name}: {evaluation["num_images"]} images (speed: '
+    print(f'Test split of {s.data.name}: {results["num_images"]} images'
+          f'{" at their own sizes" if s.spec.resolution == "native" else ""} (speed: '
           f'--mode=benchmark).')
-    print(report.format_table(rows, report.EVALUATION_COLUMNS))
+    print(report.format_table(results['rows'], report.EVALUATION_COLUMNS))
     print('Wrote ' + ', '.join(results['files']))
   return results

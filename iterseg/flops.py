@@ -41,21 +41,23 @@ def analytic_unet_flops(size: int, in_channels: int, width: int, depth: int,
                         num_classes: int = 1) -> float:
   """2 x the multiply-adds of the U-Net's convolutions on one size x size input.
 
-  The input is padded to a multiple of 2**depth first, as the model does. A 3x3 stride-2 transposed
-  convolution costs 9 * C_in * C_out multiply-adds per *input* pixel.
+  Each level halves the side, rounding up (odd sides are padded by one row and column, as the model
+  does). A 3x3 stride-2 transposed convolution costs 9 * C_in * C_out multiply-adds per *input* pixel.
   """
-  p = -(-size // 2 ** depth) * 2 ** depth
+  sides = [size]
+  for _ in range(depth):
+    sides.append(-(-sides[-1] // 2))
   macs = 0
   c_in = in_channels
-  for i in range(depth):  # Encoder: output side p / 2**(i+1).
+  for i in range(depth):  # Encoder: output side sides[i + 1].
     c_out = width * 2 ** i
-    macs += (p // 2 ** (i + 1)) ** 2 * 9 * c_in * c_out
+    macs += sides[i + 1] ** 2 * 9 * c_in * c_out
     c_in = c_out
-  for i in reversed(range(depth)):  # Decoder: input side p / 2**(i+1).
+  for i in reversed(range(depth)):  # Decoder: input side sides[i + 1].
     c_out = max(width * 2 ** i // 2, 1)
-    macs += (p // 2 ** (i + 1)) ** 2 * 9 * c_in * c_out
+    macs += sides[i + 1] ** 2 * 9 * c_in * c_out
     c_in = c_out + (width * 2 ** (i - 1) if i else in_channels)  # Concatenated skip.
-  macs += p * p * c_in * num_classes  # 1x1 head.
+  macs += size * size * c_in * num_classes  # 1x1 head.
   return 2.0 * macs
 
 
@@ -65,7 +67,7 @@ def unet_flops(spec: Spec, size: int, network: str) -> float:
   (compiled once per process: they depend on the geometry only)."""
   params = jax.eval_shape(models.init_unet, jax.random.key(0), spec, network)
   x = jax.ShapeDtypeStruct((1, size, size, spec.in_channels(network)), jnp.float32)
-  return xla_flops(models.unet(spec).apply, {'params': params}, x)
+  return xla_flops(models.unet(spec, network).apply, {'params': params}, x)
 
 
 @dataclasses.dataclass(frozen=True)

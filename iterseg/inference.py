@@ -59,10 +59,19 @@ def patch_scores(probs, num_patches: int, score: str = 'entropy'):
     'distance': 1 - max_c mean_patch(q_c), the authors' |mean(p) - 0.5| turned so that higher is
                 less sure (binary: 0.5 - |mean(p) - 0.5|).
   """
+  b, h, _, _ = probs.shape
+  return grid_scores(probs, h // num_patches, score).reshape(b, num_patches ** 2)
+
+
+def grid_scores(probs, cell: int, score: str = 'entropy'):
+  """probs [B, gh * cell, gw * cell, C] -> [B, gh, gw]: the uncertainty of each cell x cell patch
+  (the formulas of `patch_scores`; 'learned': the mean of the last channel, stage 1's predicted
+  error share)."""
   b, h, w, _ = probs.shape
-  n = num_patches
+  if score == 'learned':
+    return probs[..., -1].reshape(b, h // cell, cell, w // cell, cell).mean(axis=(2, 4))
   q = class_probabilities(probs)
-  grid = q.reshape(b, n, h // n, n, w // n, q.shape[-1])  # [B, n, s, n, s, C]
+  grid = q.reshape(b, h // cell, cell, w // cell, cell, q.shape[-1])  # [B, gh, s, gw, s, C]
   if score == 'entropy':
     out = jax.scipy.special.entr(grid).sum(-1).mean(axis=(2, 4))
   elif score == 'margin':
@@ -72,7 +81,7 @@ def patch_scores(probs, num_patches: int, score: str = 'entropy'):
     out = 1.0 - grid.mean(axis=(2, 4)).max(-1)
   else:
     raise ValueError(f'score={score!r} is not one of {settings.SCORES}.')  # Settings checked it.
-  return out.reshape(b, n * n)
+  return out
 
 
 def select_patches(scores, spec: Spec):
@@ -120,7 +129,7 @@ def stage2_inputs(images, coarse, flat, spec: Spec):
 
 def stage2_logits(params, inputs, spec: Spec):
   """Stage 2 on its input patches [M, s + 2 halo, ...] -> logits of the patch centres [M, s, s, C]."""
-  logits = models.unet(spec).apply({'params': params}, inputs)
+  logits = models.unet(spec, 'stage2').apply({'params': params}, inputs)
   h = spec.halo
   return logits[:, h:h + spec.patch_size, h:h + spec.patch_size] if h else logits
 
@@ -135,11 +144,105 @@ def paste(maps, patches, flat, spec: Spec):
 
 
 def stage1(params, images, spec: Spec):
-  """Stage 1 on images [B, H, W, 3] resized to stage1_size; probabilities upsampled to [B, H, W, C]."""
-  b, h, w, _ = images.shape
-  small = jax.image.resize(images, (b, spec.stage1_size, spec.stage1_size, 3), 'linear')
-  probs = models.probabilities(models.unet(spec).apply({'params': params}, small))
-  return jax.image.resize(probs, (b, h, w, spec.num_classes), 'linear')
+  """Stage 1 on images [B, H, W, 3] downscaled to stage1_size; probabilities upscaled to
+  [B, H, W, C]."""
+  return stage1_maps(params, images, spec)[1]
+
+
+def stage1_maps(params, images, spec: Spec):
+  """(low, coarse): stage 1's outputs at stage1_size [B, s, s, C (+1)], and its probabilities
+  upscaled to the images' [B, H, W, C]. low holds the class probabilities, then, with
+  spec.error_head, the predicted error share (see `stage1_outputs`)."""
+  low = stage1_outputs(models.unet(spec, 'stage1').apply({'params': params},
+                                                         downscale(images, spec)), spec)
+  return low, upscale(low[..., :spec.num_classes], images.shape[1:3], spec)
+
+
+def stage1_outputs(logits, spec: Spec):
+  """Stage 1's logits [..., C (+1)] -> probabilities over the classes [..., C], then with
+  spec.error_head the sigmoid of the last channel [..., 1]: the share of the full-resolution pixels
+  under each stage-1 pixel that the upscaled map gets wrong, as stage 1 predicts it."""
+  c = spec.num_classes
+  probs = models.probabilities(logits[..., :c])
+  if spec.error_head:
+    return jnp.concatenate([probs, jax.nn.sigmoid(logits[..., c:])], -1)
+  return probs
+
+
+def upscale(low, size, spec: Spec):
+  """low [B, s, s, C] -> [B, H, W, C] (size = (H, W)): the coarse map."""
+  b, h, w = low.shape[0], *size
+  if spec.resolution == 'native':
+    return jax.vmap(lambda p: bilinear(p, spec.downscale, 0, 0, h, w))(low)
+  return jax.image.resize(low, (b, h, w, low.shape[-1]), 'linear')
+
+
+def error_share(probs, masks, spec: Spec):
+  """What the error head learns: probs [B, s, s, C] (stage 1's, at stage1_size) and the
+  full-resolution masks [B, H, W] -> [B, s, s] in [0, 1], the expected share of the pixels under
+  each stage-1 pixel that the upscaled map gets wrong: the mean of |p - y| (binary), or of half the
+  L1 distance between the class probabilities and the one-hot mask. Soft, so that it moves smoothly
+  with stage 1 while both learn; it is high where stage 1 misses a structure it cannot see and where
+  it is unsure, low where it is confidently right."""
+  coarse = upscale(probs, masks.shape[1:3], spec)
+  if spec.num_classes == 1:
+    wrong = jnp.abs(coarse[..., 0] - masks.astype(jnp.float32))
+  else:
+    wrong = 0.5 * jnp.abs(coarse - jax.nn.one_hot(masks, spec.num_classes)).sum(-1)
+  return downscale(wrong, spec)
+
+
+def scores_of(low, coarse, spec: Spec):
+  """[B, Np*Np] patch scores: of the upscaled map (the paper's protocol), or at native resolution of
+  the low-resolution map (each tile's (hi / Np / f)^2 stage-1 pixels), as native inference scores
+  tiles without a full-resolution map."""
+  b = low.shape[0]
+  if spec.score == 'learned':  # The mean predicted error share of the patch's stage-1 pixels.
+    return grid_scores(low, low.shape[1] // spec.num_patches if spec.resolution == 'square' else
+                       spec.patch_size // spec.downscale, 'learned').reshape(b, -1)
+  if spec.resolution == 'native':
+    return grid_scores(low[..., :spec.num_classes], spec.patch_size // spec.downscale,
+                       spec.score).reshape(b, -1)
+  return patch_scores(coarse, spec.num_patches, spec.score)
+
+
+def downscale(maps, spec: Spec):
+  """[B, H, W, ...] -> [B, stage1_size, stage1_size, ...]: what stage 1 sees (and learns from).
+
+  The paper's square protocol resizes bilinearly (antialiased); resolution='native' takes the mean
+  of each spec.downscale x spec.downscale block, which inference can compute in bands of any image.
+  """
+  b, s = maps.shape[0], spec.stage1_size
+  if spec.resolution == 'native':
+    f = spec.downscale
+    blocks = maps.reshape(b, s, f, s, f, *maps.shape[3:]).astype(jnp.float32)
+    return blocks.mean(axis=(2, 4))
+  return jax.image.resize(maps.astype(jnp.float32), (b, s, s, *maps.shape[3:]), 'linear')
+
+
+def bilinear(low, factor: int, y0, x0, rows: int, cols: int):
+  """Rows y0.. and columns x0.. (rows x cols) of low [h, w, C] upscaled by the whole `factor`,
+  bilinear with half-pixel centres and edges clamped: exactly jax.image.resize's 'linear' upscale,
+  but of any window, so an image's map is made in bands and tiles. y0, x0 >= 0 may be traced, and
+  the window must lie inside the upscaled [h * f, w * f]."""
+  up = upsample_axis(upsample_axis(low, factor, 0), factor, 1)
+  return lax.dynamic_slice(up, (y0, x0, 0), (rows, cols, up.shape[2]))
+
+
+def upsample_axis(x, factor: int, axis: int):
+  """x upscaled `factor` times along `axis` (bilinear, half-pixel centres, edges clamped): output
+  i * f + k lies (k + 0.5) / f - 0.5 of a pixel from input i, so each of the f phases is a fixed
+  blend of x and a neighbour, computed on the small input and interleaved (no gather, no transpose)."""
+  n = x.shape[axis]
+  take = lambda start, stop: lax.slice_in_dim(x, start, stop, axis=axis)
+  before = jnp.concatenate([take(0, 1), take(0, n - 1)], axis)
+  after = jnp.concatenate([take(1, n), take(n - 1, n)], axis)
+  phases = []
+  for k in range(factor):
+    d = (k + 0.5) / factor - 0.5
+    phases.append(x + d * (after - x) if d >= 0 else x - d * (before - x))
+  up = jnp.stack(phases, axis + 1)
+  return up.reshape(*x.shape[:axis], n * factor, *x.shape[axis + 1:])
 
 
 def as_float(images):
@@ -166,8 +269,8 @@ def two_stage(params, images, spec: Spec) -> Prediction:
   uint8, or float32 in [0, 1]."""
   images = normalize(images, spec)
   b = images.shape[0]
-  coarse = stage1(params.stage1, images, spec)
-  scores = patch_scores(coarse, spec.num_patches, spec.score)
+  low, coarse = stage1_maps(params.stage1, images, spec)
+  scores = scores_of(low, coarse, spec)
   flat = select_patches(scores, spec)
   logits = stage2_logits(params.stage2[spec.num_patches], stage2_inputs(images, coarse, flat, spec),
                          spec)

@@ -62,3 +62,16 @@ def seam_band(hi_size: int, num_patches: int, width: int) -> np.ndarray:
   near = (offset < width) | (offset >= s - width)
   near &= (np.arange(hi_size) >= width) & (np.arange(hi_size) < hi_size - width)
   return near[:, None] | near[None, :]
+
+
+def one_image_metrics(probs: np.ndarray, mask: np.ndarray, num_classes: int,
+                      bucket: int = 256) -> dict:
+  """{metric: float} of one image of any size, probs [H, W, C] and mask [H, W]: `image_metrics` on
+  both zero-padded to multiples of `bucket` (one compilation per bucket; the padding changes no
+  sum: p = 0 and y = 0 there, and argmax 0 is the background)."""
+  h, w = mask.shape
+  bh, bw = -(-h // bucket) * bucket, -(-w // bucket) * bucket
+  p = np.zeros((1, bh, bw, probs.shape[-1]), np.float32)
+  y = np.zeros((1, bh, bw), np.uint8)
+  p[0, :h, :w], y[0, :h, :w] = probs, mask
+  return {k: float(v[0]) for k, v in jax.device_get(image_metrics(p, y, num_classes)).items()}

@@ -6,8 +6,11 @@ Decoder: `depth` 3x3 stride-2 transposed convolutions + ReLU halving the channel
 concatenated with the encoder feature of the same resolution (the input itself at full resolution).
 Head: a 1x1 convolution to `num_classes` logits. No normalisation, as the authors.
 
-Any input size works: the input is zero-padded (bottom/right) to the next multiple of 2**depth and
-the logits are cropped back, so 768 / 16 = 48 or 97 x 131 are fine.
+Any input size works, at the cost of its own pixels: each stride-2 convolution pads its input's
+bottom/right to an even side (so an output pixel always covers the same input pixels), and each
+upsampled map is cropped to its skip's size. On sides that are multiples of 2**depth nothing is
+padded or cropped; a 40-px stage-2 input (a 32-px patch with a 4-px halo) costs 40^2, not the 64^2 of
+padding it to the next multiple of 32.
 
 Networks are named 'stage1', 'baseline' and 'stage2_np<Np>' (one stage 2 per grid size Np) in
 checkpoints, metrics and reports: `name` and `parse` are the one pair that builds and reads those names.
@@ -37,12 +40,14 @@ class UpConv(nn.Module):
   the same products (results agree to float rounding).
   """
   features: int
+  dtype: Any = jnp.float32  # The computation's; the parameters stay float32.
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (3, 3, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     dn = ('NHWC', 'HWIO', 'NHWC')
     if max(x.shape[1:3]) > 2:
       y = lax.conv_transpose(x, kernel, (2, 2), 'SAME', dimension_numbers=dn)
@@ -55,33 +60,38 @@ class UpConv(nn.Module):
 
 
 class UNet(nn.Module):
-  """x: [B, H, W, C_in] float32 -> logits [B, H, W, num_classes] float32."""
+  """x: [B, H, W, C_in] float32 -> logits [B, H, W, num_classes] float32.
+
+  `dtype` is the convolutions' and activations' (bfloat16 for the matrix units of GPUs and TPUs);
+  the parameters are float32 whatever it is, and the logits come back as float32.
+  """
   num_classes: int = 1
   width: int = 64
   depth: int = 5
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    h, w = x.shape[1:3]
-    m = 2 ** self.depth
-    pad_h, pad_w = -h % m, -w % m
-    if pad_h or pad_w:
-      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-
-    skips = [x]  # Features at H, H/2, ..., H/2**(depth-1); the deepest one is not a skip.
+    x = x.astype(self.dtype)
+    skips = [x]  # Features at H, ceil(H/2), ...; the deepest one is not a skip.
     y = x
     for i in range(self.depth):
-      y = nn.relu(nn.Conv(self.width * 2 ** i, (3, 3), strides=(2, 2), name=f'down{i}')(y))
+      h, w = y.shape[1:3]  # 'SAME' for even sides; odd ones are padded at the bottom/right only.
+      y = nn.relu(nn.Conv(self.width * 2 ** i, (3, 3), strides=(2, 2),
+                          padding=((0, 1 + h % 2), (0, 1 + w % 2)), dtype=self.dtype,
+                          param_dtype=jnp.float32, name=f'down{i}')(y))
       skips.append(y)
     skips.pop()
 
     for i in reversed(range(self.depth)):
       channels = max(self.width * 2 ** i // 2, 1)
-      y = nn.relu(UpConv(channels, name=f'up{i}')(y))
-      y = jnp.concatenate([y, skips.pop()], axis=-1)
+      skip = skips.pop()
+      y = nn.relu(UpConv(channels, dtype=self.dtype, name=f'up{i}')(y))
+      y = jnp.concatenate([y[:, :skip.shape[1], :skip.shape[2]], skip], axis=-1)
 
-    y = nn.Conv(self.num_classes, (1, 1), name='head')(y)
-    return y[:, :h, :w, :]
+    y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                name='head')(y)
+    return y.astype(jnp.float32)
 
 
 def probabilities(logits):
@@ -91,8 +101,11 @@ def probabilities(logits):
   return nn.softmax(logits, axis=-1)
 
 
-def unet(spec: Spec) -> UNet:
-  return UNet(num_classes=spec.num_classes, width=spec.width, depth=spec.depth)
+def unet(spec: Spec, network: str = 'baseline') -> UNet:
+  """The U-Net of `network`: spec.out_channels(network) outputs (stage 1 with an error head has
+  one more than the classes)."""
+  return UNet(num_classes=spec.out_channels(network), width=spec.width, depth=spec.depth,
+              dtype=jnp.dtype(spec.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'network'))
@@ -106,7 +119,7 @@ def init_unet(rng, spec: Spec, network: str) -> dict:
   size = 2 ** spec.depth
   rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
   x = jnp.zeros((1, size, size, spec.in_channels(network)), jnp.float32)
-  return unet(spec).init(rbg, x)['params']
+  return unet(spec, network).init(rbg, x)['params']
 
 
 # --- Names and layout ---------------------------------------------------------------------------------

@@ -126,6 +126,33 @@ def plot_tradeoff(rows, path: str, x: str = 'gflops', title: Optional[str] = Non
   return _save(fig, path)
 
 
+def plot_native_benchmark(rows, path: str) -> str:
+  """benchmark_native.png: seconds per megapixel against image side, two-stage and the dense
+  sliding window (log-log), the speed-up written beside each size."""
+  fig, ax = _new_axes()
+  for method, color, label in (('two_stage', COLORS['two_stage'], 'two-stage'),
+                               ('sliding_window', COLORS['baseline'], 'dense sliding window')):
+    mine = sorted((r for r in rows if r['method'] == method), key=lambda r: r['side'])
+    if mine:
+      ax.plot([r['side'] for r in mine], [1 / r['mpix_per_s'] for r in mine], 'o-', color=color,
+              label=label)
+  for r in rows:
+    if r.get('speedup'):
+      ax.annotate(f'{r["speedup"]:.1f}x', (r['side'], 1 / r['mpix_per_s']), fontsize=7,
+                  textcoords='offset points', xytext=(4, -10))
+  ax.set_xscale('log', base=2)
+  ax.set_yscale('log')
+  sides = sorted({r['side'] for r in rows})
+  ax.set_xticks(sides, [f'{s // 1024}k' if s >= 1024 else str(s) for s in sides])
+  ax.minorticks_off()
+  ax.set_xlabel('image side (px, square)')
+  ax.set_ylabel('seconds per megapixel')
+  ax.set_title('Native resolution: time against image size', fontsize=9)
+  ax.grid(alpha=0.3, which='both')
+  ax.legend()
+  return _save(fig, path)
+
+
 def plot_ablation(rows, path: str) -> str:
   """Soft Dice of the two-stage method with each feature off and on (bars), from ablation rows."""
   features = list(dict.fromkeys(r['feature'] for r in rows))

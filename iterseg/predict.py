@@ -119,10 +119,12 @@ def to_mask(probs: np.ndarray) -> np.ndarray:
   return np.argmax(probs, -1).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray, num_patches: int,
+def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray,
+            num_patches: Optional[int] = None, *, tile: Optional[int] = None,
             alpha: float = 0.45) -> np.ndarray:
   """uint8 [h, w, 3]: foreground tinted (binary: green; classes: one colour each) and the refined
-  patches (grid indices, row-major) of the Np x Np grid outlined, scaled to the image's own size."""
+  patches (grid indices, row-major) outlined: of the Np x Np grid scaled to the image's own size,
+  or (native resolution) of the grid of `tile`-px tiles."""
   h, w = mask.shape
   out = image.copy()
   fg = mask > 0  # Only the foreground pixels are blended (the rest is copied as it is).
@@ -132,9 +134,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray, num_patche
   draw = ImageDraw.Draw(pil)
   line = max(1, round(min(h, w) / 256))
   for index in np.asarray(refined).tolist():
-    r, c = divmod(int(index), num_patches)
-    x0, x1 = round(c * w / num_patches), round((c + 1) * w / num_patches) - 1
-    y0, y1 = round(r * h / num_patches), round((r + 1) * h / num_patches) - 1
+    if tile:
+      r, c = divmod(int(index), -(-w // tile))
+      x0, x1, y0, y1 = c * tile, min((c + 1) * tile, w) - 1, r * tile, min((r + 1) * tile, h) - 1
+    else:
+      r, c = divmod(int(index), num_patches)
+      x0, x1 = round(c * w / num_patches), round((c + 1) * w / num_patches) - 1
+      y0, y1 = round(r * h / num_patches), round((r + 1) * h / num_patches) - 1
     draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=OUTLINE, width=line)
   return np.asarray(pil)
 
@@ -151,9 +157,9 @@ def output_paths(output: Path, stem: str, outputs: Sequence[str], binary: bool) 
   return {kind: p for kind, p in paths.items() if kind in outputs}
 
 
-def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_patches: int, *,
-                 outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
-                 compression: int = 0) -> dict:
+def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict,
+                 num_patches: Optional[int], *, outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
+                 compression: int = 0, tile: Optional[int] = None) -> dict:
   """Writes the selected outputs of one image; returns {kind: path}. All of them take their final
   names together, once every one is complete, so a failure leaves the previous ones as they were."""
   probs, mask = result['probs'], result['mask']
@@ -171,8 +177,8 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, num_p
       with open(tmps['probs'], 'wb') as f:
         np.save(f, probs.astype(np.float32))
     if 'overlay' in paths:
-      Image.fromarray(overlay(image, mask, result['refined'], num_patches)).save(tmps['overlay'],
-                                                                               **png)
+      Image.fromarray(overlay(image, mask, result['refined'], num_patches, tile=tile)).save(
+          tmps['overlay'], **png)
     for kind, p in paths.items():  # Only now do complete files take the final names.
       os.replace(tmps[kind], p)
   finally:
@@ -241,14 +247,7 @@ def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
       return {'input': str(path), 'error': f'cannot write its outputs to {output} '
                                            f'({files.describe_os_error(e)})'}
 
-  todo = []
-  for path in paths:
-    existing = output_paths(output, stems[path], outputs, binary)
-    if skip_existing and all(p.exists() for p in existing.values()):
-      records[path] = {'input': str(path), 'skipped': 'its outputs exist',
-                       **{k: str(p) for k, p in existing.items()}}
-    else:
-      todo.append(path)
+  todo = _to_do(paths, output, stems, outputs, binary, skip_existing, records)
   bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
              disable=not progress, dynamic_ncols=True)
   chunks = iter(list(_chunks(todo, batch_size)))
@@ -303,6 +302,79 @@ def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
     collect(block=True)
   bar.close()
   return [records[p] for p in paths if p in records], stop.received if stopped() else None
+
+
+def predict_native_files(model, paths: Sequence[Path], output, *, names: Sequence[str],
+                         outputs: Sequence[str], compression: int = 0, progress: bool = True,
+                         stop=None, skip_existing: bool = False) -> tuple:
+  """resolution='native': every file segmented at its own size by `model` (native.NativeModel),
+  one at a time (the next one read meanwhile), its outputs at that size: (records, interrupted) as
+  `predict_files`. An image too large for the free memory (checked from its header, before it is
+  decoded) is an error record naming its size; Ctrl-C or SIGTERM stops between stage-2 chunks."""
+  from iterseg import native  # pylint: disable=g-import-not-at-top  # (only at native resolution)
+  paths, output = [Path(p) for p in paths], Path(output)
+  files.check_writable(output)
+  stems = dict(zip(paths, names))
+  nspec = model.nspec
+  binary = nspec.spec.num_classes == 1
+  stopped = lambda: stop is not None and stop.received is not None
+  records = {}
+  todo = _to_do(paths, output, stems, outputs, binary, skip_existing, records)
+  bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
+             disable=not progress, dynamic_ncols=True)
+
+  def read(path):
+    with Image.open(path) as header:
+      width, height = header.size
+    native.check_fits(height, width, nspec, decoded=False)
+    return common.read_image(path)
+
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='iterseg-read') as reader:
+    future = reader.submit(read, todo[0]) if todo else None
+    for i, path in enumerate(todo):
+      image = _wait(future, stopped)
+      future = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) and not stopped() else None
+      if image is None:
+        break
+      if isinstance(image, Exception):
+        records[path] = {'input': str(path), 'error': ' '.join(str(image).split())}
+        bar.update(1)
+        continue
+      pred = model.two_stage(image, stop=stopped)
+      if pred is None:
+        break  # Stopped: the image in flight is dropped.
+      result = {'probs': pred.probs, 'mask': to_mask(pred.probs),
+                'refined': np.flatnonzero(pred.refined)}
+      try:
+        written = save_outputs(output, stems[path], image, result, None, outputs=outputs,
+                               compression=compression, tile=nspec.tile)
+        records[path] = {'input': str(path), 'height': image.shape[0], 'width': image.shape[1],
+                         'refined_patches': pred.stats['refined'], 'tiles': pred.stats['tiles'],
+                         **written}
+      except OSError as e:
+        records[path] = {'input': str(path), 'error': f'cannot write its outputs to {output} '
+                                                      f'({files.describe_os_error(e)})'}
+      bar.update(1)
+      del image, pred, result
+    if future is not None:
+      future.cancel()
+  bar.close()
+  return [records[p] for p in paths if p in records], stop.received if stopped() else None
+
+
+def _to_do(paths, output: Path, stems: dict, outputs, binary: bool, skip_existing: bool,
+           records: dict) -> list:
+  """The paths to segment; with skip_existing, those whose outputs all exist get a 'skipped'
+  record in `records` instead."""
+  todo = []
+  for path in paths:
+    existing = output_paths(output, stems[path], outputs, binary)
+    if skip_existing and all(p.exists() for p in existing.values()):
+      records[path] = {'input': str(path), 'skipped': 'its outputs exist',
+                       **{k: str(p) for k, p in existing.items()}}
+    else:
+      todo.append(path)
+  return todo
 
 
 def _wait(future, stopped, poll: float = 0.05):
@@ -382,12 +454,19 @@ def run(s: Settings, workdir: str) -> dict:
   files.check_writable(output)
   mine = paths[jax.process_index()::jax.process_count()]
   start = time.perf_counter()
+  common_args = dict(names=[names[p] for p in mine], outputs=s.predict.outputs,
+                     compression=s.predict.png_compression, progress=jax.process_index() == 0,
+                     skip_existing=s.predict.skip_existing)
+  compiles = None
   with hooks.StopSignals() as stop:
-    records, interrupted = predict_files(
-        nets, s.spec, mine, output, names=[names[p] for p in mine],
-        batch_size=s.predict.batch_size, outputs=s.predict.outputs,
-        compression=s.predict.png_compression, progress=jax.process_index() == 0, stop=stop,
-        skip_existing=s.predict.skip_existing)
+    if s.spec.resolution == 'native':
+      from iterseg import native  # pylint: disable=g-import-not-at-top
+      model = native.NativeModel(nets, s.native_spec)
+      records, interrupted = predict_native_files(model, mine, output, stop=stop, **common_args)
+      compiles = model.compiles
+    else:
+      records, interrupted = predict_files(nets, s.spec, mine, output, stop=stop,
+                                           batch_size=s.predict.batch_size, **common_args)
   seconds = time.perf_counter() - start
   failed = [r for r in records if 'error' in r]
   skipped = [r for r in records if 'skipped' in r]
@@ -396,7 +475,7 @@ def run(s: Settings, workdir: str) -> dict:
   files.atomic_write_json(summary, {
       'num_patches': s.spec.num_patches, 'outputs': s.predict.outputs, 'images': records,
       'failed': len(failed), 'skipped': len(skipped), 'total': len(mine),
-      'interrupted': interrupted})
+      'interrupted': interrupted, 'resolution': s.spec.resolution, 'compiles': compiles})
   done = len(records) - len(failed)
   if interrupted:
     raise Interrupted(f'interrupted ({interrupted}) with {done} of {len(mine)} image(s) done; their '
@@ -406,6 +485,7 @@ def run(s: Settings, workdir: str) -> dict:
   print(f'Segmented {done - len(skipped)} of {len(records)} image(s) in {seconds:.1f} s '
         f'({(len(records) - len(skipped)) / seconds:.1f} images/s) with the two-stage method at '
         f'Np={s.spec.num_patches}' + (f'; {len(skipped)} skipped (outputs exist)' if skipped else '')
+        + (f'; {compiles} compilations' if compiles is not None else '')
         + f'; outputs in {output}, summary in {summary}')
   if failed:
     for r in failed:
@@ -414,4 +494,4 @@ def run(s: Settings, workdir: str) -> dict:
                        f'{summary}), e.g. {failed[0]["input"]}: {failed[0]["error"]}')
   return {'output': str(output), 'num_patches': s.spec.num_patches, 'images': records,
           'failed': failed, 'skipped': skipped, 'images_per_s': len(records) / seconds,
-          'summary': summary}
+          'summary': summary, 'compiles': compiles}

@@ -25,8 +25,9 @@ import ml_collections
 from iterseg.configs import default as default_config
 from iterseg.errors import SettingsError
 
-MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate')
-SCORES = ('entropy', 'margin', 'distance')
+MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate', 'export')
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+SCORES = ('entropy', 'margin', 'distance', 'learned')
 NETWORKS = ('stage1', 'stage2', 'baseline')
 SAMPLING = ('random', 'entropy_weighted', 'top')
 DATASETS = ('ph2', 'retina', 'kitti', 'folder', 'synthetic')  # Modules of iterseg.data.
@@ -35,8 +36,9 @@ ABLATION_FEATURES = ('stage2_init', 'halo', 'refine_budget', 'input_norm')
 PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
 CALIBRATE_TARGETS = ('dice_drop', 'latency')
 # What the weights depend on: a workdir's networks only fit settings that agree on these fields.
-GEOMETRY = ('hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse', 'model.width',
-            'model.depth', 'model.input_norm')
+GEOMETRY = ('resolution', 'hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse',
+            'model.width', 'model.depth', 'model.input_norm', 'model.error_head')
+RESOLUTIONS = ('square', 'native')
 
 
 def _at(path: Optional[str]):
@@ -61,6 +63,14 @@ class Spec:
   halo: int  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
   input_norm: str = _at('model.input_norm')  # 'standardize': zero mean, unit std per channel.
   refine_budget: str  # 'image': k patches per image; 'batch': B * k over the batch.
+  resolution: str  # 'square' (the paper) or 'native' (hi_size: the side of the training crops).
+  dtype: str = _at('model.dtype')  # The U-Nets' computation: 'float32' or 'bfloat16'.
+  error_head: bool = _at('model.error_head')  # Stage 1's extra output: its predicted error share.
+
+  @property
+  def downscale(self) -> int:
+    """How many image pixels a stage-1 pixel covers along a side (native: an exact factor)."""
+    return self.hi_size // self.stage1_size
 
   @property
   def patch_size(self) -> int:
@@ -72,6 +82,10 @@ class Spec:
     """The side of stage 2's input: a patch and its halo on each side."""
     return self.patch_size + 2 * self.halo
 
+  def out_channels(self, network: str) -> int:
+    """Output channels: the class logits, and for stage 1 with error_head one more, last."""
+    return self.num_classes + (network == 'stage1' and self.error_head)
+
   def in_channels(self, network: str) -> int:
     """Input channels of 'stage1', 'stage2' or 'baseline': RGB, plus the stage-1 probabilities for
     stage 2 when stage2_uses_coarse."""
@@ -81,6 +95,28 @@ class Spec:
     """{config field: value} of the fields the weights depend on (GEOMETRY)."""
     fields = {f.metadata.get('config', f.name): f.name for f in dataclasses.fields(self)}
     return {path: getattr(self, fields[path]) for path in GEOMETRY}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NativeSpec:
+  """Inference on any H x W (resolution='native'; hashable: a jit static argument). The geometry is
+  `spec`'s: stage 1 on the image downscaled by spec.downscale, stage-2 tiles of side spec.patch_size
+  with spec.halo, scored by spec.score; these fields are `native.*`."""
+  spec: Spec = _at(None)
+  refine_fraction: float  # Share of the tiles refined (the least confident).
+  chunk: int  # Tiles per stage-2 call.
+  bucket: int  # Stage 1's input padded to a multiple of this (downscaled px).
+  window: int  # The dense reference's window side (0: hi_size; see window_side).
+  overlap: float  # ... and the share its windows overlap.
+  max_pixels: int  # Larger images are refused (0: decided by the free memory).
+
+  @property
+  def tile(self) -> int:
+    return self.spec.patch_size
+
+  @property
+  def window_side(self) -> int:
+    return self.window or self.spec.hi_size
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +133,8 @@ class TrainPlan:
   patch_sampling: str
   focal_alpha: float
   focal_gamma: float
+  error_weight: float
+  exclude_holdout: bool
   head_bias_prior: Optional[float]
   stage2_init: str
   flip: bool
@@ -120,6 +158,10 @@ class DataSpec:
   train_fraction: float
   num_examples: int
   kitti_label_ids: tuple
+  resolution: str = _at(None)  # Spec.resolution.
+  scale: float  # Native: images scaled by this factor when prepared.
+  synthetic_sides: tuple  # Native synthetic: (smallest, largest) side in px.
+  synthetic_kind: str  # 'lesions' | 'vessels'.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,6 +175,16 @@ class BenchmarkPlan:
   repeats: int
   sliding_window: Optional[bool]  # None: the backend's default plan.
   max_seconds: float
+  native_sides: tuple  # resolution='native': the image sides timed.
+  peak_tflops: Optional[float]  # The device's peak, for utilisation (None: known devices only).
+  train: bool  # Also time each network's training step.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportPlan:
+  batch_size: int  # The artifact's fixed batch.
+  platforms: tuple  # What it compiles for (jax.export platforms).
+  output: str  # '' = <workdir>/export
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,6 +206,7 @@ class CalibratePlan:
   target: str  # 'dice_drop' | 'latency'.
   max_dice_drop: float
   latency_budget_ms: Optional[float]  # Required (> 0) for target 'latency'.
+  refine_fractions: tuple  # resolution='native': the shares of tiles swept.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -167,6 +220,8 @@ class Settings:
   benchmark: BenchmarkPlan
   predict: PredictPlan
   calibrate: CalibratePlan
+  export: ExportPlan
+  native: NativeSpec
   refine_count: Optional[int]  # As configured; None = Np patches per image (the authors).
   ablation_features: tuple = _at('ablation.features')
 
@@ -176,6 +231,11 @@ class Settings:
     order = ([('stage1', None)] + [('stage2', n) for n in self.train.num_patches_list] +
              [('baseline', None)])
     return [(network, n) for network, n in order if network in self.train.networks]
+
+  @property
+  def native_spec(self) -> NativeSpec:
+    """The native inference spec, with this Settings' geometry (spec)."""
+    return dataclasses.replace(self.native, spec=self.spec)
 
   def spec_for(self, num_patches: int) -> Spec:
     """The inference Spec at another Np (refine_count: Np unless the config fixed it)."""
@@ -207,7 +267,8 @@ class Settings:
 
 
 _SECTIONS = (('spec', ''), ('train', 'train.'), ('data', 'data.'), ('eval', 'eval.'),
-             ('benchmark', 'benchmark.'), ('predict', 'predict.'), ('calibrate', 'calibrate.'))
+             ('benchmark', 'benchmark.'), ('predict', 'predict.'), ('calibrate', 'calibrate.'),
+             ('native', 'native.'), ('export', 'export.'))
 
 
 # --- Reading ------------------------------------------------------------------------------------------
@@ -377,7 +438,7 @@ def score_range(score: str, num_classes: int) -> float:
   classes = max(num_classes, 2)
   if score == 'entropy':
     return math.log(classes)
-  if score == 'margin':
+  if score in ('margin', 'learned'):  # 'learned': a share of pixels.
     return 1.0
   return 1.0 - 1.0 / classes  # 'distance'
 
@@ -400,6 +461,9 @@ def _check_spec(spec: Spec) -> Spec:
         f'at least 2**depth={side} px, but stage 1 sees {spec.stage1_size} px and a stage-2 patch '
         f'at Np={n} is {spec.patch_size} px (everything would be zero-padded). Use depth <= '
         f'{int(math.log2(min(spec.stage1_size, spec.patch_size)))} or larger sizes.')
+  if spec.score == 'learned' and spec.resolution == 'square' and spec.stage1_size % n:
+    raise SettingsError(f'config.score=\'learned\' needs stage1_size ({spec.stage1_size}) to be a '
+                        f'multiple of num_patches ({n}): a patch is scored on whole stage-1 pixels.')
   if spec.halo and spec.halo >= spec.patch_size * n:
     raise SettingsError(f'config.halo={spec.halo} is not valid: it must be smaller than hi_size.')
   return spec
@@ -425,7 +489,10 @@ def from_config(config) -> Settings:
               threshold=r.float('threshold', 0.0, score_range(score, num_classes), optional=True),
               width=r.int('model.width', 1), depth=r.int('model.depth', 1, 10),
               halo=r.int('halo', 0), input_norm=r.choice('model.input_norm', ('none', 'standardize')),
-              refine_budget=r.choice('refine_budget', BUDGETS))
+              refine_budget=r.choice('refine_budget', BUDGETS),
+              resolution=r.choice('resolution', RESOLUTIONS),
+              dtype=r.choice('model.dtype', ('float32', 'bfloat16')),
+              error_head=r.bool('model.error_head'))
   _check_spec(spec)
 
   networks = r.raw('train.networks')
@@ -443,6 +510,8 @@ def from_config(config) -> Settings:
       num_patches_list=nps, patch_sampling=r.choice('train.patch_sampling', SAMPLING),
       focal_alpha=r.float('train.focal_alpha', 0.0, 1.0),
       focal_gamma=r.float('train.focal_gamma', 0.0, 10.0),
+      error_weight=r.float('train.error_weight', 0.0),
+      exclude_holdout=r.bool('train.exclude_holdout'),
       head_bias_prior=r.float('train.head_bias_prior', 0.0, 1.0, low_open=True, high_open=True,
                               optional=True),
       stage2_init=r.choice('train.stage2_init', ('random', 'stage1')),
@@ -462,7 +531,14 @@ def from_config(config) -> Settings:
       split_seed=r.int('data.split_seed', 0, 2 ** 32 - 1),
       train_fraction=r.float('data.train_fraction', 0.0, 1.0, low_open=True),
       num_examples=r.int('data.num_examples', 2),
-      kitti_label_ids=r.ints('data.kitti_label_ids', 0, 255))
+      kitti_label_ids=r.ints('data.kitti_label_ids', 0, 255), resolution=spec.resolution,
+      scale=r.float('data.scale', 0.0, 16.0, low_open=True),
+      synthetic_sides=r.ints('data.synthetic_sides', 2 ** spec.depth, 65536),
+      synthetic_kind=r.choice('data.synthetic_kind', ('lesions', 'vessels')))
+  if data.name == 'synthetic' and data.synthetic_kind == 'vessels' and spec.resolution == 'native':
+    r.fail('data.synthetic_kind', 'vessels', "synthetic vessels are square only (resolution='square')")
+  if len(data.synthetic_sides) != 2 or data.synthetic_sides[0] > data.synthetic_sides[1]:
+    r.fail('data.synthetic_sides', data.synthetic_sides, 'give (smallest, largest) side in px')
   if data.train_fraction >= 1.0:
     r.fail('data.train_fraction', data.train_fraction, 'it must be in (0, 1): some cases are tested')
 
@@ -475,6 +551,8 @@ def from_config(config) -> Settings:
       outputs=r.names('predict.outputs', PREDICT_OUTPUTS),
       png_compression=r.int('predict.png_compression', 0, 9),
       skip_existing=r.bool('predict.skip_existing'))
+  if spec.score == 'learned' and not spec.error_head:
+    r.fail('score', 'learned', 'it needs config.model.error_head=True (stage 1 learns its error)')
   if predict.input and predict.output and _same_path(predict.input, predict.output):
     r.fail('predict.output', predict.output, 'it must differ from config.predict.input, or the '
            'next run would segment its own outputs')
@@ -483,10 +561,22 @@ def from_config(config) -> Settings:
       eval=EvalPlan(batch_size=r.int('eval.batch_size', 1)),
       benchmark=BenchmarkPlan(batch_sizes=r.ints('benchmark.batch_sizes', 1, optional=True),
                               repeats=r.int('benchmark.repeats', 1), sliding_window=sliding,
-                              max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True)),
+                              max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True),
+                              native_sides=r.ints('benchmark.native_sides', 2 ** depth_for(r)),
+                              peak_tflops=r.float('benchmark.peak_tflops', 0.0, low_open=True,
+                                                  optional=True),
+                              train=r.bool('benchmark.train')),
+      export=ExportPlan(batch_size=r.int('export.batch_size', 1),
+                        platforms=r.names('export.platforms', PLATFORMS),
+                        output=r.str('export.output')),
       predict=predict,
       calibrate=_calibrate_plan(r, score_range(score, num_classes),
                                 max(n * n for n in {num_patches, *nps})),
+      native=NativeSpec(
+          spec=spec, refine_fraction=r.float('native.refine_fraction', 0.0, 1.0, low_open=True),
+          chunk=r.int('native.chunk', 1), bucket=r.int('native.bucket', 2 ** spec.depth),
+          window=r.int('native.window', 0), overlap=r.float('native.overlap', 0.0, 0.9),
+          max_pixels=r.int('native.max_pixels', 0)),
       refine_count=refine_count,
       ablation_features=r.names('ablation.features', ABLATION_FEATURES))
   return _check_relations(settings)
@@ -501,7 +591,39 @@ def _check_relations(s: Settings) -> Settings:
   if s.spec.threshold is not None and not 0.0 <= s.spec.threshold <= top:
     raise SettingsError(f'config.threshold={s.spec.threshold!r} is not valid: it must be a finite '
                         f'number in [0.0, {top}].')
-  return s
+  if s.spec.resolution == 'native':
+    _check_native(s)
+  return dataclasses.replace(s, native=dataclasses.replace(s.native, spec=s.spec))
+
+
+def _check_native(s: Settings):
+  """What resolution='native' needs of the geometry: an exact downscale factor and tiles made of
+  whole stage-1 pixels, a U-Net deep enough for neither, one grid size."""
+  spec, native = s.spec, s.native
+  if spec.hi_size % spec.stage1_size:
+    raise SettingsError(f'config.stage1_size={spec.stage1_size} is not valid for '
+                        f"resolution='native': hi_size={spec.hi_size} (the crop side) must be a "
+                        f'multiple of it, so that stage 1 downscales by a whole factor.')
+  if spec.patch_size % spec.downscale:
+    raise SettingsError(f'config.num_patches={spec.num_patches} is not valid for '
+                        f"resolution='native': the tile side hi_size / num_patches = "
+                        f'{spec.patch_size} must be a multiple of the downscale factor '
+                        f'{spec.downscale} (hi_size / stage1_size).')
+  cell = spec.patch_size // spec.downscale
+  if native.bucket % cell:
+    raise SettingsError(f'config.native.bucket={native.bucket} is not valid: it must be a multiple '
+                        f'of a tile\'s side in stage-1 pixels, {cell}.')
+  if tuple(s.train.num_patches_list) != (spec.num_patches,):
+    raise SettingsError(f'config.train.num_patches_list={s.train.num_patches_list} is not valid '
+                        f"for resolution='native': it must be (num_patches,) = "
+                        f'({spec.num_patches},), the one tile size.')
+  if native.window and native.window < 2 ** spec.depth:
+    raise SettingsError(f'config.native.window={native.window} is not valid: it must be 0 '
+                        f'(hi_size) or at least 2**depth = {2 ** spec.depth} px.')
+
+
+def depth_for(r: _Reader) -> int:
+  return r.int('model.depth', 1, 10)
 
 
 def _calibrate_plan(r: _Reader, max_threshold: float, max_refine: int) -> CalibratePlan:
@@ -523,11 +645,21 @@ def _calibrate_plan(r: _Reader, max_threshold: float, max_refine: int) -> Calibr
       thresholds=tuple(dict.fromkeys(None if t is None else float(t) for t in thresholds)),
       target=r.choice('calibrate.target', CALIBRATE_TARGETS),
       max_dice_drop=r.float('calibrate.max_dice_drop', 0.0, 1.0),
-      latency_budget_ms=r.float('calibrate.latency_budget_ms', 0.0, low_open=True, optional=True))
+      latency_budget_ms=r.float('calibrate.latency_budget_ms', 0.0, low_open=True, optional=True),
+      refine_fractions=_fractions(r, 'calibrate.refine_fractions'))
   if plan.target == 'latency' and plan.latency_budget_ms is None:
     r.fail('calibrate.latency_budget_ms', None, "set it > 0 (ms per image) for "
            "calibrate.target='latency'")
   return plan
+
+
+def _fractions(r: _Reader, field: str) -> tuple:
+  """A non-empty tuple of numbers in (0, 1], sorted, without repeats."""
+  value = r.raw(field)
+  if isinstance(value, (str, int, float)) or not hasattr(value, '__iter__') or not value or any(
+      isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in value):
+    r.fail(field, value, 'a non-empty tuple of numbers in (0, 1]')
+  return tuple(sorted({float(v) for v in value}))
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -50,7 +50,7 @@ def create_train_state(plan: TrainPlan, spec: Spec, network: str, total_steps: i
     params = models.init_unet(init_key, spec, network)
     if plan.head_bias_prior is not None and spec.num_classes == 1:
       prior = plan.head_bias_prior  # The focal-loss paper's prior: p = prior everywhere at step 0.
-      params['head']['bias'] = jnp.full_like(params['head']['bias'], jnp.log(prior / (1 - prior)))
+      params['head']['bias'] = params['head']['bias'].at[0].set(jnp.log(prior / (1 - prior)))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=create_optimizer(plan, total_steps).init(params),
                     rng=jax.random.key_data(step_key))
@@ -71,4 +71,6 @@ def from_stage1(stage1_params, spec: Spec):
   params = dict(stage1_params)
   for layer in ('down0', 'head'):
     params[layer] = dict(params[layer], kernel=widen(params[layer]['kernel']))
+  c = spec.num_classes  # Stage 1's error head (model.error_head) has no place in stage 2.
+  params['head'] = {'kernel': params['head']['kernel'][..., :c], 'bias': params['head']['bias'][:c]}
   return params

@@ -64,12 +64,12 @@ def network_inputs(network: str, key, images, masks, frozen, *, spec: Spec, samp
     return images, masks
   if network == 'stage1':
     s = spec.stage1_size
-    small = jax.image.resize(images, (b, s, s, 3), 'linear')
+    small = inference.downscale(images, spec)
     if spec.num_classes == 1:
-      return small, jax.image.resize(masks.astype(jnp.float32), (b, s, s), 'linear')
+      return small, inference.downscale(masks.astype(jnp.float32), spec)
     return small, jax.image.resize(masks, (b, s, s), 'nearest')
-  coarse = lax.stop_gradient(inference.stage1(frozen, images, spec))
-  scores = inference.patch_scores(coarse, spec.num_patches, spec.score)
+  low, coarse = lax.stop_gradient(inference.stage1_maps(frozen, images, spec))
+  scores = inference.scores_of(low, coarse, spec)
   cells = spec.num_patches ** 2
   flat = (sample_patches(key, scores, spec.refine_count, sampling)
           + cells * jnp.arange(b)[:, None]).reshape(-1)
@@ -97,15 +97,23 @@ def train_step(train_state: state.TrainState, batch, frozen, *, network: str, sp
     if network == 'stage2':
       logits = inference.stage2_logits(params, inputs, spec)
     else:
-      logits = models.unet(spec).apply({'params': params}, inputs)
-    return losses.segmentation_loss(logits, labels, num_classes=spec.num_classes,
-                                    alpha=plan.focal_alpha, gamma=plan.focal_gamma)
+      logits = models.unet(spec, network).apply({'params': params}, inputs)
+    c = spec.num_classes
+    loss, aux = losses.segmentation_loss(logits[..., :c], labels, num_classes=c,
+                                         alpha=plan.focal_alpha, gamma=plan.focal_gamma)
+    aux = {'focal': aux['focal'], 'dice': aux['dice']}
+    if network == 'stage1' and spec.error_head:  # Stage 1 also learns where it is wrong.
+      probs = lax.stop_gradient(inference.stage1_outputs(logits, spec)[..., :c])
+      target = inference.error_share(probs, masks, spec)
+      aux['error'] = optax.losses.sigmoid_binary_cross_entropy(logits[..., c], target).mean()
+      loss = loss + plan.error_weight * aux['error']
+    return loss, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_state.params)
   grads = lax.pmean(grads, 'batch')
   updates, opt_state = tx.update(grads, train_state.opt_state, train_state.params)
   params = optax.apply_updates(train_state.params, updates)
-  metrics = lax.pmean({'loss': loss, 'focal': aux['focal'], 'dice': aux['dice']}, 'batch')
+  metrics = lax.pmean({'loss': loss, **aux}, 'batch')
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['param_norm'] = optax.tree.norm(params)
   new_state = train_state.replace(step=train_state.step + 1, params=params, opt_state=opt_state)
@@ -180,7 +188,8 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
     while step < total:
       epoch, start = divmod(step, per_epoch)
       for batch in pipeline.prefetch_to_device(pipeline.batches(
-          source, batch_size=plan.batch_size, seed=plan.seed, epoch=epoch, start_batch=start)):
+          source, batch_size=plan.batch_size, seed=plan.seed, epoch=epoch, start_batch=start,
+          crop=spec.hi_size if spec.resolution == 'native' else None)):
         train_state, metrics = p_step(train_state, batch, frozen)
         step += 1
         bar.update(1)
@@ -216,11 +225,16 @@ def check_resumable(s: Settings, workdir: str):
 
 
 def training_data(s: Settings):
-  """The train split, checked to split into s.train.batch_size batches over this run's devices."""
+  """The train split (less the calibration holdout with train.exclude_holdout), checked to split
+  into s.train.batch_size batches over this run's devices."""
   from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
   source = data.load_split(s.data, 'train')
+  if s.train.exclude_holdout:
+    held = set(data.holdout_indices(len(source), s.calibrate.holdout, s.seed).tolist())
+    source = data.Subset(source, [i for i in range(len(source)) if i not in held])
   pipeline.check_batch_size(s.train.batch_size, len(source))
-  return source
+  # Native: every step crops a few whole images; they are decompressed once, not every epoch.
+  return pipeline.Decoded(source) if s.spec.resolution == 'native' else source
 
 
 def preflight(s: Settings, workdir: str):

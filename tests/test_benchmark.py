@@ -14,7 +14,8 @@ from tests.helpers import save_random_networks, tiny
 def tiny_benchmark(tmp_path_factory):
   """benchmark.run on a tiny config in a workdir without checkpoints (so: random weights)."""
   config = tiny(**{'benchmark.repeats': 2, 'benchmark.batch_sizes': (1, 2),
-                   'benchmark.sliding_window': True, 'train.num_patches_list': (2, 4)})
+                   'benchmark.sliding_window': True, 'train.num_patches_list': (2, 4),
+                   'benchmark.peak_tflops': 0.5})
   workdir = tmp_path_factory.mktemp('bench')
   return config, workdir, benchmark.run(settings.from_config(config), str(workdir))
 
@@ -45,6 +46,7 @@ def test_benchmark_rows_are_consistent(tiny_benchmark):
     base = rows[('baseline', None, b)]
     assert r['speedup_vs_baseline'] == pytest.approx(base['latency_ms'] / r['latency_ms'])
     assert r['gflops_per_image'] > 0 and r['achieved_gflops_per_s'] > 0
+    assert r['peak_fraction'] == pytest.approx(r['achieved_gflops_per_s'] / 1e3 / 0.5)
   for b in (1, 2):  # Refining every patch costs more than refining Np of them.
     for n in (2, 4):
       assert rows[('sliding_window', n, b)]['gflops_per_image'] > rows[('two_stage', n, b)][

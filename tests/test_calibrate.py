@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from iterseg import calibrate, checkpoints, methods, settings
+from iterseg import calibrate, checkpoints, data, methods, settings
 from tests.helpers import set_fields, tiny
 
 
@@ -24,13 +24,13 @@ def point(dice, gflops, latency, n=4, k=1, t=None):
 
 
 def test_holdout_indices_are_a_seeded_sorted_subset_of_the_right_size():
-  a = calibrate.holdout_indices(50, 0.2, seed=3)
+  a = data.holdout_indices(50, 0.2, seed=3)
   assert len(a) == 10 and np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() < 50
-  np.testing.assert_array_equal(a, calibrate.holdout_indices(50, 0.2, seed=3))
-  assert not np.array_equal(a, calibrate.holdout_indices(50, 0.2, seed=4))
-  assert len(calibrate.holdout_indices(7, 0.2, 0)) == 2  # ceil(1.4).
-  assert len(calibrate.holdout_indices(10, 0.7, 0)) == 7  # Not ceil(7.000000000000001) = 8.
-  np.testing.assert_array_equal(calibrate.holdout_indices(5, 1.0, 0), np.arange(5))
+  np.testing.assert_array_equal(a, data.holdout_indices(50, 0.2, seed=3))
+  assert not np.array_equal(a, data.holdout_indices(50, 0.2, seed=4))
+  assert len(data.holdout_indices(7, 0.2, 0)) == 2  # ceil(1.4).
+  assert len(data.holdout_indices(10, 0.7, 0)) == 7  # Not ceil(7.000000000000001) = 8.
+  np.testing.assert_array_equal(data.holdout_indices(5, 1.0, 0), np.arange(5))
 
 
 def test_refine_counts_are_powers_of_two_and_np_unless_configured():
@@ -148,7 +148,8 @@ def test_run_sweeps_every_np_and_k_and_writes_the_calibration(random_workdir, tm
   expected = {'num_patches': 4, 'refine_count': 1, 'threshold': None}
   assert saved['operating_point'] == expected
   assert min(points, key=lambda p: p['gflops'])['refine_count'] == 1
-  assert 'Operating point (dice_drop): Np=4, refine_count=1, threshold=None' in capsys.readouterr().out
+  assert ('Operating point (dice_drop): num_patches=4, refine_count=1, threshold=None'
+          in capsys.readouterr().out)
   assert checkpoints.operating_point(str(workdir)) == expected
 
 

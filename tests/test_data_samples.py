@@ -58,3 +58,22 @@ def test_samples_feed_the_pipeline(tmp_path):
   assert batch['image'].shape == (2, 1, HI, HI, 3) and batch['mask'].shape == (2, 1, HI, HI)
   names = [b['name'].tolist() for b in pipeline.eval_batches(data.load_split(config, 'test'), 4)]
   assert len(sum(names, [])) == 1
+
+
+@pytest.mark.parametrize('name, sizes', [
+    ('kitti', {'KITTI/000000_10.png': (370, 1224), 'KITTI/000001_10.png': (370, 1224)}),
+    ('ph2', {'PH2/IMD003.bmp': (574, 765), 'PH2/IMD004.bmp': (574, 765),
+             'PH2/IMD006.bmp': (574, 765)}),
+])
+def test_samples_at_native_resolution_keep_their_size_and_aspect(tmp_path, name, sizes):
+  from iterseg import settings  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny(**{'resolution': 'native', 'hi_size': 64, 'stage1_size': 8, 'num_patches': 2,
+                   'train.num_patches_list': (2,), 'native.bucket': 8, 'data.name': name,
+                   'data.manual_dir': str(SAMPLES), 'data.data_dir': str(tmp_path / 'tfds')})
+  spec = settings.from_config(config).data
+  data.prepare(spec)
+  examples = {e['name']: e for split in ('train', 'test') for e in data.load_split(spec, split)}
+  assert {n: e['mask'].shape for n, e in examples.items()} == sizes  # Not squashed.
+  for e in examples.values():
+    assert e['image'].shape[:2] == e['mask'].shape == tuple(e['original_size'])

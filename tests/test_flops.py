@@ -17,7 +17,7 @@ def test_xla_flops_agree_with_the_analytic_count_for_the_papers_unet_at_768():
 
 
 @pytest.mark.parametrize('size, in_channels', [(150, 4), (100, 3)])
-def test_analytic_count_matches_xla_on_padded_sizes(size, in_channels):
+def test_analytic_count_matches_xla_on_sizes_that_are_not_multiples(size, in_channels):
   net = models.UNet(num_classes=1, width=8, depth=4)
   x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
   params = jax.eval_shape(net.init, jax.random.key(0), x)['params']

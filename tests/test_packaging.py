@@ -19,10 +19,11 @@ LAYERS = [
     {'files', 'settings'},
     {'lock', 'models', 'losses', 'augment', 'data'},
     {'inference', 'state', 'plots'},
-    {'methods', 'metrics', 'report'},
+    {'methods', 'metrics', 'report', 'native'},
     {'flops', 'checkpoints'},
     {'hooks'},
-    {'train', 'evaluate', 'benchmark', 'predict'},
+    {'train', 'evaluate', 'predict', 'export'},
+    {'benchmark'},
     {'calibrate', 'ablation'},
     {'cli'},
 ]

@@ -235,21 +235,26 @@ def many_inputs(folder: Path, count: int, size=(24, 30)) -> Path:
   return folder
 
 
-def test_predict_reads_only_a_few_batches_ahead(trained_tiny, tmp_path, monkeypatch):
-  """Memory does not grow with the folder: when the first image is written, at most
-  (ahead + 1) batches have been read."""
+def test_predict_holds_only_a_few_batches_whatever_the_folder_size(trained_tiny, tmp_path,
+                                                                    monkeypatch):
+  """Memory does not grow with the folder: images read but not yet written never exceed the
+  `ahead` batches read ahead + the one in hand + 2 written behind (here 5 batches of 2 of 40)."""
   config, root = trained_tiny
   inputs = many_inputs(tmp_path / 'in', 40)
-  read, at_first_write = [], []
+  read, held = [], []
   real_read, real_save = predict.read_resized, predict.save_outputs
+
+  def save(*a, **k):
+    held.append(len(read) - len(held))  # Read so far minus written so far (this one included).
+    return real_save(*a, **k)
+
   monkeypatch.setattr(predict, 'read_resized', lambda *a: (read.append(1), real_read(*a))[1])
-  monkeypatch.setattr(predict, 'save_outputs',
-                      lambda *a, **k: (at_first_write.append(len(read)), real_save(*a, **k))[1])
+  monkeypatch.setattr(predict, 'save_outputs', save)
   config = set_fields(config.copy_and_resolve_references(), **{
       'predict.input': str(inputs), 'predict.output': str(tmp_path / 'out'), 'predict.batch_size': 2})
   result = predict.run(settings.from_config(config), str(root / 'run'))
-  assert len(result['images']) == 40 and len(read) == 40
-  assert at_first_write[0] <= (2 + 1) * 2  # ahead=2 batches queued beside the one in hand.
+  assert len(result['images']) == 40 and len(read) == 40 and len(held) == 40
+  assert max(held) <= (2 + 1 + 2) * 2
 
 
 def test_ctrl_c_stops_predict_writes_the_summary_and_skip_existing_goes_on(trained_tiny, tmp_path,

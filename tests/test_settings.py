@@ -6,10 +6,11 @@ import dataclasses
 import pytest
 
 from iterseg import settings
-from iterseg.configs import default, demo, kitti, ph2, retina, retina_vessels
+from iterseg.configs import (default, demo, kitti, kitti_native, native_demo, ph2, ph2_native,
+                              retina, retina_vessels)
 from tests.helpers import set_fields, tiny
 
-SHIPPED = [default, demo, ph2, retina, kitti, retina_vessels]  # Every file in configs/.
+SHIPPED = [default, demo, ph2, retina, kitti, retina_vessels, native_demo, kitti_native, ph2_native]  # Every file in configs/.
 
 # (field, bad value, words the message must hold). One case per checked field.
 BAD = [
@@ -129,15 +130,20 @@ def test_every_field_survives_the_round_trip_with_a_value_other_than_its_default
   """to_config(from_config(c)) == c for a config where every field differs from its default, so
   that no field is lost on the way to config.json."""
   other = {
-      'seed': 7, 'hi_size': 96, 'stage1_size': 24, 'num_classes': 3, 'num_patches': 4,
+      'seed': 7, 'resolution': 'native', 'hi_size': 96, 'stage1_size': 24, 'num_classes': 3, 'num_patches': 4,
       'refine_count': 3, 'score': 'margin', 'stage2_uses_coarse': False, 'threshold': 0.2,
       'halo': 2, 'refine_budget': 'batch', 'model.width': 6, 'model.depth': 2,
-      'model.input_norm': 'standardize', 'data.name': 'folder', 'data.manual_dir': '/m',
+      'model.input_norm': 'standardize', 'model.dtype': 'bfloat16', 'model.error_head': True,
+      'train.error_weight': 0.5, 'train.exclude_holdout': True, 'data.synthetic_kind': 'vessels',
+      'data.name': 'folder',
+      'data.manual_dir': '/m',
       'data.data_dir': '/d', 'data.split_seed': 5, 'data.train_fraction': 0.6,
-      'data.num_examples': 9, 'data.kitti_label_ids': (26,), 'train.networks': ('stage1',),
+      'data.num_examples': 9, 'data.kitti_label_ids': (26,), 'data.scale': 0.5,
+      'data.synthetic_sides': (64, 128), 'native.refine_fraction': 0.2, 'native.chunk': 8,
+      'native.bucket': 12, 'native.window': 64, 'native.overlap': 0.5, 'native.max_pixels': 10 ** 7, 'train.networks': ('stage1',),
       'train.batch_size': 3, 'train.learning_rate': 0.01, 'train.lr_schedule': 'cosine',
       'train.warmup_steps': 4, 'train.stage1_epochs': 2, 'train.stage2_epochs': 3,
-      'train.baseline_epochs': 4, 'train.num_patches_list': (2, 4), 'train.patch_sampling': 'top',
+      'train.baseline_epochs': 4, 'train.num_patches_list': (4,), 'train.patch_sampling': 'top',
       'train.stage2_init': 'stage1', 'train.focal_alpha': 0.5, 'train.focal_gamma': 1.0,
       'train.head_bias_prior': 0.1, 'train.flip': False, 'train.brightness_contrast': 0.2,
       'train.rotate': False, 'train.log_every': 3, 'train.checkpoint_every': 4,
@@ -148,7 +154,10 @@ def test_every_field_survives_the_round_trip_with_a_value_other_than_its_default
       'predict.skip_existing': True,
       'calibrate.holdout': 0.3, 'calibrate.refine_counts': (1, 2), 'calibrate.thresholds': (0.1,),
       'calibrate.target': 'latency', 'calibrate.max_dice_drop': 0.02,
-      'calibrate.latency_budget_ms': 5.0, 'ablation.features': ('halo',)}
+      'calibrate.latency_budget_ms': 5.0, 'calibrate.refine_fractions': (0.1, 0.4),
+      'benchmark.native_sides': (128, 256), 'ablation.features': ('halo',),
+      'export.batch_size': 2, 'export.platforms': ('cuda',), 'export.output': '/x',
+      'benchmark.peak_tflops': 100.0, 'benchmark.train': True}
   defaults = settings.known_fields()
   assert sorted(other) == sorted(defaults)  # Every field, once.
   assert all(other[k] != defaults[k] for k in other)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib
+import math
 import os
 from typing import Any
 
@@ -139,6 +140,30 @@ def load_split(spec, split: str) -> 'Examples':
     raise DataError(f'the prepared dataset {folder} cannot be read ({_short(e)}). '
                     f'{_reprepare(folder, spec)}') from e
   return Examples(source, folder, _reprepare(folder, spec))
+
+
+def holdout_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices [ceil(fraction * num_examples)], a seeded random subset of range(N): the share
+  of the train split that --mode=calibrate measures on (and train.exclude_holdout leaves out)."""
+  count = min(num_examples, math.ceil(round(fraction * num_examples, 9)))
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(num_examples, size=count, replace=False)).astype(np.int64)
+
+
+class Subset:
+  """The examples of `source` at `indices`, in order (a sequence, as the data sources are)."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, [int(i) for i in indices]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self.source[self.indices[index]]
+
+  def __iter__(self):
+    return (self.source[i] for i in self.indices)
 
 
 def _reprepare(folder: str, spec) -> str:

@@ -10,7 +10,8 @@ every dataset:
           folder at all) stays a DataError: that is a wrong layout, not a gap in the data.
   split   sorted case names -> `common.split_names` (np.random.default_rng(split_seed), 70/30 by default);
   resize  each image to hi_size x hi_size with a bilinear (area-like when shrinking) filter, each mask with
-          nearest neighbour, keeping the original (height, width);
+          nearest neighbour, keeping the original (height, width); at native resolution each keeps its
+          own size and aspect, times data.scale (variable-size examples);
   write   `tfds.features.Tensor` features (uint8, zlib), `file_format='array_record'`, read back with
           `builder.as_data_source(split)`. TFDS writes into a temporary `incomplete.*` folder that is renamed
           only when every split is complete, and removed when generation fails, so a failed prepare never
@@ -60,9 +61,10 @@ std_logging.getLogger('absl').addFilter(_HideCustomConfigWarning())
 class SegmentationConfig(tfds.core.BuilderConfig):
   """What the stored examples depend on (besides the raw files). Its `name` encodes all of it."""
 
-  hi_size: int = 768
+  hi_size: int = 768  # 0: native resolution (each image at its own size, times `scale`).
   split_seed: int = 123
   train_fraction: float = 0.7
+  scale: float = 1.0
 
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -101,14 +103,17 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   @classmethod
   def _config_fields(cls, spec) -> dict[str, Any]:
-    return dict(hi_size=spec.hi_size, split_seed=spec.split_seed, train_fraction=spec.train_fraction)
+    native = spec.resolution == 'native'
+    return dict(hi_size=0 if native else spec.hi_size, split_seed=spec.split_seed,
+                train_fraction=spec.train_fraction, scale=spec.scale if native else 1.0)
 
   @classmethod
   def _config_name(cls, spec) -> str:
-    return f'hi{spec.hi_size}_seed{spec.split_seed}_frac{spec.train_fraction:g}'
+    size = f'native_x{spec.scale:g}' if spec.resolution == 'native' else f'hi{spec.hi_size}'
+    return f'{size}_seed{spec.split_seed}_frac{spec.train_fraction:g}'
 
   def _info(self) -> tfds.core.DatasetInfo:
-    hi = self.builder_config.hi_size
+    hi = self.builder_config.hi_size or None  # None: native, every example its own size.
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.DESCRIPTION,
@@ -162,7 +167,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def load_example(self, name: str, case: Case) -> dict[str, Any]:
     """The stored example of one case (see the class docstring)."""
     return common.make_example(common.read_image(case.image), self.read_mask(case.mask), name=name,
-                               size=self.builder_config.hi_size, image_path=case.image,
+                               size=self.builder_config.hi_size or None,
+                               scale=self.builder_config.scale, image_path=case.image,
                                mask_path=case.mask)
 
   # --- Shared machinery -------------------------------------------------------------------------------

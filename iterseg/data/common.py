@@ -204,30 +204,40 @@ def read_label_map(path: Path) -> np.ndarray:
 # --- Resize -------------------------------------------------------------------------------------------
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [size, size, 3]: a square resize (aspect not kept, as in the paper) with Pillow's bilinear
-  filter, which widens its support when shrinking, so a downscale averages like an area filter."""
-  if image.shape[:2] == (size, size):
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+  """uint8 [h, w, 3] for size (h, w), or [size, size, 3] for an int (the paper's square, aspect not
+  kept), with Pillow's bilinear filter, which widens its support when shrinking, so a downscale
+  averages like an area filter."""
+  h, w = (size, size) if isinstance(size, int) else size
+  if image.shape[:2] == (h, w):
     return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+  return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [size, size]: nearest neighbour, so class ids stay class ids."""
-  if mask.shape == (size, size):
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
+  """uint8 [h, w] (or [size, size]): nearest neighbour, so class ids stay class ids."""
+  h, w = (size, size) if isinstance(size, int) else size
+  if mask.shape == (h, w):
     return mask
-  return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
+  return np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
 
 
-def make_example(image: np.ndarray, mask: np.ndarray, *, name: str, size: int,
-                 image_path: Path | str = '', mask_path: Path | str = '') -> dict:
-  """The stored example: both arrays resized to size x size, plus the original (height, width)."""
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+  """(height, width) times `scale`, rounded, at least 1 each: the aspect kept."""
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def make_example(image: np.ndarray, mask: np.ndarray, *, name: str, size: int | None,
+                 scale: float = 1.0, image_path: Path | str = '', mask_path: Path | str = '') -> dict:
+  """The stored example: both arrays resized to size x size (or, size None, to their own size times
+  `scale`, aspect kept), plus the original (height, width)."""
   if image.shape[:2] != mask.shape[:2]:
     raise DataError(f'image/mask size mismatch: {image_path} is {image.shape[1]}x{image.shape[0]} but '
                     f'{mask_path} is {mask.shape[1]}x{mask.shape[0]} (width x height)')
+  shape = (size, size) if size else scaled_size(*image.shape[:2], scale)
   return {
-      'image': resize_image(image, size),
-      'mask': resize_mask(mask, size),
+      'image': resize_image(image, shape),
+      'mask': resize_mask(mask, shape),
       'original_size': np.asarray(image.shape[:2], np.int32),
       'name': name,
   }

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import grain
@@ -88,16 +89,76 @@ def _closing(iterator: Iterator[Any]) -> Iterator[Any]:
     yield from iterator
 
 
+class Decoded:
+  """`source` (random access) with its decoded examples kept in memory up to `max_bytes`, the first
+  read ones first: a high-resolution image is decompressed once per run, not once per crop."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], max_bytes: int = 2 << 30):
+    self.source, self.max_bytes, self.kept, self.bytes = source, max_bytes, {}, 0
+    self.lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    with self.lock:
+      if index in self.kept:
+        return self.kept[index]
+    example = self.source[index]
+    size = sum(getattr(v, 'nbytes', 0) for v in example.values())
+    with self.lock:
+      if self.bytes + size <= self.max_bytes and index not in self.kept:
+        self.kept[index] = example
+        self.bytes += size
+    return example
+
+
+class Crops:
+  """`source` with each example a random crop of side x side (zero-padded where the image is
+  smaller): at native resolution, the fixed-size examples training needs. Half the crops (by a coin)
+  are centred on a random foreground pixel, the others anywhere (MONAI's RandCropByPosNegLabel,
+  pos = neg = 1), so that sparse detail is seen. The crop of example i in an epoch is a pure
+  function of (seed, epoch, i), so a resumed run sees the same crops."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], side: int, *, seed: int, epoch: int):
+    self.source, self.side, self.seed, self.epoch = source, side, seed, epoch
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self.source[int(index)]
+    rng = np.random.default_rng([self.seed, self.epoch, int(index), 17])
+    image, mask = example['image'], example['mask']
+    h, w = mask.shape
+    y = int(rng.integers(0, max(h - self.side, 0) + 1))
+    x = int(rng.integers(0, max(w - self.side, 0) + 1))
+    if rng.random() < 0.5:  # Centred on foreground, where there is some.
+      rows, cols = np.nonzero(mask[::4, ::4])
+      if len(rows):
+        pick = int(rng.integers(len(rows)))
+        y = int(np.clip(rows[pick] * 4 - self.side // 2, 0, max(h - self.side, 0)))
+        x = int(np.clip(cols[pick] * 4 - self.side // 2, 0, max(w - self.side, 0)))
+    out = {'image': np.zeros((self.side, self.side, 3), np.uint8),
+           'mask': np.zeros((self.side, self.side), mask.dtype)}
+    rows, cols = min(self.side, h - y), min(self.side, w - x)
+    out['image'][:rows, :cols] = image[y:y + rows, x:x + cols]
+    out['mask'][:rows, :cols] = mask[y:y + rows, x:x + cols]
+    return out
+
+
 def batches(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, epoch: int,
             start_batch: int = 0, shuffle: bool = True, num_local_devices: int | None = None,
             process_index: int | None = None, process_count: int | None = None,
-            drop_remainder: bool = True, prefetch: int = 2,
-            num_workers: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+            drop_remainder: bool = True, prefetch: int = 2, num_workers: int | None = None,
+            crop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's share of each global batch of one epoch, from batch `start_batch` on.
 
   Each item: {'image': uint8 [D, b, H, W, 3] in [0, 255], 'mask': uint8 [D, b, H, W]}, where
   D = num_local_devices (default jax.local_device_count()) and b = batch_size // (process_count * D).
   Images are uint8, not float32: scale them on the device (`image.astype(jnp.float32) / 255`).
+  With `crop` (native resolution), every example is first a random crop of that side (`Crops`).
   batch_size is the GLOBAL batch. There are len(source) // batch_size batches when drop_remainder; else
   ceil(len(source) / batch_size), the last completed with the first examples of the epoch's order so that
   every batch has the same shape. Batches are read by `num_workers` grain threads (default: up to 8; the
@@ -118,6 +179,8 @@ def batches(source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, epo
   if not 0 <= start_batch <= num_batches:
     raise ValueError(f'start_batch {start_batch} not in [0, {num_batches}] (batches in this epoch)')
 
+  if crop:
+    source = Crops(source, crop, seed=seed, epoch=epoch)
   ds = _in_epoch_order(grain.MapDataset.source(source), seed=seed, epoch=epoch, shuffle=shuffle)
   padding = num_batches * batch_size - len(source)
   if padding > 0:  # Complete the last batch with the first examples of the epoch's order.

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageDraw
 
+from iterseg.data import common
 from iterseg.data.builder import SegmentationBuilder, SegmentationConfig
 
 _ANGLES = 4096  # Resolution of the tabulated border radius r(theta).
@@ -123,10 +124,166 @@ def make_synthetic_example(rng: np.random.Generator | int, size: int,
   return {'image': np.clip(image, 0, 255).astype(np.uint8), 'mask': mask}
 
 
+def make_vessel_example(index: int, size: int) -> dict[str, np.ndarray]:
+  """One fundus-like scene (data.synthetic_kind='vessels'): {'image': uint8 [size, size, 3], 'mask':
+  uint8 [size, size] in {0, 1}}. A dark orange field of view, brighter at an optic disc from which
+  5-7 vessel trunks leave and fork three times, 3 -> 2 -> 1 px wide at any size (below one stage-1
+  pixel), a little darker than the background (about 5 % of the pixels at 256 px, RETINA's 7 %)."""
+  rng = np.random.default_rng([int(index), 11])
+  shape_rng, texture_rng = rng.spawn(2)
+  s = size
+  yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+  cx, cy, fov = s / 2, s / 2, 0.47 * s
+  inside = np.hypot(xx - cx, yy - cy) < fov
+  disc = np.array([cx + shape_rng.choice([-1, 1]) * shape_rng.uniform(0.18, 0.28) * s,
+                   cy + shape_rng.uniform(-0.08, 0.08) * s])
+  tone = np.array([150, 62, 28], np.float32) + shape_rng.uniform(-20, 20, 3)
+  shading = (1 - 0.35 * (np.hypot(xx - cx, yy - cy) / fov) ** 2
+             + 0.1 * _smooth_noise(shape_rng, s, 4))
+  glow = 60 * np.exp(-np.hypot(xx - disc[0], yy - disc[1]) ** 2 / (2 * (0.05 * s) ** 2))
+  image = tone * shading[..., None] + glow[..., None] * np.array([1.0, 0.9, 0.6], np.float32)
+
+  canvas = Image.new('L', (s, s), 0)
+  draw = ImageDraw.Draw(canvas)
+
+  def grow(start, heading, length, width, level):
+    points = _curve(shape_rng, start, heading, length)
+    draw.line([tuple(p) for p in points], fill=1, width=width, joint='curve')
+    if level < 3:
+      for at in shape_rng.uniform(0.3, 0.9, 2):
+        grow(points[int(at * (len(points) - 1))],
+             heading + shape_rng.choice([-1, 1]) * shape_rng.uniform(0.4, 1.0),
+             length * shape_rng.uniform(0.4, 0.7), max(width - 1, 1), level + 1)
+
+  for phi in np.linspace(0, 2 * np.pi, int(shape_rng.integers(5, 8)), endpoint=False):
+    grow(disc, phi + shape_rng.normal(0, 0.3), shape_rng.uniform(0.35, 0.6) * s, 3, 0)
+  vessels = np.asarray(canvas, dtype=bool) & inside
+  darker = 0.7 + 0.1 * _smooth_noise(texture_rng, s, max(s // 8, 4))
+  image = np.where(vessels[..., None], image * darker[..., None], image)
+  image += texture_rng.normal(0, 4, image.shape).astype(np.float32)  # Sensor noise.
+  image = np.where(inside[..., None], image, 0)
+  return {'image': np.clip(image, 0, 255).astype(np.uint8), 'mask': vessels.astype(np.uint8)}
+
+
+# --- High resolution (resolution='native') ------------------------------------------------------------
+
+_BAND = 512  # Rows rendered at a time: memory stays the image, its mask, and a band.
+
+
+def _field_band(grid: np.ndarray, cell: float, y0: int, y1: int, width: int) -> np.ndarray:
+  """float32 [y1 - y0, width]: rows y0..y1 of `grid` bilinearly upsampled by `cell` px per grid
+  point (a band of one smooth field, seamless with its neighbours)."""
+  pil = Image.fromarray(grid.astype(np.float32), mode='F')
+  box = (0.0, y0 / cell, width / cell, y1 / cell)
+  return np.asarray(pil.resize((width, y1 - y0), Image.Resampling.BILINEAR, box=box))
+
+
+def highres_scene(index: int, height: int, width: int) -> dict:
+  """The layout of high-resolution scene `index`: lesions (centre, radius, border, colours) and
+  vessel polylines, in pixels. Detail has the same pixel scale at any size (ragged borders with
+  4-14 px teeth, 2-3 px vessels) and the same density: a larger image holds more of it (about 0.4
+  lesions per megapixel, at least one, radii 100-400 px, vessels leaving each, and 0.5 free curves
+  per megapixel), so that most of a large image is plain and its detail a thin part of it."""
+  rng = np.random.default_rng([int(index), height, width])
+  shape_rng, texture_rng = rng.spawn(2)
+  area = height * width / 2 ** 20
+  count = max(1, int(shape_rng.poisson(0.4 * area)))
+  lesions = []
+  for _ in range(count):
+    radius = float(shape_rng.uniform(100, 400))
+    cx, cy = shape_rng.uniform(0, width), shape_rng.uniform(0, height)
+    lesions.append({'centre': (cx, cy), 'radius': radius,
+                    'border': _border_radius(shape_rng, texture_rng, radius),
+                    'brown': np.array([112, 70, 52], np.float32) + shape_rng.uniform(-15, 15, 3),
+                    'seed': int(shape_rng.integers(2 ** 31))})
+  curves = []
+  for lesion in lesions:  # Vessel-like curves leaving each lesion, and a few free ones.
+    cx, cy = lesion['centre']
+    for _ in range(int(shape_rng.integers(2, 5))):
+      phi = shape_rng.uniform(0, 2 * np.pi)
+      r = lesion['border'][int(phi / (2 * np.pi) * _ANGLES) % _ANGLES] - 6
+      start = np.array([cx + r * np.cos(phi), cy + r * np.sin(phi)])
+      curves.append(_curve(shape_rng, start, phi + shape_rng.normal(0, 0.3),
+                           shape_rng.uniform(0.8, 2.0) * lesion['radius']))
+  for _ in range(int(shape_rng.poisson(0.5 * area))):
+    start = shape_rng.uniform(0, 1, 2) * (width, height)
+    curves.append(_curve(shape_rng, start, shape_rng.uniform(0, 2 * np.pi),
+                         shape_rng.uniform(150, 450)))
+  return {'lesions': lesions, 'curves': curves, 'widths': shape_rng.integers(2, 4, len(curves)),
+          'skin': np.array([214, 168, 140], np.float32) + shape_rng.uniform(-18, 18, 3),
+          'red': np.array([128, 32, 40], np.float32) + shape_rng.uniform(-12, 12, 3),
+          'seed': int(shape_rng.integers(2 ** 31))}
+
+
+def make_highres_example(index: int, height: int, width: int, num_classes: int = 1) -> dict:
+  """One high-resolution scene: {'image': uint8 [height, width, 3], 'mask': uint8 [height, width]}
+  (binary, or lesion 1 / vessels 2 for num_classes >= 3). A pure function of (index, height,
+  width), rendered band by band: a 16384 x 16384 scene takes the image, its mask and a band."""
+  scene = highres_scene(index, height, width)
+  seed = scene['seed']
+  grid_rng = np.random.default_rng([seed, 0])
+  shading = grid_rng.standard_normal((height // 256 + 2, width // 256 + 2))
+  grain = grid_rng.standard_normal((height // 3 + 2, width // 3 + 2)).astype(np.float32)
+  image = np.empty((height, width, 3), np.uint8)
+  tone = np.array([1.0, 0.9, 0.8], np.float32)
+  for y0 in range(0, height, _BAND):  # Skin: tone, slow shading, fine grain, sensor noise.
+    y1 = min(y0 + _BAND, height)
+    band_rng = np.random.default_rng([seed, 1, y0])
+    light = _field_band(shading, 256, y0, y1, width)[..., None] * 10
+    fine = _field_band(grain, 3, y0, y1, width)[..., None] * 5 * tone
+    noise = band_rng.normal(0, 5, (y1 - y0, width, 3)).astype(np.float32)
+    image[y0:y1] = np.clip(scene['skin'] + light + fine + noise, 0, 255).astype(np.uint8)
+
+  lesion_mask = np.zeros((height, width), bool)
+  for lesion in scene['lesions']:  # Each lesion inside its own bounding box.
+    cx, cy = lesion['centre']
+    reach = float(lesion['border'].max()) + 2
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, width)
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, height)
+    if x0 >= x1 or y0 >= y1:
+      continue
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
+    dx, dy = xx - cx, yy - cy
+    index_ = ((np.arctan2(dy, dx) % (2 * np.pi)) * (_ANGLES / (2 * np.pi))).astype(np.int64)
+    blob = np.hypot(dx, dy) < lesion['border'][index_ % _ANGLES]
+    rng = np.random.default_rng(lesion['seed'])
+    depth = np.clip(np.hypot(dx, dy) / lesion['radius'], 0, 1)[..., None]
+    spots = rng.standard_normal(((y1 - y0) // 6 + 2, (x1 - x0) // 6 + 2))
+    globules = (_field_band(spots, 6, 0, y1 - y0, x1 - x0) > 1.0)[..., None]
+    colour = (lesion['brown'] * (0.8 + 0.25 * depth) - 25 * globules +
+              rng.normal(0, 5, (y1 - y0, x1 - x0, 3)))
+    region = image[y0:y1, x0:x1]
+    region[blob] = np.clip(colour[blob], 0, 255).astype(np.uint8)
+    lesion_mask[y0:y1, x0:x1] |= blob
+
+  canvas = Image.new('L', (width, height), 0)
+  draw = ImageDraw.Draw(canvas)
+  for points, line_width in zip(scene['curves'], scene['widths']):
+    draw.line([tuple(p) for p in points], fill=1, width=int(line_width), joint='curve')
+  vessels = np.asarray(canvas, dtype=bool)
+  del canvas, draw
+  mask = np.zeros((height, width), np.uint8)
+  red_rng = np.random.default_rng([seed, 2])
+  for y0 in range(0, height, _BAND):
+    y1 = min(y0 + _BAND, height)
+    v = vessels[y0:y1] & ~lesion_mask[y0:y1]
+    count = int(v.sum())
+    if count:
+      image[y0:y1][v] = np.clip(scene['red'] + red_rng.normal(0, 5, (count, 3)), 0, 255).astype(
+          np.uint8)
+    if num_classes >= 3:
+      mask[y0:y1] = lesion_mask[y0:y1] + 2 * v
+    else:
+      mask[y0:y1] = lesion_mask[y0:y1] | v
+  return {'image': image, 'mask': mask}
+
+
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(SegmentationConfig):
   num_examples: int = 200
   num_classes: int = 1
+  sides: tuple[int, int] = (1024, 2048)  # Native: height and width drawn in this range.
+  kind: str = 'lesions'  # Or 'vessels' (square): make_vessel_example.
 
 
 class Synthetic(SegmentationBuilder, skip_registration=True):
@@ -140,20 +297,42 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
   @classmethod
   def _config_fields(cls, spec):
     return dict(super()._config_fields(spec), num_examples=spec.num_examples,
-                num_classes=spec.num_classes)
+                num_classes=spec.num_classes, sides=tuple(spec.synthetic_sides),
+                kind=spec.synthetic_kind)
 
   @classmethod
   def _config_name(cls, spec):
     classes = f'_classes{spec.num_classes}' if spec.num_classes >= 3 else ''
-    return f'{super()._config_name(spec)}_n{spec.num_examples}{classes}'
+    sides = (f'_sides{spec.synthetic_sides[0]}-{spec.synthetic_sides[1]}'
+             if spec.resolution == 'native' else '')
+    kind = '_vessels' if spec.synthetic_kind == 'vessels' else ''
+    return f'{super()._config_name(spec)}_n{spec.num_examples}{classes}{sides}{kind}'
 
   def find_cases(self) -> dict[str, int]:
     return {f'synthetic/{i:05d}': i for i in range(self.builder_config.num_examples)}
 
   def load_example(self, name: str, case: int) -> dict:
-    size = self.builder_config.hi_size
-    example = make_synthetic_example(case, size, self.builder_config.num_classes)
-    return dict(example, original_size=np.array([size, size], np.int32), name=name)
+    config = self.builder_config
+    if config.hi_size and config.kind == 'vessels':
+      example = make_vessel_example(case, config.hi_size)
+    elif config.hi_size:  # The paper's protocol: the low-resolution scenes, square.
+      example = make_synthetic_example(case, config.hi_size, config.num_classes)
+    else:  # Native: a high-resolution scene of its own size (scaled, if asked).
+      height, width = native_size(case, config.sides)
+      example = make_highres_example(case, height, width, config.num_classes)
+      if config.scale != 1.0:
+        example = common.make_example(example['image'], example['mask'], name=name, size=None,
+                                      scale=config.scale)
+    h, w = example['mask'].shape
+    return dict(image=example['image'], mask=example['mask'],
+                original_size=np.array([h, w], np.int32), name=name)
+
+
+def native_size(index: int, sides) -> tuple[int, int]:
+  """(height, width) of native synthetic example `index`, each in [sides[0], sides[1]]."""
+  rng = np.random.default_rng([int(index), 7])
+  low, high = int(sides[0]), int(sides[1])
+  return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
 
 
 Builder = Synthetic  # What iterseg.data.make_builder builds for config.data.name='synthetic'.

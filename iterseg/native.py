@@ -1,0 +1,504 @@
+"""Two-stage segmentation of an image of any size, in bounded memory (resolution='native').
+
+  image [H, W, 3] uint8 --mean of f x f blocks (host)--> thumbnail [h, w, 3], padded to a
+  bucket --stage 1--> low-resolution probabilities [h, w, C] --mean uncertainty of each tile's
+  (T/f)^2 low-res pixels--> the least confident tiles (native.refine_fraction, threshold)
+  --stage 2 on chunks of native.chunk tiles of T + 2 halo px, with the coarse probabilities
+  upsampled for each--> the tiles' probabilities
+  output [H, W, C] float32: the coarse probabilities upsampled (`inference.bilinear`) in bands of
+  rows, the refined tiles written over them.
+
+f = hi_size / stage1_size and T = hi_size / num_patches, the geometry stage 1 and stage 2 were
+trained at (on crops of hi_size). No U-Net activation ever has the image's size: memory is the
+image, the output and a working set of one band and one chunk. The compute follows the tiles
+refined: stage 2 runs ceil(tiles / chunk) times. Each function is compiled once per size bucket
+(stage 1's padded input, the bands' padded width), not per image size; `Compiled` counts them.
+
+`sliding_window` is the fair dense reference at the same scale: the baseline U-Net on overlapping
+windows averaged, as MONAI's `sliding_window_inference` does (mode 'constant').
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iterseg import inference, models
+from iterseg.errors import InputError
+from iterseg.models import Networks
+from iterseg.settings import NativeSpec
+
+BAND_ROWS = 512  # Rows of the output made by one call (the coarse map, upsampled).
+
+
+@dataclasses.dataclass
+class NativePrediction:
+  """What native two-stage inference returns for one image of H x W.
+
+  probs:   [H, W, C] float32, stage 1 upsampled everywhere, stage 2 in the refined tiles.
+  coarse:  [ceil(H/f), ceil(W/f), C] float32, stage 1's own (low-resolution) probabilities.
+  scores:  [gh, gw] tile uncertainty (gh = ceil(H/T)); higher = less sure.
+  refined: [gh, gw] bool, the tiles stage 2 recomputed.
+  stats:   {'tiles', 'refined', 'stage2_calls', 'gflops' (what ran: stage 1, every stage-2 call,
+           the bands), 'seconds': {'stage1', 'stage2', 'bands'}}.
+  """
+  probs: np.ndarray
+  coarse: np.ndarray
+  scores: np.ndarray
+  refined: np.ndarray
+  stats: dict
+
+
+class Compiled:
+  """A jitted function compiled ahead of time once per input shape (a size bucket): its executables
+  and XLA's FLOPs per call, shared by every NativeModel of the same NativeSpec (`steps`)."""
+
+  def __init__(self, fn, **static):
+    self.fn, self.static, self.cache = fn, static, {}
+
+  def key(self, *args) -> tuple:
+    return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(args))
+
+  def __call__(self, *args):
+    key = self.key(*args)
+    if key not in self.cache:
+      compiled = jax.jit(self.fn, static_argnames=tuple(self.static)).lower(
+          *args, **self.static).compile()
+      analysis = compiled.cost_analysis()
+      flops = float(analysis.get('flops', 0.0)) if isinstance(analysis, dict) else 0.0
+      self.cache[key] = (compiled, flops)
+    compiled, flops = self.cache[key]
+    return compiled(*args), flops
+
+
+
+class _Used:
+  """One NativeModel's view of a shared Compiled: counts the shapes this model needed."""
+
+  def __init__(self, compiled: Compiled):
+    self.compiled, self.keys = compiled, set()
+
+  def __call__(self, *args):
+    self.keys.add(self.compiled.key(*args))
+    return self.compiled(*args)
+
+  @property
+  def compiles(self) -> int:
+    return len(self.keys)
+
+
+@functools.lru_cache(maxsize=16)
+def steps(nspec: NativeSpec) -> dict:
+  """The compiled steps of one NativeSpec, made once per process: {'stage1', 'stage2', 'window',
+  'band'} (they depend on shapes and the spec, not on the parameters' values)."""
+  return {'stage1': Compiled(_stage1, nspec=nspec), 'stage2': Compiled(_stage2, nspec=nspec),
+          'window': Compiled(_window, nspec=nspec), 'band': Compiled(_band, nspec=nspec)}
+
+
+# --- The steps, each jitted per bucket ------------------------------------------------------------
+
+
+def _normalize(x, stats, spec):
+  """x [..., 3] in [0, 1] as every network sees it; stats: per-channel (mean, std) of the image."""
+  if spec.input_norm == 'standardize':
+    return (x - stats[0]) / (stats[1] + 1e-3)
+  return x
+
+
+def _stage1(params, thumb, stats, size, *, nspec: NativeSpec):
+  """thumb [bh, bw, 3] (the thumbnail [h, w] padded to a bucket; size = (h, w)) -> (low-resolution
+  probabilities [bh, bw, C], the rows and columns past (h, w) repeating the last ones, so that
+  every upsampling near the image's edge sees its own border; tile scores [bh / cell, bw / cell]).
+  """
+  spec = nspec.spec
+  logits = models.unet(spec, 'stage1').apply({'params': params},
+                                             _normalize(thumb, stats, spec)[None])
+  probs = inference.stage1_outputs(logits, spec)[0]
+  rows = jnp.minimum(jnp.arange(probs.shape[0]), size[0] - 1)
+  cols = jnp.minimum(jnp.arange(probs.shape[1]), size[1] - 1)
+  low = probs[rows][:, cols]
+  cell = spec.patch_size // spec.downscale
+  scores = inference.grid_scores(low[None] if spec.score == 'learned' else
+                                 low[None, ..., :spec.num_classes], cell, spec.score)[0]
+  return low[..., :spec.num_classes], scores
+
+
+def _band(rows, offset, *, nspec: NativeSpec):
+  """rows [L, bw, C]: low-resolution rows around a band; offset: the band's first row, in native
+  px from rows' first -> the band at full resolution [BAND_ROWS, bw * f, C]."""
+  f = nspec.spec.downscale
+  return inference.bilinear(rows, f, offset, 0, BAND_ROWS, rows.shape[1] * f)
+
+
+def _stage2(params, tiles, valid, patches, offsets, stats, *, nspec: NativeSpec):
+  """Stage 2 on a chunk: tiles [K, S, S, 3] uint8 with their halo (S = T + 2 halo), valid [K, S, S]
+  (inside the image), patches [K, L, L, C] the low-resolution probabilities around each and
+  offsets [K, 2] of the tile in them (native px) -> probabilities of the tile centres [K, T, T, C].
+  The shapes depend on the chunk only: one compilation serves every image."""
+  spec = nspec.spec
+  side = tiles.shape[1]
+  x = _normalize(inference.as_float(tiles), stats, spec)
+  if spec.stage2_uses_coarse:
+    coarse = jax.vmap(lambda p, o: inference.bilinear(p, spec.downscale, o[0], o[1], side, side))(
+        patches, offsets)
+    x = jnp.concatenate([x, coarse], -1)
+  x = x * valid[..., None]  # Zeros past the image's border, as `inference.cut` pads.
+  return models.probabilities(inference.stage2_logits(params, x, spec))
+
+
+def _window(params, windows, valid, stats, *, nspec: NativeSpec):
+  """The baseline on windows [K, R, R, 3] uint8 -> probabilities [K, R, R, C]."""
+  x = _normalize(inference.as_float(windows), stats, nspec.spec) * valid[..., None]
+  return models.probabilities(models.unet(nspec.spec).apply({'params': params}, x))
+
+
+# --- On the host ----------------------------------------------------------------------------------
+
+
+def thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
+  """float32 [ceil(H/f), ceil(W/f), 3] in [0, 1]: the mean of each f x f block of the uint8 image
+  (of the pixels there are, in the last row and column of blocks), as training downscales its crops.
+  Integer sums of contiguous rows, then strided adds of columns, in bands: 2.5x faster than Pillow's
+  reduce and 15x faster than a float mean over reshaped blocks, with a band's worth of memory."""
+  h, w = image.shape[:2]
+  out = np.empty((-(-h // factor), -(-w // factor), 3), np.float32)
+  whole = w // factor * factor
+  step = 64 * factor
+  for y0 in range(0, h, step):
+    band = image[y0:y0 + step]
+    full = band.shape[0] // factor * factor
+    rows_dtype = np.uint16 if factor <= 257 else np.uint32  # f rows of uint8 fit in 16 bits.
+    parts = [(band[:full].reshape(-1, factor, w, 3).sum(1, dtype=rows_dtype), factor)] if full else []
+    if band.shape[0] > full:  # The last, partial row of blocks.
+      parts.append((band[full:].sum(0, dtype=rows_dtype)[None], band.shape[0] - full))
+    row = y0 // factor
+    for sums, rows in parts:
+      n = len(sums)
+      if whole:
+        acc = sums[:, 0:whole:factor].astype(np.uint32)
+        for k in range(1, factor):  # Strided adds: 3x faster than a reshaped sum.
+          acc += sums[:, k:whole:factor]
+        out[row:row + n, :w // factor] = acc * np.float32(1 / (rows * factor))
+      if w > whole:
+        out[row:row + n, -1] = sums[:, whole:].sum(1, dtype=np.uint32) * np.float32(
+            1 / (rows * (w - whole)))
+      row += n
+  out *= np.float32(1 / 255)
+  return out
+
+
+def _cut(image: np.ndarray, y: int, x: int, side: int):
+  """(uint8 [side, side, 3], bool [side, side]): image[y:y + side, x:x + side], zeros outside."""
+  h, w = image.shape[:2]
+  tile = np.zeros((side, side, 3), np.uint8)
+  valid = np.zeros((side, side), bool)
+  y0, y1, x0, x1 = max(y, 0), min(y + side, h), max(x, 0), min(x + side, w)
+  if y0 < y1 and x0 < x1:
+    tile[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1]
+    valid[y0 - y:y1 - y, x0 - x:x1 - x] = True
+  return tile, valid
+
+
+def _bucket(n: int, bucket: int) -> int:
+  return -(-n // bucket) * bucket
+
+
+def _around(low: np.ndarray, start: int, side: int, factor: int):
+  """(indices [L] of the low-resolution rows (or columns) that native px start .. start + side
+  interpolate from, clipped to the map, with L = ceil(side / f) + 3; the offset of `start` from
+  the first of them, in native px, in [f, 2f))."""
+  first = start // factor - 1
+  count = -(-side // factor) + 3
+  return np.clip(np.arange(first, first + count), 0, low.shape[0] - 1), start - first * factor
+
+
+def memory_available() -> int:
+  """Bytes this process can still allocate (Linux MemAvailable; else half the physical memory)."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
+
+
+def check_fits(height: int, width: int, nspec: NativeSpec, *, decoded: bool = True,
+               extra_per_pixel: int = 0) -> None:
+  """InputError, before any work, if an image of height x width cannot be segmented here: above
+  native.max_pixels, or its output (float32 probabilities; plus the decoded image when `decoded` is
+  False, i.e. still to be read) would not fit in the free memory with a working set."""
+  pixels = height * width
+  channels = nspec.spec.num_classes
+  per_pixel = 4 * channels + extra_per_pixel + (0 if decoded else 3)
+  working = 256 * 2 ** 20 + BAND_ROWS * width * 4 * (channels + 3)
+  needed = pixels * per_pixel + working
+  limit = nspec.max_pixels
+  free = memory_available()
+  fits = limit if limit else max((free - working) // per_pixel, 0)
+  if (limit and pixels > limit) or (not limit and needed > free):
+    raise InputError(
+        f'an image of {width} x {height} ({pixels / 1e6:.0f} Mpx) needs about {needed / 2 ** 30:.1f} '
+        f'GB for its {channels}-class probabilities{"" if decoded else " and its pixels"}; '
+        f'{"config.native.max_pixels allows" if limit else f"{free / 2 ** 30:.1f} GB are free, enough for"} '
+        f'about {fits / 1e6:.0f} Mpx: segment it in parts, or free memory.')
+
+
+# --- The method -----------------------------------------------------------------------------------
+
+
+class NativeModel:
+  """Stage 1 and a stage 2 (and the baseline, for `sliding_window`) with their compiled steps.
+
+    model = NativeModel(nets, s.native_spec)      # nets: Networks with stage 1 and stage 2 at Np
+    pred = model.two_stage(image)                 # image: uint8 [H, W, 3], any H x W
+    probs = model.sliding_window(image)           # the dense reference, [H, W, C]
+  """
+
+  def __init__(self, nets: Networks, nspec: NativeSpec):
+    spec = nspec.spec
+    self.nspec, self.nets = nspec, nets
+    self.stage2_params = None
+    if nets.stage1 is not None and spec.num_patches in nets.stage2:
+      self.stage2_params = nets.stage2[spec.num_patches]
+    shared = steps(nspec)
+    self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
+    self.window, self.band = _Used(shared['window']), _Used(shared['band'])
+
+  @property
+  def compiles(self) -> int:
+    """Compilations this model's images need (a fresh process makes them once): stage 1 per
+    (height, width) bucket, the bands per width bucket, stage 2 and the dense windows once each."""
+    return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
+            self.band.compiles)
+
+  def warm(self, height: int, width: int) -> float:
+    """Compiles stage 1 and the bands for an image of height x width (its buckets) without running
+    the method; the seconds it took (0 when compiled before)."""
+    nspec, f = self.nspec, self.nspec.spec.downscale
+    bh, bw = _bucket(-(-height // f), nspec.bucket), _bucket(-(-width // f), nspec.bucket)
+    start = time.perf_counter()
+    (low, _), _ = self.stage1(self.nets.stage1, jnp.zeros((bh, bw, 3), jnp.float32),
+                              jnp.zeros((2, 3), jnp.float32), jnp.asarray([1, 1], jnp.int32))
+    rows, _ = _around(np.zeros((bh, 1)), 0, BAND_ROWS, f)
+    self.band(jnp.zeros((len(rows), bw, nspec.spec.num_classes), jnp.float32),
+              jnp.asarray(0, jnp.int32))
+    return time.perf_counter() - start
+
+  def _stats(self, thumb: np.ndarray) -> np.ndarray:
+    return np.stack([thumb.mean((0, 1)), thumb.std((0, 1))]).astype(np.float32)
+
+  def low_resolution(self, image: np.ndarray):
+    """Stage 1 on the image's thumbnail: (image stats [2, 3], low-resolution probabilities
+    [bh, bw, C] (bucket-padded), tile scores [bh / cell, bw / cell], h, w, seconds, FLOPs)."""
+    spec, nspec = self.nspec.spec, self.nspec
+    start = time.perf_counter()
+    thumb = thumbnail(image, spec.downscale)
+    h, w = thumb.shape[:2]
+    bh, bw = _bucket(h, nspec.bucket), _bucket(w, nspec.bucket)
+    padded = np.zeros((bh, bw, 3), np.float32)
+    padded[:h, :w] = thumb
+    stats = self._stats(thumb)
+    (low, scores), flops = self.stage1(self.nets.stage1, jnp.asarray(padded), jnp.asarray(stats),
+                                       jnp.asarray([h, w], jnp.int32))
+    low = np.asarray(low)  # Small: the image / f^2.
+    return stats, low, scores, h, w, time.perf_counter() - start, flops
+
+  def coarse_into(self, out: np.ndarray, low: np.ndarray) -> tuple:
+    """out [H, W, C] <- the coarse map (low [bh, bw, C]) upsampled, in bands of BAND_ROWS rows;
+    (seconds, flops). One compilation per bucket width."""
+    height, width = out.shape[:2]
+    f = self.nspec.spec.downscale
+    start, flops = time.perf_counter(), 0.0
+    for y0 in range(0, height, BAND_ROWS):
+      rows, offset = _around(low, y0, BAND_ROWS, f)
+      band, call = self.band(jnp.asarray(low[rows]), jnp.asarray(offset, jnp.int32))
+      flops += call
+      n = min(BAND_ROWS, height - y0)
+      out[y0:y0 + n] = np.asarray(band)[:n, :width]
+    return time.perf_counter() - start, flops
+
+  def two_stage(self, image: np.ndarray, *, refine_fraction: Optional[float] = None,
+                threshold: Any = 'config', stop=None) -> Optional[NativePrediction]:
+    """Two-stage segmentation of one image uint8 [H, W, 3] (see the module docstring).
+
+    refine_fraction and threshold override native.refine_fraction and the config's threshold
+    (None: no threshold); the tiles refined are the ceil(fraction * tiles) least confident, less
+    those scoring below the threshold. `stop`, a callable, is asked between stage-2 chunks: when it
+    says True, None is returned at once.
+    """
+    if self.stage2_params is None:
+      raise InputError(f'native two-stage inference needs stage 1 and stage 2 at '
+                       f'Np={self.nspec.spec.num_patches}; the networks have {self.nets.names()}.')
+    image = _as_uint8(image)
+    nspec, spec = self.nspec, self.nspec.spec
+    height, width = image.shape[:2]
+    check_fits(height, width, nspec)
+    fraction = nspec.refine_fraction if refine_fraction is None else refine_fraction
+    threshold = spec.threshold if threshold == 'config' else threshold
+    stats, low, scores, h, w, s1_seconds, s1_flops = self.low_resolution(image)
+
+    tile = spec.patch_size
+    gh, gw = -(-height // tile), -(-width // tile)
+    scores = np.asarray(scores)[:gh, :gw]
+    order = np.argsort(-scores.reshape(-1), kind='stable')
+    chosen = order[:math.ceil(fraction * gh * gw)]
+    if threshold is not None:
+      chosen = chosen[scores.reshape(-1)[chosen] >= threshold]
+    refined = np.zeros(gh * gw, bool)
+    refined[chosen] = True
+
+    out = np.empty((height, width, spec.num_classes), np.float32)
+    band_seconds, band_flops = self.coarse_into(out, low)
+    start, s2_flops, calls = time.perf_counter(), 0.0, 0
+    side, halo, k, f = spec.stage2_side, spec.halo, nspec.chunk, spec.downscale
+    span = -(-side // f) + 3
+    margin = halo // f + 2  # Low-res rows a tile's patch may start above the map (edge values).
+    padded = np.pad(low, ((margin, margin + span), (margin, margin + span), (0, 0)), mode='edge')
+    for c0 in range(0, len(chosen), k):
+      if stop is not None and stop():
+        return None
+      cells = chosen[c0:c0 + k]
+      tiles = np.zeros((k, side, side, 3), np.uint8)
+      valid = np.zeros((k, side, side), bool)
+      patches = np.zeros((k, span, span, spec.num_classes), np.float32)
+      offsets = np.zeros((k, 2), np.int32)
+      for i, cell_index in enumerate(cells):
+        r, c = divmod(int(cell_index), gw)
+        y, x = r * tile - halo, c * tile - halo
+        if 0 <= y and y + side <= height and 0 <= x and x + side <= width:
+          tiles[i], valid[i] = image[y:y + side, x:x + side], True  # Most tiles: a plain slice.
+        else:
+          tiles[i], valid[i] = _cut(image, y, x, side)
+        ty, tx = y // f - 1, x // f - 1  # The patch's first low-res row and column (see _around).
+        patches[i] = padded[ty + margin:ty + margin + span, tx + margin:tx + margin + span]
+        offsets[i] = (y - ty * f, x - tx * f)
+      probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
+                                jnp.asarray(patches), jnp.asarray(offsets), jnp.asarray(stats))
+      probs = np.asarray(probs)
+      s2_flops += call
+      calls += 1
+      for i, cell_index in enumerate(cells):
+        r, c = divmod(int(cell_index), gw)
+        y, x = r * tile, c * tile
+        out[y:y + tile, x:x + tile] = probs[i, :min(tile, height - y), :min(tile, width - x)]
+    s2_seconds = time.perf_counter() - start
+    return NativePrediction(
+        probs=out, coarse=low[:h, :w], scores=scores, refined=refined.reshape(gh, gw),
+        stats={'tiles': gh * gw, 'refined': int(len(chosen)), 'stage2_calls': calls,
+               'gflops': {'stage1': s1_flops / 1e9, 'stage2': s2_flops / 1e9,
+                          'bands': band_flops / 1e9},
+               'seconds': {'stage1': s1_seconds, 'stage2': s2_seconds, 'bands': band_seconds}})
+
+  def stage1_only(self, image: np.ndarray) -> NativePrediction:
+    """Stage 1 alone, upsampled to the image's size: probs [H, W, C] float32."""
+    image = _as_uint8(image)
+    check_fits(*image.shape[:2], self.nspec)
+    _, low, _, h, w, s1_seconds, s1_flops = self.low_resolution(image)
+    out = np.empty((*image.shape[:2], self.nspec.spec.num_classes), np.float32)
+    band_seconds, band_flops = self.coarse_into(out, low)
+    return NativePrediction(probs=out, coarse=low[:h, :w], scores=None, refined=None, stats={
+        'gflops': {'stage1': s1_flops / 1e9, 'bands': band_flops / 1e9},
+        'seconds': {'stage1': s1_seconds, 'bands': band_seconds}})
+
+  def sliding_window(self, image: np.ndarray, *, batch: int = 8) -> NativePrediction:
+    """The baseline U-Net on windows of native.window px overlapping by native.overlap, each pixel
+    the mean of the windows over it (MONAI's sliding_window_inference, mode 'constant'); probs
+    [H, W, C] float32 (coarse, scores and refined None). Image statistics (input_norm) are the whole
+    image's, as in two_stage."""
+    if self.nets.baseline is None:
+      raise InputError(f'the dense reference needs the baseline; the networks have '
+                       f'{self.nets.names()}.')
+    image = _as_uint8(image)
+    nspec = self.nspec
+    height, width = image.shape[:2]
+    check_fits(height, width, nspec, extra_per_pixel=1)
+    side = nspec.window_side
+    stats = self._stats(thumbnail(image, nspec.spec.downscale))
+    corners = [(y, x) for y in _starts(height, side, nspec.overlap)
+               for x in _starts(width, side, nspec.overlap)]
+    out = np.zeros((height, width, nspec.spec.num_classes), np.float32)
+    count = np.zeros((height, width), np.uint8)
+    start, flops = time.perf_counter(), 0.0
+    for c0 in range(0, len(corners), batch):
+      chunk = corners[c0:c0 + batch]
+      windows = np.zeros((batch, side, side, 3), np.uint8)
+      valid = np.zeros((batch, side, side), bool)
+      for i, (y, x) in enumerate(chunk):
+        windows[i], valid[i] = _cut(image, y, x, side)
+      probs, call = self.window(self.nets.baseline, jnp.asarray(windows), jnp.asarray(valid),
+                                jnp.asarray(stats))
+      probs = np.asarray(probs)
+      flops += call
+      for i, (y, x) in enumerate(chunk):
+        rows, cols = min(side, height - y), min(side, width - x)
+        out[y:y + rows, x:x + cols] += probs[i, :rows, :cols]
+        count[y:y + rows, x:x + cols] += 1
+    out /= count[..., None]
+    return NativePrediction(probs=out, coarse=None, scores=None, refined=None, stats={
+        'windows': len(corners), 'gflops': {'dense': flops / 1e9},
+        'seconds': {'dense': time.perf_counter() - start}})
+
+
+def _starts(size: int, side: int, overlap: float) -> list:
+  """Window starts along one axis: every round(side * (1 - overlap)) px, the last flush with the end."""
+  if size <= side:
+    return [0]
+  step = max(1, round(side * (1 - overlap)))
+  starts = list(range(0, size - side + 1, step))
+  return starts if starts[-1] == size - side else starts + [size - side]
+
+
+def _as_uint8(image) -> np.ndarray:
+  """uint8 [H, W, 3] from uint8, or floats in [0, 1] (InputError for anything else)."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
+    raise InputError(f'an image must be [H, W, 3] (any H x W), got shape {image.shape}.')
+  if image.dtype == np.uint8:
+    return image
+  if image.dtype.kind != 'f':
+    raise InputError(f'an image must be uint8 or floats in [0, 1], got dtype {image.dtype}.')
+  low, high = float(np.nanmin(image)), float(np.nanmax(image))
+  if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 1:
+    raise InputError(f'a float image must hold finite values in [0, 1], got [{low:g}, {high:g}].')
+  return np.rint(image * 255).astype(np.uint8)
+
+
+def infer(params: Networks, images, config, *, num_patches: Optional[int] = None,
+          check_values: Optional[bool] = None):
+  """`iterseg.infer`: at resolution='native', two-stage segmentation of one image [H, W, 3] (any
+  size; uint8 or floats in [0, 1]) -> NativePrediction, or of a list of images of any sizes -> a
+  list; at the paper's square protocol, `inference.infer` (a batch [B, hi, hi, 3] -> Prediction)."""
+  s = inference.settings_of(config)
+  if s.spec.resolution != 'native':
+    return inference.infer(params, images, s, num_patches=num_patches, check_values=check_values)
+  if not isinstance(params, Networks):
+    raise InputError(f'params must be iterseg Networks (from iterseg.init_params or iterseg.load), '
+                     f'got {type(params).__name__}.')
+  inference.check_params(params, s.spec, 'stage1')
+  inference.check_params(params, s.spec, 'stage2')
+  model = NativeModel(params, s.native_spec)
+  if isinstance(images, (list, tuple)):
+    return [model.two_stage(image) for image in images]
+  return model.two_stage(images)
+
+
+def infer_baseline(params: Networks, images, config, *, check_values: Optional[bool] = None):
+  """`iterseg.infer_baseline`: the baseline U-Net; at resolution='native' as a sliding window over
+  one image of any size (probabilities [H, W, C]) or a list of them, else `inference.infer_baseline`
+  on a batch [B, hi, hi, 3]."""
+  s = inference.settings_of(config)
+  if s.spec.resolution != 'native':
+    return inference.infer_baseline(params, images, s, check_values=check_values)
+  inference.check_params(params, s.spec, 'baseline')
+  model = NativeModel(params, s.native_spec)
+  if isinstance(images, (list, tuple)):
+    return [model.sliding_window(image).probs for image in images]
+  return model.sliding_window(images).probs

@@ -1,0 +1,280 @@
+"""resolution='native': inference on any H x W with bounded memory and compute that follows the tiles
+refined, the dense sliding-window reference, native data, crops for training, and the modes."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from iterseg import errors, evaluate, inference, models, native, predict, settings
+from iterseg.data import pipeline, synthetic
+from tests.helpers import save_random_networks, set_fields, tiny
+
+
+def native_config(**overrides):
+  """Crops of 64 px, stage 1 at 1/8, tiles of 32 px (4 stage-1 px), a 3-level U-Net of width 4."""
+  return tiny(**{'resolution': 'native', 'hi_size': 64, 'stage1_size': 8, 'num_patches': 2,
+                 'refine_count': 2, 'train.num_patches_list': (2,), 'native.bucket': 8,
+                 'native.chunk': 4, 'train.batch_size': 4, **overrides})
+
+
+@pytest.fixture(scope='module')
+def model():
+  s = settings.from_config(native_config(halo=4))
+  nets = models.random_networks(s.spec, jax.random.key(0))
+  return native.NativeModel(nets, s.native_spec)
+
+
+def images(*shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for shape in shapes]
+
+
+def test_on_an_image_of_the_crop_size_native_inference_is_the_square_method(model):
+  """The same networks and geometry through the jitted square two_stage (spec resolution native)
+  and through the host-driven native pipeline give the same selection and probabilities (within
+  the uint8 rounding of the native thumbnail)."""
+  spec = model.nspec.spec
+  (image,) = images((64, 64))
+  pred = model.two_stage(image, refine_fraction=spec.refine_count / spec.num_patches ** 2)
+  square = inference.two_stage(model.nets.at(spec.num_patches), jnp.asarray(image)[None], spec)
+  np.testing.assert_array_equal(pred.refined.reshape(-1), np.asarray(square.refined[0]))
+  np.testing.assert_allclose(pred.probs, np.asarray(square.probs[0]), atol=2e-3)
+
+
+def test_any_size_and_aspect_gives_probabilities_of_that_size(model):
+  for image in images((5, 7), (64, 64), (70, 130), (200, 33)):
+    pred = model.two_stage(image)
+    h, w = image.shape[:2]
+    assert pred.probs.shape == (h, w, 1) and pred.probs.dtype == np.float32
+    assert np.isfinite(pred.probs).all() and 0 <= pred.probs.min() and pred.probs.max() <= 1
+    assert pred.refined.shape == (-(-h // 32), -(-w // 32)) == pred.scores.shape
+    assert pred.stats['refined'] == max(1, int(np.ceil(0.1 * pred.stats['tiles'])))
+
+
+def test_outside_the_refined_tiles_the_output_is_stage_1_upsampled(model):
+  (image,) = images((100, 150))
+  pred = model.two_stage(image, refine_fraction=0.25)
+  coarse = model.stage1_only(image).probs
+  tiles = np.kron(pred.refined, np.ones((32, 32), bool))[:100, :150]
+  np.testing.assert_array_equal(pred.probs[~tiles], coarse[~tiles])
+  assert (pred.probs[tiles] != coarse[tiles]).mean() > 0.5
+
+
+def test_a_refined_tile_is_stage_2_by_hand_on_the_tile_its_halo_and_the_coarse_map(model):
+  spec = model.nspec.spec
+  (image,) = images((96, 96), seed=3)
+  pred = model.two_stage(image, refine_fraction=1.0)
+  r, c = 1, 2  # An inner tile (its 4-px halo is all inside the image).
+  y, x = r * 32 - 4, c * 32 - 4
+  coarse = model.stage1_only(image).probs[y:y + 40, x:x + 40]
+  tile = inference.as_float(jnp.asarray(image[y:y + 40, x:x + 40]))
+  by_hand = models.probabilities(inference.stage2_logits(
+      model.stage2_params, jnp.concatenate([tile, coarse], -1)[None], spec))[0]
+  np.testing.assert_allclose(pred.probs[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32], by_hand,
+                             atol=1e-5)
+
+
+def test_a_threshold_refines_fewer_tiles_and_the_flops_count_what_ran(model):
+  (image,) = images((256, 256), seed=1)
+  every = model.two_stage(image, refine_fraction=1.0)
+  scores = np.sort(every.scores.reshape(-1))
+  half = model.two_stage(image, refine_fraction=1.0, threshold=float(scores[len(scores) // 2]))
+  assert every.stats['refined'] == 64 and half.stats['refined'] == 32
+  assert every.stats['stage2_calls'] == 16 and half.stats['stage2_calls'] == 8  # Chunks of 4.
+  assert half.stats['gflops']['stage2'] == pytest.approx(every.stats['gflops']['stage2'] / 2)
+  assert half.stats['gflops']['stage1'] == every.stats['gflops']['stage1']
+
+
+def test_compilations_follow_the_size_buckets_not_the_sizes():
+  s = settings.from_config(native_config())
+  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.native_spec)
+  for image in images((60, 60), (57, 63), (64, 50)):  # One bucket: 8 x 8 stage-1 px.
+    model.two_stage(image)
+  assert (model.stage1.compiles, model.band.compiles, model.stage2.compiles) == (1, 1, 1)
+  model.two_stage(images((130, 60))[0])  # A taller bucket: stage 1 again, the same width.
+  assert (model.stage1.compiles, model.band.compiles, model.stage2.compiles) == (2, 1, 1)
+  assert model.compiles == 4
+
+
+def test_an_image_too_large_is_refused_before_any_work():
+  s = settings.from_config(native_config(**{'native.max_pixels': 5000}))
+  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.native_spec)
+  with pytest.raises(errors.InputError, match=r'an image of 100 x 60 \(0 Mpx\).*max_pixels allows'):
+    model.two_stage(np.zeros((60, 100, 3), np.uint8))
+  assert model.compiles == 0
+  with pytest.raises(errors.InputError, match=r'16384 x 16384 .* GB are free'):
+    native.check_fits(16384, 16384, settings.from_config(native_config()).native_spec,
+                      extra_per_pixel=2 ** 10)  # As if each pixel needed a KiB.
+
+
+def test_the_sliding_window_averages_overlapping_windows_of_the_baseline(model):
+  spec = model.nspec.spec
+  (image,) = images((64, 112), seed=2)  # Windows of 64 px every 48 px: x = 0, 48 (flush).
+  dense = model.sliding_window(image)
+  x = inference.as_float(jnp.asarray(image))[None]
+  left = models.probabilities(models.unet(spec).apply({'params': model.nets.baseline},
+                                                      x[:, :, :64]))[0]
+  right = models.probabilities(models.unet(spec).apply({'params': model.nets.baseline},
+                                                       x[:, :, 48:]))[0]
+  np.testing.assert_allclose(dense.probs[:, :48], left[:, :48], atol=1e-5)
+  np.testing.assert_allclose(dense.probs[:, 48:64], (left[:, 48:] + right[:, :16]) / 2, atol=1e-5)
+  np.testing.assert_allclose(dense.probs[:, 64:], right[:, 16:], atol=1e-5)
+  assert dense.stats['windows'] == 2
+
+
+def test_high_resolution_scenes_are_pure_and_keep_pixel_scale_detail():
+  a = synthetic.make_highres_example(5, 600, 900)
+  b = synthetic.make_highres_example(5, 600, 900)
+  np.testing.assert_array_equal(a['image'], b['image'])
+  np.testing.assert_array_equal(a['mask'], b['mask'])
+  assert a['image'].shape == (600, 900, 3) and set(np.unique(a['mask'])) <= {0, 1}
+  scenes = [synthetic.make_highres_example(i, 600, 900, num_classes=3)['mask'] for i in range(6)]
+  classes = next(m for m in scenes if set(np.unique(m)) == {0, 1, 2})  # Lesions and vessels.
+  thin = classes == 2
+  padded = np.pad(thin, 2)
+  eroded = np.ones_like(thin)
+  for dy in range(5):
+    for dx in range(5):
+      eroded &= padded[dy:dy + 600, dx:dx + 900]
+  assert eroded.sum() < 0.05 * thin.sum()  # Thin: a 5 x 5 erosion leaves (almost) nothing.
+
+
+def test_native_data_keeps_each_image_at_its_own_size_times_the_scale(tmp_path):
+  from iterseg import data  # pylint: disable=g-import-not-at-top
+  config = native_config(**{'data.num_examples': 4, 'data.synthetic_sides': (80, 120),
+                            'data.data_dir': str(tmp_path), 'data.scale': 0.5})
+  s = settings.from_config(config)
+  stats = data.prepare(s.data)
+  assert 'native_x0.5' in stats['dataset'] and 'sides80-120' in stats['dataset']
+  examples = list(data.load_split(s.data, 'train')) + list(data.load_split(s.data, 'test'))
+  for example in sorted(examples, key=lambda e: e['name']):
+    index = int(example['name'].split('/')[1])
+    h, w = synthetic.native_size(index, (80, 120))
+    assert example['image'].shape == (round(h * 0.5), round(w * 0.5), 3)
+    assert example['mask'].shape == (round(h * 0.5), round(w * 0.5))
+
+
+def test_training_crops_are_a_pure_function_of_seed_epoch_and_example():
+  source = [synthetic.make_highres_example(i, 90 + 10 * i, 70) for i in range(3)]
+  crops = pipeline.Crops(source, 64, seed=1, epoch=2)
+  again = pipeline.Crops(source, 64, seed=1, epoch=2)
+  other = pipeline.Crops(source, 64, seed=1, epoch=3)
+  for i in range(3):
+    np.testing.assert_array_equal(crops[i]['image'], again[i]['image'])
+    assert crops[i]['image'].shape == (64, 64, 3) and crops[i]['mask'].shape == (64, 64)
+  assert any(not np.array_equal(crops[i]['image'], other[i]['image']) for i in range(3))
+  batch = next(iter(pipeline.batches(source, batch_size=2, seed=0, epoch=0, crop=64,
+                                     num_local_devices=2)))
+  assert batch['image'].shape == (2, 1, 64, 64, 3) and batch['mask'].shape == (2, 1, 64, 64)
+
+
+def test_one_pmapped_native_step_of_stage_1_and_stage_2():
+  """The native parts of training: stage 1 learns from block-averaged crops, stage 2 from tiles
+  scored on the low-resolution map (the baseline's step is the square one)."""
+  from iterseg import state, train  # pylint: disable=g-import-not-at-top
+  s = settings.from_config(native_config())
+  source = [synthetic.make_highres_example(i, 100, 120) for i in range(8)]
+  batch = next(iter(pipeline.batches(source, batch_size=4, seed=0, epoch=0, crop=64)))
+  frozen = models.init_unet(jax.random.key(1), s.spec, 'stage1')
+  for network in ('stage1', 'stage2'):
+    spec = s.spec_for(2) if network == 'stage2' else s.spec
+    fresh = state.create_train_state(s.train, spec, network)
+    stepped, metrics = train.make_train_step(network, spec, s.train, 1)(
+        fresh, batch, frozen if network == 'stage2' else None)
+    assert int(stepped.step) == 1 and np.isfinite(float(metrics['loss']))
+
+
+@pytest.fixture(scope='module')
+def native_workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('native')
+  config = native_config(**{'data.num_examples': 5, 'data.synthetic_sides': (70, 140),
+                            'data.data_dir': str(root / 'tfds')})
+  return config, save_random_networks(config, root / 'run')
+
+
+def test_evaluate_scores_each_image_on_its_own_mask(native_workdir, tmp_path):
+  from iterseg import data, metrics  # pylint: disable=g-import-not-at-top
+  config, workdir = native_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  s = settings.from_config(config)
+  results = evaluate.run(s, str(workdir))
+  rows = {r['method']: r for r in results['rows']}
+  assert set(rows) == {'baseline', 'stage1', 'two_stage'} and results['resolution'] == 'native'
+  from iterseg import checkpoints  # pylint: disable=g-import-not-at-top
+  first = data.load_split(s.data, 'test')[0]
+  nets = checkpoints.load_networks(str(workdir), s)
+  pred = native.NativeModel(nets, s.native_spec).two_stage(first['image'])
+  by_hand = metrics.one_image_metrics(pred.probs, first['mask'], 1)
+  assert results['per_image']['two_stage_np2']['soft_dice'][0] == pytest.approx(
+      by_hand['soft_dice'], rel=1e-5)
+  assert rows['two_stage']['gflops'] < rows['baseline']['gflops']
+  assert json.loads((workdir / 'results.json').read_text())['rows'] == json.loads(
+      json.dumps(results['rows']))
+
+
+def test_predict_writes_each_image_at_its_own_size(native_workdir, tmp_path):
+  config, workdir = native_workdir
+  for name, (h, w) in {'a.png': (50, 90), 'b.jpg': (130, 40), 'c.png': (60, 60)}.items():
+    Image.fromarray(images((h, w))[0]).save(tmp_path / name)
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'predict.input': str(tmp_path), 'predict.output': str(tmp_path / 'out')})
+  result = predict.run(settings.from_config(config), str(workdir))
+  for record in result['images']:
+    h, w = record['height'], record['width']
+    assert Image.open(record['mask']).size == (w, h) == Image.open(record['overlay']).size
+  # Stage-1 px 7x12, 17x5, 8x8 -> buckets (8, 16), (24, 8), (8, 8): stage 1 three times, the bands
+  # for widths 16 and 8, stage 2 once.
+  assert result['compiles'] == 3 + 2 + 1
+  summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
+  assert summary['resolution'] == 'native' and summary['compiles'] == result['compiles']
+
+
+def test_the_native_benchmark_times_both_methods_against_size(native_workdir, tmp_path):
+  from iterseg import benchmark  # pylint: disable=g-import-not-at-top
+  config, workdir = native_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  config = set_fields(config.copy_and_resolve_references(), **{'benchmark.native_sides': (64, 128)})
+  results = benchmark.run(settings.from_config(config), str(workdir))
+  keys = [(r['size'], r['method']) for r in results['rows']]
+  assert keys == [('64x64', 'two_stage'), ('64x64', 'sliding_window'), ('128x128', 'two_stage'),
+                  ('128x128', 'sliding_window')]
+  for r in results['rows']:
+    assert r['seconds'] > 0 and 0 <= r['soft_dice'] <= 1 and r['gflops'] > 0
+  assert (workdir / 'benchmark_native.png').read_bytes()[:4] == b'\x89PNG'
+
+
+@pytest.mark.parametrize('fields, words', [
+    ({'stage1_size': 12}, 'multiple of it'),
+    ({'stage1_size': 4, 'model.depth': 2, 'num_patches': 8, 'train.num_patches_list': (8,)},
+     'multiple of the downscale factor'),
+    ({'train.num_patches_list': (2, 4)}, 'the one tile size'),
+    ({'native.bucket': 6}, 'native.bucket=6'),
+])
+def test_native_geometry_is_checked(fields, words):
+  with pytest.raises(settings.SettingsError, match=words):
+    settings.from_config(native_config(**fields))
+
+
+def test_calibrate_sweeps_the_share_of_tiles_and_load_uses_its_point(native_workdir, tmp_path):
+  import iterseg  # pylint: disable=g-import-not-at-top
+  from iterseg import calibrate, checkpoints  # pylint: disable=g-import-not-at-top
+  config, workdir = native_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'calibrate.refine_fractions': (0.25, 1.0), 'calibrate.max_dice_drop': 1.0,
+      'calibrate.holdout': 0.5})
+  result = calibrate.run(settings.from_config(config), str(workdir))
+  assert [p['refine_fraction'] for p in result['points']] == [0.25, 1.0]
+  fewer, every = result['points']
+  assert fewer['gflops'] < every['gflops'] and every['refined_fraction'] == 1.0
+  assert result['operating_point'] == {'refine_fraction': 0.25, 'threshold': None}
+  assert checkpoints.operating_point(str(workdir)) == result['operating_point']
+  params, loaded = iterseg.load(str(workdir))
+  assert loaded.native.refine_fraction == 0.25
+  preds = iterseg.infer(params, images((40, 70), (90, 33)), loaded)  # A list of sizes.
+  assert [p.probs.shape for p in preds] == [(40, 70, 1), (90, 33, 1)]
