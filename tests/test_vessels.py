@@ -24,7 +24,6 @@ def test_the_vessel_recipe_learns_vessels_on_the_samples(tmp_path):
   flags = [f'--workdir={tmp_path}/run', f'--config.data.manual_dir={SAMPLES}',
            f'--config.data.data_dir={tmp_path}/tfds', '--config.hi_size=256',
            '--config.model.width=8', "--config.train.networks=('baseline',)",
-           '--config.num_patches=4', '--config.train.num_patches_list=(4,)',
            '--config.train.batch_size=3', '--config.train.baseline_epochs=300',
            '--config.train.log_every=50', '--config.train.checkpoint_every=1000']
   result = subprocess.run([sys.executable, 'launch.py', '--config=configs/retina_vessels.py',
