@@ -9,8 +9,11 @@ import os
 import shutil
 import tempfile
 
+# Tiny networks make the suite compile-bound: LLVM's optimisation level 0 compiles ~25 % faster (the
+# XLA graph and its numerics are the same; only the machine code is less optimised).
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4').strip()
+                           ' --xla_force_host_platform_device_count=4'
+                           ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One compilation cache per test run, shared by pytest-xdist's workers (the same run id) and the
 # launch.py subprocesses; removed by the process that created the run.

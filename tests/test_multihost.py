@@ -30,7 +30,8 @@ def test_two_processes_with_two_devices_train_like_one_with_four(reference, subp
   flags = launch_runs.tiny_flags(  # data_dir not prepared yet: process 0 prepares, 1 waits.
       workdir, tmp_path / 'data', f'--coordinator_address=localhost:{free_port()}',
       '--num_processes=2', **{'train.networks': ('stage1',)})
-  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                                          '--xla_backend_optimization_level=0',
              JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
   processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
