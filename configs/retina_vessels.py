@@ -18,9 +18,10 @@ samples at hi 256, width 8): at 1/8 stage 1 cannot see a 1-3 px vessel, and vess
 patches, so refining the paper's 25 % leaves two-stage 0.2-0.3 hard Dice below the baseline whatever
 the score. What closes the gap, measured one at a time: stage 1 at 1/4 (it sees the larger vessels;
 +0.15 at k = 16), stage 2 trained on as many pixels as the baseline (4x its steps when it learns from
-a quarter of the image; +0.05 at k = 24), and ~45 % of the patches. Stage 1's error head (score
-'learned') helps a little on vessels (+0.01-0.02 at k = 32) and also lifts stage 1 itself; a halo of
-4 adds +0.01 at twice stage 2's cost and is left at 0.
+a quarter of the patches; +0.06 at k = 32), and 24 of the 64 patches (44 % of the baseline's FLOPs).
+Stage 1's learned error score (model.error_head, score='learned') was not better at this point
+(-0.02 on synthetic vessels, +0.006 on the one real test image) and is left off; a halo of 4 adds
++0.01 at twice stage 2's cost and is left at 0.
 """
 
 from iterseg.configs import retina
@@ -32,13 +33,11 @@ def get_config():
   c.train.learning_rate = 3e-3  # 1e-4 leaves the networks at all-background for hundreds of steps.
   # Beyond the paper, for thin structures (measured, README "Thin structures: which patches").
   c.stage1_size = c.get_ref('hi_size') // 4  # Stage 1 at 1/4: 6 % of the baseline's FLOPs.
-  c.model.error_head = True  # Stage 1 learns the share of pixels it gets wrong ...
-  c.score = 'learned'  # ... and the patches it expects to get most wrong are refined.
   c.num_patches = 8
-  c.refine_count = 28  # Of 64 patches: ~50 % of the baseline's FLOPs with stage 1 at 1/4.
+  c.refine_count = 24  # Of 64 patches: 44 % of the baseline's FLOPs with stage 1 at 1/4.
   c.train.num_patches_list = (8,)
   c.train.stage2_init = 'stage1'
-  c.train.patch_sampling = 'entropy_weighted'  # In proportion to the (learned) score.
+  c.train.patch_sampling = 'entropy_weighted'
   # Stage 2 keeps the default 1000 epochs against the baseline's 200: it learns from k of 64 patches
   # per image, so it needs ~64 / k times the baseline's steps to see as many pixels.
   return c
