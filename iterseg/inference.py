@@ -193,17 +193,22 @@ def error_share(probs, masks, spec: Spec):
 
 
 def scores_of(low, coarse, spec: Spec):
-  """[B, Np*Np] patch scores: of the upscaled map (the paper's protocol), or at native resolution of
-  the low-resolution map (each tile's (hi / Np / f)^2 stage-1 pixels), as native inference scores
-  tiles without a full-resolution map."""
-  b = low.shape[0]
-  if spec.score == 'learned':  # The mean predicted error share of the patch's stage-1 pixels.
-    return grid_scores(low, low.shape[1] // spec.num_patches if spec.resolution == 'square' else
-                       spec.patch_size // spec.downscale, 'learned').reshape(b, -1)
-  if spec.resolution == 'native':
-    return grid_scores(low[..., :spec.num_classes], spec.patch_size // spec.downscale,
-                       spec.score).reshape(b, -1)
+  """[B, Np*Np] patch scores: of the upscaled map (the paper's protocol), or, at native resolution
+  and for the learned score, of the low-resolution map (`tile_scores`)."""
+  if spec.score == 'learned' or spec.resolution == 'native':
+    return tile_scores(low, spec).reshape(low.shape[0], -1)
   return patch_scores(coarse, spec.num_patches, spec.score)
+
+
+def tile_scores(low, spec: Spec):
+  """Stage 1's outputs low [B, h, w, C (+1)] -> [B, h / cell, w / cell]: each patch scored on its
+  cell x cell stage-1 pixels (native: the tile's (hi / Np / f)^2, so no full-resolution map is made
+  to choose), from the class probabilities, or with score='learned' from the predicted error share.
+  """
+  cell = (spec.patch_size // spec.downscale if spec.resolution == 'native' else
+          low.shape[1] // spec.num_patches)
+  channels = low if spec.score == 'learned' else low[..., :spec.num_classes]
+  return grid_scores(channels, cell, spec.score)
 
 
 def downscale(maps, spec: Spec):

@@ -123,10 +123,7 @@ def _stage1(params, thumb, stats, size, *, nspec: NativeSpec):
   rows = jnp.minimum(jnp.arange(probs.shape[0]), size[0] - 1)
   cols = jnp.minimum(jnp.arange(probs.shape[1]), size[1] - 1)
   low = probs[rows][:, cols]
-  cell = spec.patch_size // spec.downscale
-  scores = inference.grid_scores(low[None] if spec.score == 'learned' else
-                                 low[None, ..., :spec.num_classes], cell, spec.score)[0]
-  return low[..., :spec.num_classes], scores
+  return low[..., :spec.num_classes], inference.tile_scores(low[None], spec)[0]
 
 
 def _band(rows, offset, *, nspec: NativeSpec):
