@@ -101,9 +101,8 @@ def train_step(train_state: state.TrainState, batch, frozen, *, network: str, sp
     c = spec.num_classes
     loss, aux = losses.segmentation_loss(logits[..., :c], labels, num_classes=c,
                                          alpha=plan.focal_alpha, gamma=plan.focal_gamma)
-    aux = {'focal': aux['focal'], 'dice': aux['dice']}
     if network == 'stage1' and spec.error_head:  # Stage 1 also learns where it is wrong.
-      probs = lax.stop_gradient(inference.stage1_outputs(logits, spec)[..., :c])
+      probs = lax.stop_gradient(models.probabilities(logits[..., :c]))
       target = inference.error_share(probs, masks, spec)
       aux['error'] = optax.losses.sigmoid_binary_cross_entropy(logits[..., c], target).mean()
       loss = loss + plan.error_weight * aux['error']
