@@ -230,9 +230,8 @@ def _native_sweep(s: Settings, nets, images: Sequence[dict], main: bool) -> tupl
   size bucket is compiled)."""
   from iterseg import native  # pylint: disable=g-import-not-at-top
   model = native.NativeModel(nets, s.native_spec)
-  for example in images:
+  for example in images:  # Every bucket compiles here, not in the timed calls.
     model.warm(*example['mask'].shape)
-  model.two_stage(images[0]['image'][:64, :64], threshold=None)  # Stage 2 compiles here, not later.
   baseline = None
   if nets.baseline is not None:
     e = evaluate.evaluate_native(native.NativeModel(Networks(baseline=nets.baseline),

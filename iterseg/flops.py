@@ -63,11 +63,13 @@ def analytic_unet_flops(size: int, in_channels: int, width: int, depth: int,
 
 @functools.lru_cache(maxsize=256)
 def unet_flops(spec: Spec, size: int, network: str) -> float:
-  """XLA's FLOPs of the U-Net `network` ('stage1', 'stage2', 'baseline') on one size x size input
-  (compiled once per process: they depend on the geometry only)."""
+  """XLA's FLOPs of the U-Net `network` ('stage1', 'stage2', 'baseline') on one size x size input,
+  stage 2's decoder computing only the centre inside spec.halo (compiled once per process: they
+  depend on the geometry only)."""
   params = jax.eval_shape(models.init_unet, jax.random.key(0), spec, network)
   x = jax.ShapeDtypeStruct((1, size, size, spec.in_channels(network)), jnp.float32)
-  return xla_flops(models.unet(spec, network).apply, {'params': params}, x)
+  crop = spec.halo if network == 'stage2' else 0
+  return xla_flops(models.unet(spec, network, crop).apply, {'params': params}, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,7 @@ class NetworkFlops:
   """XLA's FLOPs per image (batch 1) of each network, and the authors' accounting of two-stage."""
   baseline: float  # The U-Net on hi_size x hi_size.
   stage1: float  # The U-Net on stage1_size x stage1_size.
-  stage2: dict  # {Np: the U-Net on one patch and its halo, (hi/Np + 2 halo)^2}.
+  stage2: dict  # {Np: the U-Net on one patch and its halo, (hi/Np + 2 halo)^2 in, (hi/Np)^2 out}.
 
   def two_stage(self, spec: Spec) -> float:
     """stage1(hi/8) + k * stage2(hi/Np + 2 halo), k = spec.refine_count: the paper's Figure 4."""

@@ -128,10 +128,9 @@ def stage2_inputs(images, coarse, flat, spec: Spec):
 
 
 def stage2_logits(params, inputs, spec: Spec):
-  """Stage 2 on its input patches [M, s + 2 halo, ...] -> logits of the patch centres [M, s, s, C]."""
-  logits = models.unet(spec, 'stage2').apply({'params': params}, inputs)
-  h = spec.halo
-  return logits[:, h:h + spec.patch_size, h:h + spec.patch_size] if h else logits
+  """Stage 2 on its input patches [M, s + 2 halo, ...] -> logits of the patch centres [M, s, s, C]
+  (the decoder computes only what the centres need)."""
+  return models.unet(spec, 'stage2', crop=spec.halo).apply({'params': params}, inputs)
 
 
 def paste(maps, patches, flat, spec: Spec):

@@ -60,15 +60,19 @@ class UpConv(nn.Module):
 
 
 class UNet(nn.Module):
-  """x: [B, H, W, C_in] float32 -> logits [B, H, W, num_classes] float32.
+  """x: [B, H, W, C_in] float32 -> logits [B, H - 2 crop, W - 2 crop, num_classes] float32.
 
   `dtype` is the convolutions' and activations' (bfloat16 for the matrix units of GPUs and TPUs);
-  the parameters are float32 whatever it is, and the logits come back as float32.
+  the parameters are float32 whatever it is, and the logits come back as float32. `crop` drops that
+  many output px on every side (a stage-2 patch's halo) and the decoder computes only what the rest
+  needs: at each level the rows and columns its kept outputs read, so the halo's outputs cost
+  nothing (the kept values are the uncropped network's).
   """
   num_classes: int = 1
   width: int = 64
   depth: int = 5
   dtype: Any = jnp.float32
+  crop: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -81,13 +85,24 @@ class UNet(nn.Module):
                           padding=((0, 1 + h % 2), (0, 1 + w % 2)), dtype=self.dtype,
                           param_dtype=jnp.float32, name=f'down{i}')(y))
       skips.append(y)
+    # The rows (and columns) [lo, hi) of each level the kept outputs need: output 2m of a
+    # transposed convolution reads inputs m - 1 and m, output 2m + 1 reads m.
+    need = [[(self.crop, n - self.crop) for n in x.shape[1:3]]]
+    for level in skips[1:]:
+      need.append([(max(0, (lo - 1) // 2), min(n, (hi + 1) // 2))
+                   for (lo, hi), n in zip(need[-1], level.shape[1:3])])
     skips.pop()
+    (r0, r1), (c0, c1) = need[-1]
+    y = y[:, r0:r1, c0:c1]
 
-    for i in reversed(range(self.depth)):
+    for i in reversed(range(self.depth)):  # y: need[i + 1] of level i + 1.
       channels = max(self.width * 2 ** i // 2, 1)
       skip = skips.pop()
-      y = nn.relu(UpConv(channels, dtype=self.dtype, name=f'up{i}')(y))
-      y = jnp.concatenate([y[:, :skip.shape[1], :skip.shape[2]], skip], axis=-1)
+      (r0, _), (c0, _) = need[i + 1]
+      y = nn.relu(UpConv(channels, dtype=self.dtype, name=f'up{i}')(y))  # From row 2 r0 of level i.
+      (h0, h1), (w0, w1) = need[i]
+      y = jnp.concatenate([y[:, h0 - 2 * r0:h1 - 2 * r0, w0 - 2 * c0:w1 - 2 * c0],
+                           skip[:, h0:h1, w0:w1]], axis=-1)
 
     y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                 name='head')(y)
@@ -101,11 +116,11 @@ def probabilities(logits):
   return nn.softmax(logits, axis=-1)
 
 
-def unet(spec: Spec, network: str = 'baseline') -> UNet:
+def unet(spec: Spec, network: str = 'baseline', crop: int = 0) -> UNet:
   """The U-Net of `network`: spec.out_channels(network) outputs (stage 1 with an error head has
-  one more than the classes)."""
+  one more than the classes), without `crop` px of its output on every side."""
   return UNet(num_classes=spec.out_channels(network), width=spec.width, depth=spec.depth,
-              dtype=jnp.dtype(spec.dtype))
+              dtype=jnp.dtype(spec.dtype), crop=crop)
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'network'))

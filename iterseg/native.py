@@ -3,8 +3,8 @@
   image [H, W, 3] uint8 --mean of f x f blocks (host)--> thumbnail [h, w, 3], padded to a
   bucket --stage 1--> low-resolution probabilities [h, w, C] --mean uncertainty of each tile's
   (T/f)^2 low-res pixels--> the least confident tiles (native.refine_fraction, threshold)
-  --stage 2 on chunks of native.chunk tiles of T + 2 halo px, with the coarse probabilities
-  upsampled for each--> the tiles' probabilities
+  --stage 2 on chunks of native.chunk tiles (the last one cut to a multiple of chunk / 4) of
+  T + 2 halo px, with the coarse probabilities upsampled for each--> the tiles' probabilities
   output [H, W, C] float32: the coarse probabilities upsampled (`inference.bilinear`) in bands of
   rows, the refined tiles written over them.
 
@@ -12,12 +12,14 @@ f = hi_size / stage1_size and T = hi_size / num_patches, the geometry stage 1 an
 trained at (on crops of hi_size). No U-Net activation ever has the image's size: memory is the
 image, the output and a working set of one band and one chunk. The compute follows the tiles
 refined: stage 2 runs ceil(tiles / chunk) times. Each function is compiled once per size bucket
-(stage 1's padded input, the bands' padded width), not per image size; `Compiled` counts them.
+(stage 1's padded input, the bands' padded width, stage 2's chunk sizes), not per image size;
+`Compiled` counts them.
 
 `sliding_window` is the fair dense reference at the same scale: the baseline U-Net on overlapping
 windows averaged, as MONAI's `sliding_window_inference` does (mode 'constant').
 """
 
+from concurrent import futures
 import dataclasses
 import functools
 import math
@@ -63,7 +65,7 @@ class Compiled:
     self.fn, self.static, self.cache = fn, static, {}
 
   def key(self, *args) -> tuple:
-    return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(args))
+    return tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
 
   def __call__(self, *args):
     key = self.key(*args)
@@ -161,33 +163,45 @@ def _window(params, windows, valid, stats, *, nspec: NativeSpec):
 def thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
   """float32 [ceil(H/f), ceil(W/f), 3] in [0, 1]: the mean of each f x f block of the uint8 image
   (of the pixels there are, in the last row and column of blocks), as training downscales its crops.
-  Integer sums of contiguous rows, then strided adds of columns, in bands: 2.5x faster than Pillow's
-  reduce and 15x faster than a float mean over reshaped blocks, with a band's worth of memory."""
+  Integer sums of contiguous rows, then strided adds of columns, in bands of 64 block rows on every
+  core (numpy releases the GIL): 2.5x faster than Pillow's reduce and 15x faster than a float mean
+  over reshaped blocks on one core, with a band's worth of memory per core."""
   h, w = image.shape[:2]
   out = np.empty((-(-h // factor), -(-w // factor), 3), np.float32)
-  whole = w // factor * factor
-  step = 64 * factor
-  for y0 in range(0, h, step):
-    band = image[y0:y0 + step]
-    full = band.shape[0] // factor * factor
-    rows_dtype = np.uint16 if factor <= 257 else np.uint32  # f rows of uint8 fit in 16 bits.
-    parts = [(band[:full].reshape(-1, factor, w, 3).sum(1, dtype=rows_dtype), factor)] if full else []
-    if band.shape[0] > full:  # The last, partial row of blocks.
-      parts.append((band[full:].sum(0, dtype=rows_dtype)[None], band.shape[0] - full))
-    row = y0 // factor
-    for sums, rows in parts:
-      n = len(sums)
-      if whole:
-        acc = sums[:, 0:whole:factor].astype(np.uint32)
-        for k in range(1, factor):  # Strided adds: 3x faster than a reshaped sum.
-          acc += sums[:, k:whole:factor]
-        out[row:row + n, :w // factor] = acc * np.float32(1 / (rows * factor))
-      if w > whole:
-        out[row:row + n, -1] = sums[:, whole:].sum(1, dtype=np.uint32) * np.float32(
-            1 / (rows * (w - whole)))
-      row += n
-  out *= np.float32(1 / 255)
+  starts = range(0, h, 64 * factor)
+  workers = min(len(starts), os.cpu_count() or 1)
+  if workers > 1:
+    with futures.ThreadPoolExecutor(workers) as pool:
+      list(pool.map(lambda y0: _block_means(image, factor, y0, out), starts))
+  else:
+    for y0 in starts:
+      _block_means(image, factor, y0, out)
   return out
+
+
+def _block_means(image: np.ndarray, factor: int, y0: int, out: np.ndarray) -> None:
+  """out[y0 / f : y0 / f + 64] <- the block means of image rows y0 .. y0 + 64 f (see thumbnail)."""
+  w = image.shape[1]
+  whole = w // factor * factor
+  band = image[y0:y0 + 64 * factor]
+  full = band.shape[0] // factor * factor
+  rows_dtype = np.uint16 if factor <= 257 else np.uint32  # f rows of uint8 fit in 16 bits.
+  parts = [(band[:full].reshape(-1, factor, w, 3).sum(1, dtype=rows_dtype), factor)] if full else []
+  if band.shape[0] > full:  # The last, partial row of blocks.
+    parts.append((band[full:].sum(0, dtype=rows_dtype)[None], band.shape[0] - full))
+  row = y0 // factor
+  for sums, rows in parts:
+    n = len(sums)
+    if whole:
+      acc = sums[:, 0:whole:factor].astype(np.uint32)
+      for k in range(1, factor):  # Strided adds: 3x faster than a reshaped sum.
+        acc += sums[:, k:whole:factor]
+      out[row:row + n, :w // factor] = acc * np.float32(1 / (rows * factor))
+    if w > whole:
+      out[row:row + n, -1] = sums[:, whole:].sum(1, dtype=np.uint32) * np.float32(
+          1 / (rows * (w - whole)))
+    out[row:row + n] *= np.float32(1 / 255)
+    row += n
 
 
 def _cut(image: np.ndarray, y: int, x: int, side: int):
@@ -272,24 +286,50 @@ class NativeModel:
   @property
   def compiles(self) -> int:
     """Compilations this model's images need (a fresh process makes them once): stage 1 per
-    (height, width) bucket, the bands per width bucket, stage 2 and the dense windows once each."""
+    (height, width) bucket, the bands per width bucket, stage 2 per chunk size (at most 4), the
+    dense windows once."""
     return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
             self.band.compiles)
 
+  @property
+  def chunk_sizes(self) -> tuple:
+    """Stage 2's batch sizes: native.chunk tiles a call, and for an image's last chunk the
+    multiples of chunk / 4 (so at most chunk / 4 - 1 tiles of a call are padding)."""
+    k = self.nspec.chunk
+    step = max(1, k // 4)
+    return tuple(range(step, k, step)) + (k,)
+
   def warm(self, height: int, width: int) -> float:
-    """Compiles stage 1 and the bands for an image of height x width (its buckets) without running
-    the method; the seconds it took (0 when compiled before)."""
-    nspec, f = self.nspec, self.nspec.spec.downscale
+    """Compiles stage 1 and the bands for an image of height x width (its buckets), and stage 2
+    at every chunk size, without running the method; the seconds it took (0 when compiled before)."""
+    nspec, spec, f = self.nspec, self.nspec.spec, self.nspec.spec.downscale
     bh, bw = _bucket(-(-height // f), nspec.bucket), _bucket(-(-width // f), nspec.bucket)
     start = time.perf_counter()
     (low, _), _ = self.stage1(self.nets.stage1, jnp.zeros((bh, bw, 3), jnp.float32),
                               jnp.zeros((2, 3), jnp.float32), jnp.asarray([1, 1], jnp.int32))
     rows, _ = _around(np.zeros((bh, 1)), 0, BAND_ROWS, f)
-    self.band(jnp.zeros((len(rows), bw, nspec.spec.num_classes), jnp.float32),
+    self.band(jnp.zeros((len(rows), bw, spec.num_classes), jnp.float32),
               jnp.asarray(0, jnp.int32))
+    if self.stage2_params is not None:
+      for size in self.chunk_sizes:
+        self.stage2(self.stage2_params, *map(jnp.asarray, self._chunk(size)),
+                    jnp.zeros((2, 3), jnp.float32))
     return time.perf_counter() - start
 
+  def _chunk(self, size: int) -> tuple:
+    """Zeros for one stage-2 call of `size` tiles: (tiles [K, S, S, 3] uint8, valid [K, S, S],
+    patches [K, L, L, C] float32, offsets [K, 2] int32) (see _stage2)."""
+    spec = self.nspec.spec
+    side, span = spec.stage2_side, -(-spec.stage2_side // spec.downscale) + 3
+    return (np.zeros((size, side, side, 3), np.uint8), np.zeros((size, side, side), bool),
+            np.zeros((size, span, span, spec.num_classes), np.float32),
+            np.zeros((size, 2), np.int32))
+
   def _stats(self, thumb: np.ndarray) -> np.ndarray:
+    """[2, 3]: the image's per-channel mean and std (from its thumbnail) for input_norm
+    'standardize'; zeros when the networks do not use them."""
+    if self.nspec.spec.input_norm != 'standardize':
+      return np.zeros((2, 3), np.float32)
     return np.stack([thumb.mean((0, 1)), thumb.std((0, 1))]).astype(np.float32)
 
   def low_resolution(self, image: np.ndarray):
@@ -313,13 +353,20 @@ class NativeModel:
     (seconds, flops). One compilation per bucket width."""
     height, width = out.shape[:2]
     f = self.nspec.spec.downscale
-    start, flops = time.perf_counter(), 0.0
-    for y0 in range(0, height, BAND_ROWS):
+    start, flops, pending = time.perf_counter(), 0.0, None
+
+    def copy(y0, band):
+      n = min(BAND_ROWS, height - y0)
+      out[y0:y0 + n] = np.asarray(band)[:n, :width]
+
+    for y0 in range(0, height, BAND_ROWS):  # Band i is copied while i + 1 computes.
       rows, offset = _around(low, y0, BAND_ROWS, f)
       band, call = self.band(jnp.asarray(low[rows]), jnp.asarray(offset, jnp.int32))
       flops += call
-      n = min(BAND_ROWS, height - y0)
-      out[y0:y0 + n] = np.asarray(band)[:n, :width]
+      if pending is not None:
+        copy(*pending)
+      pending = y0, band
+    copy(*pending)
     return time.perf_counter() - start, flops
 
   def two_stage(self, image: np.ndarray, *, refine_fraction: Optional[float] = None,
@@ -359,14 +406,13 @@ class NativeModel:
     span = -(-side // f) + 3
     margin = halo // f + 2  # Low-res rows a tile's patch may start above the map (edge values).
     padded = np.pad(low, ((margin, margin + span), (margin, margin + span), (0, 0)), mode='edge')
+    pending = None  # The chunk stage 2 computes (dispatched asynchronously) while the next is cut.
     for c0 in range(0, len(chosen), k):
       if stop is not None and stop():
         return None
       cells = chosen[c0:c0 + k]
-      tiles = np.zeros((k, side, side, 3), np.uint8)
-      valid = np.zeros((k, side, side), bool)
-      patches = np.zeros((k, span, span, spec.num_classes), np.float32)
-      offsets = np.zeros((k, 2), np.int32)
+      tiles, valid, patches, offsets = self._chunk(
+          min(n for n in self.chunk_sizes if n >= len(cells)))
       for i, cell_index in enumerate(cells):
         r, c = divmod(int(cell_index), gw)
         y, x = r * tile - halo, c * tile - halo
@@ -379,13 +425,13 @@ class NativeModel:
         offsets[i] = (y - ty * f, x - tx * f)
       probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
                                 jnp.asarray(patches), jnp.asarray(offsets), jnp.asarray(stats))
-      probs = np.asarray(probs)
       s2_flops += call
       calls += 1
-      for i, cell_index in enumerate(cells):
-        r, c = divmod(int(cell_index), gw)
-        y, x = r * tile, c * tile
-        out[y:y + tile, x:x + tile] = probs[i, :min(tile, height - y), :min(tile, width - x)]
+      if pending is not None:
+        _paste(out, *pending, gw, tile)
+      pending = cells, probs
+    if pending is not None:
+      _paste(out, *pending, gw, tile)
     s2_seconds = time.perf_counter() - start
     return NativePrediction(
         probs=out, coarse=low[:h, :w], scores=scores, refined=refined.reshape(gh, gw),
@@ -423,8 +469,16 @@ class NativeModel:
                for x in _starts(width, side, nspec.overlap)]
     out = np.zeros((height, width, nspec.spec.num_classes), np.float32)
     count = np.zeros((height, width), np.uint8)
-    start, flops = time.perf_counter(), 0.0
-    for c0 in range(0, len(corners), batch):
+    start, flops, pending = time.perf_counter(), 0.0, None
+
+    def add(chunk, probs):
+      probs = np.asarray(probs)
+      for i, (y, x) in enumerate(chunk):
+        rows, cols = min(side, height - y), min(side, width - x)
+        out[y:y + rows, x:x + cols] += probs[i, :rows, :cols]
+        count[y:y + rows, x:x + cols] += 1
+
+    for c0 in range(0, len(corners), batch):  # Batch i is added while i + 1 computes.
       chunk = corners[c0:c0 + batch]
       windows = np.zeros((batch, side, side, 3), np.uint8)
       valid = np.zeros((batch, side, side), bool)
@@ -432,16 +486,26 @@ class NativeModel:
         windows[i], valid[i] = _cut(image, y, x, side)
       probs, call = self.window(self.nets.baseline, jnp.asarray(windows), jnp.asarray(valid),
                                 jnp.asarray(stats))
-      probs = np.asarray(probs)
       flops += call
-      for i, (y, x) in enumerate(chunk):
-        rows, cols = min(side, height - y), min(side, width - x)
-        out[y:y + rows, x:x + cols] += probs[i, :rows, :cols]
-        count[y:y + rows, x:x + cols] += 1
+      if pending is not None:
+        add(*pending)
+      pending = chunk, probs
+    add(*pending)
     out /= count[..., None]
     return NativePrediction(probs=out, coarse=None, scores=None, refined=None, stats={
         'windows': len(corners), 'gflops': {'dense': flops / 1e9},
         'seconds': {'dense': time.perf_counter() - start}})
+
+
+def _paste(out: np.ndarray, cells: np.ndarray, probs, grid_width: int, tile: int) -> None:
+  """out [H, W, C] <- probs [K, T, T, C] (a stage-2 chunk, waited for here) at the tiles `cells`
+  (flat indices into the grid of tiles, grid_width a row), cropped at the image's edge."""
+  height, width = out.shape[:2]
+  probs = np.asarray(probs)
+  for i, cell_index in enumerate(cells):
+    r, c = divmod(int(cell_index), grid_width)
+    y, x = r * tile, c * tile
+    out[y:y + tile, x:x + tile] = probs[i, :min(tile, height - y), :min(tile, width - x)]
 
 
 def _starts(size: int, side: int, overlap: float) -> list:

@@ -27,6 +27,20 @@ def test_unet_parameters_do_not_depend_on_input_size():
   assert net.apply({'params': params}, jnp.ones((2, 50, 70, 3))).shape == (2, 50, 70, 3)
 
 
+@pytest.mark.parametrize('side,crop,depth', [(80, 8, 4), (37, 3, 3), (48, 8, 5), (9, 2, 2)])
+def test_a_cropped_unet_computes_only_the_centre_and_gives_the_full_networks_values(side, crop, depth):
+  """crop: the decoder computes what the centre needs, so its FLOPs fall, and the centre is the
+  uncropped network's (odd sides and a tiny deepest level included)."""
+  full = models.UNet(num_classes=2, width=4, depth=depth)
+  cut = models.UNet(num_classes=2, width=4, depth=depth, crop=crop)
+  x = jax.random.normal(jax.random.key(1), (2, side, side, 4))
+  params = full.init(rbg(0), x)
+  expected = full.apply(params, x)[:, crop:side - crop, crop:side - crop]
+  np.testing.assert_allclose(cut.apply(params, x), expected, rtol=1e-5, atol=1e-6)
+  cost = lambda net: jax.jit(net.apply).lower(params, x).compile().cost_analysis()['flops']
+  assert cost(cut) < 0.95 * cost(full)
+
+
 def test_unet_has_the_papers_channels():
   net = models.UNet(num_classes=1, width=64, depth=5)
   params = jax.eval_shape(net.init, jax.random.key(0), jnp.ones((1, 32, 32, 3)))['params']

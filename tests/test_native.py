@@ -69,7 +69,7 @@ def test_a_refined_tile_is_stage_2_by_hand_on_the_tile_its_halo_and_the_coarse_m
   spec = model.nspec.spec
   (image,) = images((96, 96), seed=3)
   pred = model.two_stage(image, refine_fraction=1.0)
-  r, c = 1, 2  # An inner tile (its 4-px halo is all inside the image).
+  r, c = 1, 1  # An inner tile (its 4-px halo is all inside the image).
   y, x = r * 32 - 4, c * 32 - 4
   coarse = model.stage1_only(image).probs[y:y + 40, x:x + 40]
   tile = inference.as_float(jnp.asarray(image[y:y + 40, x:x + 40]))
@@ -88,6 +88,34 @@ def test_a_threshold_refines_fewer_tiles_and_the_flops_count_what_ran(model):
   assert every.stats['stage2_calls'] == 16 and half.stats['stage2_calls'] == 8  # Chunks of 4.
   assert half.stats['gflops']['stage2'] == pytest.approx(every.stats['gflops']['stage2'] / 2)
   assert half.stats['gflops']['stage1'] == every.stats['gflops']['stage1']
+
+
+def test_the_last_chunk_holds_only_the_tiles_left_so_compute_follows_every_tile():
+  """Chunks of 8 tiles, the last cut to a multiple of 2: 11 tiles run as 8 + 4 (not 8 + 8), and
+  the stage-2 FLOPs are those two calls', the same values as one tile at a time."""
+  s = settings.from_config(native_config(**{'native.chunk': 8}))
+  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.native_spec)
+  assert model.chunk_sizes == (2, 4, 6, 8)
+  (image,) = images((96, 128), seed=2)  # 3 x 4 tiles of 32 px.
+  pred = model.two_stage(image, refine_fraction=11 / 12)
+  assert pred.stats['refined'] == 11 and pred.stats['stage2_calls'] == 2
+  per_call = {next(shape[0] for shape, dtype in key if dtype == np.uint8):
+              model.stage2.compiled.cache[key][1] for key in model.stage2.keys}  # {tiles: FLOPs}
+  assert model.stage2.compiles == 2 and sorted(per_call) == [4, 8]
+  assert pred.stats['gflops']['stage2'] == pytest.approx((per_call[4] + per_call[8]) / 1e9)
+  one_at_a_time = native.NativeModel(model.nets, s.vary('native', chunk=1).native_spec)
+  np.testing.assert_allclose(one_at_a_time.two_stage(image, refine_fraction=11 / 12).probs,
+                             pred.probs, atol=1e-6)
+
+
+def test_the_thumbnail_is_the_mean_of_each_block_in_every_band_and_at_ragged_edges():
+  """Several bands of 64 block rows (cut on every core), a partial last row and column of blocks."""
+  (image,) = images((2 * 64 * 3 + 5, 3 * 40 + 2))
+  thumb = native.thumbnail(image, 3)
+  assert thumb.shape == (2 * 64 + 2, 41, 3) and thumb.dtype == np.float32
+  for r, c in [(0, 0), (63, 7), (64, 7), (127, 40), (128, 0), (129, 40), (129, 13)]:
+    block = image[3 * r:3 * r + 3, 3 * c:3 * c + 3].astype(np.float64)
+    np.testing.assert_allclose(thumb[r, c], block.mean((0, 1)) / 255, rtol=1e-6)
 
 
 def test_compilations_follow_the_size_buckets_not_the_sizes():
@@ -238,13 +266,16 @@ def test_the_native_benchmark_times_both_methods_against_size(native_workdir, tm
   from iterseg import benchmark  # pylint: disable=g-import-not-at-top
   config, workdir = native_workdir
   workdir = shutil.copytree(workdir, tmp_path / 'run')
-  config = set_fields(config.copy_and_resolve_references(), **{'benchmark.native_sides': (64, 128)})
+  config = set_fields(config.copy_and_resolve_references(), **{'benchmark.native_sides': (64, 128),
+                                                               'benchmark.repeats': 3})
   results = benchmark.run(settings.from_config(config), str(workdir))
   keys = [(r['size'], r['method']) for r in results['rows']]
   assert keys == [('64x64', 'two_stage'), ('64x64', 'sliding_window'), ('128x128', 'two_stage'),
                   ('128x128', 'sliding_window')]
   for r in results['rows']:
     assert r['seconds'] > 0 and 0 <= r['soft_dice'] <= 1 and r['gflops'] > 0
+    assert r['repeats'] == 3  # Tiny images: every round fits the budget; the median of three.
+  assert results['rows'][0]['speedup'] == results['rows'][1]['seconds'] / results['rows'][0]['seconds']
   assert (workdir / 'benchmark_native.png').read_bytes()[:4] == b'\x89PNG'
 
 
