@@ -397,7 +397,7 @@ def run_native(s: Settings, workdir: str, *, progress: bool = True) -> dict:
   rows, skipped, saving, dense_rate = [], [], None, None
   bar = tqdm(sides, desc='native benchmark', unit='size', disable=not progress)
   remaining = lambda: s.benchmark.max_seconds - (time.perf_counter() - start)
-  for side in bar:
+  for i, side in enumerate(bar):
     if remaining() <= 0:
       skipped.append(f'{side}x{side}: every method (the time budget of '
                      f'{s.benchmark.max_seconds:g} s is spent)')
@@ -442,7 +442,7 @@ def run_native(s: Settings, workdir: str, *, progress: bool = True) -> dict:
     # More rounds, both methods in each (interleaved, as noise comes in spells), while this size's
     # share of the budget (by area, against the sizes still to come) allows: the median is kept.
     round_s = times[0] + sum(dense_times)
-    share = remaining() * side ** 2 / sum(x ** 2 for x in sides[sides.index(side):])
+    share = remaining() * side ** 2 / sum(x ** 2 for x in sides[i:])
     for _ in range(min(s.benchmark.repeats, int(share // round_s) + 1) - 1):
       times.append(_seconds(model.two_stage, image))
       if dense is not None:

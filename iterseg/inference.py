@@ -364,7 +364,11 @@ def check_images(images, spec: Spec, check_values: Optional[bool] = None):
     check_values = not isinstance(images, jax.Array)
   if not check_values:
     return
-  low, high = (float(v) for v in jax.device_get((images.min(), images.max())))
+  check_range(*(float(v) for v in jax.device_get((images.min(), images.max()))))
+
+
+def check_range(low: float, high: float):
+  """InputError unless float images whose values span [low, high] are finite and in [0, 1]."""
   if not (np.isfinite(low) and np.isfinite(high)):
     raise InputError('images contain NaN or inf; iterseg.infer needs finite values in [0, 1].')
   if low < 0.0 or high > 1.0:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iterseg import inference, models
+from iterseg import flops, inference, models
 from iterseg.errors import InputError
 from iterseg.models import Networks
 from iterseg.settings import NativeSpec
@@ -67,17 +67,19 @@ class Compiled:
   def key(self, *args) -> tuple:
     return tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
 
-  def __call__(self, *args):
+  def executable(self, *args) -> tuple:
+    """(the executable for args' shapes, its FLOPs per call), compiled the first time; args may be
+    arrays or jax.ShapeDtypeStructs."""
     key = self.key(*args)
     if key not in self.cache:
       compiled = jax.jit(self.fn, static_argnames=tuple(self.static)).lower(
           *args, **self.static).compile()
-      analysis = compiled.cost_analysis()
-      flops = float(analysis.get('flops', 0.0)) if isinstance(analysis, dict) else 0.0
-      self.cache[key] = (compiled, flops)
-    compiled, flops = self.cache[key]
-    return compiled(*args), flops
+      self.cache[key] = (compiled, flops.compiled_flops(compiled) or 0.0)
+    return self.cache[key]
 
+  def __call__(self, *args):
+    compiled, count = self.executable(*args)
+    return compiled(*args), count
 
 
 class _Used:
@@ -89,6 +91,11 @@ class _Used:
   def __call__(self, *args):
     self.keys.add(self.compiled.key(*args))
     return self.compiled(*args)
+
+  def warm(self, *args) -> None:
+    """Compiles for args' shapes (arrays or jax.ShapeDtypeStructs) without running."""
+    self.keys.add(self.compiled.key(*args))
+    self.compiled.executable(*args)
 
   @property
   def compiles(self) -> int:
@@ -225,8 +232,14 @@ def _around(low: np.ndarray, start: int, side: int, factor: int):
   interpolate from, clipped to the map, with L = ceil(side / f) + 3; the offset of `start` from
   the first of them, in native px, in [f, 2f))."""
   first = start // factor - 1
-  count = -(-side // factor) + 3
+  count = _low_rows(side, factor)
   return np.clip(np.arange(first, first + count), 0, low.shape[0] - 1), start - first * factor
+
+
+def _low_rows(side: int, factor: int) -> int:
+  """Low-resolution rows (or columns) that `side` native px upsampled by `factor` read from, from
+  one row before the first (see _around): ceil(side / f) + 3."""
+  return -(-side // factor) + 3
 
 
 def memory_available() -> int:
@@ -301,35 +314,37 @@ class NativeModel:
 
   def warm(self, height: int, width: int) -> float:
     """Compiles stage 1 and the bands for an image of height x width (its buckets), and stage 2
-    at every chunk size, without running the method; the seconds it took (0 when compiled before)."""
+    at every chunk size, without running anything; the seconds it took (0 when compiled before)."""
     nspec, spec, f = self.nspec, self.nspec.spec, self.nspec.spec.downscale
     bh, bw = _bucket(-(-height // f), nspec.bucket), _bucket(-(-width // f), nspec.bucket)
+    shaped = jax.ShapeDtypeStruct
+    stats = shaped((2, 3), jnp.float32)
     start = time.perf_counter()
-    (low, _), _ = self.stage1(self.nets.stage1, jnp.zeros((bh, bw, 3), jnp.float32),
-                              jnp.zeros((2, 3), jnp.float32), jnp.asarray([1, 1], jnp.int32))
-    rows, _ = _around(np.zeros((bh, 1)), 0, BAND_ROWS, f)
-    self.band(jnp.zeros((len(rows), bw, spec.num_classes), jnp.float32),
-              jnp.asarray(0, jnp.int32))
+    self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32), stats,
+                     shaped((2,), jnp.int32))
+    self.band.warm(shaped((_low_rows(BAND_ROWS, f), bw, spec.num_classes), jnp.float32),
+                   shaped((), jnp.int32))
     if self.stage2_params is not None:
       for size in self.chunk_sizes:
-        self.stage2(self.stage2_params, *map(jnp.asarray, self._chunk(size)),
-                    jnp.zeros((2, 3), jnp.float32))
+        self.stage2.warm(self.stage2_params, *self._chunk(size), stats)
     return time.perf_counter() - start
 
   def _chunk(self, size: int) -> tuple:
     """Zeros for one stage-2 call of `size` tiles: (tiles [K, S, S, 3] uint8, valid [K, S, S],
     patches [K, L, L, C] float32, offsets [K, 2] int32) (see _stage2)."""
     spec = self.nspec.spec
-    side, span = spec.stage2_side, -(-spec.stage2_side // spec.downscale) + 3
+    side, span = spec.stage2_side, _low_rows(spec.stage2_side, spec.downscale)
     return (np.zeros((size, side, side, 3), np.uint8), np.zeros((size, side, side), bool),
             np.zeros((size, span, span, spec.num_classes), np.float32),
             np.zeros((size, 2), np.int32))
 
-  def _stats(self, thumb: np.ndarray) -> np.ndarray:
-    """[2, 3]: the image's per-channel mean and std (from its thumbnail) for input_norm
-    'standardize'; zeros when the networks do not use them."""
+  def _stats(self, image: np.ndarray, thumb: Optional[np.ndarray] = None) -> np.ndarray:
+    """[2, 3]: the image's per-channel mean and std, from its thumbnail (made here unless given),
+    for input_norm 'standardize'; zeros, and no thumbnail, when the networks do not use them."""
     if self.nspec.spec.input_norm != 'standardize':
       return np.zeros((2, 3), np.float32)
+    if thumb is None:
+      thumb = thumbnail(image, self.nspec.spec.downscale)
     return np.stack([thumb.mean((0, 1)), thumb.std((0, 1))]).astype(np.float32)
 
   def low_resolution(self, image: np.ndarray):
@@ -342,7 +357,7 @@ class NativeModel:
     bh, bw = _bucket(h, nspec.bucket), _bucket(w, nspec.bucket)
     padded = np.zeros((bh, bw, 3), np.float32)
     padded[:h, :w] = thumb
-    stats = self._stats(thumb)
+    stats = self._stats(image, thumb)
     (low, scores), flops = self.stage1(self.nets.stage1, jnp.asarray(padded), jnp.asarray(stats),
                                        jnp.asarray([h, w], jnp.int32))
     low = np.asarray(low)  # Small: the image / f^2.
@@ -403,7 +418,7 @@ class NativeModel:
     band_seconds, band_flops = self.coarse_into(out, low)
     start, s2_flops, calls = time.perf_counter(), 0.0, 0
     side, halo, k, f = spec.stage2_side, spec.halo, nspec.chunk, spec.downscale
-    span = -(-side // f) + 3
+    span = _low_rows(side, f)
     margin = halo // f + 2  # Low-res rows a tile's patch may start above the map (edge values).
     padded = np.pad(low, ((margin, margin + span), (margin, margin + span), (0, 0)), mode='edge')
     pending = None  # The chunk stage 2 computes (dispatched asynchronously) while the next is cut.
@@ -464,7 +479,7 @@ class NativeModel:
     height, width = image.shape[:2]
     check_fits(height, width, nspec, extra_per_pixel=1)
     side = nspec.window_side
-    stats = self._stats(thumbnail(image, nspec.spec.downscale))
+    stats = self._stats(image)
     corners = [(y, x) for y in _starts(height, side, nspec.overlap)
                for x in _starts(width, side, nspec.overlap)]
     out = np.zeros((height, width, nspec.spec.num_classes), np.float32)
@@ -526,9 +541,7 @@ def _as_uint8(image) -> np.ndarray:
     return image
   if image.dtype.kind != 'f':
     raise InputError(f'an image must be uint8 or floats in [0, 1], got dtype {image.dtype}.')
-  low, high = float(np.nanmin(image)), float(np.nanmax(image))
-  if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 1:
-    raise InputError(f'a float image must hold finite values in [0, 1], got [{low:g}, {high:g}].')
+  inference.check_range(float(image.min()), float(image.max()))
   return np.rint(image * 255).astype(np.uint8)
 
 
@@ -540,9 +553,6 @@ def infer(params: Networks, images, config, *, num_patches: Optional[int] = None
   s = inference.settings_of(config)
   if s.spec.resolution != 'native':
     return inference.infer(params, images, s, num_patches=num_patches, check_values=check_values)
-  if not isinstance(params, Networks):
-    raise InputError(f'params must be iterseg Networks (from iterseg.init_params or iterseg.load), '
-                     f'got {type(params).__name__}.')
   inference.check_params(params, s.spec, 'stage1')
   inference.check_params(params, s.spec, 'stage2')
   model = NativeModel(params, s.native_spec)
