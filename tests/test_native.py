@@ -2,6 +2,7 @@
 refined, the dense sliding-window reference, native data, crops for training, and the modes."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -127,6 +128,24 @@ def test_compilations_follow_the_size_buckets_not_the_sizes():
   model.two_stage(images((130, 60))[0])  # A taller bucket: stage 1 again, the same width.
   assert (model.stage1.compiles, model.band.compiles, model.stage2.compiles) == (2, 1, 1)
   assert model.compiles == 4
+
+
+@pytest.mark.parametrize('image,words', [
+    (np.full((40, 30, 3), 0.5, np.float32), None),  # Floats in [0, 1]: accepted.
+    (np.where(np.eye(40, 30)[..., None] > 0, np.nan, np.full((40, 30, 3), 0.5, np.float32)),
+     'NaN or inf'),  # A few NaN pixels among good ones.
+    (np.full((40, 30, 3), 200.0, np.float32), 'look like 0..255'),
+    (np.zeros((40, 30, 3), np.uint16), 'dtype uint16'),
+    (np.zeros((40, 30), np.uint8), 'got shape (40, 30)'),
+    (np.zeros((40, 30, 4), np.uint8), 'got shape (40, 30, 4)'),
+])
+def test_an_image_the_method_cannot_take_is_refused_in_one_line(model, image, words):
+  if words is None:
+    assert model.two_stage(image).probs.shape == (40, 30, 1)
+    return
+  with pytest.raises(errors.InputError, match=re.escape(words)) as info:
+    model.two_stage(image)
+  assert '\n' not in str(info.value)
 
 
 def test_an_image_too_large_is_refused_before_any_work():
