@@ -41,8 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # The convolutions' and activations': 'float32' | 'bfloat16' (GPU/TPU
   # matrix units). Parameters, optimizer state, the loss, probabilities and patch scores stay float32,
   # so checkpoints are the same whichever dtype trained them.
-  c.model.input_norm = 'none'  # 'none' (authors) | 'standardize': each image to zero mean, unit
-  # std per channel before any network (low-contrast images such as fundus photographs learn).
+  c.model.input_norm = 'none'  # 'none' (authors) | 'standardize': (x - input_mean) / input_std per
+  # channel before any network (low-contrast images such as fundus photographs learn). The statistics
+  # are the training images', fixed, so a crop in training and the same pixels at inference (any
+  # size, any tile) are the same input, and brightness/contrast augmentation is not undone.
+  c.model.input_mean = config_dict.placeholder(tuple)  # (R, G, B) in [0, 1]; None: --mode=train
+  c.model.input_std = config_dict.placeholder(tuple)  # measures them on the train split and saves them
+  # with the run (config.json), where evaluate, predict and iterseg.load read them.
   c.model.error_head = False  # Stage 1 also predicts, per stage-1 pixel, the share of the
   # full-resolution pixels under it that its upsampled map gets wrong (for score='learned').
 

@@ -101,7 +101,7 @@ def run(s: Settings, workdir: str) -> dict:
         if kind not in feature.retrains and not os.path.exists(target) and main:
           shutil.copytree(checkpoints.network_dir(workdir, network), target)
       if feature.retrains:
-        train.train(vs, where)
+        vs = train.train(vs, where)
       else:
         checkpoints.save_config(vs, where)
       results = evaluate.run(vs, where)

@@ -261,6 +261,7 @@ def run(s: Settings, workdir: str, *, predict_throughput: Optional[Callable[[], 
   main = jax.process_index() == 0
   if main:
     files.check_writable(workdir)
+  s = s.with_placeholder_statistics()  # Untrained: random weights are timed.
   if s.spec.resolution == 'native':
     return run_native(s, workdir, progress=main)
   start = time.perf_counter()
@@ -379,20 +380,19 @@ def run_native(s: Settings, workdir: str, *, progress: bool = True) -> dict:
   start = time.perf_counter()
   nets, weights = networks_for_benchmark(s, workdir)
   point = checkpoints.operating_point(workdir)
-  if point is not None and 'refine_fraction' in point:  # Two-stage at its calibrated budget.
-    s = s.vary('native', refine_fraction=point['refine_fraction']).vary(
-        'spec', threshold=point['threshold'])
+  if point is not None:  # Two-stage at its calibrated budget.
+    s = s.at_operating_point(point)
     if progress:
       print(f'Using the calibrated operating point of {workdir}/calibration.json: {point}.')
-  model = native.NativeModel(nets, s.native_spec)
+  model = native.NativeModel(nets, s.spec)
   sides = s.benchmark.native_sides
   description = device_description()
   if progress:
     print(f'Native benchmark on {description}: sides {sides}, U-Net width {s.spec.width} depth '
           f'{s.spec.depth}, tiles of {s.spec.patch_size} px (halo {s.spec.halo}), stage 1 at '
-          f'1/{s.spec.downscale}, refine_fraction {s.native.refine_fraction:g}, threshold '
-          f'{s.spec.threshold}, dense windows of {s.native.window_side} px (overlap '
-          f'{s.native.overlap:g}), weights: '
+          f'1/{s.spec.downscale}, refine_fraction {s.spec.refine_fraction:g}, threshold '
+          f'{s.spec.threshold}, dense windows of {s.spec.window_side} px (overlap '
+          f'{s.spec.overlap:g}), weights: '
           f'{"random" if set(weights.values()) == {"random"} else "trained"}.', flush=True)
   rows, skipped, saving, dense_rate = [], [], None, None
   bar = tqdm(sides, desc='native benchmark', unit='size', disable=not progress)
@@ -458,7 +458,7 @@ def run_native(s: Settings, workdir: str, *, progress: bool = True) -> dict:
   results = {'device': description, 'backend': jax.default_backend(), 'resolution': 'native',
              'geometry': s.spec.geometry(), 'weights': weights, 'rows': rows, 'skipped': skipped,
              'threshold_saving': saving, 'compiles': model.compiles,
-             'refine_fraction': s.native.refine_fraction, 'threshold': s.spec.threshold}
+             'refine_fraction': s.spec.refine_fraction, 'threshold': s.spec.threshold}
   if progress:
     print(report.format_table(rows, NATIVE_COLUMNS))
     if saving:
@@ -490,7 +490,7 @@ def _threshold_saving(model, image: np.ndarray, pred) -> Optional[dict]:
   """Two-stage again with a threshold at the median score of the tiles `pred` refined: about half
   of them are refined; the stage-2 time and FLOPs before and after."""
   chosen = pred.scores.reshape(-1)[pred.refined.reshape(-1)]
-  if len(chosen) < 2 * model.nspec.chunk:
+  if len(chosen) < 2 * model.spec.chunk:
     return None
   threshold = float(np.median(chosen))
   again = model.two_stage(image, threshold=threshold)

@@ -35,8 +35,6 @@ from iterseg.models import Networks
 from iterseg.settings import CalibratePlan, Settings
 
 DICE_EPS = 1e-9  # Float slack of the 'dice_drop' rule (0.8 - 0.01 > 0.79 in binary floats).
-NATIVE_KNOBS = ('refine_fraction', 'threshold')  # The operating point at resolution='native'.
-SQUARE_KNOBS = ('num_patches', 'refine_count', 'threshold')
 NATIVE_COLUMNS = (
     ('tiles', 'refine_fraction', lambda v: f'{100 * v:g}%'), ('threshold', 'threshold', 's'),
     ('soft Dice', 'soft_dice', '.4f'), ('hard Dice', 'hard_dice', '.4f'),
@@ -127,7 +125,7 @@ def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
   ax.plot([p['gflops'] for p in line], [p['soft_dice'] for p in line], 'o-', color='tab:blue',
           markersize=4, label='Pareto front (Dice, GFLOPs, latency)')
   for p in line:
-    label = (f'{100 * p["refine_fraction"]:g}%' if 'refine_fraction' in p else
+    label = (f'{100 * p["refine_fraction"]:g}%' if p['refine_fraction'] else
              f'{p["num_patches"]}/{p["refine_count"]}')
     ax.annotate(label, (p['gflops'], p['soft_dice']),
                 textcoords='offset points', xytext=(3, 3), fontsize=6)
@@ -143,7 +141,7 @@ def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
   ax.set_xlabel('GFLOPs per image (log scale)')
   ax.set_ylabel('mean soft Dice per image (held-out train)')
   ax.set_title('Calibration: labels ' + ('share of tiles refined' if points and
-                                          'refine_fraction' in points[0] else 'Np/k'), fontsize=9)
+                                          points[0]['refine_fraction'] else 'Np/k'), fontsize=9)
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -155,8 +153,8 @@ def _describe(chosen: Optional[dict], baseline: Optional[dict], plan: CalibrateP
   """One line: the operating point, or why there is none."""
   base = '' if baseline is None else f' (baseline {baseline["soft_dice"]:.4f})'
   if chosen is not None:
-    knobs = NATIVE_KNOBS if 'refine_fraction' in chosen else SQUARE_KNOBS
-    return (f'Operating point ({plan.target}): ' + ', '.join(f'{k}={chosen[k]}' for k in knobs) +
+    return (f'Operating point ({plan.target}): ' + ', '.join(
+        f'{k}={chosen[k]}' for k in checkpoints.POINT_FIELDS if k == 'threshold' or chosen[k]) +
             f': soft Dice {chosen["soft_dice"]:.4f}{base}, {chosen["gflops"]:.4g} GFLOPs, '
             f'{chosen["latency_ms"]:.2f} ms/image.')
   if plan.target == 'dice_drop':
@@ -196,8 +194,7 @@ def run(s: Settings, workdir: str) -> dict:
                      f'empty; check config.data.')
   if s.spec.resolution == 'native':
     return _finish(s, workdir, plan, *_native_sweep(s, nets, [source[int(i)] for i in indices],
-                                                    main), len(indices), NATIVE_KNOBS,
-                   NATIVE_COLUMNS, main)
+                                                    main), len(indices), NATIVE_COLUMNS, main)
   batch_size = min(s.eval.batch_size, len(indices))
   batches = list(pipeline.eval_batches([source[int(i)] for i in indices], batch_size))
   classes = s.spec.num_classes
@@ -218,9 +215,9 @@ def run(s: Settings, workdir: str) -> dict:
   for n, k, t in tqdm(sweep, desc='calibrate', unit='point', disable=not main):
     spec = s.at_operating_point({'num_patches': n, 'refine_count': k, 'threshold': t}).spec
     e = measure(methods.two_stage(nets, spec), batches, classes, repeats)
-    points.append({'num_patches': n, 'refine_count': k, 'threshold': t, **e,
+    points.append({'num_patches': n, 'refine_count': k, 'refine_fraction': None, 'threshold': t, **e,
                    'gflops': counts.two_stage(spec) / 1e9})
-  return _finish(s, workdir, plan, baseline, points, len(indices), SQUARE_KNOBS, COLUMNS, main,
+  return _finish(s, workdir, plan, baseline, points, len(indices), COLUMNS, main,
                  f'latency timed at batch {batch_size}')
 
 
@@ -229,38 +226,39 @@ def _native_sweep(s: Settings, nets, images: Sequence[dict], main: bool) -> tupl
   images at their own sizes; GFLOPs are what ran, latency the mean seconds per image (after every
   size bucket is compiled)."""
   from iterseg import native  # pylint: disable=g-import-not-at-top
-  model = native.NativeModel(nets, s.native_spec)
+  model = native.NativeModel(nets, s.spec)
   for example in images:  # Every bucket compiles here, not in the timed calls.
     model.warm(*example['mask'].shape)
   baseline = None
   if nets.baseline is not None:
     e = evaluate.evaluate_native(native.NativeModel(Networks(baseline=nets.baseline),
-                                                    s.native_spec), images, s.spec.num_classes,
+                                                    s.spec), images, s.spec.num_classes,
                                  progress=False)['methods']['baseline']
     baseline = {'soft_dice': e['soft_dice'], 'gflops': e['gflops'],
                 'latency_ms': e['seconds'] * 1e3}
   key = methods.method_key('two_stage', s.spec.num_patches)
-  only = native.NativeModel(nets.at(s.spec.num_patches), s.native_spec)
+  only = native.NativeModel(nets.at(s.spec.num_patches), s.spec)
   only.stage1, only.stage2, only.band = model.stage1, model.stage2, model.band  # Compiled once.
   points = []
   sweep = [(f, t) for f in s.calibrate.refine_fractions for t in s.calibrate.thresholds]
   for fraction, threshold in tqdm(sweep, desc='calibrate', unit='point', disable=not main):
     e = evaluate.evaluate_native(only, images, s.spec.num_classes, refine_fraction=fraction,
                                  threshold=threshold, progress=False)['methods'][key]
-    points.append({'refine_fraction': fraction, 'threshold': threshold,
+    points.append({'num_patches': s.spec.num_patches, 'refine_count': None,
+                   'refine_fraction': fraction, 'threshold': threshold,
                    **{k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction', 'gflops')},
                    'latency_ms': e['seconds'] * 1e3})
   return baseline, points
 
 
 def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, num_images: int,
-            knobs, columns, main: bool, timing: str = 'latency: seconds per image') -> dict:
+            columns, main: bool, timing: str = 'latency: seconds per image') -> dict:
   """The front, the operating point, calibration.{json,csv,png} and the printout."""
   front = pareto_front(points)
   chosen = choose(points, None if baseline is None else baseline['soft_dice'], plan)
   result = {
       'target': plan.target, 'baseline': baseline, 'points': points, 'front': front,
-      'operating_point': None if chosen is None else {k: chosen[k] for k in knobs},
+      'operating_point': None if chosen is None else {k: chosen[k] for k in checkpoints.POINT_FIELDS},
       'resolution': s.spec.resolution, 'num_images': num_images,
       'holdout': {'fraction': plan.holdout, 'seed': s.seed, 'split': 'train',
                   'seen_in_training': seen_in_training(s, workdir)},

@@ -12,6 +12,7 @@ mid-write leaves no step that looks complete; `restore_latest` takes the newest 
 
 import json
 import logging as std_logging
+import math
 import os
 from typing import Optional
 
@@ -52,8 +53,9 @@ def network_dir(workdir: str, name: str) -> str:
 
 def manager(workdir: str, name: str, keep: int) -> ocp.CheckpointManager:
   """The network's manager; it deletes what a killed run left half-written (`<step>.orbax-*-tmp`)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         cleanup_tmp_directories=True)
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
+      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(network_dir(workdir, name), options=options)
 
 
@@ -173,6 +175,26 @@ def save_config(s: Settings, workdir: str):
     files.atomic_write_json(os.path.join(workdir, 'config.json'), settings.to_dict(s), indent=2)
 
 
+def with_run_statistics(s: Settings, workdir: str) -> Settings:
+  """`s` with the input statistics (model.input_mean, input_std) of the run in `workdir` when `s`
+  standardises without statistics of its own: the networks' inputs are the run's. CheckpointError
+  for a run whose networks learnt per-image standardisation (before the statistics were fixed):
+  no statistics reproduce its inputs at native size, so it must be trained again."""
+  if not os.path.exists(os.path.join(os.path.expanduser(workdir), 'config.json')):
+    return s
+  saved = read_settings(workdir).spec
+  if saved.input_norm == 'standardize' and saved.input_mean is None and trained_networks(workdir):
+    raise CheckpointError(
+        f"{workdir} was trained with model.input_norm='standardize' per image, which iterseg no "
+        f'longer does (each image\'s own statistics differ between a crop and the whole image): '
+        f'train it again in a new workdir (the training images\' statistics are then measured '
+        f'and saved with it).')
+  if s.spec.input_norm == 'standardize' and s.spec.input_mean is None and (
+      saved.input_norm == 'standardize'):
+    return s.vary('spec', input_mean=saved.input_mean, input_std=saved.input_std)
+  return s
+
+
 def check_same_geometry(current: Settings, saved: Settings, workdir: str = ''):
   """CheckpointError unless both agree on what the weights depend on (settings.GEOMETRY)."""
   ours, theirs = current.spec.geometry(), saved.spec.geometry()
@@ -290,18 +312,48 @@ def load_networks(workdir: str, current: Optional[Settings] = None, *,
                   stage2={n: load_network(workdir, models.name('stage2', n), saved) for n in nps})
 
 
+POINT_FIELDS = ('num_patches', 'refine_count', 'refine_fraction', 'threshold')
+
+
 def operating_point(workdir: str) -> Optional[dict]:
-  """The point --mode=calibrate chose (calibration.json): {'num_patches', 'refine_count',
-  'threshold'}, or at native resolution {'refine_fraction', 'threshold'}; None if never
-  calibrated, unreadable, or no point met its target."""
-  try:
-    with open(os.path.join(os.path.expanduser(workdir), 'calibration.json')) as f:
-      point = json.load(f)['operating_point']
-    keys = (('refine_fraction', 'threshold') if 'refine_fraction' in point else
-            ('num_patches', 'refine_count', 'threshold'))
-    return {k: point[k] for k in keys}
-  except (OSError, ValueError, KeyError, TypeError):
+  """The point --mode=calibrate chose (calibration.json), one schema for both protocols:
+  {'num_patches', 'refine_count' (square; else None), 'refine_fraction' (native; else None),
+  'threshold' (or None)}. None if never calibrated or no point met its target. A file that cannot
+  be read, or a field of the wrong type or out of range, is a CheckpointError naming it."""
+  path = os.path.join(os.path.expanduser(workdir), 'calibration.json')
+  if not os.path.exists(path):
     return None
+  redo = (f'run --mode=calibrate again, or delete {path} to use the config\'s Np, refine_count and '
+          f'threshold')
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    point = saved['operating_point']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f'{path} cannot be read ({" ".join(str(e).split())[:100]}): '
+                          f'{redo}.') from e
+  if point is None:
+    return None
+  if not isinstance(point, dict):
+    raise CheckpointError(f'{path}: operating_point is {point!r}, not an object: {redo}.')
+  checks = {'num_patches': (int, 1, None), 'refine_count': (int, 1, None),
+            'refine_fraction': (float, 0.0, 1.0), 'threshold': (float, 0.0, None)}
+  out = {}
+  for field, (kind, low, high) in checks.items():
+    value = point.get(field)
+    if value is None and field != 'num_patches':
+      out[field] = None
+      continue
+    good = (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+            and math.isfinite(value) and value >= low and (kind is int or value > low)
+            and (high is None or value <= high)) if value is not None else False
+    if not good:
+      valid = f'a whole number >= {low}' if kind is int else (
+          f'a number in ({low}, {high}]' if high else f'a number >= {low}')
+      raise CheckpointError(f'{path}: operating_point.{field}={value!r} is not valid ({valid}): '
+                            f'{redo}.')
+    out[field] = kind(value)
+  return out
 
 
 def inference_settings(workdir: str, s: Optional[Settings] = None,
@@ -321,10 +373,7 @@ def inference_settings(workdir: str, s: Optional[Settings] = None,
                           f'{trained_networks(workdir) or "none"}): train it with --mode=train '
                           f'(config.train.networks includes "stage2").')
   point = operating_point(workdir)
-  if point is not None and 'refine_fraction' in point:  # Native: the share of tiles and threshold.
-    s = s.vary('native', refine_fraction=point['refine_fraction'])
-    s = s.vary('spec', threshold=point['threshold'])
-  elif point is not None and num_patches in (None, point['num_patches']):
+  if point is not None and num_patches in (None, point['num_patches']):
     s = s.at_operating_point(point)  # What --mode=calibrate chose.
   elif num_patches is not None or (fallback and s.spec.num_patches not in trained):
     s = s.vary('spec', num_patches=max(trained) if num_patches is None else int(num_patches))
@@ -343,6 +392,6 @@ def load(workdir: str, num_patches: Optional[int] = None, *, partial: bool = Fal
   error (it cannot run the two-stage method), and so is a network whose training did not finish
   unless partial=True.
   """
-  s = inference_settings(workdir, num_patches=num_patches)
+  s = with_run_statistics(inference_settings(workdir, num_patches=num_patches), workdir)
   nets = load_networks(workdir, num_patches=[s.spec.num_patches], strict=not partial)
   return nets, settings.to_config(s)

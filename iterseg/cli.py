@@ -1,8 +1,9 @@
 """The modes of launch.py, each a library function of (Settings, workdir).
 
 The config is read and checked here, once (`settings.from_config`), before anything is written;
-train, evaluate, benchmark, calibrate and ablate hold the workdir's lock while they run. Imports
-nothing heavy at import time, so that launch.py's --help stays quick.
+train, evaluate, benchmark, calibrate and ablate hold the workdir's lock while they run; preparing a
+dataset (--mode=prepare, or its first use) holds the dataset's (data.prepare). Imports nothing heavy
+at import time, so that launch.py's --help stays quick.
 """
 
 from iterseg import errors, files, lock, settings
@@ -25,6 +26,8 @@ def run(mode: str, config, workdir: str, *, hooks=()):
     print(', '.join(f'{k}: {v:.1f}' if isinstance(v, float) else f'{k}: {v}'
                     for k, v in stats.items()))
     return stats
+  from iterseg import checkpoints  # pylint: disable=g-import-not-at-top
+  s = checkpoints.with_run_statistics(s, workdir)  # The inputs the run's networks learnt from.
   if mode == 'predict':
     from iterseg import predict  # pylint: disable=g-import-not-at-top
     return predict.run(s, workdir)
@@ -46,8 +49,7 @@ def _locked(mode: str, s, workdir: str, hooks):
   import jax  # pylint: disable=g-import-not-at-top
   if mode == 'train':
     from iterseg import evaluate, train  # pylint: disable=g-import-not-at-top
-    train.train(s, workdir, extra_hooks=hooks)
-    return evaluate.run(s, workdir)
+    return evaluate.run(train.train(s, workdir, extra_hooks=hooks), workdir)
   if mode == 'evaluate':
     from iterseg import evaluate  # pylint: disable=g-import-not-at-top
     return evaluate.run(s, workdir)

@@ -42,4 +42,4 @@ class WriteError(Error, RuntimeError):
 
 
 class LockedError(Error, RuntimeError):
-  """The workdir is in use by another run."""
+  """A workdir, or a dataset being prepared, is in use by another run."""

@@ -85,7 +85,7 @@ def evaluate_native(model, source: Sequence[dict], num_classes: int, *,
   at its own size, the metrics on its own mask. Returns `evaluate`'s structure, and per method
   'gflops' (the mean per image of what ran) and 'seconds' (the mean per image)."""
   keys = {'baseline': model.nets.baseline is not None, 'stage1': model.nets.stage1 is not None,
-          methods.method_key('two_stage', model.nspec.spec.num_patches): model.stage2_params
+          methods.method_key('two_stage', model.spec.num_patches): model.stage2_params
           is not None}
   keys = [k for k, present in keys.items() if present]
   per_image = {k: {m: [] for m in metrics.METRICS + ('refined_fraction', 'gflops', 'seconds')}
@@ -175,7 +175,7 @@ def run(s: Settings, workdir: str) -> dict:
 def _native_results(s: Settings, nets, source, main: bool) -> dict:
   """The results of resolution='native': each image at its own size; FLOPs are what ran."""
   from iterseg import native  # pylint: disable=g-import-not-at-top
-  model = native.NativeModel(nets, s.native_spec)
+  model = native.NativeModel(nets, s.spec)
   evaluation = evaluate_native(model, source, s.spec.num_classes, progress=main)
   rows = []
   for key, e in evaluation['methods'].items():

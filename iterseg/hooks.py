@@ -162,15 +162,21 @@ def trim_metrics(workdir: str, name: str, step: int):
 class StopSignals:
   """While active, SIGINT and SIGTERM set a flag (the loop saves, then stops) instead of killing.
 
-  A second Ctrl-C while saving is ignored until the save is done. Under several processes the flag
-  is orbax's preemption sync point, which every process reaches at the same step.
+  A second Ctrl-C while saving is ignored until the save is done. With `coordinated` (training)
+  under several processes, SIGTERM is left to JAX's preemption notifier (installed by
+  jax.distributed.initialize; a Python handler would replace it and the signal would be lost), and
+  Ctrl-C is passed on to it as a SIGTERM: every process then reaches orbax's preemption sync point
+  at the same step and saves it.
   """
 
-  def __init__(self):
+  def __init__(self, coordinated: bool = False):
     self.received, self.previous = None, {}
+    self.coordinated = coordinated and jax.process_count() > 1
 
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
+      if self.coordinated and sig == signal.SIGTERM:
+        continue
       try:
         self.previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # Not the main thread: leave signals alone.
@@ -180,6 +186,8 @@ class StopSignals:
   def _handle(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+    if self.coordinated:  # Ctrl-C: a preemption notice, so that all processes stop together.
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def __exit__(self, *exc):
     for sig, handler in self.previous.items():

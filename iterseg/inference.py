@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from tqdm import tqdm
 
 from iterseg import models, settings
 from iterseg.errors import InputError
@@ -84,8 +85,18 @@ def grid_scores(probs, cell: int, score: str = 'entropy'):
   return out
 
 
+def select(scores, count: int, threshold: Optional[float] = None):
+  """The selection of both protocols: the `count` highest of each row of scores [B, N] by
+  lax.top_k (ties to the lower index) -> (indices [B, count], kept [B, count] bool: scoring at
+  least `threshold`; all True without one). A chosen patch not kept keeps stage 1's probabilities."""
+  values, indices = lax.top_k(scores, count)
+  kept = jnp.ones(values.shape, bool) if threshold is None else values >= threshold
+  return indices, kept
+
+
 def select_patches(scores, spec: Spec):
-  """The patches stage 2 refines: flat indices [M] into the B * Np*Np patches of the batch.
+  """The patches stage 2 refines: (flat indices [M] into the B * Np*Np patches of the batch, kept
+  [M] bool: at least spec.threshold).
 
   refine_budget 'image': the k = refine_count highest-scoring patches of each image (M = B * k, image
   by image, by decreasing score); 'batch': the B * k highest over the whole batch, so a hard image
@@ -94,9 +105,10 @@ def select_patches(scores, spec: Spec):
   b, cells = scores.shape
   k = spec.refine_count
   if spec.refine_budget == 'batch':
-    return lax.top_k(scores.reshape(-1), b * k)[1]
-  top = lax.top_k(scores, k)[1]  # [B, k]
-  return (top + cells * jnp.arange(b)[:, None]).reshape(-1)
+    top, kept = select(scores.reshape(1, -1), b * k, spec.threshold)
+    return top[0], kept[0]
+  top, kept = select(scores, k, spec.threshold)  # [B, k]
+  return (top + cells * jnp.arange(b)[:, None]).reshape(-1), kept.reshape(-1)
 
 
 def patch_corners(flat, spec: Spec):
@@ -171,7 +183,7 @@ def stage1_outputs(logits, spec: Spec):
 def upscale(low, size, spec: Spec):
   """low [B, s, s, C] -> [B, H, W, C] (size = (H, W)): the coarse map."""
   b, h, w = low.shape[0], *size
-  if spec.resolution == 'native':
+  if spec.rescale == 'blocks':
     return jax.vmap(lambda p: bilinear(p, spec.downscale, 0, 0, h, w))(low)
   return jax.image.resize(low, (b, h, w, low.shape[-1]), 'linear')
 
@@ -194,7 +206,7 @@ def error_share(probs, masks, spec: Spec):
 def scores_of(low, coarse, spec: Spec):
   """[B, Np*Np] patch scores: of the upscaled map (the paper's protocol), or, at native resolution
   and for the learned score, of the low-resolution map (`tile_scores`)."""
-  if spec.score == 'learned' or spec.resolution == 'native':
+  if spec.scores_on_low_map:
     return tile_scores(low, spec).reshape(low.shape[0], -1)
   return patch_scores(coarse, spec.num_patches, spec.score)
 
@@ -204,8 +216,7 @@ def tile_scores(low, spec: Spec):
   cell x cell stage-1 pixels (native: the tile's (hi / Np / f)^2, so no full-resolution map is made
   to choose), from the class probabilities, or with score='learned' from the predicted error share.
   """
-  cell = (spec.patch_size // spec.downscale if spec.resolution == 'native' else
-          low.shape[1] // spec.num_patches)
+  cell = spec.stage1_size // spec.num_patches
   channels = low if spec.score == 'learned' else low[..., :spec.num_classes]
   return grid_scores(channels, cell, spec.score)
 
@@ -217,7 +228,7 @@ def downscale(maps, spec: Spec):
   of each spec.downscale x spec.downscale block, which inference can compute in bands of any image.
   """
   b, s = maps.shape[0], spec.stage1_size
-  if spec.resolution == 'native':
+  if spec.rescale == 'blocks':
     f = spec.downscale
     blocks = maps.reshape(b, s, f, s, f, *maps.shape[3:]).astype(jnp.float32)
     return blocks.mean(axis=(2, 4))
@@ -257,14 +268,33 @@ def as_float(images):
 
 
 def normalize(images, spec: Spec):
-  """What every network sees, [B, H, W, 3] in [0, 1] -> float32: the images as they are (the
-  paper), or with spec.input_norm='standardize' each image at zero mean and unit standard deviation
-  per channel, over the whole image (so stage 1, the stage-2 patches and the baseline agree)."""
+  """What every network sees, [..., 3] uint8 or in [0, 1] -> float32: the images as they are (the
+  paper), or with spec.input_norm='standardize' (x - input_mean) / input_std per channel, with the
+  training images' fixed statistics. The same pixels give the same input whatever surrounds them
+  (a training crop, a whole image, a tile, a thumbnail), and augmentation is not undone."""
   images = as_float(images)
-  if spec.input_norm == 'standardize':
-    mean = images.mean(axis=(1, 2), keepdims=True)
-    return (images - mean) / (images.std(axis=(1, 2), keepdims=True) + 1e-3)
-  return images
+  if spec.input_norm != 'standardize':
+    return images
+  if spec.input_mean is None:
+    raise InputError("config.model.input_norm='standardize' but model.input_mean and input_std are "
+                     'unset: use the config of the trained run (iterseg.load(workdir) returns it), '
+                     'or set the training images\' per-channel statistics.')
+  return (images - jnp.asarray(spec.input_mean)) / jnp.asarray(spec.input_std)
+
+
+def input_statistics(images, progress: bool = False) -> tuple:
+  """((mean R, G, B), (std R, G, B)) in [0, 1] of a sequence of uint8 images [H, W, 3] (any sizes),
+  over all their pixels: what input_norm='standardize' subtracts and divides by."""
+  total, sums, squares = 0, np.zeros(3), np.zeros(3)
+  for image in tqdm(images, desc='input statistics', unit='image', disable=not progress):
+    pixels = np.asarray(image).reshape(-1, 3)
+    total += len(pixels)
+    sums += pixels.sum(0, dtype=np.float64)
+    squares += np.einsum('ij,ij->j', pixels, pixels, dtype=np.float64)
+  mean = sums / total
+  std = np.sqrt(np.maximum(squares / total - mean ** 2, 0.0))
+  return (tuple(float(m / 255) for m in mean),
+          tuple(float(max(s / 255, 1e-3)) for s in std))
 
 
 @functools.partial(jax.jit, static_argnames='spec')
@@ -275,15 +305,13 @@ def two_stage(params, images, spec: Spec) -> Prediction:
   b = images.shape[0]
   low, coarse = stage1_maps(params.stage1, images, spec)
   scores = scores_of(low, coarse, spec)
-  flat = select_patches(scores, spec)
+  flat, kept = select_patches(scores, spec)
   logits = stage2_logits(params.stage2[spec.num_patches], stage2_inputs(images, coarse, flat, spec),
                          spec)
   fine = models.probabilities(logits)
-  chosen = jnp.zeros(b * spec.num_patches ** 2, bool).at[flat].set(True)
-  if spec.threshold is not None:  # Chosen patches below it keep stage 1 (stage 2 ran on all k).
-    keep = scores.reshape(-1)[flat] >= spec.threshold
-    fine = jnp.where(keep[:, None, None, None], fine, cut(coarse, flat, spec))
-    chosen = chosen & (scores.reshape(-1) >= spec.threshold)
+  chosen = jnp.zeros(b * spec.num_patches ** 2, bool).at[flat].set(kept)
+  if spec.threshold is not None:  # Static shapes: stage 2 ran on all k; those not kept keep stage 1.
+    fine = jnp.where(kept[:, None, None, None], fine, cut(coarse, flat, spec))
   probs = paste(coarse, fine, flat, spec)
   return Prediction(probs=probs, coarse=coarse, scores=scores, refined=chosen.reshape(scores.shape))
 

@@ -30,11 +30,13 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 
 from iterseg import flops, inference, models
+from iterseg.data import common, pipeline
 from iterseg.errors import InputError
 from iterseg.models import Networks
-from iterseg.settings import NativeSpec
+from iterseg.settings import Spec
 
 BAND_ROWS = 512  # Rows of the output made by one call (the coarse map, upsampled).
 
@@ -59,7 +61,7 @@ class NativePrediction:
 
 class Compiled:
   """A jitted function compiled ahead of time once per input shape (a size bucket): its executables
-  and XLA's FLOPs per call, shared by every NativeModel of the same NativeSpec (`steps`)."""
+  and XLA's FLOPs per call, shared by every NativeModel of the same Spec (`steps`)."""
 
   def __init__(self, fn, **static):
     self.fn, self.static, self.cache = fn, static, {}
@@ -103,53 +105,51 @@ class _Used:
 
 
 @functools.lru_cache(maxsize=16)
-def steps(nspec: NativeSpec) -> dict:
-  """The compiled steps of one NativeSpec, made once per process: {'stage1', 'stage2', 'window',
+def steps(spec: Spec) -> dict:
+  """The compiled steps of one Spec, made once per process: {'stage1', 'stage2', 'window',
   'band'} (they depend on shapes and the spec, not on the parameters' values)."""
-  return {'stage1': Compiled(_stage1, nspec=nspec), 'stage2': Compiled(_stage2, nspec=nspec),
-          'window': Compiled(_window, nspec=nspec), 'band': Compiled(_band, nspec=nspec)}
+  return {'stage1': Compiled(_stage1, spec=spec), 'stage2': Compiled(_stage2, spec=spec),
+          'window': Compiled(_window, spec=spec), 'band': Compiled(_band, spec=spec)}
 
 
 # --- The steps, each jitted per bucket ------------------------------------------------------------
 
 
-def _normalize(x, stats, spec):
-  """x [..., 3] in [0, 1] as every network sees it; stats: per-channel (mean, std) of the image."""
-  if spec.input_norm == 'standardize':
-    return (x - stats[0]) / (stats[1] + 1e-3)
-  return x
-
-
-def _stage1(params, thumb, stats, size, *, nspec: NativeSpec):
+def _stage1(params, thumb, size, *, spec: Spec):
   """thumb [bh, bw, 3] (the thumbnail [h, w] padded to a bucket; size = (h, w)) -> (low-resolution
   probabilities [bh, bw, C], the rows and columns past (h, w) repeating the last ones, so that
-  every upsampling near the image's edge sees its own border; tile scores [bh / cell, bw / cell]).
+  every upsampling near the image's edge sees its own border; tile scores [gbh, gbw] (gbh = bh /
+  cell); every tile of the bucket's grid ranked, least sure first, by `inference.select`: flat
+  indices [gbh * gbw] into that grid, the tiles past the image's last.
   """
-  spec = nspec.spec
   logits = models.unet(spec, 'stage1').apply({'params': params},
-                                             _normalize(thumb, stats, spec)[None])
+                                             inference.normalize(thumb, spec)[None])
   probs = inference.stage1_outputs(logits, spec)[0]
   rows = jnp.minimum(jnp.arange(probs.shape[0]), size[0] - 1)
   cols = jnp.minimum(jnp.arange(probs.shape[1]), size[1] - 1)
   low = probs[rows][:, cols]
-  return low[..., :spec.num_classes], inference.tile_scores(low[None], spec)[0]
+  scores = inference.tile_scores(low[None], spec)[0]
+  cell = spec.patch_size // spec.downscale
+  inside = ((jnp.arange(scores.shape[0])[:, None] < -(-size[0] // cell)) &
+            (jnp.arange(scores.shape[1])[None, :] < -(-size[1] // cell)))
+  order, _ = inference.select(jnp.where(inside, scores, -jnp.inf).reshape(1, -1), scores.size)
+  return low[..., :spec.num_classes], scores, order[0]
 
 
-def _band(rows, offset, *, nspec: NativeSpec):
+def _band(rows, offset, *, spec: Spec):
   """rows [L, bw, C]: low-resolution rows around a band; offset: the band's first row, in native
   px from rows' first -> the band at full resolution [BAND_ROWS, bw * f, C]."""
-  f = nspec.spec.downscale
+  f = spec.downscale
   return inference.bilinear(rows, f, offset, 0, BAND_ROWS, rows.shape[1] * f)
 
 
-def _stage2(params, tiles, valid, patches, offsets, stats, *, nspec: NativeSpec):
+def _stage2(params, tiles, valid, patches, offsets, *, spec: Spec):
   """Stage 2 on a chunk: tiles [K, S, S, 3] uint8 with their halo (S = T + 2 halo), valid [K, S, S]
   (inside the image), patches [K, L, L, C] the low-resolution probabilities around each and
   offsets [K, 2] of the tile in them (native px) -> probabilities of the tile centres [K, T, T, C].
   The shapes depend on the chunk only: one compilation serves every image."""
-  spec = nspec.spec
   side = tiles.shape[1]
-  x = _normalize(inference.as_float(tiles), stats, spec)
+  x = inference.normalize(tiles, spec)
   if spec.stage2_uses_coarse:
     coarse = jax.vmap(lambda p, o: inference.bilinear(p, spec.downscale, o[0], o[1], side, side))(
         patches, offsets)
@@ -158,10 +158,10 @@ def _stage2(params, tiles, valid, patches, offsets, stats, *, nspec: NativeSpec)
   return models.probabilities(inference.stage2_logits(params, x, spec))
 
 
-def _window(params, windows, valid, stats, *, nspec: NativeSpec):
+def _window(params, windows, valid, *, spec: Spec):
   """The baseline on windows [K, R, R, 3] uint8 -> probabilities [K, R, R, C]."""
-  x = _normalize(inference.as_float(windows), stats, nspec.spec) * valid[..., None]
-  return models.probabilities(models.unet(nspec.spec).apply({'params': params}, x))
+  x = inference.normalize(windows, spec) * valid[..., None]
+  return models.probabilities(models.unet(spec).apply({'params': params}, x))
 
 
 # --- On the host ----------------------------------------------------------------------------------
@@ -243,36 +243,37 @@ def _low_rows(side: int, factor: int) -> int:
 
 
 def memory_available() -> int:
-  """Bytes this process can still allocate (Linux MemAvailable; else half the physical memory)."""
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
+  """Bytes this process can still allocate without swapping (psutil's `available`)."""
+  return psutil.virtual_memory().available
 
 
-def check_fits(height: int, width: int, nspec: NativeSpec, *, decoded: bool = True,
+def check_fits(height: int, width: int, spec: Spec, *, decoded: bool = True,
                extra_per_pixel: int = 0) -> None:
   """InputError, before any work, if an image of height x width cannot be segmented here: above
   native.max_pixels, or its output (float32 probabilities; plus the decoded image when `decoded` is
   False, i.e. still to be read) would not fit in the free memory with a working set."""
   pixels = height * width
-  channels = nspec.spec.num_classes
+  channels = spec.num_classes
   per_pixel = 4 * channels + extra_per_pixel + (0 if decoded else 3)
   working = 256 * 2 ** 20 + BAND_ROWS * width * 4 * (channels + 3)
   needed = pixels * per_pixel + working
-  limit = nspec.max_pixels
+  size = f'an image of {width} x {height} ({_mpx(pixels)})'
+  if spec.max_pixels and pixels > spec.max_pixels:
+    raise InputError(f'{size} is above config.native.max_pixels={spec.max_pixels} '
+                     f'({_mpx(spec.max_pixels)}): raise it to at least {pixels}, or set it to 0 '
+                     f'to go by the free memory.')
   free = memory_available()
-  fits = limit if limit else max((free - working) // per_pixel, 0)
-  if (limit and pixels > limit) or (not limit and needed > free):
+  if not spec.max_pixels and needed > free:
+    fits = max((free - working) // per_pixel, 0)
     raise InputError(
-        f'an image of {width} x {height} ({pixels / 1e6:.0f} Mpx) needs about {needed / 2 ** 30:.1f} '
-        f'GB for its {channels}-class probabilities{"" if decoded else " and its pixels"}; '
-        f'{"config.native.max_pixels allows" if limit else f"{free / 2 ** 30:.1f} GB are free, enough for"} '
-        f'about {fits / 1e6:.0f} Mpx: segment it in parts, or free memory.')
+        f'{size} needs about {needed / 2 ** 30:.1f} GB for its {channels}-class probabilities'
+        f'{"" if decoded else " and its pixels"}, but {free / 2 ** 30:.1f} GB are free (enough for '
+        f'about {_mpx(fits)} at this width): free memory, or cut the image into parts of at most '
+        f'that many pixels.')
+
+
+def _mpx(pixels: int) -> str:
+  return f'{pixels / 1e6:.3g} Mpx'
 
 
 # --- The method -----------------------------------------------------------------------------------
@@ -281,18 +282,17 @@ def check_fits(height: int, width: int, nspec: NativeSpec, *, decoded: bool = Tr
 class NativeModel:
   """Stage 1 and a stage 2 (and the baseline, for `sliding_window`) with their compiled steps.
 
-    model = NativeModel(nets, s.native_spec)      # nets: Networks with stage 1 and stage 2 at Np
+    model = NativeModel(nets, s.spec)      # nets: Networks with stage 1 and stage 2 at Np
     pred = model.two_stage(image)                 # image: uint8 [H, W, 3], any H x W
     probs = model.sliding_window(image)           # the dense reference, [H, W, C]
   """
 
-  def __init__(self, nets: Networks, nspec: NativeSpec):
-    spec = nspec.spec
-    self.nspec, self.nets = nspec, nets
+  def __init__(self, nets: Networks, spec: Spec):
+    self.spec, self.nets = spec, nets
     self.stage2_params = None
     if nets.stage1 is not None and spec.num_patches in nets.stage2:
       self.stage2_params = nets.stage2[spec.num_patches]
-    shared = steps(nspec)
+    shared = steps(spec)
     self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
     self.window, self.band = _Used(shared['window']), _Used(shared['band'])
 
@@ -308,66 +308,55 @@ class NativeModel:
   def chunk_sizes(self) -> tuple:
     """Stage 2's batch sizes: native.chunk tiles a call, and for an image's last chunk the
     multiples of chunk / 4 (so at most chunk / 4 - 1 tiles of a call are padding)."""
-    k = self.nspec.chunk
+    k = self.spec.chunk
     step = max(1, k // 4)
     return tuple(range(step, k, step)) + (k,)
 
   def warm(self, height: int, width: int) -> float:
     """Compiles stage 1 and the bands for an image of height x width (its buckets), and stage 2
     at every chunk size, without running anything; the seconds it took (0 when compiled before)."""
-    nspec, spec, f = self.nspec, self.nspec.spec, self.nspec.spec.downscale
-    bh, bw = _bucket(-(-height // f), nspec.bucket), _bucket(-(-width // f), nspec.bucket)
+    spec, f = self.spec, self.spec.downscale
+    bh, bw = _bucket(-(-height // f), spec.bucket), _bucket(-(-width // f), spec.bucket)
     shaped = jax.ShapeDtypeStruct
-    stats = shaped((2, 3), jnp.float32)
     start = time.perf_counter()
-    self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32), stats,
-                     shaped((2,), jnp.int32))
+    self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32), shaped((2,), jnp.int32))
     self.band.warm(shaped((_low_rows(BAND_ROWS, f), bw, spec.num_classes), jnp.float32),
                    shaped((), jnp.int32))
     if self.stage2_params is not None:
       for size in self.chunk_sizes:
-        self.stage2.warm(self.stage2_params, *self._chunk(size), stats)
+        self.stage2.warm(self.stage2_params, *self._chunk(size))
     return time.perf_counter() - start
 
   def _chunk(self, size: int) -> tuple:
     """Zeros for one stage-2 call of `size` tiles: (tiles [K, S, S, 3] uint8, valid [K, S, S],
     patches [K, L, L, C] float32, offsets [K, 2] int32) (see _stage2)."""
-    spec = self.nspec.spec
+    spec = self.spec
     side, span = spec.stage2_side, _low_rows(spec.stage2_side, spec.downscale)
     return (np.zeros((size, side, side, 3), np.uint8), np.zeros((size, side, side), bool),
             np.zeros((size, span, span, spec.num_classes), np.float32),
             np.zeros((size, 2), np.int32))
 
-  def _stats(self, image: np.ndarray, thumb: Optional[np.ndarray] = None) -> np.ndarray:
-    """[2, 3]: the image's per-channel mean and std, from its thumbnail (made here unless given),
-    for input_norm 'standardize'; zeros, and no thumbnail, when the networks do not use them."""
-    if self.nspec.spec.input_norm != 'standardize':
-      return np.zeros((2, 3), np.float32)
-    if thumb is None:
-      thumb = thumbnail(image, self.nspec.spec.downscale)
-    return np.stack([thumb.mean((0, 1)), thumb.std((0, 1))]).astype(np.float32)
-
   def low_resolution(self, image: np.ndarray):
-    """Stage 1 on the image's thumbnail: (image stats [2, 3], low-resolution probabilities
-    [bh, bw, C] (bucket-padded), tile scores [bh / cell, bw / cell], h, w, seconds, FLOPs)."""
-    spec, nspec = self.nspec.spec, self.nspec
+    """Stage 1 on the image's thumbnail: (low-resolution probabilities [bh, bw, C]
+    (bucket-padded), (tile scores [gbh, gbw], their ranking [gbh * gbw]; see _stage1), h, w,
+    seconds, FLOPs)."""
+    spec = self.spec
     start = time.perf_counter()
     thumb = thumbnail(image, spec.downscale)
     h, w = thumb.shape[:2]
-    bh, bw = _bucket(h, nspec.bucket), _bucket(w, nspec.bucket)
+    bh, bw = _bucket(h, spec.bucket), _bucket(w, spec.bucket)
     padded = np.zeros((bh, bw, 3), np.float32)
     padded[:h, :w] = thumb
-    stats = self._stats(image, thumb)
-    (low, scores), flops = self.stage1(self.nets.stage1, jnp.asarray(padded), jnp.asarray(stats),
-                                       jnp.asarray([h, w], jnp.int32))
+    (low, scores, order), flops = self.stage1(self.nets.stage1, jnp.asarray(padded),
+                                              jnp.asarray([h, w], jnp.int32))
     low = np.asarray(low)  # Small: the image / f^2.
-    return stats, low, scores, h, w, time.perf_counter() - start, flops
+    return low, (scores, order), h, w, time.perf_counter() - start, flops
 
   def coarse_into(self, out: np.ndarray, low: np.ndarray) -> tuple:
     """out [H, W, C] <- the coarse map (low [bh, bw, C]) upsampled, in bands of BAND_ROWS rows;
     (seconds, flops). One compilation per bucket width."""
     height, width = out.shape[:2]
-    f = self.nspec.spec.downscale
+    f = self.spec.downscale
     start, flops, pending = time.perf_counter(), 0.0, None
 
     def copy(y0, band):
@@ -395,20 +384,20 @@ class NativeModel:
     """
     if self.stage2_params is None:
       raise InputError(f'native two-stage inference needs stage 1 and stage 2 at '
-                       f'Np={self.nspec.spec.num_patches}; the networks have {self.nets.names()}.')
+                       f'Np={self.spec.num_patches}; the networks have {self.nets.names()}.')
     image = _as_uint8(image)
-    nspec, spec = self.nspec, self.nspec.spec
+    spec = self.spec
     height, width = image.shape[:2]
-    check_fits(height, width, nspec)
-    fraction = nspec.refine_fraction if refine_fraction is None else refine_fraction
+    check_fits(height, width, spec)
+    fraction = spec.refine_fraction if refine_fraction is None else refine_fraction
     threshold = spec.threshold if threshold == 'config' else threshold
-    stats, low, scores, h, w, s1_seconds, s1_flops = self.low_resolution(image)
+    low, (scores, order), h, w, s1_seconds, s1_flops = self.low_resolution(image)
 
     tile = spec.patch_size
     gh, gw = -(-height // tile), -(-width // tile)
+    rows, cols = np.divmod(np.asarray(order)[:gh * gw], scores.shape[1])  # The image's tiles first.
     scores = np.asarray(scores)[:gh, :gw]
-    order = np.argsort(-scores.reshape(-1), kind='stable')
-    chosen = order[:math.ceil(fraction * gh * gw)]
+    chosen = (rows * gw + cols)[:math.ceil(fraction * gh * gw)]
     if threshold is not None:
       chosen = chosen[scores.reshape(-1)[chosen] >= threshold]
     refined = np.zeros(gh * gw, bool)
@@ -417,7 +406,7 @@ class NativeModel:
     out = np.empty((height, width, spec.num_classes), np.float32)
     band_seconds, band_flops = self.coarse_into(out, low)
     start, s2_flops, calls = time.perf_counter(), 0.0, 0
-    side, halo, k, f = spec.stage2_side, spec.halo, nspec.chunk, spec.downscale
+    side, halo, k, f = spec.stage2_side, spec.halo, spec.chunk, spec.downscale
     span = _low_rows(side, f)
     margin = halo // f + 2  # Low-res rows a tile's patch may start above the map (edge values).
     padded = np.pad(low, ((margin, margin + span), (margin, margin + span), (0, 0)), mode='edge')
@@ -439,7 +428,7 @@ class NativeModel:
         patches[i] = padded[ty + margin:ty + margin + span, tx + margin:tx + margin + span]
         offsets[i] = (y - ty * f, x - tx * f)
       probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
-                                jnp.asarray(patches), jnp.asarray(offsets), jnp.asarray(stats))
+                                jnp.asarray(patches), jnp.asarray(offsets))
       s2_flops += call
       calls += 1
       if pending is not None:
@@ -458,9 +447,9 @@ class NativeModel:
   def stage1_only(self, image: np.ndarray) -> NativePrediction:
     """Stage 1 alone, upsampled to the image's size: probs [H, W, C] float32."""
     image = _as_uint8(image)
-    check_fits(*image.shape[:2], self.nspec)
-    _, low, _, h, w, s1_seconds, s1_flops = self.low_resolution(image)
-    out = np.empty((*image.shape[:2], self.nspec.spec.num_classes), np.float32)
+    check_fits(*image.shape[:2], self.spec)
+    low, _, h, w, s1_seconds, s1_flops = self.low_resolution(image)
+    out = np.empty((*image.shape[:2], self.spec.num_classes), np.float32)
     band_seconds, band_flops = self.coarse_into(out, low)
     return NativePrediction(probs=out, coarse=low[:h, :w], scores=None, refined=None, stats={
         'gflops': {'stage1': s1_flops / 1e9, 'bands': band_flops / 1e9},
@@ -469,20 +458,18 @@ class NativeModel:
   def sliding_window(self, image: np.ndarray, *, batch: int = 8) -> NativePrediction:
     """The baseline U-Net on windows of native.window px overlapping by native.overlap, each pixel
     the mean of the windows over it (MONAI's sliding_window_inference, mode 'constant'); probs
-    [H, W, C] float32 (coarse, scores and refined None). Image statistics (input_norm) are the whole
-    image's, as in two_stage."""
+    [H, W, C] float32 (coarse, scores and refined None)."""
     if self.nets.baseline is None:
       raise InputError(f'the dense reference needs the baseline; the networks have '
                        f'{self.nets.names()}.')
     image = _as_uint8(image)
-    nspec = self.nspec
+    spec = self.spec
     height, width = image.shape[:2]
-    check_fits(height, width, nspec, extra_per_pixel=1)
-    side = nspec.window_side
-    stats = self._stats(image)
-    corners = [(y, x) for y in _starts(height, side, nspec.overlap)
-               for x in _starts(width, side, nspec.overlap)]
-    out = np.zeros((height, width, nspec.spec.num_classes), np.float32)
+    check_fits(height, width, spec, extra_per_pixel=1)
+    side = spec.window_side
+    corners = [(y, x) for y in _starts(height, side, spec.overlap)
+               for x in _starts(width, side, spec.overlap)]
+    out = np.zeros((height, width, spec.num_classes), np.float32)
     count = np.zeros((height, width), np.uint8)
     start, flops, pending = time.perf_counter(), 0.0, None
 
@@ -499,8 +486,7 @@ class NativeModel:
       valid = np.zeros((batch, side, side), bool)
       for i, (y, x) in enumerate(chunk):
         windows[i], valid[i] = _cut(image, y, x, side)
-      probs, call = self.window(self.nets.baseline, jnp.asarray(windows), jnp.asarray(valid),
-                                jnp.asarray(stats))
+      probs, call = self.window(self.nets.baseline, jnp.asarray(windows), jnp.asarray(valid))
       flops += call
       if pending is not None:
         add(*pending)
@@ -549,13 +535,20 @@ def infer(params: Networks, images, config, *, num_patches: Optional[int] = None
           check_values: Optional[bool] = None):
   """`iterseg.infer`: at resolution='native', two-stage segmentation of one image [H, W, 3] (any
   size; uint8 or floats in [0, 1]) -> NativePrediction, or of a list of images of any sizes -> a
-  list; at the paper's square protocol, `inference.infer` (a batch [B, hi, hi, 3] -> Prediction)."""
+  list; at the paper's square protocol, `inference.infer` (a batch [B, hi, hi, 3] -> Prediction).
+  num_patches: the tile grid stage 2 was trained on (native has one: another is an InputError).
+  check_values: native float images are always checked on the host (they become uint8 there)."""
   s = inference.settings_of(config)
   if s.spec.resolution != 'native':
     return inference.infer(params, images, s, num_patches=num_patches, check_values=check_values)
+  if num_patches is not None and int(num_patches) != s.spec.num_patches:
+    raise InputError(f'num_patches={num_patches}: at native resolution stage 2 works on the tiles '
+                     f'it was trained on (num_patches={s.spec.num_patches}, tiles of '
+                     f'{s.spec.patch_size} px); leave num_patches out.')
+  del check_values  # Always checked: see the docstring.
   inference.check_params(params, s.spec, 'stage1')
   inference.check_params(params, s.spec, 'stage2')
-  model = NativeModel(params, s.native_spec)
+  model = NativeModel(params, s.spec)
   if isinstance(images, (list, tuple)):
     return [model.two_stage(image) for image in images]
   return model.two_stage(images)
@@ -569,7 +562,91 @@ def infer_baseline(params: Networks, images, config, *, check_values: Optional[b
   if s.spec.resolution != 'native':
     return inference.infer_baseline(params, images, s, check_values=check_values)
   inference.check_params(params, s.spec, 'baseline')
-  model = NativeModel(params, s.native_spec)
+  model = NativeModel(params, s.spec)
   if isinstance(images, (list, tuple)):
     return [model.sliding_window(image).probs for image in images]
   return model.sliding_window(images).probs
+
+
+# --- Image files of any size, whatever the protocol (--mode=predict) ------------------------------
+
+
+class SquareFiles:
+  """The paper's protocol on files of any size: each image resized to hi_size x hi_size (bilinear),
+  `batch_size` of them a call of the compiled two_stage over the local devices; the probabilities
+  come back at hi_size (the caller resizes them to the file's size)."""
+
+  def __init__(self, nets: Networks, s, batch_size: int):
+    self.spec, self.batch_size, self.compiles = s.spec, batch_size, None
+    self.num_classes, self.grid = s.spec.num_classes, {'num_patches': s.spec.num_patches}
+    self.sharding = _sharding(batch_size)
+    self.params = inference.replicate_like(nets.at(s.spec.num_patches),
+                                           jax.device_put(np.zeros(batch_size), self.sharding))
+
+  def check(self, path) -> None:
+    """Any size is resized."""
+
+  def prepare(self, image: np.ndarray) -> np.ndarray:
+    return common.resize_image(image, self.spec.hi_size)
+
+  def __call__(self, inputs: list, stopped) -> Optional[list]:
+    """[(probs [hi, hi, C], refined [Np*Np] bool)] of each input; None once `stopped` holds (the
+    batch in flight is dropped)."""
+    padded = pipeline.pad_batch(np.stack(inputs), self.batch_size)
+    pred = inference.two_stage(self.params, jax.device_put(padded, self.sharding), self.spec)
+    if not wait_ready(pred.probs, stopped):
+      return None
+    probs, refined = jax.device_get((pred.probs, pred.refined))
+    return [(probs[i], refined[i]) for i in range(len(inputs))]
+
+
+class NativeFiles:
+  """Native resolution on files of any size: one image a call of NativeModel.two_stage, at its own
+  size; an image too large for the free memory is refused from its header, before it is decoded."""
+
+  def __init__(self, nets: Networks, s, batch_size: int = 1):
+    del batch_size  # One image at a time: its tiles are the batch.
+    self.model = NativeModel(nets, s.spec)
+    self.batch_size, self.num_classes = 1, s.spec.num_classes
+    self.grid = {'tile': s.spec.patch_size}
+
+  @property
+  def compiles(self) -> int:
+    return self.model.compiles
+
+  def check(self, path) -> None:
+    check_fits(*common.header_size(path), self.model.spec, decoded=False)
+
+  def prepare(self, image: np.ndarray) -> np.ndarray:
+    return image
+
+  def __call__(self, inputs: list, stopped) -> Optional[list]:
+    """[(probs [H, W, C], refined [gh, gw] bool)]; None once `stopped` holds (asked between
+    stage-2 chunks)."""
+    pred = self.model.two_stage(inputs[0], stop=stopped)
+    return None if pred is None else [(pred.probs, pred.refined)]
+
+
+def image_files(nets: Networks, s, batch_size: int):
+  """How image files are segmented under `s`: SquareFiles or NativeFiles (one protocol:
+  check(path), prepare(image), __call__(inputs, stopped), batch_size, num_classes, grid (the
+  overlay's), compiles)."""
+  return (NativeFiles if s.spec.resolution == 'native' else SquareFiles)(nets, s, batch_size)
+
+
+def _sharding(batch: int):
+  """Splits a batch over the local devices when it divides evenly (else one device)."""
+  devices = jax.local_devices()
+  if len(devices) > 1 and batch % len(devices) == 0:
+    mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  return jax.sharding.SingleDeviceSharding(devices[0])
+
+
+def wait_ready(array, stopped, poll: float = 0.02) -> bool:
+  """Waits for a device array; False (without waiting longer) once `stopped` holds."""
+  while not array.is_ready():
+    if stopped():
+      return False
+    time.sleep(poll)
+  return True

@@ -1,8 +1,11 @@
 """--mode=predict: segment image files of any size with the trained two-stage method.
 
-  files --read threads: decode (iterseg.data.common's contract), resize to hi--> uint8 batches
-  --two_stage over every local device--> probabilities --writer threads: resize back to each
-  file's size, threshold / argmax, encode--> outputs
+  files --read threads: header checked, decoded (iterseg.data.common's contract), prepared-->
+  `segment` (native.image_files: square, batches resized to hi through two_stage over every local
+  device; native, one image at its own size) --> probabilities --writer threads: resized to each
+  file's size (square), threshold / argmax, encode--> outputs
+
+One pipeline whatever the resolution: only `segment` differs.
 
 Written per input image `<stem>` into predict.output (default `<workdir>/predictions`), as
 predict.outputs selects:
@@ -27,6 +30,7 @@ if any image failed.
 import collections
 import concurrent.futures
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -37,11 +41,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, hooks, inference, models
-from iterseg.data import common, pipeline
+from iterseg import checkpoints, files, hooks, inference, models, native
+from iterseg.data import common
 from iterseg.errors import InputError, Interrupted, PredictError
-from iterseg.models import Networks
-from iterseg.settings import Settings, Spec
+from iterseg.settings import Settings
 
 TINTS = np.array([(0, 255, 0), (0, 160, 255), (255, 0, 0), (255, 0, 255), (255, 128, 0),
                   (0, 255, 255), (128, 0, 255), (255, 255, 255)], np.float32)
@@ -92,12 +95,6 @@ def output_names(paths: Sequence[Path]) -> list:
   if len(set(map(key, names))) != len(names):  # Only a sha1 collision could do this.
     raise InputError(f'input file names that cannot be told apart: {sorted(map(str, paths))[:5]}')
   return names
-
-
-def read_resized(path: Path, hi_size: int):
-  """(uint8 [h, w, 3] as read, uint8 [hi, hi, 3] resized bilinear), or the error naming the file."""
-  image = common.read_image(path)
-  return image, common.resize_image(image, hi_size)
 
 
 # --- Outputs ------------------------------------------------------------------------------------------
@@ -158,8 +155,9 @@ def output_paths(output: Path, stem: str, outputs: Sequence[str], binary: bool) 
 
 
 def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict,
-                 num_patches: Optional[int], *, outputs: Sequence[str] = ('mask', 'probs', 'overlay'),
-                 compression: int = 0, tile: Optional[int] = None) -> dict:
+                 num_patches: Optional[int] = None, *,
+                 outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
+                 tile: Optional[int] = None) -> dict:
   """Writes the selected outputs of one image; returns {kind: path}. All of them take their final
   names together, once every one is complete, so a failure leaves the previous ones as they were."""
   probs, mask = result['probs'], result['mask']
@@ -191,46 +189,42 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict,
 # --- The pipeline -------------------------------------------------------------------------------------
 
 
-def _sharding(batch: int):
-  """Splits a batch over the local devices when it divides evenly (else one device)."""
-  devices = jax.local_devices()
-  if len(devices) > 1 and batch % len(devices) == 0:
-    mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
-  return jax.sharding.SingleDeviceSharding(devices[0])
-
-
 def _chunks(items: Sequence, size: int):
   for start in range(0, len(items), size):
     yield items[start:start + size]
 
 
-def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
-                  names: Optional[Sequence[str]] = None, batch_size: int = 8,
+def read_input(path: Path, segment):
+  """(uint8 [h, w, 3] as read, what `segment` takes of it), or the error naming the file: the
+  header is checked first (`segment.check`), so an image too large is refused before decoding."""
+  segment.check(path)
+  image = common.read_image(path)
+  return image, segment.prepare(image)
+
+
+def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Sequence[str]] = None,
                   outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
                   workers: Optional[int] = None, progress: bool = True, stop=None,
                   skip_existing: bool = False, ahead: int = 2) -> tuple:
-  """Segments every file and writes its outputs into `output`: (records, interrupted).
+  """Segments every file with `segment` (native.image_files: the paper's square protocol in
+  batches, or native resolution an image at a time) and writes its outputs, at the file's size,
+  into `output`: (records, interrupted).
 
-  records: one per file done, in order: {'input', 'height', 'width', 'refined_patches', <kind>:
-  path}, {'input', 'error'}, or {'input', 'skipped', <kind>: path} (skip_existing and every output
-  there). interrupted: the signal's name if `stop` (hooks.StopSignals) received one, else None;
-  the files not reached then have no record.
+  records: one per file done, in order: {'input', 'height', 'width', 'refined_patches', 'tiles',
+  <kind>: path}, {'input', 'error'}, or {'input', 'skipped', <kind>: path} (skip_existing and every
+  output there). interrupted: the signal's name if `stop` (hooks.StopSignals) received one, else
+  None; the files not reached then have no record.
 
   `names` are the output stems (default output_names(paths)). Reading runs `ahead` batches ahead in
   `workers` threads and at most 2 batches are written behind, so memory does not grow with the
-  number of files; each batch of `batch_size` images is split over the local devices (padded to a
-  full batch: one compilation serves all).
+  number of files.
   """
   paths = [Path(p) for p in paths]
   output = Path(output)
   files.check_writable(output)
   workers = workers or min(8, (os.cpu_count() or 1) + 2)
   stems = dict(zip(paths, names or output_names(paths)))
-  sharding = _sharding(batch_size)
-  params = inference.replicate_like(nets.at(spec.num_patches),
-                                    jax.device_put(np.zeros(batch_size), sharding))
-  binary = spec.num_classes == 1
+  batch_size = segment.batch_size
   records = {}
   stopped = lambda: stop is not None and stop.received is not None
 
@@ -239,15 +233,15 @@ def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
       h, w = image.shape[:2]
       full = resize_probs(probs, h, w)
       result = {'probs': full, 'mask': to_mask(full), 'refined': np.flatnonzero(refined)}
-      written = save_outputs(output, stems[path], image, result, spec.num_patches,
-                             outputs=outputs, compression=compression)
+      written = save_outputs(output, stems[path], image, result, outputs=outputs,
+                             compression=compression, **segment.grid)
       return {'input': str(path), 'height': h, 'width': w,
-              'refined_patches': int(refined.sum()), **written}
+              'refined_patches': int(refined.sum()), 'tiles': int(refined.size), **written}
     except OSError as e:
       return {'input': str(path), 'error': f'cannot write its outputs to {output} '
                                            f'({files.describe_os_error(e)})'}
 
-  todo = _to_do(paths, output, stems, outputs, binary, skip_existing, records)
+  todo = _to_do(paths, output, stems, outputs, segment.num_classes == 1, skip_existing, records)
   bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
              disable=not progress, dynamic_ncols=True)
   chunks = iter(list(_chunks(todo, batch_size)))
@@ -260,7 +254,7 @@ def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
         chunk = next(chunks, None)
         if chunk is None:
           return
-        reads.append([(p, readers.submit(read_resized, p, spec.hi_size)) for p in chunk])
+        reads.append([(p, readers.submit(read_input, p, segment)) for p in chunk])
 
     def collect(block: bool):
       while writes and (block or writes[0][1].done()):
@@ -284,14 +278,13 @@ def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
       read_ahead()
       if not good or stopped():
         continue
-      padded = pipeline.pad_batch(np.stack([small for _, _, small in good]), batch_size)
-      pred = inference.two_stage(params, jax.device_put(padded, sharding), spec)
-      if not _wait_ready(pred.probs, stopped):
+      results = segment([prepared for _, _, prepared in good], stopped)
+      if results is None:
         break  # Stopped: the batch in flight is dropped.
-      probs, refined = jax.device_get((pred.probs, pred.refined))
       collect(block=len(writes) >= 2 * batch_size)
-      for i, (path, image, _) in enumerate(good):
-        writes.append((path, writers.submit(write, path, image, probs[i], refined[i])))
+      for (path, image, _), (probs, refined) in zip(good, results):
+        writes.append((path, writers.submit(write, path, image, probs, refined)))
+      del good, results
       collect(block=False)
     for batch in reads:  # Stopped: reads not started are cancelled, the others dropped.
       for _, future in batch:
@@ -300,64 +293,6 @@ def predict_files(nets: Networks, spec: Spec, paths: Sequence[Path], output, *,
       for _, future in writes:
         future.cancel()
     collect(block=True)
-  bar.close()
-  return [records[p] for p in paths if p in records], stop.received if stopped() else None
-
-
-def predict_native_files(model, paths: Sequence[Path], output, *, names: Sequence[str],
-                         outputs: Sequence[str], compression: int = 0, progress: bool = True,
-                         stop=None, skip_existing: bool = False) -> tuple:
-  """resolution='native': every file segmented at its own size by `model` (native.NativeModel),
-  one at a time (the next one read meanwhile), its outputs at that size: (records, interrupted) as
-  `predict_files`. An image too large for the free memory (checked from its header, before it is
-  decoded) is an error record naming its size; Ctrl-C or SIGTERM stops between stage-2 chunks."""
-  from iterseg import native  # pylint: disable=g-import-not-at-top  # (only at native resolution)
-  paths, output = [Path(p) for p in paths], Path(output)
-  files.check_writable(output)
-  stems = dict(zip(paths, names))
-  nspec = model.nspec
-  binary = nspec.spec.num_classes == 1
-  stopped = lambda: stop is not None and stop.received is not None
-  records = {}
-  todo = _to_do(paths, output, stems, outputs, binary, skip_existing, records)
-  bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
-             disable=not progress, dynamic_ncols=True)
-
-  def read(path):
-    with Image.open(path) as header:
-      width, height = header.size
-    native.check_fits(height, width, nspec, decoded=False)
-    return common.read_image(path)
-
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='iterseg-read') as reader:
-    future = reader.submit(read, todo[0]) if todo else None
-    for i, path in enumerate(todo):
-      image = _wait(future, stopped)
-      future = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) and not stopped() else None
-      if image is None:
-        break
-      if isinstance(image, Exception):
-        records[path] = {'input': str(path), 'error': ' '.join(str(image).split())}
-        bar.update(1)
-        continue
-      pred = model.two_stage(image, stop=stopped)
-      if pred is None:
-        break  # Stopped: the image in flight is dropped.
-      result = {'probs': pred.probs, 'mask': to_mask(pred.probs),
-                'refined': np.flatnonzero(pred.refined)}
-      try:
-        written = save_outputs(output, stems[path], image, result, None, outputs=outputs,
-                               compression=compression, tile=nspec.tile)
-        records[path] = {'input': str(path), 'height': image.shape[0], 'width': image.shape[1],
-                         'refined_patches': pred.stats['refined'], 'tiles': pred.stats['tiles'],
-                         **written}
-      except OSError as e:
-        records[path] = {'input': str(path), 'error': f'cannot write its outputs to {output} '
-                                                      f'({files.describe_os_error(e)})'}
-      bar.update(1)
-      del image, pred, result
-    if future is not None:
-      future.cancel()
   bar.close()
   return [records[p] for p in paths if p in records], stop.received if stopped() else None
 
@@ -390,15 +325,6 @@ def _wait(future, stopped, poll: float = 0.05):
       return e
 
 
-def _wait_ready(array, stopped, poll: float = 0.02) -> bool:
-  """Waits for a device array; False (without waiting longer) once `stopped` holds."""
-  while not array.is_ready():
-    if stopped():
-      return False
-    time.sleep(poll)
-  return True
-
-
 def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
   """predict's end-to-end images/s on `num_images` random JPEG files of `size` (h, w), files in
   and outputs (predict.outputs) out, beside the compiled two-stage function alone at the same batch
@@ -406,6 +332,7 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax.random  # pylint: disable=g-import-not-at-top
   nets = models.random_networks(s.spec, jax.random.key(s.seed))
+  s = s.with_placeholder_statistics()
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory(prefix='iterseg-predict-') as folder:
     inputs = Path(folder) / 'in'
@@ -413,11 +340,12 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
     for i in range(num_images):
       Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(inputs / f'{i:04d}.jpg')
     paths = list_inputs(inputs)
-    kwargs = dict(batch_size=s.predict.batch_size, outputs=s.predict.outputs,
-                  compression=s.predict.png_compression, progress=False)
-    predict_files(nets, s.spec, paths[:s.predict.batch_size], Path(folder) / 'warm', **kwargs)
+    kwargs = dict(outputs=s.predict.outputs, compression=s.predict.png_compression,
+                  progress=False)
+    segment = native.SquareFiles(nets, s, s.predict.batch_size)
+    predict_files(segment, paths[:s.predict.batch_size], Path(folder) / 'warm', **kwargs)
     start = time.perf_counter()
-    predict_files(nets, s.spec, paths, Path(folder) / 'out', **kwargs)
+    predict_files(segment, paths, Path(folder) / 'out', **kwargs)
     seconds = time.perf_counter() - start
   batch = jax.device_put(rng.integers(0, 256, (s.predict.batch_size, s.spec.hi_size,
                                                s.spec.hi_size, 3), dtype=np.uint8))
@@ -433,13 +361,39 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
           'compiled_images_per_s': s.predict.batch_size / float(np.median(calls))}
 
 
+def write_summary(output: Path, part: dict, process: int, processes: int) -> str:
+  """Writes summary.json; under several processes, this process's part summary.<process>.json,
+  and whichever process finds every part written last merges them into summary.json (no process
+  waits for another: one interrupted or failed never holds the others). Returns summary.json."""
+  summary = os.path.join(output, 'summary.json')
+  if processes == 1:
+    files.atomic_write_json(summary, part)
+    return summary
+  files.atomic_write_json(os.path.join(output, f'summary.{process}.json'), part)
+  parts = [os.path.join(output, f'summary.{i}.json') for i in range(processes)]
+  if all(os.path.exists(p) for p in parts):
+    loaded = []
+    for p in parts:
+      with open(p) as f:
+        loaded.append(json.load(f))
+    merged = dict(loaded[0], processes=processes)
+    merged['images'] = sorted((r for one in loaded for r in one['images']), key=lambda r: r['input'])
+    for key in ('failed', 'skipped', 'total'):
+      merged[key] = sum(one[key] for one in loaded)
+    merged['interrupted'] = next((one['interrupted'] for one in loaded if one['interrupted']), None)
+    merged['compiles'] = None if loaded[0]['compiles'] is None else max(
+        one['compiles'] for one in loaded)
+    files.atomic_write_json(summary, merged)
+  return summary
+
+
 def run(s: Settings, workdir: str) -> dict:
   """--mode=predict: predict.input -> predict.output (default <workdir>/predictions).
 
   Uses the networks trained in `workdir`, stage 2 at config.num_patches, or at the operating point
   of --mode=calibrate when the workdir has one (a line says so). Everything is checked before the
   output folder is made. Under several processes, each takes every P-th file (names are decided
-  over all of them). Returns {'output', 'num_patches', 'images': [record], 'failed', 'skipped',
+  over all of them) and summary.json merges their parts (`write_summary`). Returns {'output', 'num_patches', 'images': [record], 'failed', 'skipped',
   'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed,
   and Interrupted (after writing summary.json) on Ctrl-C or SIGTERM.
   """
@@ -457,25 +411,18 @@ def run(s: Settings, workdir: str) -> dict:
   common_args = dict(names=[names[p] for p in mine], outputs=s.predict.outputs,
                      compression=s.predict.png_compression, progress=jax.process_index() == 0,
                      skip_existing=s.predict.skip_existing)
-  compiles = None
+  segment = native.image_files(nets, s, s.predict.batch_size)
   with hooks.StopSignals() as stop:
-    if s.spec.resolution == 'native':
-      from iterseg import native  # pylint: disable=g-import-not-at-top
-      model = native.NativeModel(nets, s.native_spec)
-      records, interrupted = predict_native_files(model, mine, output, stop=stop, **common_args)
-      compiles = model.compiles
-    else:
-      records, interrupted = predict_files(nets, s.spec, mine, output, stop=stop,
-                                           batch_size=s.predict.batch_size, **common_args)
+    records, interrupted = predict_files(segment, mine, output, stop=stop, **common_args)
+  compiles = segment.compiles
   seconds = time.perf_counter() - start
   failed = [r for r in records if 'error' in r]
   skipped = [r for r in records if 'skipped' in r]
-  name = 'summary.json' if jax.process_count() == 1 else f'summary.{jax.process_index()}.json'
-  summary = os.path.join(output, name)
-  files.atomic_write_json(summary, {
+  summary = write_summary(output, {
       'num_patches': s.spec.num_patches, 'outputs': s.predict.outputs, 'images': records,
       'failed': len(failed), 'skipped': len(skipped), 'total': len(mine),
-      'interrupted': interrupted, 'resolution': s.spec.resolution, 'compiles': compiles})
+      'interrupted': interrupted, 'resolution': s.spec.resolution, 'compiles': compiles},
+                          jax.process_index(), jax.process_count())
   done = len(records) - len(failed)
   if interrupted:
     raise Interrupted(f'interrupted ({interrupted}) with {done} of {len(mine)} image(s) done; their '

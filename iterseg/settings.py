@@ -1,7 +1,7 @@
 """The config, read and checked once: a ConfigDict in, small frozen typed objects out, and back.
 
   s = settings.from_config(config)    # SettingsError naming the field on any bad or unknown field
-  s.spec          inference geometry (`Spec`: hashable, a jit static argument)
+  s.spec          inference, both protocols (`Spec`: hashable, a jit static argument)
   s.train         `TrainPlan`      s.data  `DataSpec`     s.eval  `EvalPlan`
   s.benchmark     `BenchmarkPlan`  s.predict `PredictPlan`  s.calibrate `CalibratePlan`
   settings.to_config(s)               # the ConfigDict of `s` (what config.json holds)
@@ -37,7 +37,8 @@ PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
 CALIBRATE_TARGETS = ('dice_drop', 'latency')
 # What the weights depend on: a workdir's networks only fit settings that agree on these fields.
 GEOMETRY = ('resolution', 'hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse',
-            'model.width', 'model.depth', 'model.input_norm', 'model.error_head')
+            'model.width', 'model.depth', 'model.input_norm', 'model.input_mean', 'model.input_std',
+            'model.error_head')
 RESOLUTIONS = ('square', 'native')
 
 
@@ -61,16 +62,50 @@ class Spec:
   width: int = _at('model.width')
   depth: int = _at('model.depth')
   halo: int  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
-  input_norm: str = _at('model.input_norm')  # 'standardize': zero mean, unit std per channel.
+  input_norm: str = _at('model.input_norm')  # 'standardize': (x - input_mean) / input_std.
+  input_mean: Optional[tuple] = _at('model.input_mean')  # Per channel, the training images' (None:
+  input_std: Optional[tuple] = _at('model.input_std')  # not measured yet; --mode=train does).
   refine_budget: str  # 'image': k patches per image; 'batch': B * k over the batch.
   resolution: str  # 'square' (the paper) or 'native' (hi_size: the side of the training crops).
   dtype: str = _at('model.dtype')  # The U-Nets' computation: 'float32' or 'bfloat16'.
   error_head: bool = _at('model.error_head')  # Stage 1's extra output: its predicted error share.
+  # Native resolution (native.*): any H x W, stage 1 on the image downscaled by `downscale`, stage 2
+  # on the least confident tiles of side patch_size (with halo), as trained on crops of hi_size.
+  refine_fraction: float = _at('native.refine_fraction')  # Share of the tiles refined.
+  chunk: int = _at('native.chunk')  # Tiles per stage-2 call.
+  bucket: int = _at('native.bucket')  # Stage 1's input padded to a multiple of this (stage-1 px).
+  window: int = _at('native.window')  # The dense reference's window side (0: hi_size) ...
+  overlap: float = _at('native.overlap')  # ... and the share its windows overlap.
+  max_pixels: int = _at('native.max_pixels')  # Larger images are refused (0: the free memory).
+
+  @property
+  def window_side(self) -> int:
+    return self.window or self.hi_size
 
   @property
   def downscale(self) -> int:
     """How many image pixels a stage-1 pixel covers along a side (native: an exact factor)."""
     return self.hi_size // self.stage1_size
+
+  @property
+  def rescale(self) -> str:
+    """How stage 1's input is made and its map brought back to full size: 'resize' (the paper:
+    the whole image resized, antialiased bilinear, any factor) or 'blocks' (native: the mean of
+    each f x f block, and `inference.bilinear` back, so that any band or tile of an image of any
+    size is made on its own)."""
+    return 'blocks' if self.resolution == 'native' else 'resize'
+
+  @property
+  def scores_on_low_map(self) -> bool:
+    """Patches are scored on stage 1's own low-resolution map (native: no full-resolution map is
+    made to choose; the learned score: the error head's) rather than on the upscaled map (the
+    paper's protocol)."""
+    return self.score == 'learned' or self.resolution == 'native'
+
+  @property
+  def crop(self) -> Optional[int]:
+    """Training examples are random crops of this side (native), or whole images (None)."""
+    return self.hi_size if self.resolution == 'native' else None
 
   @property
   def patch_size(self) -> int:
@@ -94,29 +129,8 @@ class Spec:
   def geometry(self) -> dict:
     """{config field: value} of the fields the weights depend on (GEOMETRY)."""
     fields = {f.metadata.get('config', f.name): f.name for f in dataclasses.fields(self)}
-    return {path: getattr(self, fields[path]) for path in GEOMETRY}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class NativeSpec:
-  """Inference on any H x W (resolution='native'; hashable: a jit static argument). The geometry is
-  `spec`'s: stage 1 on the image downscaled by spec.downscale, stage-2 tiles of side spec.patch_size
-  with spec.halo, scored by spec.score; these fields are `native.*`."""
-  spec: Spec = _at(None)
-  refine_fraction: float  # Share of the tiles refined (the least confident).
-  chunk: int  # Tiles per stage-2 call.
-  bucket: int  # Stage 1's input padded to a multiple of this (downscaled px).
-  window: int  # The dense reference's window side (0: hi_size; see window_side).
-  overlap: float  # ... and the share its windows overlap.
-  max_pixels: int  # Larger images are refused (0: decided by the free memory).
-
-  @property
-  def tile(self) -> int:
-    return self.spec.patch_size
-
-  @property
-  def window_side(self) -> int:
-    return self.window or self.spec.hi_size
+    unused = () if self.input_norm == 'standardize' else ('model.input_mean', 'model.input_std')
+    return {path: None if path in unused else getattr(self, fields[path]) for path in GEOMETRY}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,6 +174,11 @@ class DataSpec:
   kitti_label_ids: tuple
   resolution: str = _at(None)  # Spec.resolution.
   scale: float  # Native: images scaled by this factor when prepared.
+
+  @property
+  def side(self) -> int:
+    """The side examples are prepared at: hi_size (square), or 0: each its own size (native)."""
+    return 0 if self.resolution == 'native' else self.hi_size
   synthetic_sides: tuple  # Native synthetic: (smallest, largest) side in px.
   synthetic_kind: str  # 'lesions' | 'vessels'.
 
@@ -221,7 +240,6 @@ class Settings:
   predict: PredictPlan
   calibrate: CalibratePlan
   export: ExportPlan
-  native: NativeSpec
   refine_count: Optional[int]  # As configured; None = Np patches per image (the authors).
   ablation_features: tuple = _at('ablation.features')
 
@@ -231,11 +249,6 @@ class Settings:
     order = ([('stage1', None)] + [('stage2', n) for n in self.train.num_patches_list] +
              [('baseline', None)])
     return [(network, n) for network, n in order if network in self.train.networks]
-
-  @property
-  def native_spec(self) -> NativeSpec:
-    """The native inference spec, with this Settings' geometry (spec)."""
-    return dataclasses.replace(self.native, spec=self.spec)
 
   def spec_for(self, num_patches: int) -> Spec:
     """The inference Spec at another Np (refine_count: Np unless the config fixed it)."""
@@ -256,19 +269,31 @@ class Settings:
     varied = dataclasses.replace(varied, spec=varied.spec_for(varied.spec.num_patches))
     return _check_relations(varied)
 
+  def with_placeholder_statistics(self) -> 'Settings':
+    """These settings, with mid-grey input statistics where input_norm='standardize' has none: for
+    timing random networks, whose outputs mean nothing."""
+    if self.spec.input_norm != 'standardize' or self.spec.input_mean is not None:
+      return self
+    return self.vary('spec', input_mean=(0.5,) * 3, input_std=(0.25,) * 3)
+
   def at_operating_point(self, point: dict) -> 'Settings':
-    """Settings for inference at {'num_patches', 'refine_count', 'threshold'} (e.g. the point
-    --mode=calibrate chose): that Np only (train.num_patches_list = (Np,)), since a fixed k need not
-    fit the other grids."""
+    """Settings for inference at an operating point (checkpoints.operating_point's schema: the
+    point --mode=calibrate chose): Np = point['num_patches'] only (train.num_patches_list = (Np,),
+    since a fixed k need not fit the other grids), its refine_count and refine_fraction where set,
+    and its threshold."""
     n = int(point['num_patches'])
-    spec = dataclasses.replace(self.spec, num_patches=n, threshold=point['threshold'])
+    spec = dataclasses.replace(self.spec, num_patches=n, threshold=point.get('threshold'))
     train = dataclasses.replace(self.train, num_patches_list=(n,))
-    return self.vary('settings', spec=spec, train=train, refine_count=point['refine_count'])
+    if point.get('refine_fraction') is not None:
+      spec = dataclasses.replace(spec, refine_fraction=point['refine_fraction'])
+    count = point.get('refine_count')
+    return self.vary('settings', spec=spec, train=train,
+                     refine_count=self.refine_count if count is None else count)
 
 
 _SECTIONS = (('spec', ''), ('train', 'train.'), ('data', 'data.'), ('eval', 'eval.'),
              ('benchmark', 'benchmark.'), ('predict', 'predict.'), ('calibrate', 'calibrate.'),
-             ('native', 'native.'), ('export', 'export.'))
+             ('export', 'export.'))
 
 
 # --- Reading ------------------------------------------------------------------------------------------
@@ -405,6 +430,18 @@ class _Reader:
       self.fail(field, value, f'a non-empty tuple among {choices}')
     return tuple(dict.fromkeys(value))
 
+  def channels(self, field: str, low: float, high: float, *, low_open: bool = False
+               ) -> Optional[tuple]:
+    """None, or one finite number per RGB channel in [low, high] ((low, high] with low_open)."""
+    value = self.raw(field)
+    if value is None:
+      return None
+    if isinstance(value, (str, int, float)) or not hasattr(value, '__iter__') or len(value) != 3 or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > high or
+        v < low or (low_open and v == low) for v in value):
+      self.fail(field, value, f'None or 3 numbers (R, G, B) each{_range(low, high, low_open)}')
+    return tuple(float(v) for v in value)
+
   def ints(self, field: str, low: Optional[int] = None, high: Optional[int] = None, *,
            allow_empty: bool = False, optional: bool = False) -> Optional[tuple]:
     value = self.raw(field)
@@ -464,6 +501,10 @@ def _check_spec(spec: Spec) -> Spec:
   if spec.score == 'learned' and spec.resolution == 'square' and spec.stage1_size % n:
     raise SettingsError(f'config.score=\'learned\' needs stage1_size ({spec.stage1_size}) to be a '
                         f'multiple of num_patches ({n}): a patch is scored on whole stage-1 pixels.')
+  if (spec.input_mean is None) != (spec.input_std is None):
+    raise SettingsError(f'config.model.input_mean={spec.input_mean} and model.input_std='
+                        f'{spec.input_std}: set both (the training images\' per-channel statistics) '
+                        f'or neither (--mode=train measures them).')
   if spec.halo and spec.halo >= spec.patch_size * n:
     raise SettingsError(f'config.halo={spec.halo} is not valid: it must be smaller than hi_size.')
   return spec
@@ -482,17 +523,24 @@ def from_config(config) -> Settings:
   score = r.choice('score', SCORES)
   refine_count = r.int('refine_count', 1, optional=True)
   num_patches = r.int('num_patches', 1, hi)
+  depth = r.int('model.depth', 1, 10)
   spec = Spec(hi_size=hi, stage1_size=r.int('stage1_size', 1, hi), num_classes=num_classes,
               num_patches=num_patches,
               refine_count=num_patches if refine_count is None else refine_count, score=score,
               stage2_uses_coarse=r.bool('stage2_uses_coarse'),
               threshold=r.float('threshold', 0.0, score_range(score, num_classes), optional=True),
-              width=r.int('model.width', 1), depth=r.int('model.depth', 1, 10),
+              width=r.int('model.width', 1), depth=depth,
               halo=r.int('halo', 0), input_norm=r.choice('model.input_norm', ('none', 'standardize')),
+              input_mean=r.channels('model.input_mean', 0.0, 1.0),
+              input_std=r.channels('model.input_std', 0.0, 1.0, low_open=True),
               refine_budget=r.choice('refine_budget', BUDGETS),
               resolution=r.choice('resolution', RESOLUTIONS),
               dtype=r.choice('model.dtype', ('float32', 'bfloat16')),
-              error_head=r.bool('model.error_head'))
+              error_head=r.bool('model.error_head'),
+              refine_fraction=r.float('native.refine_fraction', 0.0, 1.0, low_open=True),
+              chunk=r.int('native.chunk', 1), bucket=r.int('native.bucket', 2 ** depth),
+              window=r.int('native.window', 0), overlap=r.float('native.overlap', 0.0, 0.9),
+              max_pixels=r.int('native.max_pixels', 0))
   _check_spec(spec)
 
   networks = r.raw('train.networks')
@@ -562,7 +610,7 @@ def from_config(config) -> Settings:
       benchmark=BenchmarkPlan(batch_sizes=r.ints('benchmark.batch_sizes', 1, optional=True),
                               repeats=r.int('benchmark.repeats', 1), sliding_window=sliding,
                               max_seconds=r.float('benchmark.max_seconds', 0.0, low_open=True),
-                              native_sides=r.ints('benchmark.native_sides', 2 ** depth_for(r)),
+                              native_sides=r.ints('benchmark.native_sides', 2 ** depth),
                               peak_tflops=r.float('benchmark.peak_tflops', 0.0, low_open=True,
                                                   optional=True),
                               train=r.bool('benchmark.train')),
@@ -572,11 +620,6 @@ def from_config(config) -> Settings:
       predict=predict,
       calibrate=_calibrate_plan(r, score_range(score, num_classes),
                                 max(n * n for n in {num_patches, *nps})),
-      native=NativeSpec(
-          spec=spec, refine_fraction=r.float('native.refine_fraction', 0.0, 1.0, low_open=True),
-          chunk=r.int('native.chunk', 1), bucket=r.int('native.bucket', 2 ** spec.depth),
-          window=r.int('native.window', 0), overlap=r.float('native.overlap', 0.0, 0.9),
-          max_pixels=r.int('native.max_pixels', 0)),
       refine_count=refine_count,
       ablation_features=r.names('ablation.features', ABLATION_FEATURES))
   return _check_relations(settings)
@@ -593,13 +636,13 @@ def _check_relations(s: Settings) -> Settings:
                         f'number in [0.0, {top}].')
   if s.spec.resolution == 'native':
     _check_native(s)
-  return dataclasses.replace(s, native=dataclasses.replace(s.native, spec=s.spec))
+  return s
 
 
 def _check_native(s: Settings):
   """What resolution='native' needs of the geometry: an exact downscale factor and tiles made of
   whole stage-1 pixels, a U-Net deep enough for neither, one grid size."""
-  spec, native = s.spec, s.native
+  spec = s.spec
   if spec.hi_size % spec.stage1_size:
     raise SettingsError(f'config.stage1_size={spec.stage1_size} is not valid for '
                         f"resolution='native': hi_size={spec.hi_size} (the crop side) must be a "
@@ -610,20 +653,16 @@ def _check_native(s: Settings):
                         f'{spec.patch_size} must be a multiple of the downscale factor '
                         f'{spec.downscale} (hi_size / stage1_size).')
   cell = spec.patch_size // spec.downscale
-  if native.bucket % cell:
-    raise SettingsError(f'config.native.bucket={native.bucket} is not valid: it must be a multiple '
+  if spec.bucket % cell:
+    raise SettingsError(f'config.native.bucket={spec.bucket} is not valid: it must be a multiple '
                         f'of a tile\'s side in stage-1 pixels, {cell}.')
   if tuple(s.train.num_patches_list) != (spec.num_patches,):
     raise SettingsError(f'config.train.num_patches_list={s.train.num_patches_list} is not valid '
                         f"for resolution='native': it must be (num_patches,) = "
                         f'({spec.num_patches},), the one tile size.')
-  if native.window and native.window < 2 ** spec.depth:
-    raise SettingsError(f'config.native.window={native.window} is not valid: it must be 0 '
+  if spec.window and spec.window < 2 ** spec.depth:
+    raise SettingsError(f'config.native.window={spec.window} is not valid: it must be 0 '
                         f'(hi_size) or at least 2**depth = {2 ** spec.depth} px.')
-
-
-def depth_for(r: _Reader) -> int:
-  return r.int('model.depth', 1, 10)
 
 
 def _calibrate_plan(r: _Reader, max_threshold: float, max_refine: int) -> CalibratePlan:

@@ -188,7 +188,7 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
       epoch, start = divmod(step, per_epoch)
       for batch in pipeline.prefetch_to_device(pipeline.batches(
           source, batch_size=plan.batch_size, seed=plan.seed, epoch=epoch, start_batch=start,
-          crop=spec.hi_size if spec.resolution == 'native' else None)):
+          crop=spec.crop)):
         train_state, metrics = p_step(train_state, batch, frozen)
         step += 1
         bar.update(1)
@@ -232,8 +232,8 @@ def training_data(s: Settings):
     held = set(data.holdout_indices(len(source), s.calibrate.holdout, s.seed).tolist())
     source = data.Subset(source, [i for i in range(len(source)) if i not in held])
   pipeline.check_batch_size(s.train.batch_size, len(source))
-  # Native: every step crops a few whole images; they are decompressed once, not every epoch.
-  return pipeline.Decoded(source) if s.spec.resolution == 'native' else source
+  # Decompressed once, not every epoch (native: every step crops a few whole images).
+  return pipeline.Decoded(source)
 
 
 def preflight(s: Settings, workdir: str):
@@ -254,15 +254,22 @@ def preflight(s: Settings, workdir: str):
   return source, stage1
 
 
-def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> None:
-  """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says).
+def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> Settings:
+  """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says); returns
+  the settings the networks were trained with (with input_norm='standardize', the training images'
+  statistics measured here, or the run's when it resumes; config.json holds them).
 
   A refused command leaves the workdir as it was: `preflight` checks what it can before the first
   write, and what is written before the first step (config.json, plan.json, metrics.jsonl trimmed
   on resume) is put back if the command still fails before that step (e.g. a checkpoint whose
   metadata reads but whose arrays do not).
   """
+  s = checkpoints.with_run_statistics(s, workdir)
   source, stage1 = preflight(s, workdir)
+  if s.spec.input_norm == 'standardize' and s.spec.input_mean is None:
+    mean, std = inference.input_statistics((source[i]['image'] for i in range(len(source))),
+                                           progress=jax.process_index() == 0)
+    s = s.vary('spec', input_mean=mean, input_std=std)
   names = [models.name(network, n) for network, n in s.jobs()]
   undo = files.Undo(
       [os.path.join(workdir, f) for f in ('config.json', 'metrics.jsonl')] +
@@ -272,12 +279,13 @@ def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> Non
   stepped = []
   try:
     checkpoints.save_config(s, workdir)
-    with StopSignals() as stop:
+    with StopSignals(coordinated=True) as stop:
       run = functools.partial(train_network, s, workdir, source=source, stop=stop,
                               extra_hooks=(lambda _: stepped.append(1), *extra_hooks))
       for network, n in s.jobs():
         params = run(network, num_patches=n, frozen=stage1 if network == 'stage2' else None)
         stage1 = params if network == 'stage1' else stage1
+    return s
   except BaseException:
     if not stepped and jax.process_index() == 0:
       undo.restore()

@@ -75,13 +75,35 @@ def test_latency_picks_the_best_dice_under_the_budget():
 
 def test_operating_point_reads_calibration_json(tmp_path):
   assert checkpoints.operating_point(str(tmp_path)) is None  # Absent.
-  (tmp_path / 'calibration.json').write_text('{"operating_point": ')
-  assert checkpoints.operating_point(str(tmp_path)) is None  # Unreadable.
   (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': None}))
   assert checkpoints.operating_point(str(tmp_path)) is None  # No point met the target.
-  chosen = {'num_patches': 4, 'refine_count': 2, 'threshold': 0.1}
+  chosen = {'num_patches': 4, 'refine_count': 2, 'threshold': 0.1}  # Written before the one schema.
   (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': chosen}))
-  assert checkpoints.operating_point(str(tmp_path)) == chosen
+  assert checkpoints.operating_point(str(tmp_path)) == dict(chosen, refine_fraction=None)
+
+
+@pytest.mark.parametrize('content, words', [
+    ('{"operating_point": ', 'cannot be read'),  # Truncated mid-write: never silently ignored.
+    ('[1, 2]', 'cannot be read'),
+    (json.dumps({'operating_point': {'num_patches': 2, 'refine_fraction': 1.5}}),
+     r'operating_point.refine_fraction=1.5 is not valid \(a number in \(0.0, 1.0\]\)'),
+    (json.dumps({'operating_point': {'num_patches': '4', 'refine_count': 2}}),
+     "operating_point.num_patches='4' is not valid"),
+    (json.dumps({'operating_point': {'num_patches': 4, 'refine_count': 0}}),
+     'operating_point.refine_count=0 is not valid'),
+    (json.dumps({'operating_point': {'num_patches': 4, 'threshold': -1}}),
+     'operating_point.threshold=-1 is not valid'),
+])
+def test_a_damaged_calibration_json_is_one_line_naming_the_file_the_field_and_the_way_out(
+    tmp_path, content, words):
+  (tmp_path / 'calibration.json').write_text(content)
+  with pytest.raises(checkpoints.CheckpointError, match=words) as e:
+    checkpoints.operating_point(str(tmp_path))
+  message = str(e.value)
+  assert 'calibration.json' in message and 'run --mode=calibrate again, or delete' in message
+  assert '\n' not in message
+  (tmp_path / 'calibration.json').unlink()  # Doing what it says works: the config's point is used.
+  assert checkpoints.operating_point(str(tmp_path)) is None
 
 
 def test_measure_averages_over_the_real_images_of_padded_batches():
@@ -145,7 +167,7 @@ def test_run_sweeps_every_np_and_k_and_writes_the_calibration(random_workdir, tm
   assert by_k[(4, 4)]['gflops'] == pytest.approx(by_k[(4, 1)]['gflops'] + 3 * per_patch)
   # Any Dice is within a drop of 1.0: the operating point is the point of fewest GFLOPs, Np=4, k=1
   # (a 16-px patch costs less than a 32-px one).
-  expected = {'num_patches': 4, 'refine_count': 1, 'threshold': None}
+  expected = {'num_patches': 4, 'refine_count': 1, 'refine_fraction': None, 'threshold': None}
   assert saved['operating_point'] == expected
   assert min(points, key=lambda p: p['gflops'])['refine_count'] == 1
   assert ('Operating point (dice_drop): num_patches=4, refine_count=1, threshold=None'
@@ -168,4 +190,4 @@ def test_load_and_predict_use_the_calibrated_operating_point(random_workdir, tmp
                       **{'predict.input': str(tmp_path / 'a.png')})
   result = predict.run(settings.from_config(config), str(workdir))
   assert result['num_patches'] == 2 and result['images'][0]['refined_patches'] == 1
-  assert checkpoints.operating_point(str(workdir)) == point
+  assert checkpoints.operating_point(str(workdir)) == dict(point, refine_fraction=None)

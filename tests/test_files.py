@@ -1,57 +1,16 @@
-"""iterseg.files: atomic writes, write checks, and the workdir lock, tried with real processes."""
+"""iterseg.files: atomic writes and write checks (the locks: test_lock.py)."""
 
 import errno
-import fcntl
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from iterseg import errors, files, lock
+from iterseg import errors, files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A second process that holds the lock until a line arrives on its stdin (iterseg.lock imports no
-# jax, so it starts fast).
-HOLDER = """
-import sys
-from iterseg import lock
-with lock.WorkdirLock(sys.argv[1]):
-  print('locked', flush=True)
-  sys.stdin.readline()
-"""
-
-
-@pytest.fixture
-def holder(tmp_path):
-  """Starts processes that lock tmp_path / 'run'; kills whichever are left at the end."""
-  started = []
-
-  def start():
-    child = subprocess.Popen([sys.executable, '-c', HOLDER, str(tmp_path / 'run')], cwd=ROOT,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    started.append(child)
-    assert child.stdout.readline() == 'locked\n'
-    return child
-
-  yield start
-  for child in started:
-    if child.poll() is None:
-      child.kill()
-      child.wait()
-
-
-@pytest.fixture
-def notes(monkeypatch):
-  """The warnings lock.py logs, formatted."""
-  logged = []
-  monkeypatch.setattr(lock.logging, 'warning', lambda msg, *args: logged.append(msg % args))
-  return logged
-
 
 def test_files_and_the_lock_do_not_import_jax():
   code = ('import sys\nfrom iterseg import files, lock\n'
@@ -122,95 +81,3 @@ def test_check_writable_names_the_cause(tmp_path, monkeypatch, code, cause):
   with pytest.raises(errors.WriteError) as e:
     files.check_writable(tmp_path)
   assert str(e.value).startswith(f'cannot write to {tmp_path}: {cause} (errno {code}). ')
-
-
-def test_lock_held_by_another_process(tmp_path, holder):
-  child = holder()
-  with pytest.raises(errors.LockedError) as e:
-    lock.WorkdirLock(tmp_path / 'run').acquire()
-  message = str(e.value)
-  assert f'PID {child.pid} on host {socket.gethostname()} since ' in message
-  assert str(tmp_path / 'run' / '.iterseg.lock') in message and '\n' not in message
-  child.communicate('exit\n')
-  assert child.returncode == 0
-  assert os.listdir(tmp_path / 'run') == []
-  with lock.WorkdirLock(tmp_path / 'run') as held:
-    assert held.held
-  assert os.listdir(tmp_path / 'run') == []
-
-
-def test_lock_of_a_killed_process_is_taken_over(tmp_path, holder, notes):
-  child = holder()
-  os.kill(child.pid, signal.SIGKILL)
-  child.wait()
-  assert os.listdir(tmp_path / 'run') == ['.iterseg.lock']
-  with lock.WorkdirLock(tmp_path / 'run'):
-    info = json.loads((tmp_path / 'run' / '.iterseg.lock').read_text())
-    assert info['pid'] == os.getpid()
-  assert len(notes) == 1
-  assert notes[0].startswith(f'took over the stale lock of PID {child.pid} on host '
-                             f'{socket.gethostname()} (since ')
-
-
-def write_lock(workdir, **info):
-  workdir.mkdir(exist_ok=True)
-  info = {'pid': os.getppid(), 'host': socket.gethostname(), 'since': '2026-11-25T14:30:02+01:00',
-          'command': 'train', **info}
-  (workdir / '.iterseg.lock').write_text(json.dumps(info))
-
-
-def test_lock_of_a_reused_pid_is_taken_over(tmp_path, notes):
-  write_lock(tmp_path, pid=os.getppid())  # Alive, but holds no flock: the PID was reused.
-  with lock.WorkdirLock(tmp_path):
-    pass
-  assert notes == [f'took over the stale lock of PID {os.getppid()} on host {socket.gethostname()} '
-                   f'(since 2026-11-25 14:30:02) in {tmp_path}']
-
-
-def test_lock_of_a_dead_pid_is_taken_over_even_if_a_child_kept_its_flock(tmp_path, notes):
-  dead = subprocess.Popen(['true'])
-  dead.wait()
-  write_lock(tmp_path, pid=dead.pid)
-  with open(tmp_path / '.iterseg.lock') as f:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # As a forked child of the dead run would.
-    with lock.WorkdirLock(tmp_path):
-      assert json.loads((tmp_path / '.iterseg.lock').read_text())['pid'] == os.getpid()
-  assert len(notes) == 1 and notes[0].startswith(f'took over the stale lock of PID {dead.pid} ')
-
-
-def test_lock_from_another_host_is_refused(tmp_path):
-  write_lock(tmp_path, host='elsewhere', pid=1)
-  with pytest.raises(errors.LockedError, match='PID 1 on host elsewhere since 2026-11-25 14:30:02 '
-                     '.* If that run is dead, delete the lock file.'):
-    lock.WorkdirLock(tmp_path).acquire()
-  assert json.loads((tmp_path / '.iterseg.lock').read_text())['host'] == 'elsewhere'
-
-
-def test_unreadable_lock(tmp_path, notes):
-  path = tmp_path / '.iterseg.lock'
-  path.write_text('')
-  with open(path) as f:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Held: its writer may still be writing.
-    with pytest.raises(errors.LockedError, match='held but unreadable'):
-      lock.WorkdirLock(tmp_path).acquire()
-  with lock.WorkdirLock(tmp_path):  # Free: its writer crashed.
-    pass
-  assert notes == [f'took over the stale, unreadable lock file {path}']
-
-
-def test_acquiring_twice_in_one_process(tmp_path):
-  with lock.WorkdirLock(tmp_path) as held:
-    for again in (held, lock.WorkdirLock(tmp_path)):
-      with pytest.raises(errors.LockedError, match=f'PID {os.getpid()} \\(this process\\)'):
-        again.acquire()
-  held.release()
-  assert os.listdir(tmp_path) == []
-
-
-def test_disabled_lock_does_nothing(tmp_path):
-  write_lock(tmp_path, host='elsewhere')
-  with lock.WorkdirLock(tmp_path, enabled=False) as held:
-    assert not held.held
-  with lock.WorkdirLock(tmp_path / 'other', enabled=False):
-    pass
-  assert os.listdir(tmp_path) == ['.iterseg.lock']

@@ -54,3 +54,81 @@ def test_two_processes_with_two_devices_train_like_one_with_four(reference, subp
     assert [r['step'] for r in map(json.loads, f)] == list(range(1, STAGE1_STEPS + 1))
   assert (workdir / 'config.json').exists() and (workdir / 'results.json').exists()
   assert 'train stage1' in outputs[0][1] and 'train stage1' not in outputs[1][1]  # Progress bar.
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(subprocess_env, tmp_path):
+  """JAX's preemption notifier owns SIGTERM under jax.distributed (iterseg's own handler replaced
+  it before, and a two-process job ran on to its last step): one process is signalled, both reach
+  the sync point at the same step, save it, and stop with one line saying how to resume."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  total = 2 * 150
+  flags = launch_runs.tiny_flags(
+      workdir, tmp_path / 'data', f'--coordinator_address=localhost:{free_port()}',
+      '--num_processes=2', **{'train.networks': ('stage1',), 'train.stage1_epochs': 150,
+                              'train.checkpoint_every': 1000})
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                                          '--xla_backend_optimization_level=0',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  try:
+    metrics, start = workdir / 'metrics.jsonl', time.monotonic()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+      assert time.monotonic() - start < 240 and all(p.poll() is None for p in processes)
+      time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=240) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  steps = set()
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 1, stderr[-3000:]
+    line = helpers.one_line_error(subprocess.CompletedProcess([], p.returncode, '', stderr))
+    assert 'rerun the same command to resume' in line
+    steps.add(int(line.split(' at step ')[1].split()[0]))
+  assert len(steps) == 1 and steps.pop() < total
+  saved = [int(d) for d in os.listdir(workdir / 'checkpoints' / 'stage1') if d.isdigit()]
+  assert len(saved) == 1 and saved[0] < total
+
+
+def test_predict_splits_a_folder_over_two_processes_and_writes_one_merged_summary(
+    subprocess_env, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny(num_patches=4, **{'train.num_patches_list': (4,)})
+  helpers.save_random_networks(config, tmp_path / 'run')
+  rng = np.random.default_rng(0)
+  (tmp_path / 'in').mkdir()
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(
+        tmp_path / 'in' / f'{i}.png')
+  flags = ['--config=configs/default.py', f'--workdir={tmp_path / "run"}', '--mode=predict',
+           *(f'--config.{k}={v}' for k, v in {
+               'hi_size': 64, 'num_patches': 4, 'model.width': 4, 'model.depth': 3,
+               'train.num_patches_list': (4,), 'predict.input': tmp_path / 'in',
+               'predict.batch_size': 2}.items()),
+           f'--coordinator_address=localhost:{free_port()}', '--num_processes=2']
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                                          '--xla_backend_optimization_level=0',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  out = tmp_path / 'run' / 'predictions'
+  parts = [json.loads((out / f'summary.{i}.json').read_text()) for i in range(2)]
+  assert [part['total'] for part in parts] == [3, 2]  # Every other file each.
+  merged = json.loads((out / 'summary.json').read_text())
+  assert merged['total'] == 5 and merged['failed'] == 0 and merged['processes'] == 2
+  assert [r['input'].rsplit('/', 1)[1] for r in merged['images']] == [f'{i}.png' for i in range(5)]
+  assert all((out / f'{i}_mask.png').exists() for i in range(5))

@@ -27,7 +27,7 @@ def native_config(**overrides):
 def model():
   s = settings.from_config(native_config(halo=4))
   nets = models.random_networks(s.spec, jax.random.key(0))
-  return native.NativeModel(nets, s.native_spec)
+  return native.NativeModel(nets, s.spec)
 
 
 def images(*shapes, seed=0):
@@ -39,7 +39,7 @@ def test_on_an_image_of_the_crop_size_native_inference_is_the_square_method(mode
   """The same networks and geometry through the jitted square two_stage (spec resolution native)
   and through the host-driven native pipeline give the same selection and probabilities (within
   the uint8 rounding of the native thumbnail)."""
-  spec = model.nspec.spec
+  spec = model.spec
   (image,) = images((64, 64))
   pred = model.two_stage(image, refine_fraction=spec.refine_count / spec.num_patches ** 2)
   square = inference.two_stage(model.nets.at(spec.num_patches), jnp.asarray(image)[None], spec)
@@ -67,7 +67,7 @@ def test_outside_the_refined_tiles_the_output_is_stage_1_upsampled(model):
 
 
 def test_a_refined_tile_is_stage_2_by_hand_on_the_tile_its_halo_and_the_coarse_map(model):
-  spec = model.nspec.spec
+  spec = model.spec
   (image,) = images((96, 96), seed=3)
   pred = model.two_stage(image, refine_fraction=1.0)
   r, c = 1, 1  # An inner tile (its 4-px halo is all inside the image).
@@ -95,7 +95,7 @@ def test_the_last_chunk_holds_only_the_tiles_left_so_compute_follows_every_tile(
   """Chunks of 8 tiles, the last cut to a multiple of 2: 11 tiles run as 8 + 4 (not 8 + 8), and
   the stage-2 FLOPs are those two calls', the same values as one tile at a time."""
   s = settings.from_config(native_config(**{'native.chunk': 8}))
-  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.native_spec)
+  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.spec)
   assert model.chunk_sizes == (2, 4, 6, 8)
   (image,) = images((96, 128), seed=2)  # 3 x 4 tiles of 32 px.
   pred = model.two_stage(image, refine_fraction=11 / 12)
@@ -104,7 +104,7 @@ def test_the_last_chunk_holds_only_the_tiles_left_so_compute_follows_every_tile(
               model.stage2.compiled.cache[key][1] for key in model.stage2.keys}  # {tiles: FLOPs}
   assert model.stage2.compiles == 2 and sorted(per_call) == [4, 8]
   assert pred.stats['gflops']['stage2'] == pytest.approx((per_call[4] + per_call[8]) / 1e9)
-  one_at_a_time = native.NativeModel(model.nets, s.vary('native', chunk=1).native_spec)
+  one_at_a_time = native.NativeModel(model.nets, s.vary('spec', chunk=1).spec)
   np.testing.assert_allclose(one_at_a_time.two_stage(image, refine_fraction=11 / 12).probs,
                              pred.probs, atol=1e-6)
 
@@ -121,7 +121,7 @@ def test_the_thumbnail_is_the_mean_of_each_block_in_every_band_and_at_ragged_edg
 
 def test_compilations_follow_the_size_buckets_not_the_sizes():
   s = settings.from_config(native_config())
-  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.native_spec)
+  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.spec)
   for image in images((60, 60), (57, 63), (64, 50)):  # One bucket: 8 x 8 stage-1 px.
     model.two_stage(image)
   assert (model.stage1.compiles, model.band.compiles, model.stage2.compiles) == (1, 1, 1)
@@ -150,17 +150,21 @@ def test_an_image_the_method_cannot_take_is_refused_in_one_line(model, image, wo
 
 def test_an_image_too_large_is_refused_before_any_work():
   s = settings.from_config(native_config(**{'native.max_pixels': 5000}))
-  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.native_spec)
-  with pytest.raises(errors.InputError, match=r'an image of 100 x 60 \(0 Mpx\).*max_pixels allows'):
+  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.spec)
+  with pytest.raises(errors.InputError, match=r'an image of 100 x 60 \(0.006 Mpx\) is above config'
+                     r'.native.max_pixels=5000 .*raise it to at least 6000, or set it to 0'):
     model.two_stage(np.zeros((60, 100, 3), np.uint8))
   assert model.compiles == 0
+  raised = native.NativeModel(model.nets, settings.from_config(native_config(**{
+      'native.max_pixels': 6000})).spec)  # Doing what the message says works.
+  assert raised.two_stage(np.zeros((60, 100, 3), np.uint8)).probs.shape == (60, 100, 1)
   with pytest.raises(errors.InputError, match=r'16384 x 16384 .* GB are free'):
-    native.check_fits(16384, 16384, settings.from_config(native_config()).native_spec,
+    native.check_fits(16384, 16384, settings.from_config(native_config()).spec,
                       extra_per_pixel=2 ** 10)  # As if each pixel needed a KiB.
 
 
 def test_the_sliding_window_averages_overlapping_windows_of_the_baseline(model):
-  spec = model.nspec.spec
+  spec = model.spec
   (image,) = images((64, 112), seed=2)  # Windows of 64 px every 48 px: x = 0, 48 (flush).
   dense = model.sliding_window(image)
   x = inference.as_float(jnp.asarray(image))[None]
@@ -255,7 +259,7 @@ def test_evaluate_scores_each_image_on_its_own_mask(native_workdir, tmp_path):
   from iterseg import checkpoints  # pylint: disable=g-import-not-at-top
   first = data.load_split(s.data, 'test')[0]
   nets = checkpoints.load_networks(str(workdir), s)
-  pred = native.NativeModel(nets, s.native_spec).two_stage(first['image'])
+  pred = native.NativeModel(nets, s.spec).two_stage(first['image'])
   by_hand = metrics.one_image_metrics(pred.probs, first['mask'], 1)
   assert results['per_image']['two_stage_np2']['soft_dice'][0] == pytest.approx(
       by_hand['soft_dice'], rel=1e-5)
@@ -322,9 +326,36 @@ def test_calibrate_sweeps_the_share_of_tiles_and_load_uses_its_point(native_work
   assert [p['refine_fraction'] for p in result['points']] == [0.25, 1.0]
   fewer, every = result['points']
   assert fewer['gflops'] < every['gflops'] and every['refined_fraction'] == 1.0
-  assert result['operating_point'] == {'refine_fraction': 0.25, 'threshold': None}
+  assert result['operating_point'] == {'num_patches': 2, 'refine_count': None,
+                                       'refine_fraction': 0.25, 'threshold': None}
   assert checkpoints.operating_point(str(workdir)) == result['operating_point']
   params, loaded = iterseg.load(str(workdir))
   assert loaded.native.refine_fraction == 0.25
   preds = iterseg.infer(params, images((40, 70), (90, 33)), loaded)  # A list of sizes.
   assert [p.probs.shape for p in preds] == [(40, 70, 1), (90, 33, 1)]
+
+
+def test_native_infer_refuses_another_grid_instead_of_ignoring_it():
+  config = native_config()
+  nets = models.random_networks(settings.from_config(config).spec, jax.random.key(0))
+  image = images((40, 50))[0]
+  with pytest.raises(errors.InputError, match='num_patches=4: at native resolution.*leave'):
+    native.infer(nets, image, config, num_patches=4)
+  assert native.infer(nets, image, config, num_patches=2).probs.shape == (40, 50, 1)
+
+
+def test_both_protocols_go_through_the_same_steps(monkeypatch):
+  """normalize, select (lax.top_k), tile/patch scores, stage 2 and the U-Nets: the square batch and
+  a native image call the same functions of `inference`, not copies."""
+  calls = []
+  for name in ('normalize', 'select', 'stage1_outputs', 'stage2_logits'):
+    real = getattr(inference, name)
+    monkeypatch.setattr(inference, name, lambda *a, _real=real, _name=name, **k: (
+        calls.append(_name), _real(*a, **k))[1])
+  config = native_config(halo=4, **{'model.width': 3})  # A width of its own: traced afresh.
+  s = settings.from_config(config)
+  nets = models.random_networks(s.spec, jax.random.key(0))
+  native.NativeModel(nets, s.spec).two_stage(images((70, 90))[0], refine_fraction=0.5)
+  native_calls, calls[:] = set(calls), []
+  inference.two_stage(nets.at(2), jnp.zeros((1, 64, 64, 3), jnp.uint8), s.spec)
+  assert native_calls == set(calls) == {'normalize', 'select', 'stage1_outputs', 'stage2_logits'}

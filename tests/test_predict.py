@@ -242,13 +242,13 @@ def test_predict_holds_only_a_few_batches_whatever_the_folder_size(trained_tiny,
   config, root = trained_tiny
   inputs = many_inputs(tmp_path / 'in', 40)
   read, held = [], []
-  real_read, real_save = predict.read_resized, predict.save_outputs
+  real_read, real_save = predict.read_input, predict.save_outputs
 
   def save(*a, **k):
     held.append(len(read) - len(held))  # Read so far minus written so far (this one included).
     return real_save(*a, **k)
 
-  monkeypatch.setattr(predict, 'read_resized', lambda *a: (read.append(1), real_read(*a))[1])
+  monkeypatch.setattr(predict, 'read_input', lambda *a: (read.append(1), real_read(*a))[1])
   monkeypatch.setattr(predict, 'save_outputs', save)
   config = set_fields(config.copy_and_resolve_references(), **{
       'predict.input': str(inputs), 'predict.output': str(tmp_path / 'out'), 'predict.batch_size': 2})
@@ -290,3 +290,30 @@ def test_ctrl_c_stops_predict_writes_the_summary_and_skip_existing_goes_on(train
   result = predict.run(settings.from_config(config), str(root / 'run'))
   assert len(result['skipped']) == len(done) and len(result['images']) == 12
   assert len([p for p in os.listdir(out) if p.endswith('_mask.png')]) == 12
+
+
+@pytest.mark.parametrize('resolution', ['square', 'native'])
+def test_an_image_above_pillows_decompression_limit_is_one_failed_record_and_the_rest_go_on(
+    resolution, tmp_path, monkeypatch):
+  """One pipeline for both protocols: the large image is named with its reason in summary.json, the
+  images after it are segmented, and the run ends in PredictError (never a traceback)."""
+  overrides = {'predict.batch_size': 2}
+  if resolution == 'native':
+    overrides.update({'resolution': 'native', 'stage1_size': 8, 'num_patches': 2,
+                      'refine_count': 2, 'train.num_patches_list': (2,), 'native.bucket': 8})
+  config = tiny(**overrides)
+  save_random_networks(config, tmp_path / 'run')
+  rng = np.random.default_rng(0)
+  for name, side in (('a.png', 40), ('b.png', 400), ('c.png', 50), ('d.png', 60)):
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(tmp_path / name)
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 70_000)  # b (160 000 px) is above twice this.
+  config = set_fields(config, **{'predict.input': str(tmp_path), 'predict.output':
+                                 str(tmp_path / 'out')})
+  with pytest.raises(errors.PredictError, match='1 of 4 image.*b.png') as failed:
+    predict.run(settings.from_config(config), str(tmp_path / 'run'))
+  assert '\n' not in str(failed.value)
+  summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
+  by_name = {Path(r['input']).name: r for r in summary['images']}
+  assert 'decompression bomb' in by_name['b.png']['error'] and summary['failed'] == 1
+  for name in ('a.png', 'c.png', 'd.png'):
+    assert Path(by_name[name]['mask']).exists()

@@ -134,6 +134,7 @@ def test_every_field_survives_the_round_trip_with_a_value_other_than_its_default
       'refine_count': 3, 'score': 'margin', 'stage2_uses_coarse': False, 'threshold': 0.2,
       'halo': 2, 'refine_budget': 'batch', 'model.width': 6, 'model.depth': 2,
       'model.input_norm': 'standardize', 'model.dtype': 'bfloat16', 'model.error_head': True,
+      'model.input_mean': (0.4, 0.3, 0.2), 'model.input_std': (0.2, 0.1, 0.05),
       'train.error_weight': 0.5, 'train.exclude_holdout': True, 'data.synthetic_kind': 'vessels',
       'data.name': 'folder',
       'data.manual_dir': '/m',

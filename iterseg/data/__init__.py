@@ -1,6 +1,7 @@
 """Datasets (TFDS builders written without TensorFlow) and the input pipeline.
 
   prepare(spec)              generate the dataset `spec` (a settings.DataSpec) names once; counts and %Fg
+                             (one run at a time: another preparing it too waits, see PREPARE_WAIT_S)
   load_split(spec, split)    random-access examples of 'train' or 'test' (prepares first if needed)
   pipeline.batches(...)      shuffled, sharded, prefetched [devices, batch, ...] numpy batches
 
@@ -25,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from iterseg import lock
 from iterseg.errors import DataError
 from iterseg.settings import DATASETS
 
 __all__ = ['DataError', 'prepare', 'load_split', 'make_builder']
 
 SPLITS = ('train', 'test')
+PREPARE_WAIT_S = 30 * 60  # How long a run waits for another that prepares the same dataset.
 
 
 def make_builder(spec):
@@ -82,13 +85,18 @@ def prepare(spec) -> dict[str, Any]:
   builder = make_builder(spec)
   if not is_prepared(builder):
     builder.find_cases()  # Fail on missing or misplaced files before TFDS announces anything.
-    _say_if_the_source_changed(builder)
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tfds.disable_progress_bar()  # The builder shows one bar per split, which says more than TFDS's.
-    try:
-      builder.download_and_prepare()
-    finally:
-      tfds.enable_progress_bar()
+    # The lock sits beside the dataset's folder (<data_dir>/<dataset>/<config name>/.iterseg.lock).
+    with lock.DataLock(os.path.dirname(builder.data_dir), wait_s=PREPARE_WAIT_S):
+      if is_prepared(builder):  # By the run this one waited for.
+        builder = make_builder(spec)
+      else:
+        _say_if_the_source_changed(builder)
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        tfds.disable_progress_bar()  # The builder shows one bar per split: more than TFDS's.
+        try:
+          builder.download_and_prepare()
+        finally:
+          tfds.enable_progress_bar()
   return {
       'dataset': f'{builder.name}/{builder.builder_config.name}',
       **{split: builder.info.splits[split].num_examples for split in SPLITS},

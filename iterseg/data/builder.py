@@ -103,13 +103,12 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   @classmethod
   def _config_fields(cls, spec) -> dict[str, Any]:
-    native = spec.resolution == 'native'
-    return dict(hi_size=0 if native else spec.hi_size, split_seed=spec.split_seed,
-                train_fraction=spec.train_fraction, scale=spec.scale if native else 1.0)
+    return dict(hi_size=spec.side, split_seed=spec.split_seed,
+                train_fraction=spec.train_fraction, scale=1.0 if spec.side else spec.scale)
 
   @classmethod
   def _config_name(cls, spec) -> str:
-    size = f'native_x{spec.scale:g}' if spec.resolution == 'native' else f'hi{spec.hi_size}'
+    size = f'hi{spec.side}' if spec.side else f'native_x{spec.scale:g}'
     return f'{size}_seed{spec.split_seed}_frac{spec.train_fraction:g}'
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -146,6 +146,21 @@ def to_uint8_rgb(image: Image.Image) -> np.ndarray:
   return np.repeat(grey[..., None], 3, axis=-1)
 
 
+def header_size(path: Path) -> tuple[int, int]:
+  """(height, width) of the image at `path` from its header, nothing decoded (as stored: EXIF
+  rotation aside); DataError naming the file if it cannot be opened (or is above Pillow's
+  decompression-bomb limit)."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f'missing file: {path}')
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+  except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
+    raise DataError(f'cannot read image {path}: {e}') from e
+  return height, width
+
+
 def image_size(path: Path) -> tuple[int, int]:
   """(height, width) of the upright image at `path` (decodes it)."""
   image = open_image(path)

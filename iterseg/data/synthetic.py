@@ -304,7 +304,7 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
   def _config_name(cls, spec):
     classes = f'_classes{spec.num_classes}' if spec.num_classes >= 3 else ''
     sides = (f'_sides{spec.synthetic_sides[0]}-{spec.synthetic_sides[1]}'
-             if spec.resolution == 'native' else '')
+             if not spec.side else '')
     kind = '_vessels' if spec.synthetic_kind == 'vessels' else ''
     return f'{super()._config_name(spec)}_n{spec.num_examples}{classes}{sides}{kind}'
 
