@@ -25,8 +25,8 @@ SEAM = ('seam_soft_dice', 'seam_hard_dice')
 
 
 def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes: int, *,
-             total: Optional[int] = None, progress: bool = True, seam_np: Optional[int] = None
-             ) -> dict:
+             total: Optional[int] = None, progress: bool = True, seam_np: Optional[int] = None,
+             allow_empty: bool = False) -> dict:
   """Runs every method on every batch and averages the per-image metrics over the images.
 
   Seams: 'seam_soft_dice' and 'seam_hard_dice' are the same metrics restricted to the pixels near
@@ -64,23 +64,63 @@ def evaluate(comparison: Sequence[Method], batches: Iterable[dict], num_classes:
       if fraction is not None:
         per_image[m.key]['refined_fraction'] += np.asarray(fraction)[:b].tolist()
     num_images += b
-  if not num_images:
+  return _summarized(per_image, names, allow_empty)
+
+
+def _summarized(per_image: dict, names: list, allow_empty: bool) -> dict:
+  """{'num_images', 'names', 'methods': {key: {metric: mean, 'refined_fraction': mean or None,
+  'per_image': {metric: [values]}}}} of per-image lists {key: {metric: [values]}}."""
+  if not names and not allow_empty:
     raise DataError('no images to evaluate: the test split is empty; check config.data.')
   out = {}
-  for m in comparison:
-    values = {k: v for k, v in per_image[m.key].items() if v}
+  for key, lists in per_image.items():
+    values = {k: v for k, v in lists.items() if v}
     fractions = values.pop('refined_fraction', [])
-    out[m.key] = {
-        **{k: float(np.mean(v)) for k, v in values.items()},
-        'refined_fraction': float(np.mean(fractions)) if fractions else None,
-        'per_image': values,
-    }
-  return {'num_images': num_images, 'names': names, 'methods': out}
+    out[key] = {**{k: float(np.mean(v)) for k, v in values.items()},
+                'refined_fraction': float(np.mean(fractions)) if fractions else None,
+                'per_image': values}
+  return {'num_images': len(names), 'names': names, 'methods': out}
+
+
+PER_IMAGE = metrics.METRICS + SEAM + ('refined_fraction', 'gflops', 'seconds')
+
+
+def merge_processes(evaluation: dict, total: int) -> dict:
+  """Under several processes, the evaluations of each process's share (process p: images p, p + P,
+  ...) gathered into one, in the split's order, on every process; as it is under one. DataError if
+  the split is empty."""
+  processes = jax.process_count()
+  if processes > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    rows = -(-total // processes)
+    order = [(i % processes, i // processes) for i in range(total)]
+    gather = lambda a: np.asarray(multihost_utils.process_allgather(a))  # [P, rows, ...]
+    names = np.zeros((rows, 256), np.uint8)
+    for i, name in enumerate(evaluation['names']):
+      encoded = name.encode()[:256]
+      names[i, :len(encoded)] = np.frombuffer(encoded, np.uint8)
+    every = gather(names)
+    merged_names = [every[p, r].tobytes().rstrip(b'\0').decode() for p, r in order]
+    per_image = {}
+    for key in sorted(evaluation['methods']):
+      mine = evaluation['methods'][key]['per_image']
+      per_image[key] = {}
+      for metric in PER_IMAGE:  # The same gathers, in the same order, on every process.
+        padded = np.full(rows, np.nan)
+        values = mine.get(metric, [])
+        padded[:len(values)] = values
+        every = gather(padded)
+        per_image[key][metric] = [float(every[p, r]) for p, r in order
+                                  if not np.isnan(every[p, r])]
+    evaluation = _summarized(per_image, merged_names, allow_empty=True)
+  if not evaluation['num_images']:
+    raise DataError('no images to evaluate: the test split is empty; check config.data.')
+  return evaluation
 
 
 def evaluate_native(model, source: Sequence[dict], num_classes: int, *,
                     refine_fraction: Optional[float] = None, threshold='config',
-                    progress: bool = True) -> dict:
+                    progress: bool = True, allow_empty: bool = False) -> dict:
   """resolution='native': every method of `model` (native.NativeModel) on every image of `source`
   at its own size, the metrics on its own mask. Returns `evaluate`'s structure, and per method
   'gflops' (the mean per image of what ran) and 'seconds' (the mean per image)."""
@@ -108,16 +148,7 @@ def evaluate_native(model, source: Sequence[dict], num_classes: int, *,
         per_image[key][name].append(value)
       per_image[key]['gflops'].append(sum(pred.stats['gflops'].values()))
       per_image[key]['seconds'].append(sum(pred.stats['seconds'].values()))
-  if not names:
-    raise DataError('no images to evaluate: the test split is empty; check config.data.')
-  out = {}
-  for key in keys:
-    values = {k: v for k, v in per_image[key].items() if v}
-    fractions = values.pop('refined_fraction', [])
-    out[key] = {**{k: float(np.mean(v)) for k, v in values.items()},
-                'refined_fraction': float(np.mean(fractions)) if fractions else None,
-                'per_image': values}
-  return {'num_images': len(names), 'names': names, 'methods': out}
+  return _summarized(per_image, names, allow_empty)
 
 
 def make_rows(comparison: Sequence[Method], evaluation: dict, flop_report: dict) -> list:
@@ -151,13 +182,15 @@ def run(s: Settings, workdir: str) -> dict:
     files.check_writable(workdir)
   nets = checkpoints.load_networks(workdir, s)
   source = data.load_split(s.data, 'test')
+  mine = data.Subset(source, range(jax.process_index(), len(source), jax.process_count()))
   if s.spec.resolution == 'native':
-    return _write(s, workdir, _native_results(s, nets, source, main), main)
+    return _write(s, workdir, _native_results(s, nets, mine, len(source), main), main)
   comparison = methods.methods(nets, s)
   batch_size = s.eval.batch_size
-  evaluation = evaluate(comparison, pipeline.eval_batches(source, batch_size), s.spec.num_classes,
-                        total=math.ceil(len(source) / batch_size), progress=main,
-                        seam_np=s.spec.num_patches)
+  evaluation = merge_processes(evaluate(
+      comparison, pipeline.eval_batches(mine, batch_size), s.spec.num_classes,
+      total=math.ceil(len(mine) / batch_size), progress=main, seam_np=s.spec.num_patches,
+      allow_empty=True), len(source))
   nps = sorted(nets.stage2) if nets.stage1 is not None else []
   flop_report = flops.report(s, nps or [s.spec.num_patches])
   rows = make_rows(comparison, evaluation, flop_report)
@@ -172,11 +205,13 @@ def run(s: Settings, workdir: str) -> dict:
   return _write(s, workdir, results, main)
 
 
-def _native_results(s: Settings, nets, source, main: bool) -> dict:
-  """The results of resolution='native': each image at its own size; FLOPs are what ran."""
+def _native_results(s: Settings, nets, mine, total: int, main: bool) -> dict:
+  """The results of resolution='native': each image at its own size; FLOPs are what ran. `mine`:
+  this process's share of the `total` test images."""
   from iterseg import native  # pylint: disable=g-import-not-at-top
   model = native.NativeModel(nets, s.spec)
-  evaluation = evaluate_native(model, source, s.spec.num_classes, progress=main)
+  evaluation = merge_processes(evaluate_native(model, mine, s.spec.num_classes, progress=main,
+                                               allow_empty=True), total)
   rows = []
   for key, e in evaluation['methods'].items():
     name, _, n = key.partition('_np')

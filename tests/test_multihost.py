@@ -132,3 +132,40 @@ def test_predict_splits_a_folder_over_two_processes_and_writes_one_merged_summar
   assert merged['total'] == 5 and merged['failed'] == 0 and merged['processes'] == 2
   assert [r['input'].rsplit('/', 1)[1] for r in merged['images']] == [f'{i}.png' for i in range(5)]
   assert all((out / f'{i}_mask.png').exists() for i in range(5))
+
+
+def test_evaluate_gives_each_process_its_share_and_writes_the_merged_results_once(
+    random_workdir, subprocess_env, tmp_path):
+  """Two processes evaluate every other test image each; results.json (written by process 0 only)
+  holds the same per-image metrics, in the split's order, as one process evaluating them all."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from iterseg import evaluate, settings  # pylint: disable=g-import-not-at-top
+  config, workdir = random_workdir
+  one = evaluate.run(settings.from_config(config), str(shutil.copytree(workdir, tmp_path / 'one')))
+  two = shutil.copytree(workdir, tmp_path / 'two')
+  flags = ['--config=configs/default.py', f'--workdir={two}', '--mode=evaluate',
+           *(f'--config.{k}={v}' for k, v in {
+               'hi_size': 64, 'num_patches': 4, 'model.width': 4, 'model.depth': 3,
+               'train.num_patches_list': (2, 4), 'train.batch_size': 8, 'data.num_examples': 16,
+               'data.data_dir': config.data.data_dir, 'eval.batch_size': 2}.items()),
+           f'--coordinator_address=localhost:{free_port()}', '--num_processes=2']
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                                          '--xla_backend_optimization_level=0',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=240) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  merged = json.loads((two / 'results.json').read_text())
+  assert merged['num_images'] == one['num_images'] == len(one['names']) and (
+      merged['names'] == one['names'])
+  for key, values in one['per_image'].items():
+    for metric, expected in values.items():
+      np.testing.assert_allclose(merged['per_image'][key][metric], expected, rtol=1e-5)
+  assert 'Test split' in outputs[0][0] and 'Test split' not in outputs[1][0]  # Printed once.
