@@ -32,7 +32,8 @@ from tqdm import tqdm
 from iterseg import benchmark, checkpoints, evaluate, files, flops, methods, report
 from iterseg.errors import CheckpointError, DataError
 from iterseg.models import Networks
-from iterseg.settings import CalibratePlan, Settings
+from iterseg.plans import CalibratePlan
+from iterseg.settings import Settings
 
 DICE_EPS = 1e-9  # Float slack of the 'dice_drop' rule (0.8 - 0.01 > 0.79 in binary floats).
 NATIVE_COLUMNS = (

@@ -26,6 +26,7 @@ from iterseg import files, models, settings, state
 from iterseg.errors import CheckpointError
 from iterseg.models import Networks
 from iterseg.settings import Settings
+from iterseg.spec import GEOMETRY
 
 
 class _QuietFailedReads(std_logging.Filter):
@@ -196,9 +197,9 @@ def with_run_statistics(s: Settings, workdir: str) -> Settings:
 
 
 def check_same_geometry(current: Settings, saved: Settings, workdir: str = ''):
-  """CheckpointError unless both agree on what the weights depend on (settings.GEOMETRY)."""
+  """CheckpointError unless both agree on what the weights depend on (GEOMETRY)."""
   ours, theirs = current.spec.geometry(), saved.spec.geometry()
-  for field in settings.GEOMETRY:
+  for field in GEOMETRY:
     if ours[field] != theirs[field]:
       raise CheckpointError(
           f'config.{field}={ours[field]!r} but the networks in {workdir or "the workdir"} were '

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from iterseg import methods, models
-from iterseg.settings import Settings, Spec
+from iterseg.settings import Settings
+from iterseg.spec import Spec
 
 
 def compiled_flops(compiled) -> Optional[float]:

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from iterseg import models, settings
 from iterseg.errors import InputError
 from iterseg.models import Networks, random_networks
-from iterseg.settings import Settings, Spec
+from iterseg.settings import Settings
+from iterseg.spec import SCORES, Spec
 
 
 @flax.struct.dataclass
@@ -81,7 +82,7 @@ def grid_scores(probs, cell: int, score: str = 'entropy'):
   elif score == 'distance':
     out = 1.0 - grid.mean(axis=(2, 4)).max(-1)
   else:
-    raise ValueError(f'score={score!r} is not one of {settings.SCORES}.')  # Settings checked it.
+    raise ValueError(f'score={score!r} is not one of {SCORES}.')  # Settings checked it.
   return out
 
 

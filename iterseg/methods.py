@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from iterseg import inference
 from iterseg.models import Networks
-from iterseg.settings import Settings, Spec
+from iterseg.settings import Settings
+from iterseg.spec import Spec
 
 
 @dataclasses.dataclass(frozen=True)

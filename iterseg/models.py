@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from iterseg.errors import InputError
-from iterseg.settings import Spec
+from iterseg.spec import Spec
 
 
 class UpConv(nn.Module):

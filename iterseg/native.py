@@ -36,7 +36,7 @@ from iterseg import flops, inference, models
 from iterseg.data import common, pipeline
 from iterseg.errors import InputError
 from iterseg.models import Networks
-from iterseg.settings import Spec
+from iterseg.spec import Spec
 
 BAND_ROWS = 512  # Rows of the output made by one call (the coarse map, upsampled).
 

@@ -1,8 +1,8 @@
 """The config, read and checked once: a ConfigDict in, small frozen typed objects out, and back.
 
   s = settings.from_config(config)    # SettingsError naming the field on any bad or unknown field
-  s.spec          inference, both protocols (`Spec`: hashable, a jit static argument)
-  s.train         `TrainPlan`      s.data  `DataSpec`     s.eval  `EvalPlan`
+  s.spec          inference, both protocols (spec.py: `Spec`, hashable, a jit static argument)
+  s.train         `TrainPlan`      s.data  `DataSpec`     s.eval  `EvalPlan`      (plans.py)
   s.benchmark     `BenchmarkPlan`  s.predict `PredictPlan`  s.calibrate `CalibratePlan`
   settings.to_config(s)               # the ConfigDict of `s` (what config.json holds)
   s.vary('train', stage2_init='stage1')   # a checked variant (dataclasses.replace)
@@ -24,208 +24,14 @@ import ml_collections
 
 from iterseg.configs import default as default_config
 from iterseg.errors import SettingsError
+from iterseg.plans import (CALIBRATE_TARGETS, DATASETS, NETWORKS, PLATFORMS, PREDICT_OUTPUTS,
+                           SAMPLING, BenchmarkPlan, CalibratePlan, DataSpec, EvalPlan, ExportPlan,
+                           PredictPlan, TrainPlan)
+from iterseg.spec import (BUDGETS, GEOMETRY, RESOLUTIONS, SCORES, Spec, check_spec, config_field,
+                          score_range)
 
 MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate', 'export')
-PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
-SCORES = ('entropy', 'margin', 'distance', 'learned')
-NETWORKS = ('stage1', 'stage2', 'baseline')
-SAMPLING = ('random', 'entropy_weighted', 'top')
-DATASETS = ('ph2', 'retina', 'kitti', 'folder', 'synthetic')  # Modules of iterseg.data.
-BUDGETS = ('image', 'batch')
 ABLATION_FEATURES = ('stage2_init', 'halo', 'refine_budget', 'input_norm')
-PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
-CALIBRATE_TARGETS = ('dice_drop', 'latency')
-# What the weights depend on: a workdir's networks only fit settings that agree on these fields.
-GEOMETRY = ('resolution', 'hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse',
-            'model.width', 'model.depth', 'model.input_norm', 'model.input_mean', 'model.input_std',
-            'model.error_head')
-RESOLUTIONS = ('square', 'native')
-
-
-def _at(path: Optional[str]):
-  """A field stored at another place in the config (the dotted `path`), or (None) derived from other
-  fields and not stored. The other fields sit at <section>.<name> (see _SECTIONS)."""
-  return dataclasses.field(metadata={'config': path})
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Spec:
-  """The static configuration of two-stage inference for one Np (hashable: a jit static argument)."""
-  hi_size: int
-  stage1_size: int
-  num_classes: int
-  num_patches: int
-  refine_count: int = _at(None)  # Resolved: Settings.refine_count, or Np.
-  score: str
-  stage2_uses_coarse: bool
-  threshold: Optional[float]
-  width: int = _at('model.width')
-  depth: int = _at('model.depth')
-  halo: int  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
-  input_norm: str = _at('model.input_norm')  # 'standardize': (x - input_mean) / input_std.
-  input_mean: Optional[tuple] = _at('model.input_mean')  # Per channel, the training images' (None:
-  input_std: Optional[tuple] = _at('model.input_std')  # not measured yet; --mode=train does).
-  refine_budget: str  # 'image': k patches per image; 'batch': B * k over the batch.
-  resolution: str  # 'square' (the paper) or 'native' (hi_size: the side of the training crops).
-  dtype: str = _at('model.dtype')  # The U-Nets' computation: 'float32' or 'bfloat16'.
-  error_head: bool = _at('model.error_head')  # Stage 1's extra output: its predicted error share.
-  # Native resolution (native.*): any H x W, stage 1 on the image downscaled by `downscale`, stage 2
-  # on the least confident tiles of side patch_size (with halo), as trained on crops of hi_size.
-  refine_fraction: float = _at('native.refine_fraction')  # Share of the tiles refined.
-  chunk: int = _at('native.chunk')  # Tiles per stage-2 call.
-  bucket: int = _at('native.bucket')  # Stage 1's input padded to a multiple of this (stage-1 px).
-  window: int = _at('native.window')  # The dense reference's window side (0: hi_size) ...
-  overlap: float = _at('native.overlap')  # ... and the share its windows overlap.
-  max_pixels: int = _at('native.max_pixels')  # Larger images are refused (0: the free memory).
-
-  @property
-  def window_side(self) -> int:
-    return self.window or self.hi_size
-
-  @property
-  def downscale(self) -> int:
-    """How many image pixels a stage-1 pixel covers along a side (native: an exact factor)."""
-    return self.hi_size // self.stage1_size
-
-  @property
-  def rescale(self) -> str:
-    """How stage 1's input is made and its map brought back to full size: 'resize' (the paper:
-    the whole image resized, antialiased bilinear, any factor) or 'blocks' (native: the mean of
-    each f x f block, and `inference.bilinear` back, so that any band or tile of an image of any
-    size is made on its own)."""
-    return 'blocks' if self.resolution == 'native' else 'resize'
-
-  @property
-  def scores_on_low_map(self) -> bool:
-    """Patches are scored on stage 1's own low-resolution map (native: no full-resolution map is
-    made to choose; the learned score: the error head's) rather than on the upscaled map (the
-    paper's protocol)."""
-    return self.score == 'learned' or self.resolution == 'native'
-
-  @property
-  def crop(self) -> Optional[int]:
-    """Training examples are random crops of this side (native), or whole images (None)."""
-    return self.hi_size if self.resolution == 'native' else None
-
-  @property
-  def patch_size(self) -> int:
-    """The side of a grid patch, hi_size / Np."""
-    return self.hi_size // self.num_patches
-
-  @property
-  def stage2_side(self) -> int:
-    """The side of stage 2's input: a patch and its halo on each side."""
-    return self.patch_size + 2 * self.halo
-
-  def out_channels(self, network: str) -> int:
-    """Output channels: the class logits, and for stage 1 with error_head one more, last."""
-    return self.num_classes + (network == 'stage1' and self.error_head)
-
-  def in_channels(self, network: str) -> int:
-    """Input channels of 'stage1', 'stage2' or 'baseline': RGB, plus the stage-1 probabilities for
-    stage 2 when stage2_uses_coarse."""
-    return 3 + self.num_classes if network == 'stage2' and self.stage2_uses_coarse else 3
-
-  def geometry(self) -> dict:
-    """{config field: value} of the fields the weights depend on (GEOMETRY)."""
-    fields = {f.metadata.get('config', f.name): f.name for f in dataclasses.fields(self)}
-    unused = () if self.input_norm == 'standardize' else ('model.input_mean', 'model.input_std')
-    return {path: None if path in unused else getattr(self, fields[path]) for path in GEOMETRY}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainPlan:
-  """What --mode=train does (configs/default.py, `train.*`)."""
-  seed: int = _at(None)  # Settings.seed.
-  networks: tuple
-  batch_size: int
-  learning_rate: float
-  warmup_steps: int
-  lr_schedule: str
-  epochs: dict = _at(None)  # {'stage1': n, 'stage2': n, 'baseline': n}: train.<network>_epochs.
-  num_patches_list: tuple
-  patch_sampling: str
-  focal_alpha: float
-  focal_gamma: float
-  error_weight: float
-  exclude_holdout: bool
-  head_bias_prior: Optional[float]
-  stage2_init: str
-  flip: bool
-  brightness_contrast: float
-  rotate: bool
-  log_every: int
-  checkpoint_every: int
-  keep_checkpoints: int
-  profile_steps: tuple  # (first, last) steps of stage 1 to trace with jax.profiler, or ().
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DataSpec:
-  """Which dataset, where, and at what size (configs/default.py, `data.*`)."""
-  name: str
-  hi_size: int = _at(None)  # Spec.hi_size.
-  num_classes: int = _at(None)  # Spec.num_classes.
-  manual_dir: str
-  data_dir: str
-  split_seed: int
-  train_fraction: float
-  num_examples: int
-  kitti_label_ids: tuple
-  resolution: str = _at(None)  # Spec.resolution.
-  scale: float  # Native: images scaled by this factor when prepared.
-
-  @property
-  def side(self) -> int:
-    """The side examples are prepared at: hi_size (square), or 0: each its own size (native)."""
-    return 0 if self.resolution == 'native' else self.hi_size
-  synthetic_sides: tuple  # Native synthetic: (smallest, largest) side in px.
-  synthetic_kind: str  # 'lesions' | 'vessels'.
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalPlan:
-  batch_size: int
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BenchmarkPlan:
-  batch_sizes: Optional[tuple]  # None: the backend's default plan.
-  repeats: int
-  sliding_window: Optional[bool]  # None: the backend's default plan.
-  max_seconds: float
-  native_sides: tuple  # resolution='native': the image sides timed.
-  peak_tflops: Optional[float]  # The device's peak, for utilisation (None: known devices only).
-  train: bool  # Also time each network's training step.
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ExportPlan:
-  batch_size: int  # The artifact's fixed batch.
-  platforms: tuple  # What it compiles for (jax.export platforms).
-  output: str  # '' = <workdir>/export
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PredictPlan:
-  input: str
-  output: str  # '' = <workdir>/predictions
-  batch_size: int
-  outputs: tuple
-  png_compression: int
-  skip_existing: bool  # Skip an input whose outputs all exist (go on after an interruption).
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CalibratePlan:
-  """What --mode=calibrate sweeps and how it picks the operating point (`calibrate.*`)."""
-  holdout: float  # Share of the train split held back for the sweep (seeded by `seed`).
-  refine_counts: Optional[tuple]  # None: 1, 2, 4, ... up to Np*Np, and Np.
-  thresholds: tuple  # Each a float or None (no threshold).
-  target: str  # 'dice_drop' | 'latency'.
-  max_dice_drop: float
-  latency_budget_ms: Optional[float]  # Required (> 0) for target 'latency'.
-  refine_fractions: tuple  # resolution='native': the shares of tiles swept.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -241,7 +47,7 @@ class Settings:
   calibrate: CalibratePlan
   export: ExportPlan
   refine_count: Optional[int]  # As configured; None = Np patches per image (the authors).
-  ablation_features: tuple = _at('ablation.features')
+  ablation_features: tuple = config_field('ablation.features')
 
   def jobs(self) -> list:
     """[(network, Np or None)] that --mode=train trains, in order: stage 1, stage 2 for each Np of
@@ -253,7 +59,7 @@ class Settings:
   def spec_for(self, num_patches: int) -> Spec:
     """The inference Spec at another Np (refine_count: Np unless the config fixed it)."""
     n = int(num_patches)
-    return _check_spec(dataclasses.replace(
+    return check_spec(dataclasses.replace(
         self.spec, num_patches=n, refine_count=n if self.refine_count is None else self.refine_count))
 
   def vary(self, section: str, **fields) -> 'Settings':
@@ -470,46 +276,6 @@ def _range(low, high, low_open: bool = False, high_open: bool = False) -> str:
   return ''
 
 
-def score_range(score: str, num_classes: int) -> float:
-  """The largest value a patch score can take (the smallest is 0)."""
-  classes = max(num_classes, 2)
-  if score == 'entropy':
-    return math.log(classes)
-  if score in ('margin', 'learned'):  # 'learned': a share of pixels.
-    return 1.0
-  return 1.0 - 1.0 / classes  # 'distance'
-
-
-def _check_spec(spec: Spec) -> Spec:
-  """The relations between the geometry fields of one Spec (SettingsError naming the field)."""
-  hi, n = spec.hi_size, spec.num_patches
-  if hi % n:
-    divisors = [d for d in range(1, min(hi, 64) + 1) if hi % d == 0]
-    raise SettingsError(
-        f'config.hi_size={hi} is not divisible by num_patches (Np)={n}: patches must tile the '
-        f'image. Pick Np among the divisors of {hi} (e.g. {divisors[-6:]}) or change hi_size.')
-  if not 0 < spec.refine_count <= n * n:
-    raise SettingsError(f'config.refine_count={spec.refine_count} is not valid: it must be in '
-                        f'[1, Np*Np={n * n}] for Np={n}.')
-  side = 2 ** spec.depth
-  if side > min(spec.stage1_size, spec.patch_size):
-    raise SettingsError(
-        f'config.model.depth={spec.depth} is too deep: a {spec.depth}-level U-Net needs inputs of '
-        f'at least 2**depth={side} px, but stage 1 sees {spec.stage1_size} px and a stage-2 patch '
-        f'at Np={n} is {spec.patch_size} px (everything would be zero-padded). Use depth <= '
-        f'{int(math.log2(min(spec.stage1_size, spec.patch_size)))} or larger sizes.')
-  if spec.score == 'learned' and spec.resolution == 'square' and spec.stage1_size % n:
-    raise SettingsError(f'config.score=\'learned\' needs stage1_size ({spec.stage1_size}) to be a '
-                        f'multiple of num_patches ({n}): a patch is scored on whole stage-1 pixels.')
-  if (spec.input_mean is None) != (spec.input_std is None):
-    raise SettingsError(f'config.model.input_mean={spec.input_mean} and model.input_std='
-                        f'{spec.input_std}: set both (the training images\' per-channel statistics) '
-                        f'or neither (--mode=train measures them).')
-  if spec.halo and spec.halo >= spec.patch_size * n:
-    raise SettingsError(f'config.halo={spec.halo} is not valid: it must be smaller than hi_size.')
-  return spec
-
-
 def from_config(config) -> Settings:
   """Checks every field of `config` (see configs/default.py) and returns the typed Settings."""
   if not isinstance(config, (ml_collections.ConfigDict, dict)):
@@ -541,7 +307,7 @@ def from_config(config) -> Settings:
               chunk=r.int('native.chunk', 1), bucket=r.int('native.bucket', 2 ** depth),
               window=r.int('native.window', 0), overlap=r.float('native.overlap', 0.0, 0.9),
               max_pixels=r.int('native.max_pixels', 0))
-  _check_spec(spec)
+  check_spec(spec)
 
   networks = r.raw('train.networks')
   if isinstance(networks, str) or not hasattr(networks, '__iter__') or not networks or any(

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from iterseg import models
-from iterseg.settings import Spec, TrainPlan
+from iterseg.plans import TrainPlan
+from iterseg.spec import Spec
 
 
 @flax.struct.dataclass

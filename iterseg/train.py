@@ -30,7 +30,9 @@ from iterseg import augment, checkpoints, files, hooks, inference, losses, model
 from iterseg.data import pipeline
 from iterseg.errors import Interrupted, TrainingError  # noqa: F401  (raised by the loop and hooks)
 from iterseg.hooks import Hook, StopSignals
-from iterseg.settings import Settings, Spec, TrainPlan
+from iterseg.plans import TrainPlan
+from iterseg.settings import Settings
+from iterseg.spec import Spec
 
 # --- The step -----------------------------------------------------------------------------------------
 

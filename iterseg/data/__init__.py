@@ -1,6 +1,6 @@
 """Datasets (TFDS builders written without TensorFlow) and the input pipeline.
 
-  prepare(spec)              generate the dataset `spec` (a settings.DataSpec) names once; counts and %Fg
+  prepare(spec)              generate the dataset `spec` (a plans.DataSpec) names once; counts and %Fg
                              (one run at a time: another preparing it too waits, see PREPARE_WAIT_S)
   load_split(spec, split)    random-access examples of 'train' or 'test' (prepares first if needed)
   pipeline.batches(...)      shuffled, sharded, prefetched [devices, batch, ...] numpy batches
@@ -28,7 +28,7 @@ import numpy as np
 
 from iterseg import lock
 from iterseg.errors import DataError
-from iterseg.settings import DATASETS
+from iterseg.plans import DATASETS
 
 __all__ = ['DataError', 'prepare', 'load_split', 'make_builder']
 
@@ -37,8 +37,8 @@ PREPARE_WAIT_S = 30 * 60  # How long a run waits for another that prepares the s
 
 
 def make_builder(spec):
-  """The TFDS builder of the dataset `spec` (a settings.DataSpec) names: `Builder` of the module
-  iterseg.data.<name>, one per name of settings.DATASETS. Nothing is written.
+  """The TFDS builder of the dataset `spec` (a plans.DataSpec) names: `Builder` of the module
+  iterseg.data.<name>, one per name of plans.DATASETS. Nothing is written.
 
   A dataset read from files is named by their fingerprint (see builder.py, "Identity"): with
   manual_dir, that of its files now; without, the one folder already prepared for these settings.

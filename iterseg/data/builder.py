@@ -98,7 +98,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   @classmethod
   def config_from(cls, config) -> SegmentationConfig:
-    """The builder config for an iterseg `settings.DataSpec`."""
+    """The builder config for an iterseg `plans.DataSpec`."""
     return cls.BUILDER_CONFIG_CLASS(**cls._config_fields(config), name=cls._config_name(config))
 
   @classmethod

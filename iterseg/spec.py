@@ -1,0 +1,153 @@
+"""What inference is, for both protocols: `Spec`, the static configuration of two-stage inference
+(hashable: a jit static argument), its derived geometry, and the relations between its fields.
+
+The square protocol (the paper: every image resized to hi_size) and native resolution (any H x W)
+are one Spec: `resolution` chooses how stage 1's input and map change scale (`rescale`) and where
+patches are scored (`scores_on_low_map`); the native.* fields say how an image of any size is cut
+into calls. settings.from_config makes it from a config; nothing else reads a config.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+from iterseg.errors import SettingsError
+
+SCORES = ('entropy', 'margin', 'distance', 'learned')
+BUDGETS = ('image', 'batch')
+RESOLUTIONS = ('square', 'native')
+# What the weights depend on: a workdir's networks only fit settings that agree on these fields.
+GEOMETRY = ('resolution', 'hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse',
+            'model.width', 'model.depth', 'model.input_norm', 'model.input_mean', 'model.input_std',
+            'model.error_head')
+
+
+def config_field(path: Optional[str]):
+  """A field stored at another place in the config (the dotted `path`), or (None) derived from other
+  fields and not stored. The other fields sit at <section>.<name> (settings._SECTIONS)."""
+  return dataclasses.field(metadata={'config': path})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Spec:
+  """The static configuration of two-stage inference for one Np (hashable: a jit static argument)."""
+  hi_size: int
+  stage1_size: int
+  num_classes: int
+  num_patches: int
+  refine_count: int = config_field(None)  # Resolved: Settings.refine_count, or Np.
+  score: str
+  stage2_uses_coarse: bool
+  threshold: Optional[float]
+  width: int = config_field('model.width')
+  depth: int = config_field('model.depth')
+  halo: int  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
+  input_norm: str = config_field('model.input_norm')  # 'standardize': (x - input_mean) / input_std.
+  input_mean: Optional[tuple] = config_field('model.input_mean')  # Per channel, the training images' (None:
+  input_std: Optional[tuple] = config_field('model.input_std')  # not measured yet; --mode=train does).
+  refine_budget: str  # 'image': k patches per image; 'batch': B * k over the batch.
+  resolution: str  # 'square' (the paper) or 'native' (hi_size: the side of the training crops).
+  dtype: str = config_field('model.dtype')  # The U-Nets' computation: 'float32' or 'bfloat16'.
+  error_head: bool = config_field('model.error_head')  # Stage 1's extra output: its predicted error share.
+  # Native resolution (native.*): any H x W, stage 1 on the image downscaled by `downscale`, stage 2
+  # on the least confident tiles of side patch_size (with halo), as trained on crops of hi_size.
+  refine_fraction: float = config_field('native.refine_fraction')  # Share of the tiles refined.
+  chunk: int = config_field('native.chunk')  # Tiles per stage-2 call.
+  bucket: int = config_field('native.bucket')  # Stage 1's input padded to a multiple of this (stage-1 px).
+  window: int = config_field('native.window')  # The dense reference's window side (0: hi_size) ...
+  overlap: float = config_field('native.overlap')  # ... and the share its windows overlap.
+  max_pixels: int = config_field('native.max_pixels')  # Larger images are refused (0: the free memory).
+
+  @property
+  def window_side(self) -> int:
+    return self.window or self.hi_size
+
+  @property
+  def downscale(self) -> int:
+    """How many image pixels a stage-1 pixel covers along a side (native: an exact factor)."""
+    return self.hi_size // self.stage1_size
+
+  @property
+  def rescale(self) -> str:
+    """How stage 1's input is made and its map brought back to full size: 'resize' (the paper:
+    the whole image resized, antialiased bilinear, any factor) or 'blocks' (native: the mean of
+    each f x f block, and `inference.bilinear` back, so that any band or tile of an image of any
+    size is made on its own)."""
+    return 'blocks' if self.resolution == 'native' else 'resize'
+
+  @property
+  def scores_on_low_map(self) -> bool:
+    """Patches are scored on stage 1's own low-resolution map (native: no full-resolution map is
+    made to choose; the learned score: the error head's) rather than on the upscaled map (the
+    paper's protocol)."""
+    return self.score == 'learned' or self.resolution == 'native'
+
+  @property
+  def crop(self) -> Optional[int]:
+    """Training examples are random crops of this side (native), or whole images (None)."""
+    return self.hi_size if self.resolution == 'native' else None
+
+  @property
+  def patch_size(self) -> int:
+    """The side of a grid patch, hi_size / Np."""
+    return self.hi_size // self.num_patches
+
+  @property
+  def stage2_side(self) -> int:
+    """The side of stage 2's input: a patch and its halo on each side."""
+    return self.patch_size + 2 * self.halo
+
+  def out_channels(self, network: str) -> int:
+    """Output channels: the class logits, and for stage 1 with error_head one more, last."""
+    return self.num_classes + (network == 'stage1' and self.error_head)
+
+  def in_channels(self, network: str) -> int:
+    """Input channels of 'stage1', 'stage2' or 'baseline': RGB, plus the stage-1 probabilities for
+    stage 2 when stage2_uses_coarse."""
+    return 3 + self.num_classes if network == 'stage2' and self.stage2_uses_coarse else 3
+
+  def geometry(self) -> dict:
+    """{config field: value} of the fields the weights depend on (GEOMETRY)."""
+    fields = {f.metadata.get('config', f.name): f.name for f in dataclasses.fields(self)}
+    unused = () if self.input_norm == 'standardize' else ('model.input_mean', 'model.input_std')
+    return {path: None if path in unused else getattr(self, fields[path]) for path in GEOMETRY}
+
+
+def score_range(score: str, num_classes: int) -> float:
+  """The largest value a patch score can take (the smallest is 0)."""
+  classes = max(num_classes, 2)
+  if score == 'entropy':
+    return math.log(classes)
+  if score in ('margin', 'learned'):  # 'learned': a share of pixels.
+    return 1.0
+  return 1.0 - 1.0 / classes  # 'distance'
+
+
+def check_spec(spec: Spec) -> Spec:
+  """The relations between the geometry fields of one Spec (SettingsError naming the field)."""
+  hi, n = spec.hi_size, spec.num_patches
+  if hi % n:
+    divisors = [d for d in range(1, min(hi, 64) + 1) if hi % d == 0]
+    raise SettingsError(
+        f'config.hi_size={hi} is not divisible by num_patches (Np)={n}: patches must tile the '
+        f'image. Pick Np among the divisors of {hi} (e.g. {divisors[-6:]}) or change hi_size.')
+  if not 0 < spec.refine_count <= n * n:
+    raise SettingsError(f'config.refine_count={spec.refine_count} is not valid: it must be in '
+                        f'[1, Np*Np={n * n}] for Np={n}.')
+  side = 2 ** spec.depth
+  if side > min(spec.stage1_size, spec.patch_size):
+    raise SettingsError(
+        f'config.model.depth={spec.depth} is too deep: a {spec.depth}-level U-Net needs inputs of '
+        f'at least 2**depth={side} px, but stage 1 sees {spec.stage1_size} px and a stage-2 patch '
+        f'at Np={n} is {spec.patch_size} px (everything would be zero-padded). Use depth <= '
+        f'{int(math.log2(min(spec.stage1_size, spec.patch_size)))} or larger sizes.')
+  if spec.score == 'learned' and spec.resolution == 'square' and spec.stage1_size % n:
+    raise SettingsError(f'config.score=\'learned\' needs stage1_size ({spec.stage1_size}) to be a '
+                        f'multiple of num_patches ({n}): a patch is scored on whole stage-1 pixels.')
+  if (spec.input_mean is None) != (spec.input_std is None):
+    raise SettingsError(f'config.model.input_mean={spec.input_mean} and model.input_std='
+                        f'{spec.input_std}: set both (the training images\' per-channel statistics) '
+                        f'or neither (--mode=train measures them).')
+  if spec.halo and spec.halo >= spec.patch_size * n:
+    raise SettingsError(f'config.halo={spec.halo} is not valid: it must be smaller than hi_size.')
+  return spec
