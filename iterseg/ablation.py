@@ -21,8 +21,9 @@ from typing import Optional
 
 import jax
 
-from iterseg import checkpoints, evaluate, files, models, report, train
+from iterseg import evaluate, files, models, report, train
 from iterseg.errors import CheckpointError
+from iterseg.run import Run
 from iterseg.settings import Settings
 
 
@@ -72,7 +73,7 @@ def _two_stage_row(results: dict, num_patches: int) -> Optional[dict]:
 def run(s: Settings, workdir: str) -> dict:
   """Trains and evaluates the other state of each feature; returns {'rows', 'files'}."""
   names = s.ablation_features
-  trained = checkpoints.trained_networks(workdir)
+  trained = Run(workdir).trained_networks()
   if 'stage1' not in trained:
     raise CheckpointError(f'{workdir} has no trained stage 1: run --mode=train first.')
   main = jax.process_index() == 0
@@ -97,13 +98,13 @@ def run(s: Settings, workdir: str) -> dict:
       where, vs = plans[name, state]
       for network in trained:  # What the feature does not change is copied, not retrained.
         kind, _ = models.parse(network)
-        target = checkpoints.network_dir(where, network)
+        target = Run(where).network_dir(network)
         if kind not in feature.retrains and not os.path.exists(target) and main:
-          shutil.copytree(checkpoints.network_dir(workdir, network), target)
+          shutil.copytree(Run(workdir).network_dir(network), target)
       if feature.retrains:
         vs = train.train(vs, where)
       else:
-        checkpoints.save_config(vs, where)
+        Run(where).save_settings(vs)
       results = evaluate.run(vs, where)
     row = _two_stage_row(results, s.spec.num_patches)
     if row is None:

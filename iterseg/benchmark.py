@@ -29,6 +29,7 @@ from tqdm import tqdm
 from iterseg import checkpoints, files, flops, methods, models, plots, report
 from iterseg.errors import Error
 from iterseg.models import Networks
+from iterseg.run import Run
 from iterseg.settings import Settings
 
 CPU_SLIDING_WINDOW_MAX_NP = 8
@@ -379,7 +380,7 @@ def run_native(s: Settings, workdir: str, *, progress: bool = True) -> dict:
   from iterseg.data import synthetic  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   nets, weights = networks_for_benchmark(s, workdir)
-  point = checkpoints.operating_point(workdir)
+  point = Run(workdir).operating_point()
   if point is not None:  # Two-stage at its calibrated budget.
     s = s.at_operating_point(point)
     if progress:

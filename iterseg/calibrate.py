@@ -20,19 +20,17 @@ point's Dice is an estimate on unseen images (calibration.json says which: 'seen
 The test split stays untouched for --mode=evaluate.
 """
 
-import json
-import math
 import os
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from iterseg import benchmark, checkpoints, evaluate, files, flops, methods, report
 from iterseg.errors import CheckpointError, DataError
 from iterseg.models import Networks
 from iterseg.plans import CalibratePlan
+from iterseg.run import POINT_FIELDS, Run
 from iterseg.settings import Settings
 
 DICE_EPS = 1e-9  # Float slack of the 'dice_drop' rule (0.8 - 0.01 > 0.79 in binary floats).
@@ -53,7 +51,7 @@ def seen_in_training(s: Settings, workdir: str) -> bool:
   """Whether the workdir's networks trained on the images calibrate measures on: unless its
   config.json excluded the same holdout (train.exclude_holdout, the same share and seed)."""
   try:
-    trained = checkpoints.read_settings(workdir)
+    trained = Run(workdir).settings()
   except CheckpointError:
     return True
   return not (trained.train.exclude_holdout and trained.calibrate.holdout == s.calibrate.holdout
@@ -155,7 +153,7 @@ def _describe(chosen: Optional[dict], baseline: Optional[dict], plan: CalibrateP
   base = '' if baseline is None else f' (baseline {baseline["soft_dice"]:.4f})'
   if chosen is not None:
     return (f'Operating point ({plan.target}): ' + ', '.join(
-        f'{k}={chosen[k]}' for k in checkpoints.POINT_FIELDS if k == 'threshold' or chosen[k]) +
+        f'{k}={chosen[k]}' for k in POINT_FIELDS if k == 'threshold' or chosen[k]) +
             f': soft Dice {chosen["soft_dice"]:.4f}{base}, {chosen["gflops"]:.4g} GFLOPs, '
             f'{chosen["latency_ms"]:.2f} ms/image.')
   if plan.target == 'dice_drop':
@@ -259,7 +257,7 @@ def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, nu
   chosen = choose(points, None if baseline is None else baseline['soft_dice'], plan)
   result = {
       'target': plan.target, 'baseline': baseline, 'points': points, 'front': front,
-      'operating_point': None if chosen is None else {k: chosen[k] for k in checkpoints.POINT_FIELDS},
+      'operating_point': None if chosen is None else {k: chosen[k] for k in POINT_FIELDS},
       'resolution': s.spec.resolution, 'num_images': num_images,
       'holdout': {'fraction': plan.holdout, 'seed': s.seed, 'split': 'train',
                   'seen_in_training': seen_in_training(s, workdir)},

@@ -26,8 +26,8 @@ def run(mode: str, config, workdir: str, *, hooks=()):
     print(', '.join(f'{k}: {v:.1f}' if isinstance(v, float) else f'{k}: {v}'
                     for k, v in stats.items()))
     return stats
-  from iterseg import checkpoints  # pylint: disable=g-import-not-at-top
-  s = checkpoints.with_run_statistics(s, workdir)  # The inputs the run's networks learnt from.
+  from iterseg.run import Run  # pylint: disable=g-import-not-at-top
+  s = Run(workdir).with_statistics(s)  # The inputs the run's networks learnt from.
   if mode == 'predict':
     from iterseg import predict  # pylint: disable=g-import-not-at-top
     return predict.run(s, workdir)

@@ -31,6 +31,7 @@ import numpy as np
 from iterseg import checkpoints, files, inference
 from iterseg.errors import SettingsError
 from iterseg.models import Networks
+from iterseg.run import Run
 from iterseg.settings import Settings
 
 ARTIFACT, PARAMS, DESCRIPTION = 'two_stage.jax', 'params.npz', 'model.json'
@@ -81,7 +82,7 @@ def export(nets: Networks, s: Settings, folder: str) -> dict:
 
 def run(s: Settings, workdir: str) -> dict:
   """--mode=export: the workdir's networks at its operating point (as `iterseg.load` takes them)."""
-  s = checkpoints.inference_settings(workdir, s, fallback=False)
+  s = Run(workdir).inference_settings(s, fallback=False)
   nets = checkpoints.load_networks(workdir, s, num_patches=[s.spec.num_patches], strict=True)
   folder = os.path.expanduser(s.export.output or os.path.join(workdir, 'export'))
   result = export(nets, s, folder)

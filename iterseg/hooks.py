@@ -18,6 +18,7 @@ import numpy as np
 
 from iterseg import checkpoints, files
 from iterseg.errors import TrainingError
+from iterseg.run import Run
 
 
 @dataclasses.dataclass
@@ -113,7 +114,7 @@ class FiniteCheck:
     if not np.isfinite(loss):
       raise TrainingError(
           f'{name}: the loss became {loss} at step {step}; stopped. The last good checkpoint is '
-          f'kept in {checkpoints.network_dir(self.workdir, name)}. Lower '
+          f'kept in {Run(self.workdir).network_dir(name)}. Lower '
           f'config.train.learning_rate or check the data for NaN/inf.')
 
 

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from iterseg import checkpoints, files, hooks, inference, models, native
 from iterseg.data import common
 from iterseg.errors import InputError, Interrupted, PredictError
+from iterseg.run import Run
 from iterseg.settings import Settings
 
 TINTS = np.array([(0, 255, 0), (0, 160, 255), (255, 0, 0), (255, 0, 255), (255, 128, 0),
@@ -397,8 +398,8 @@ def run(s: Settings, workdir: str) -> dict:
   'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed,
   and Interrupted (after writing summary.json) on Ctrl-C or SIGTERM.
   """
-  point = checkpoints.operating_point(workdir)
-  s = checkpoints.inference_settings(workdir, s, fallback=False)
+  point = Run(workdir).operating_point()
+  s = Run(workdir).inference_settings(s, fallback=False)
   output = Path(os.path.expanduser(s.predict.output or os.path.join(workdir, 'predictions')))
   paths = list_inputs(s.predict.input, exclude=str(output))
   names = dict(zip(paths, output_names(paths)))

@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import math
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import ml_collections
 
@@ -27,7 +27,7 @@ from iterseg.errors import SettingsError
 from iterseg.plans import (CALIBRATE_TARGETS, DATASETS, NETWORKS, PLATFORMS, PREDICT_OUTPUTS,
                            SAMPLING, BenchmarkPlan, CalibratePlan, DataSpec, EvalPlan, ExportPlan,
                            PredictPlan, TrainPlan)
-from iterseg.spec import (BUDGETS, GEOMETRY, RESOLUTIONS, SCORES, Spec, check_spec, config_field,
+from iterseg.spec import (BUDGETS, RESOLUTIONS, SCORES, Spec, check_spec, config_field,
                           score_range)
 
 MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate', 'export')
@@ -83,7 +83,7 @@ class Settings:
     return self.vary('spec', input_mean=(0.5,) * 3, input_std=(0.25,) * 3)
 
   def at_operating_point(self, point: dict) -> 'Settings':
-    """Settings for inference at an operating point (checkpoints.operating_point's schema: the
+    """Settings for inference at an operating point (run.Run.operating_point's schema: the
     point --mode=calibrate chose): Np = point['num_patches'] only (train.num_patches_list = (Np,),
     since a fixed k need not fit the other grids), its refine_count and refine_fraction where set,
     and its threshold."""

@@ -31,6 +31,7 @@ from iterseg.data import pipeline
 from iterseg.errors import Interrupted, TrainingError  # noqa: F401  (raised by the loop and hooks)
 from iterseg.hooks import Hook, StopSignals
 from iterseg.plans import TrainPlan
+from iterseg.run import Run
 from iterseg.settings import Settings
 from iterseg.spec import Spec
 
@@ -160,7 +161,7 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
     source = data.load_split(s.data, 'train')
   per_epoch = pipeline.steps_per_epoch(len(source), plan.batch_size)
   total = per_epoch * plan.epochs[network]
-  checkpoints.write_plan(workdir, name, total)
+  Run(workdir).write_plan(name, total)
 
   copied = network == 'stage2' and plan.stage2_init == 'stage1'
   fresh = state.create_train_state(
@@ -221,8 +222,9 @@ def _stop_requested(stop: StopSignals, manager, step: int) -> bool:
 def check_resumable(s: Settings, workdir: str):
   """CheckpointError, before anything is written, if the workdir's networks were trained with
   another geometry."""
-  if checkpoints.trained_networks(workdir) and os.path.exists(os.path.join(workdir, 'config.json')):
-    checkpoints.check_same_geometry(s, checkpoints.read_settings(workdir), workdir)
+  run = Run(workdir)
+  if run.trained_networks() and os.path.exists(run.file('config.json')):
+    run.check_geometry(s)
 
 
 def training_data(s: Settings):
@@ -266,26 +268,25 @@ def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> Set
   on resume) is put back if the command still fails before that step (e.g. a checkpoint whose
   metadata reads but whose arrays do not).
   """
-  s = checkpoints.with_run_statistics(s, workdir)
+  run = Run(workdir)
+  s = run.with_statistics(s)
   source, stage1 = preflight(s, workdir)
   if s.spec.input_norm == 'standardize' and s.spec.input_mean is None:
-    mean, std = inference.input_statistics((source[i]['image'] for i in range(len(source))),
+    mean, std = inference.input_statistics([source[i]['image'] for i in range(len(source))],
                                            progress=jax.process_index() == 0)
     s = s.vary('spec', input_mean=mean, input_std=std)
   names = [models.name(network, n) for network, n in s.jobs()]
-  undo = files.Undo(
-      [os.path.join(workdir, f) for f in ('config.json', 'metrics.jsonl')] +
-      [os.path.join(checkpoints.network_dir(workdir, n), 'plan.json') for n in names],
-      folders=[checkpoints.network_dir(workdir, '')] + [checkpoints.network_dir(workdir, n)
-                                                         for n in names])
+  undo = files.Undo([run.file('config.json'), run.file('metrics.jsonl')] +
+                    [os.path.join(run.network_dir(n), 'plan.json') for n in names],
+                    folders=[run.network_dir('')] + [run.network_dir(n) for n in names])
   stepped = []
   try:
-    checkpoints.save_config(s, workdir)
+    run.save_settings(s)
     with StopSignals(coordinated=True) as stop:
-      run = functools.partial(train_network, s, workdir, source=source, stop=stop,
-                              extra_hooks=(lambda _: stepped.append(1), *extra_hooks))
+      train_one = functools.partial(train_network, s, workdir, source=source, stop=stop,
+                                    extra_hooks=(lambda _: stepped.append(1), *extra_hooks))
       for network, n in s.jobs():
-        params = run(network, num_patches=n, frozen=stage1 if network == 'stage2' else None)
+        params = train_one(network, num_patches=n, frozen=stage1 if network == 'stage2' else None)
         stage1 = params if network == 'stage1' else stage1
     return s
   except BaseException:

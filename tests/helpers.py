@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from iterseg import checkpoints, models, settings, state
 from iterseg.configs import default
+from iterseg.run import Run
 
 
 def set_fields(config, **dotted):
@@ -43,7 +44,7 @@ def tiny(**overrides):
 def save_random_networks(config, workdir, networks=('stage1', 'stage2', 'baseline')):
   """A workdir as training leaves it (config.json and one checkpoint per network), random weights."""
   s = config if isinstance(config, settings.Settings) else settings.from_config(config)
-  checkpoints.save_config(s, str(workdir))
+  Run(str(workdir)).save_settings(s)
   for network in networks:
     for n in (s.train.num_patches_list if network == 'stage2' else [None]):
       spec = s.spec_for(n) if n else s.spec

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from iterseg import calibrate, checkpoints, data, methods, settings
+from iterseg import calibrate, data, errors, methods, settings
+from iterseg.run import Run
 from tests.helpers import set_fields, tiny
 
 
@@ -74,19 +75,19 @@ def test_latency_picks_the_best_dice_under_the_budget():
 
 
 def test_operating_point_reads_calibration_json(tmp_path):
-  assert checkpoints.operating_point(str(tmp_path)) is None  # Absent.
+  assert Run(str(tmp_path)).operating_point() is None  # Absent.
   (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': None}))
-  assert checkpoints.operating_point(str(tmp_path)) is None  # No point met the target.
+  assert Run(str(tmp_path)).operating_point() is None  # No point met the target.
   chosen = {'num_patches': 4, 'refine_count': 2, 'threshold': 0.1}  # Written before the one schema.
   (tmp_path / 'calibration.json').write_text(json.dumps({'operating_point': chosen}))
-  assert checkpoints.operating_point(str(tmp_path)) == dict(chosen, refine_fraction=None)
+  assert Run(str(tmp_path)).operating_point() == dict(chosen, refine_fraction=None)
 
 
 @pytest.mark.parametrize('content, words', [
     ('{"operating_point": ', 'cannot be read'),  # Truncated mid-write: never silently ignored.
     ('[1, 2]', 'cannot be read'),
     (json.dumps({'operating_point': {'num_patches': 2, 'refine_fraction': 1.5}}),
-     r'operating_point.refine_fraction=1.5 is not valid \(a number in \(0.0, 1.0\]\)'),
+     r'operating_point.refine_fraction=1.5 is not valid \(a number in \(0, 1\]\)'),
     (json.dumps({'operating_point': {'num_patches': '4', 'refine_count': 2}}),
      "operating_point.num_patches='4' is not valid"),
     (json.dumps({'operating_point': {'num_patches': 4, 'refine_count': 0}}),
@@ -97,13 +98,13 @@ def test_operating_point_reads_calibration_json(tmp_path):
 def test_a_damaged_calibration_json_is_one_line_naming_the_file_the_field_and_the_way_out(
     tmp_path, content, words):
   (tmp_path / 'calibration.json').write_text(content)
-  with pytest.raises(checkpoints.CheckpointError, match=words) as e:
-    checkpoints.operating_point(str(tmp_path))
+  with pytest.raises(errors.CheckpointError, match=words) as e:
+    Run(str(tmp_path)).operating_point()
   message = str(e.value)
   assert 'calibration.json' in message and 'run --mode=calibrate again, or delete' in message
   assert '\n' not in message
   (tmp_path / 'calibration.json').unlink()  # Doing what it says works: the config's point is used.
-  assert checkpoints.operating_point(str(tmp_path)) is None
+  assert Run(str(tmp_path)).operating_point() is None
 
 
 def test_measure_averages_over_the_real_images_of_padded_batches():
@@ -172,7 +173,7 @@ def test_run_sweeps_every_np_and_k_and_writes_the_calibration(random_workdir, tm
   assert min(points, key=lambda p: p['gflops'])['refine_count'] == 1
   assert ('Operating point (dice_drop): num_patches=4, refine_count=1, threshold=None'
           in capsys.readouterr().out)
-  assert checkpoints.operating_point(str(workdir)) == expected
+  assert Run(str(workdir)).operating_point() == expected
 
 
 def test_load_and_predict_use_the_calibrated_operating_point(random_workdir, tmp_path):
@@ -190,4 +191,4 @@ def test_load_and_predict_use_the_calibrated_operating_point(random_workdir, tmp
                       **{'predict.input': str(tmp_path / 'a.png')})
   result = predict.run(settings.from_config(config), str(workdir))
   assert result['num_patches'] == 2 and result['images'][0]['refined_patches'] == 1
-  assert checkpoints.operating_point(str(workdir)) == dict(point, refine_fraction=None)
+  assert Run(str(workdir)).operating_point() == dict(point, refine_fraction=None)

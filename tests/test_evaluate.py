@@ -8,6 +8,7 @@ import pytest
 import shutil
 
 from iterseg import checkpoints, errors, evaluate, inference, methods, metrics, plots, settings
+from iterseg.run import Run
 from tests.helpers import save_random_networks, tiny
 
 
@@ -148,13 +149,13 @@ def test_run_writes_results_csv_and_plots(random_workdir, tmp_path):
 
 
 def test_run_refuses_a_config_that_disagrees_with_the_trained_networks(tmp_path):
-  checkpoints.save_config(settings.from_config(tiny()), str(tmp_path))
+  Run(str(tmp_path)).save_settings(settings.from_config(tiny()))
   with pytest.raises(errors.CheckpointError, match=r'config.model.width=8 .* trained with 4'):
     evaluate.run(settings.from_config(tiny(**{'model.width': 8})), str(tmp_path))
 
 
 def test_run_without_checkpoints_says_to_train_first(tmp_path):
-  checkpoints.save_config(settings.from_config(tiny()), str(tmp_path))
+  Run(str(tmp_path)).save_settings(settings.from_config(tiny()))
   with pytest.raises(errors.CheckpointError, match='train'):
     checkpoints.load_networks(str(tmp_path), settings.from_config(tiny()))
 
@@ -194,7 +195,7 @@ def test_a_network_whose_training_stopped_half_way_is_refused_by_load_and_flagge
   import iterseg  # pylint: disable=g-import-not-at-top
   config = tiny(num_patches=4, **{'train.num_patches_list': (4,)})
   save_random_networks(config, tmp_path)
-  checkpoints.write_plan(str(tmp_path), 'stage2_np4', 10)  # Planned 10 steps; the checkpoint is 1.
+  Run(str(tmp_path)).write_plan('stage2_np4', 10)  # Planned 10 steps; the checkpoint is 1.
   with pytest.raises(errors.CheckpointError, match=r'stage2_np4 \(step 1 of 10\).* did not '
                      r'finish.*partial=True'):
     iterseg.load(str(tmp_path))
@@ -210,7 +211,7 @@ def test_a_network_whose_training_stopped_half_way_is_refused_by_load_and_flagge
 def test_a_corrupt_config_json_is_named(tmp_path):
   (tmp_path / 'config.json').write_text('{"hi_size": 64,')
   with pytest.raises(errors.CheckpointError, match=f'{tmp_path / "config.json"} cannot be read'):
-    checkpoints.read_settings(str(tmp_path))
+    Run(str(tmp_path)).settings()
 
 
 def test_evaluate_refuses_an_unwritable_workdir_before_computing(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from iterseg import checkpoints, cli, errors, settings, train
 from iterseg.data.synthetic import make_synthetic_example
+from iterseg.run import Run
 from tests import helpers, launch_runs
 from tests.helpers import tiny
 from tests.launch_runs import STAGE1_STEPS, STAGE2_STEPS
@@ -106,7 +107,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_keeping_the_last_goo
     train.train_network(s, str(tmp_path), 'stage1', source=source)
   message = str(error.value)
   assert 'cannot write the checkpoint of step 4' in message and 'disk full' in message
-  assert str(checkpoints.network_dir(str(tmp_path), 'stage1')) in message and '\n' not in message
+  assert str(Run(str(tmp_path)).network_dir('stage1')) in message and '\n' not in message
   assert calls == [2, 4]  # Stopped at the first failed save: step 6 never ran.
   assert helpers.complete_steps(tmp_path, 'stage1') == [2]
   steps = [json.loads(line)['step'] for line in open(tmp_path / 'metrics.jsonl')]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from iterseg import errors, evaluate, inference, models, native, predict, settings
 from iterseg.data import pipeline, synthetic
+from iterseg.run import Run
 from tests.helpers import save_random_networks, set_fields, tiny
 
 
@@ -316,7 +317,7 @@ def test_native_geometry_is_checked(fields, words):
 
 def test_calibrate_sweeps_the_share_of_tiles_and_load_uses_its_point(native_workdir, tmp_path):
   import iterseg  # pylint: disable=g-import-not-at-top
-  from iterseg import calibrate, checkpoints  # pylint: disable=g-import-not-at-top
+  from iterseg import calibrate  # pylint: disable=g-import-not-at-top
   config, workdir = native_workdir
   workdir = shutil.copytree(workdir, tmp_path / 'run')
   config = set_fields(config.copy_and_resolve_references(), **{
@@ -328,7 +329,7 @@ def test_calibrate_sweeps_the_share_of_tiles_and_load_uses_its_point(native_work
   assert fewer['gflops'] < every['gflops'] and every['refined_fraction'] == 1.0
   assert result['operating_point'] == {'num_patches': 2, 'refine_count': None,
                                        'refine_fraction': 0.25, 'threshold': None}
-  assert checkpoints.operating_point(str(workdir)) == result['operating_point']
+  assert Run(str(workdir)).operating_point() == result['operating_point']
   params, loaded = iterseg.load(str(workdir))
   assert loaded.native.refine_fraction == 0.25
   preds = iterseg.infer(params, images((40, 70), (90, 33)), loaded)  # A list of sizes.

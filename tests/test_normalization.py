@@ -9,6 +9,7 @@ import pytest
 
 from iterseg import augment, checkpoints, cli, errors, inference, models, native, settings, train
 from iterseg.data import synthetic
+from iterseg.run import Run
 from tests.helpers import save_random_networks, tiny
 
 STATS = {'model.input_norm': 'standardize', 'model.input_mean': (0.6, 0.4, 0.3),
@@ -119,8 +120,7 @@ def test_a_run_trained_with_per_image_standardisation_is_refused_in_one_line(tmp
   path.write_text(json.dumps(saved))
   for attempt in (lambda: cli.run('evaluate', tiny(**{'model.input_norm': 'standardize'}),
                                   str(tmp_path)),
-                  lambda: checkpoints.with_run_statistics(settings.from_config(tiny()),
-                                                          str(tmp_path))):
+                  lambda: Run(str(tmp_path)).with_statistics(settings.from_config(tiny()))):
     with pytest.raises(checkpoints.CheckpointError, match='per image.*train it again') as e:
       attempt()
     assert '\n' not in str(e.value)

@@ -20,7 +20,7 @@ LAYERS = [
     {'plans', 'lock'},
     {'settings'},
     {'models', 'losses', 'augment', 'data'},
-    {'inference', 'state', 'plots'},
+    {'inference', 'state', 'plots', 'run'},
     {'methods', 'metrics', 'report'},
     {'flops', 'checkpoints'},
     {'hooks', 'native'},

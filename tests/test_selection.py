@@ -12,6 +12,7 @@ import pytest
 from iterseg import calibrate, flops, inference, models, settings, state, train
 from iterseg.data import pipeline
 from iterseg.data.synthetic import make_vessel_example
+from iterseg.run import Run
 from tests.helpers import save_random_networks, set_fields, tiny
 
 
@@ -105,12 +106,11 @@ def test_exclude_holdout_trains_without_exactly_the_images_calibrate_measures_on
 
 
 def test_calibrate_says_whether_its_images_were_seen_in_training(tmp_path):
-  from iterseg import checkpoints  # pylint: disable=g-import-not-at-top
   config = tiny(**{'calibrate.holdout': 0.25})
-  checkpoints.save_config(settings.from_config(config), str(tmp_path / 'seen'))
+  Run(str(tmp_path / 'seen')).save_settings(settings.from_config(config))
   assert calibrate.seen_in_training(settings.from_config(config), str(tmp_path / 'seen'))
   unseen = set_fields(config.copy_and_resolve_references(), **{'train.exclude_holdout': True})
-  checkpoints.save_config(settings.from_config(unseen), str(tmp_path / 'unseen'))
+  Run(str(tmp_path / 'unseen')).save_settings(settings.from_config(unseen))
   assert not calibrate.seen_in_training(settings.from_config(config), str(tmp_path / 'unseen'))
   other = set_fields(config.copy_and_resolve_references(), **{'calibrate.holdout': 0.5})
   assert calibrate.seen_in_training(settings.from_config(other), str(tmp_path / 'unseen'))

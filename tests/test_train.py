@@ -11,6 +11,7 @@ import pytest
 from iterseg import checkpoints, inference, settings, state, train
 from iterseg.data import pipeline
 from iterseg.data.synthetic import make_synthetic_example
+from iterseg.run import Run
 from tests.helpers import tiny
 
 
@@ -121,4 +122,4 @@ def test_a_rerun_resumes_at_the_saved_step(tmp_path, source):
   again = train.train_network(s, workdir, 'stage1', source=source)  # Done: nothing to do.
   assert steps_logged(workdir, 'stage1') == [1, 2, 3, 4]
   jax.tree.map(np.testing.assert_array_equal, params, again)
-  assert sorted(os.listdir(checkpoints.network_dir(workdir, 'stage1'))) == ['2', '4', 'plan.json']
+  assert sorted(os.listdir(Run(workdir).network_dir('stage1'))) == ['2', '4', 'plan.json']
