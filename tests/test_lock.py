@@ -26,9 +26,12 @@ from iterseg import lock
 kind, folder = sys.argv[1:3]
 with lock.WorkdirLock(folder) if kind == 'workdir' else lock.DataLock(folder, wait_s=0):
   worker = os.fork() if sys.argv[3:] == ['fork'] else None
-  if worker == 0:
+  if worker == 0:  # Past the fork's hooks (filelock closes its descriptor there): say so.
+    open(folder + '.worker-ready', 'w').close()
     time.sleep(120)
     os._exit(0)
+  while worker and not os.path.exists(folder + '.worker-ready'):
+    time.sleep(0.01)
   print('locked', worker or '', flush=True)
   sys.stdin.readline()
 """
