@@ -15,6 +15,13 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4'
                            ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The CPU client runs each device's part of a pmapped step, and the launches of the next steps, on one
+# pool of max(cores, devices) threads: one per device on a machine of <= 4 cores. When the host is 32
+# steps ahead (the client's limit of steps in flight per device), a launch waits in that pool for a
+# device whose step waits for a free thread, the other devices wait for it in pmean, and XLA aborts
+# after 40 s ("Termination timeout for `all reduce ...`"). PJRT_NPROC replaces the core count: with
+# twice the devices, every device's step has a thread while every launch of a step waits.
+os.environ['PJRT_NPROC'] = str(max(2 * 4, os.cpu_count() or 1))
 # One compilation cache per test run, shared by pytest-xdist's workers (the same run id) and the
 # launch.py subprocesses; removed by the process that created the run.
 _RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'{os.getpid()}'
