@@ -10,6 +10,7 @@ import pytest
 from iterseg import augment, checkpoints, cli, errors, inference, models, native, settings, train
 from iterseg.data import synthetic
 from iterseg.run import Run
+from tests import launch_runs
 from tests.helpers import save_random_networks, tiny
 
 STATS = {'model.input_norm': 'standardize', 'model.input_mean': (0.6, 0.4, 0.3),
@@ -88,13 +89,14 @@ def test_standardize_without_statistics_is_one_line_naming_the_fields():
                                  'model.input_std': (0.1, 0.0, 0.1)}))
 
 
-def test_training_measures_the_statistics_saves_them_and_evaluate_uses_them(tmp_path):
+def test_training_measures_the_statistics_saves_them_and_evaluate_uses_them(data_dir, tmp_path):
   """--mode=train on a config without statistics measures them on the train split, saves them in
   config.json, and a later --mode=evaluate with the same (statistics-free) config uses the run's;
   a config with other statistics is refused in one line."""
   from iterseg import data  # pylint: disable=g-import-not-at-top
-  config = tiny(**{'model.input_norm': 'standardize', 'data.num_examples': 12,
-                   'data.data_dir': str(tmp_path / 'tfds'), 'train.networks': ('baseline',)})
+  one_step = {'model.input_norm': 'standardize', 'train.networks': ('baseline',),
+              'train.baseline_epochs': 1}
+  config = launch_runs.tiny_config(data_dir, **one_step)  # The session's prepared data.
   workdir = str(tmp_path / 'run')
   results = cli.run('train', config, workdir)
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())['model']
@@ -104,8 +106,7 @@ def test_training_measures_the_statistics_saves_them_and_evaluate_uses_them(tmp_
   np.testing.assert_allclose(saved['input_std'], std, rtol=1e-6)
   again = cli.run('evaluate', config, workdir)
   assert again['rows'][0]['soft_dice'] == pytest.approx(results['rows'][0]['soft_dice'])
-  other = tiny(**{**{k: v for k, v in STATS.items()}, 'data.num_examples': 12,
-                  'data.data_dir': str(tmp_path / 'tfds'), 'train.networks': ('baseline',)})
+  other = launch_runs.tiny_config(data_dir, **{**one_step, **STATS})
   with pytest.raises(checkpoints.CheckpointError, match='model.input_mean'):
     cli.run('evaluate', other, workdir)
 
