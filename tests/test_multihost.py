@@ -23,6 +23,28 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def start_cluster(flags, subprocess_env) -> list:
+  """launch.py with `flags` as processes 0 and 1 of a localhost cluster (2 CPU devices each, gloo)."""
+  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
+                                          '--xla_backend_optimization_level=0',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  return [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+
+
+def finish(processes, timeout: float, returncode: int = 0) -> list:
+  """[(stdout, stderr)] of both processes, each checked to end with `returncode`; killed if not."""
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == returncode, stderr[-3000:]
+  return outputs
+
+
 def test_two_processes_with_two_devices_train_like_one_with_four(reference, subprocess_env,
                                                                 tmp_path):
   """`reference` is one process with 4 devices (tests/conftest.py)."""
@@ -30,19 +52,7 @@ def test_two_processes_with_two_devices_train_like_one_with_four(reference, subp
   flags = launch_runs.tiny_flags(  # data_dir not prepared yet: process 0 prepares, 1 waits.
       workdir, tmp_path / 'data', f'--coordinator_address=localhost:{free_port()}',
       '--num_processes=2', **{'train.networks': ('stage1',)})
-  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                                          '--xla_backend_optimization_level=0',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=300) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  for p, (_, stderr) in zip(processes, outputs):
-    assert p.returncode == 0, stderr[-3000:]
+  outputs = finish(start_cluster(flags, subprocess_env), timeout=300)
 
   ours = helpers.read_checkpoint(workdir, 'stage1', STAGE1_STEPS)
   theirs = helpers.read_checkpoint(reference, 'stage1', STAGE1_STEPS)
@@ -69,26 +79,21 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(subprocess_env
       workdir, tmp_path / 'data', f'--coordinator_address=localhost:{free_port()}',
       '--num_processes=2', **{'train.networks': ('stage1',), 'train.stage1_epochs': 150,
                               'train.checkpoint_every': 1000})
-  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                                          '--xla_backend_optimization_level=0',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
+  processes = start_cluster(flags, subprocess_env)
   try:
     metrics, start = workdir / 'metrics.jsonl', time.monotonic()
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
       assert time.monotonic() - start < 240 and all(p.poll() is None for p in processes)
       time.sleep(0.2)
     processes[1].send_signal(signal.SIGTERM)
-    outputs = [p.communicate(timeout=240) for p in processes]
-  finally:
+  except BaseException:
     for p in processes:
       p.kill()
+    raise
+  outputs = finish(processes, timeout=240, returncode=1)
   steps = set()
-  for p, (_, stderr) in zip(processes, outputs):
-    assert p.returncode == 1, stderr[-3000:]
-    line = helpers.one_line_error(subprocess.CompletedProcess([], p.returncode, '', stderr))
+  for _, stderr in outputs:
+    line = helpers.one_line_error(subprocess.CompletedProcess([], 1, '', stderr))
     assert 'rerun the same command to resume' in line
     steps.add(int(line.split(' at step ')[1].split()[0]))
   assert len(steps) == 1 and steps.pop() < total
@@ -112,19 +117,7 @@ def test_predict_splits_a_folder_over_two_processes_and_writes_one_merged_summar
                'train.num_patches_list': (4,), 'predict.input': tmp_path / 'in',
                'predict.batch_size': 2}.items()),
            f'--coordinator_address=localhost:{free_port()}', '--num_processes=2']
-  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                                          '--xla_backend_optimization_level=0',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  for p, (_, stderr) in zip(processes, outputs):
-    assert p.returncode == 0, stderr[-3000:]
+  finish(start_cluster(flags, subprocess_env), timeout=240)
   out = tmp_path / 'run' / 'predictions'
   parts = [json.loads((out / f'summary.{i}.json').read_text()) for i in range(2)]
   assert [part['total'] for part in parts] == [3, 2]  # Every other file each.
@@ -149,19 +142,7 @@ def test_evaluate_gives_each_process_its_share_and_writes_the_merged_results_onc
                'train.num_patches_list': (2, 4), 'train.batch_size': 8, 'data.num_examples': 16,
                'data.data_dir': config.data.data_dir, 'eval.batch_size': 2}.items()),
            f'--coordinator_address=localhost:{free_port()}', '--num_processes=2']
-  env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                                          '--xla_backend_optimization_level=0',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  processes = [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=240) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  for p, (_, stderr) in zip(processes, outputs):
-    assert p.returncode == 0, stderr[-3000:]
+  outputs = finish(start_cluster(flags, subprocess_env), timeout=240)
   merged = json.loads((two / 'results.json').read_text())
   assert merged['num_images'] == one['num_images'] == len(one['names']) and (
       merged['names'] == one['names'])
