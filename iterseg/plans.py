@@ -24,7 +24,7 @@ class TrainPlan:
   learning_rate: float
   warmup_steps: int
   lr_schedule: str
-  epochs: dict = config_field(None)  # {'stage1': n, 'stage2': n, 'baseline': n}: train.<network>_epochs.
+  epochs: dict = config_field(None)  # {'stage1': n, ...}: train.<network>_epochs.
   num_patches_list: tuple
   patch_sampling: str
   focal_alpha: float

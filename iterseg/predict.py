@@ -394,8 +394,8 @@ def run(s: Settings, workdir: str) -> dict:
   Uses the networks trained in `workdir`, stage 2 at config.num_patches, or at the operating point
   of --mode=calibrate when the workdir has one (a line says so). Everything is checked before the
   output folder is made. Under several processes, each takes every P-th file (names are decided
-  over all of them) and summary.json merges their parts (`write_summary`). Returns {'output', 'num_patches', 'images': [record], 'failed', 'skipped',
-  'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed,
+  over all of them) and summary.json merges their parts (`write_summary`). Returns {'output',
+  'num_patches', 'images': [record], 'failed', 'skipped', 'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed,
   and Interrupted (after writing summary.json) on Ctrl-C or SIGTERM.
   """
   point = Run(workdir).operating_point()

@@ -42,21 +42,23 @@ class Spec:
   width: int = config_field('model.width')
   depth: int = config_field('model.depth')
   halo: int  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
-  input_norm: str = config_field('model.input_norm')  # 'standardize': (x - input_mean) / input_std.
-  input_mean: Optional[tuple] = config_field('model.input_mean')  # Per channel, the training images' (None:
-  input_std: Optional[tuple] = config_field('model.input_std')  # not measured yet; --mode=train does).
+  # 'standardize': (x - input_mean) / input_std per channel, the training images' statistics (None:
+  # not measured yet; --mode=train does).
+  input_norm: str = config_field('model.input_norm')
+  input_mean: Optional[tuple] = config_field('model.input_mean')
+  input_std: Optional[tuple] = config_field('model.input_std')
   refine_budget: str  # 'image': k patches per image; 'batch': B * k over the batch.
   resolution: str  # 'square' (the paper) or 'native' (hi_size: the side of the training crops).
   dtype: str = config_field('model.dtype')  # The U-Nets' computation: 'float32' or 'bfloat16'.
-  error_head: bool = config_field('model.error_head')  # Stage 1's extra output: its predicted error share.
+  error_head: bool = config_field('model.error_head')  # Stage 1's extra output: its error share.
   # Native resolution (native.*): any H x W, stage 1 on the image downscaled by `downscale`, stage 2
   # on the least confident tiles of side patch_size (with halo), as trained on crops of hi_size.
   refine_fraction: float = config_field('native.refine_fraction')  # Share of the tiles refined.
   chunk: int = config_field('native.chunk')  # Tiles per stage-2 call.
-  bucket: int = config_field('native.bucket')  # Stage 1's input padded to a multiple of this (stage-1 px).
+  bucket: int = config_field('native.bucket')  # Stage 1's input padded to a multiple (stage-1 px).
   window: int = config_field('native.window')  # The dense reference's window side (0: hi_size) ...
   overlap: float = config_field('native.overlap')  # ... and the share its windows overlap.
-  max_pixels: int = config_field('native.max_pixels')  # Larger images are refused (0: the free memory).
+  max_pixels: int = config_field('native.max_pixels')  # Larger are refused (0: by free memory).
 
   @property
   def window_side(self) -> int:
