@@ -24,10 +24,15 @@ def free_port() -> int:
 
 
 def start_cluster(flags, subprocess_env) -> list:
-  """launch.py with `flags` as processes 0 and 1 of a localhost cluster (2 CPU devices each, gloo)."""
+  """launch.py with `flags` as processes 0 and 1 of a localhost cluster (2 CPU devices each, gloo).
+
+  Without the persistent compilation cache: with jax 0.12.1 (Python 3.13), a cluster that loaded
+  its cross-process collectives from the cache an earlier cluster wrote hung in them (evaluate's
+  process_allgather, the pmapped step); compiled afresh they pass (jax 0.10.2 passed either way).
+  """
   env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
                                           '--xla_backend_optimization_level=0',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', JAX_ENABLE_COMPILATION_CACHE='false')
   return [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for i in range(2)]
