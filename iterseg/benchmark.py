@@ -1,20 +1,23 @@
-"""--mode=benchmark: measured speed of each method (`methods.methods`) beside its FLOPs.
+"""--mode=benchmark: measured speed and memory of each method beside its FLOPs.
 
-For each batch size, on random uint8 images [B, hi, hi, 3], every method is compiled ahead of time
-(`jit(...).lower(...).compile()`, the compile time is reported), called once to warm up, then timed
-`repeats` times; every call is blocked on. The repeats are interleaved (round r times every method
-once) so that a change of machine load hits every method alike, and the median is kept. FLOPs are
-XLA's cost analysis of the same executables; achieved FLOP/s = FLOPs per call / median call time.
+One skeleton whatever the protocol: `native.benchmark_cases` gives the inputs and how each method
+runs on them (the square protocol: a batch of random uint8 images [B, hi, hi, 3] per batch size,
+every method compiled ahead of time; native resolution: a synthetic scene per side of
+benchmark.native_sides, two-stage against the dense sliding window). `benchmark` compiles each
+method (the compile time is reported), calls it in rounds (every method once a round, so that a
+change of machine load hits them alike, every call blocked on) and keeps the median; the speed-up
+is against the baseline on the same input. FLOPs are XLA's cost analysis of what ran; achieved
+FLOP/s = FLOPs per call / median call time.
 
 The plan fits the machine: unless the config says otherwise, CPU times batch 1 only and the
-sliding-window reference only up to Np = 8; GPU and TPU time batch 1 and 16 and every reference.
-A time budget (`benchmark.max_seconds`; predict's end-to-end run comes after, if time is left) skips
-what would not fit, estimated from each method's warm-up call, and the report says what it skipped.
+sliding-window reference (every patch refined) only up to Np = 8; GPU and TPU time batch 1 and 16
+and every reference. A time budget (`benchmark.max_seconds`; predict's end-to-end run comes after,
+if time is left) skips what would not fit, and the report says what it skipped.
 
 Weights come from the workdir's checkpoints when it has them and are random (seed) otherwise:
-speed does not depend on their values. Data is never read. Runs on the default device (one device).
-This is the one place that times methods: `latency` serves --mode=calibrate too. When the workdir
-has results.json of the same geometry, its Dice and the measured latency give tradeoff_latency.png.
+speed does not depend on their values; a calibrated operating point is used. Runs on the default
+device. When the workdir has results.json of the same geometry, its Dice and the measured latency
+give tradeoff_latency.png.
 """
 
 import json
@@ -35,11 +38,14 @@ from iterseg.settings import Settings
 CPU_SLIDING_WINDOW_MAX_NP = 8
 
 COLUMNS = (
-    ('method', 'method', 's'), ('Np', 'num_patches', 'd'), ('batch', 'batch_size', 'd'),
+    ('input', 'case', 's'), ('method', 'method', 's'), ('Np', 'num_patches', 'd'),
     ('ms/image', 'latency_ms', '.2f'), ('images/s', 'images_per_s', '.2f'),
-    ('GFLOPs/img', 'gflops_per_image', '.3f'), ('GFLOP/s', 'achieved_gflops_per_s', '.1f'),
+    ('MPix/s', 'mpix_per_s', '.1f'), ('GFLOPs/img', 'gflops_per_image', '.3f'),
+    ('GFLOP/s', 'achieved_gflops_per_s', '.1f'),
     ('% of peak', 'peak_fraction', lambda v: f'{100 * v:.2f}%'),
-    ('compile s', 'compile_s', '.1f'), ('speed-up', 'speedup_vs_baseline', lambda v: f'{v:.2f}x'))
+    ('peak RSS GB', 'peak_rss_gb', '.2f'), ('soft Dice', 'soft_dice', '.4f'),
+    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('compile s', 'compile_s', '.1f'),
+    ('speed-up', 'speedup_vs_baseline', lambda v: f'{v:.2f}x'), ('rounds', 'repeats', 'd'))
 TRAIN_COLUMNS = (
     ('network', 'method', 's'), ('Np', 'num_patches', 'd'), ('batch', 'batch_size', 'd'),
     ('ms/step', 'step_ms', '.1f'), ('steps/s', 'steps_per_s', '.2f'),
@@ -106,79 +112,6 @@ def networks_for_benchmark(s: Settings, workdir: Optional[str]):
   return nets, weights
 
 
-def _timed_call(fn: Callable, images) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(images))
-  return time.perf_counter() - start
-
-
-def latency(method: methods.Method, images, repeats: int) -> float:
-  """Seconds per image of `method` on the batch `images`: the median of `repeats` blocked calls,
-  after one call that compiles."""
-  compiled = method.lower(images).compile()
-  fn = lambda x: compiled(method.params, x)
-  _timed_call(fn, images)
-  return float(np.median([_timed_call(fn, images) for _ in range(repeats)])) / len(images)
-
-
-def benchmark(comparison: Sequence[methods.Method], *, batch_sizes: Sequence[int], hi_size: int,
-              repeats: int, max_seconds: float = float('inf'), progress: bool = True,
-              peak: Optional[float] = None):
-  """(rows, skipped): one row per (batch size, method) timed, and a line per thing skipped.
-
-  Rows: {'method', 'num_patches', 'batch_size', 'compile_s', 'call_ms' (median), 'latency_ms' (per
-  image), 'images_per_s', 'gflops_per_image', 'achieved_gflops_per_s', 'speedup_vs_baseline',
-  'times_ms' (every timed call)}. A method whose warm-up call shows that its repeats would overrun
-  `max_seconds` (counted from the start) is skipped, as is every batch size after the budget ran out.
-  """
-  start, rows, skipped = time.perf_counter(), [], []
-  left = lambda: max_seconds - (time.perf_counter() - start)
-  for b in batch_sizes:
-    if left() <= 0:
-      skipped.append(f'batch {b}: every method (time budget of {max_seconds:g} s spent)')
-      continue
-    images = np.random.default_rng(0).integers(0, 256, (int(b), hi_size, hi_size, 3), np.uint8)
-    images = jax.device_put(images)
-    runs = []
-    for m in tqdm(comparison, desc=f'compile batch {b}', unit='method', disable=not progress,
-                  leave=False):
-      t = time.perf_counter()
-      compiled = m.lower(images).compile()
-      compile_s = time.perf_counter() - t
-      fn = lambda x, c=compiled, p=m.params: c(p, x)
-      warm = _timed_call(fn, images)
-      if warm * repeats > left():
-        skipped.append(f'batch {b}: {m.key} (one call took {warm:.1f} s; {repeats} repeats would '
-                       f'overrun the {max_seconds:g} s budget)')
-        continue
-      runs.append({'m': m, 'fn': fn, 'compile_s': compile_s,
-                   'flops': flops.compiled_flops(compiled), 'times': []})
-    bar = tqdm(total=repeats * len(runs), desc=f'time batch {b}', unit='call',
-               disable=not progress, leave=False)
-    for _ in range(repeats):  # Interleaved: every method once per round.
-      for r in runs:
-        r['times'].append(_timed_call(r['fn'], images))
-        bar.update(1)
-    bar.close()
-    base = None
-    for r in runs:
-      call = float(np.median(r['times']))
-      latency = call / b
-      base = latency if r['m'].name == 'baseline' else base
-      rows.append({
-          'method': r['m'].name, 'num_patches': r['m'].num_patches, 'batch_size': int(b),
-          'compile_s': r['compile_s'], 'call_ms': call * 1e3, 'latency_ms': latency * 1e3,
-          'images_per_s': b / call,
-          'gflops_per_image': None if r['flops'] is None else r['flops'] / b / 1e9,
-          'achieved_gflops_per_s': None if r['flops'] is None else r['flops'] / call / 1e9,
-          'peak_fraction': None if r['flops'] is None or not peak else (
-              r['flops'] / call / 1e12 / peak),
-          'speedup_vs_baseline': None if base is None else base / latency,
-          'times_ms': [t * 1e3 for t in r['times']],
-      })
-  return rows, skipped
-
-
 def training_speed(s: Settings, peak: Optional[float], *,
                    networks: Sequence[str] = ('stage1', 'stage2', 'baseline'),
                    progress: bool = True) -> list:
@@ -228,10 +161,10 @@ def training_speed(s: Settings, peak: Optional[float], *,
 def speedup_summary(rows: Sequence[dict]) -> str:
   """'two-stage speed-up over the baseline (same run): batch 1: Np=2 1.8x, Np=8 5.6x; ...'."""
   parts = []
-  for b in sorted({r['batch_size'] for r in rows}):
+  for case in dict.fromkeys(r['case'] for r in rows):
     ratios = [f'Np={r["num_patches"]} {r["speedup_vs_baseline"]:.1f}x' for r in rows
-              if r['batch_size'] == b and r['method'] == 'two_stage' and r['speedup_vs_baseline']]
-    parts.append(f'batch {b}: ' + ', '.join(ratios))
+              if r['case'] == case and r['method'] == 'two_stage' and r['speedup_vs_baseline']]
+    parts.append(f'{case}: ' + ', '.join(ratios))
   return 'two-stage speed-up over the baseline (same run): ' + '; '.join(parts)
 
 
@@ -249,82 +182,6 @@ def plot_with_dice(rows: Sequence[dict], s: Settings, workdir: str) -> Optional[
   joined = [dict(r, soft_dice=dice[(r['method'], r['num_patches'])]) for r in rows
             if r['batch_size'] == 1 and (r['method'], r['num_patches']) in dice]
   return plots.plot_tradeoff(joined, os.path.join(workdir, 'tradeoff_latency.png'), x='latency_ms')
-
-
-def run(s: Settings, workdir: str, *, predict_throughput: Optional[Callable[[], dict]] = None
-        ) -> dict:
-  """--mode=benchmark: times every method; prints the table; writes <workdir>/benchmark.json.
-
-  `predict_throughput`, when given, measures predict's end-to-end images/s (files in, files out),
-  reported beside the compiled function's. Returns {'device', 'backend', 'geometry', 'weights',
-  'plan', 'skipped', 'rows', 'predict', 'file'}.
-  """
-  main = jax.process_index() == 0
-  if main:
-    files.check_writable(workdir)
-  s = s.with_placeholder_statistics()  # Untrained: random weights are timed.
-  if s.spec.resolution == 'native':
-    return run_native(s, workdir, progress=main)
-  start = time.perf_counter()
-  what = plan(s)
-  nets, weights = networks_for_benchmark(s, workdir)
-  description = device_description()
-  if main:
-    print(f'Benchmark on {description}; hi_size={s.spec.hi_size}, U-Net width {s.spec.width} depth '
-          f'{s.spec.depth}, batch sizes {what["batch_sizes"]}, budget {s.benchmark.max_seconds:g} s,'
-          f' weights: {"random" if set(weights.values()) == {"random"} else weights}.', flush=True)
-  comparison = [m for m in methods.methods(nets, s, sliding_window=True)
-                if m.name != 'sliding_window' or m.num_patches in what['sliding_window_nps']]
-  peak = peak_tflops(s)
-  rows, skipped = benchmark(comparison, batch_sizes=what['batch_sizes'], hi_size=s.spec.hi_size,
-                            repeats=s.benchmark.repeats, max_seconds=s.benchmark.max_seconds,
-                            progress=main, peak=peak)
-  train_rows = training_speed(s, peak, progress=main) if s.benchmark.train else []
-  skipped += [f'{methods.method_key("sliding_window", n)}: not on {jax.default_backend()} by '
-              f'default (set --config.benchmark.sliding_window=True)' for n in s.train.num_patches_list
-              if n not in what['sliding_window_nps'] and s.benchmark.sliding_window is None]
-  results = {
-      'device': description, 'backend': jax.default_backend(), 'geometry': s.spec.geometry(),
-      'refine_count': s.refine_count, 'score': s.spec.score, 'threshold': s.spec.threshold,
-      'weights': weights, 'repeats': s.benchmark.repeats, 'plan': what, 'skipped': skipped,
-      'statistic': 'median over repeats, after 1 warm-up', 'rows': rows, 'train_rows': train_rows,
-      'dtype': s.spec.dtype, 'peak_tflops': peak,
-  }
-  if predict_throughput is not None and main:
-    if time.perf_counter() - start < s.benchmark.max_seconds:
-      results['predict'] = predict_throughput()
-    else:
-      skipped.append(f'predict end to end (time budget of {s.benchmark.max_seconds:g} s spent)')
-  if main:
-    print(report.format_table(rows, COLUMNS))
-    if train_rows:
-      print(report.format_table(train_rows, TRAIN_COLUMNS))
-    print(f'Utilisation: achieved FLOP/s / {"no peak (set benchmark.peak_tflops)" if peak is None else f"{peak:g} TFLOP/s"} '
-          f'({s.spec.dtype} on {jax.devices()[0].device_kind}).')
-    path = os.path.join(workdir, 'benchmark.json')
-    files.atomic_write_json(path, results)
-    results['file'] = path
-    results['plot'] = plot_with_dice(rows, s, workdir)
-    print(speedup_summary(rows))
-    for line in skipped:
-      print(f'Skipped {line}')
-    if 'predict' in results:
-      p = results['predict']
-      print(f'predict end to end ({p["num_images"]} files of {p["size"]}, outputs '
-            f'{"/".join(p["outputs"])}): {p["images_per_s"]:.1f} images/s, against '
-            f'{p["compiled_images_per_s"]:.1f} images/s for the compiled function alone.')
-    print(f'Speed-up = baseline ms/image / method ms/image at the same batch size. Wrote {path}')
-  return results
-
-
-# --- Native resolution: time and memory against image size -----------------------------------------
-
-NATIVE_COLUMNS = (
-    ('size', 'size', 's'), ('method', 'method', 's'), ('s/image', 'seconds', '.2f'),
-    ('MPix/s', 'mpix_per_s', '.1f'), ('peak RSS GB', 'peak_rss_gb', '.2f'),
-    ('soft Dice', 'soft_dice', '.4f'), ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'),
-    ('GFLOPs', 'gflops', '.1f'), ('speed-up', 'speedup', lambda v: f'{v:.1f}x'),
-    ('rounds', 'repeats', 'd'))
 
 
 class PeakMemory:
@@ -366,137 +223,157 @@ def soft_dice(probs: np.ndarray, bits: np.ndarray, rows: int = 1024) -> float:
   return (2 * py + 1) / (p + y + 1)
 
 
-def run_native(s: Settings, workdir: str, *, progress: bool = True) -> dict:
-  """--mode=benchmark at resolution='native': two-stage and the dense sliding window on synthetic
-  high-resolution scenes of side benchmark.native_sides (square, not seen in training: scene
-  indices from 10 000), one at a time, smallest first. For each: seconds per image (after a call
-  that compiles that size's bucket; the median of up to benchmark.repeats rounds of both methods,
-  as many as this size's share of the time budget allows), MPix/s, the peak resident memory of
-  the first call, soft Dice against the scene's mask, the tiles refined, and the FLOPs that ran.
-  A size whose dense run the time budget (benchmark.max_seconds) cannot fit, estimated from the
-  last size, is skipped and reported. Also: the stage-2 time saved by a threshold that halves the
-  refined tiles (at the largest size up to 4096). Writes benchmark.json and benchmark_native.png."""
-  from iterseg import native  # pylint: disable=g-import-not-at-top
-  from iterseg.data import synthetic  # pylint: disable=g-import-not-at-top
-  start = time.perf_counter()
-  nets, weights = networks_for_benchmark(s, workdir)
-  point = Run(workdir).operating_point()
-  if point is not None:  # Two-stage at its calibrated budget.
-    s = s.at_operating_point(point)
-    if progress:
-      print(f'Using the calibrated operating point of {workdir}/calibration.json: {point}.')
-  model = native.NativeModel(nets, s.spec)
-  sides = s.benchmark.native_sides
-  description = device_description()
-  if progress:
-    print(f'Native benchmark on {description}: sides {sides}, U-Net width {s.spec.width} depth '
-          f'{s.spec.depth}, tiles of {s.spec.patch_size} px (halo {s.spec.halo}), stage 1 at '
-          f'1/{s.spec.downscale}, refine_fraction {s.spec.refine_fraction:g}, threshold '
-          f'{s.spec.threshold}, dense windows of {s.spec.window_side} px (overlap '
-          f'{s.spec.overlap:g}), weights: '
-          f'{"random" if set(weights.values()) == {"random"} else "trained"}.', flush=True)
-  rows, skipped, saving, dense_rate = [], [], None, None
-  bar = tqdm(sides, desc='native benchmark', unit='size', disable=not progress)
-  remaining = lambda: s.benchmark.max_seconds - (time.perf_counter() - start)
-  for i, side in enumerate(bar):
-    if remaining() <= 0:
-      skipped.append(f'{side}x{side}: every method (the time budget of '
-                     f'{s.benchmark.max_seconds:g} s is spent)')
+def benchmark(cases: Sequence, *, repeats: int, max_seconds: float = float('inf'),
+              progress: bool = True, peak: Optional[float] = None) -> tuple:
+  """(rows, skipped, extras): every method of every case (`native.Case`) timed; a line per thing
+  skipped; what else each case showed.
+
+  Per case and method: compiled first (the time is reported), then called in rounds, every method
+  once a round (noise comes in spells: it hits them alike), up to `repeats` rounds while the
+  case's share of the time budget `max_seconds` (by pixels, against the cases still to come)
+  allows; the median call is kept. The first call's peak resident memory is reported. A method
+  whose first call would overrun the budget, estimated from its rate on the last case, is skipped,
+  as is every case once the budget is spent. Rows: {'case', 'size', 'method', 'num_patches',
+  'batch_size', 'compile_s', 'call_ms' (median), 'latency_ms' (per image), 'images_per_s',
+  'mpix_per_s', 'gflops_per_image', 'achieved_gflops_per_s', 'peak_fraction', 'peak_rss_gb',
+  'soft_dice' (against the case's mask), 'refined_fraction', 'speedup_vs_baseline', 'repeats',
+  'times_ms'}.
+  """
+  start, rows, skipped, extras, rates = time.perf_counter(), [], [], [], {}
+  left = lambda: max_seconds - (time.perf_counter() - start)
+  spent = f'the time budget of {max_seconds:g} s'
+  for i, case in enumerate(tqdm(cases, desc='benchmark', unit='input', disable=not progress)):
+    if left() <= 0:
+      skipped.append(f'{case.label}: every method ({spent} is spent)')
       continue
-    bar.set_postfix(side=side)
-    scene = synthetic.make_highres_example(10_000 + side, side, side)
-    image, mask = scene['image'], np.packbits(scene['mask'] > 0, axis=1)  # The mask in 1/8.
-    del scene
-    warm = model.warm(side, side)  # This size's buckets; stage 2's chunk sizes the first time.
-    with PeakMemory() as memory:
-      t = time.perf_counter()
-      pred = model.two_stage(image)
-      times = [time.perf_counter() - t]
-    mpix = side * side / 1e6
-    rows.append({'size': f'{side}x{side}', 'side': side, 'method': 'two_stage',
-                 'peak_rss_gb': memory.gb, 'soft_dice': soft_dice(pred.probs, mask),
-                 'refined_fraction': pred.stats['refined'] / pred.stats['tiles'],
-                 'gflops': sum(pred.stats['gflops'].values()), 'compile_s': warm,
-                 'stage_seconds': pred.stats['seconds']})
-    two_stage = rows[-1]
-    if side <= 4096:
-      saving = _threshold_saving(model, image, pred) or saving
-    del pred
-    estimate = None if dense_rate is None else mpix / dense_rate
-    dense, dense_times = None, []
-    if nets.baseline is None:
-      skipped.append(f'{side}x{side} dense: no baseline network')
-    elif estimate is not None and estimate > remaining():
-      skipped.append(f'{side}x{side} dense (about {estimate:.0f} s; the time budget of '
-                     f'{s.benchmark.max_seconds:g} s would be spent)')
-    else:
+    timed, mask, extra = case.make()
+    runs = []
+    for t in timed:
+      estimate = case.pixels / rates[t.key] if t.key in rates else 0.0
+      if estimate > left():
+        skipped.append(f'{case.label}: {t.key} (about {estimate:.1f} s; {spent} would be '
+                       f'overrun)')
+        continue
+      compile_s = t.compile()
+      if left() <= 0:
+        skipped.append(f'{case.label}: {t.key} ({spent} is spent)')
+        continue
       with PeakMemory() as memory:
-        t = time.perf_counter()
-        probs = model.sliding_window(image)
-        dense_times.append(time.perf_counter() - t)
-      dense_rate = mpix / dense_times[0]
-      rows.append({'size': f'{side}x{side}', 'side': side, 'method': 'sliding_window',
-                   'peak_rss_gb': memory.gb, 'soft_dice': soft_dice(probs.probs, mask),
-                   'refined_fraction': None, 'gflops': probs.stats['gflops']['dense']})
-      dense = rows[-1]
-      del probs
-    # More rounds, both methods in each (interleaved, as noise comes in spells), while this size's
-    # share of the budget (by area, against the sizes still to come) allows: the median is kept.
-    round_s = times[0] + sum(dense_times)
-    share = remaining() * side ** 2 / sum(x ** 2 for x in sides[i:])
-    for _ in range(min(s.benchmark.repeats, int(share // round_s) + 1) - 1):
-      times.append(_seconds(model.two_stage, image))
-      if dense is not None:
-        dense_times.append(_seconds(model.sliding_window, image))
-    two_stage.update(seconds=float(np.median(times)), mpix_per_s=mpix / float(np.median(times)),
-                     repeats=len(times))
-    if dense is not None:
-      dense.update(seconds=float(np.median(dense_times)), repeats=len(dense_times),
-                   mpix_per_s=mpix / float(np.median(dense_times)))
-      two_stage['speedup'] = dense['seconds'] / two_stage['seconds']
-    del image, mask
-  bar.close()
-  results = {'device': description, 'backend': jax.default_backend(), 'resolution': 'native',
-             'geometry': s.spec.geometry(), 'weights': weights, 'rows': rows, 'skipped': skipped,
-             'threshold_saving': saving, 'compiles': model.compiles,
-             'refine_fraction': s.spec.refine_fraction, 'threshold': s.spec.threshold}
-  if progress:
-    print(report.format_table(rows, NATIVE_COLUMNS))
-    if saving:
-      print(f'A threshold at the median score of the refined tiles ({saving["threshold"]:.4f}) at '
-            f'{saving["size"]}: {saving["tiles"][0]} -> {saving["tiles"][1]} tiles refined, '
-            f'stage 2 {saving["stage2_seconds"][0]:.2f} -> {saving["stage2_seconds"][1]:.2f} s '
-            f'({100 * saving["stage2_cut"]:.0f} % less), {saving["gflops"][0]:.2f} -> '
-            f'{saving["gflops"][1]:.2f} GFLOPs.')
-    for line in skipped:
-      print(f'Skipped {line}')
-    print(f'{model.compiles} compilations for {len(sides)} sizes (stage 1 per size bucket, the '
-          f'bands per width bucket, stage 2 per chunk size, the windows once).')
-    path = os.path.join(workdir, 'benchmark.json')
-    files.atomic_write_json(path, results)
-    results['files'] = [path, plots.plot_native_benchmark(rows, os.path.join(
-        workdir, 'benchmark_native.png'))]
-    print('Wrote ' + ', '.join(results['files']))
+        first = time.perf_counter()
+        out = t.call()
+        first = time.perf_counter() - first
+      rates[t.key] = case.pixels / first
+      runs.append({'t': t, 'out': out, 'times': [first], 'compile_s': compile_s,
+                   'peak_rss_gb': memory.gb})
+    share = left() * case.pixels / sum(c.pixels for c in cases[i:])
+    round_s = sum(r['times'][0] for r in runs) or 1.0
+    for _ in range(min(repeats, int(share // round_s) + 1) - 1):
+      for r in runs:
+        t0 = time.perf_counter()
+        r['t'].call()
+        r['times'].append(time.perf_counter() - t0)
+    b = case.batch_size
+    base = next((float(np.median(r['times'])) / b for r in runs if r['t'].name == 'baseline'),
+                None)
+    for r in runs:
+      call, out = float(np.median(r['times'])), r['out']
+      latency = call / b
+      gflops = None if out['gflops'] is None else out['gflops'] / b
+      rows.append({
+          'case': case.label, 'size': case.size, 'method': r['t'].name,
+          'num_patches': r['t'].num_patches, 'batch_size': b, 'compile_s': r['compile_s'],
+          'call_ms': call * 1e3, 'latency_ms': latency * 1e3, 'images_per_s': b / call,
+          'mpix_per_s': case.pixels / call / 1e6, 'gflops_per_image': gflops,
+          'achieved_gflops_per_s': None if gflops is None else gflops / latency,
+          'peak_fraction': None if gflops is None or not peak else gflops / latency / 1e3 / peak,
+          'peak_rss_gb': r['peak_rss_gb'], 'refined_fraction': out['refined_fraction'],
+          'soft_dice': None if mask is None else soft_dice(out['probs'], mask),
+          'speedup_vs_baseline': None if base is None else base / latency,
+          'repeats': len(r['times']), 'times_ms': [x * 1e3 for x in r['times']]})
+    del runs
+    extras.append(extra())
+  return rows, skipped, [e for e in extras if e]
+
+
+def run(s: Settings, workdir: str, *, predict_throughput: Optional[Callable[[], dict]] = None
+        ) -> dict:
+  """--mode=benchmark: times every method (`native.benchmark_cases`); prints the table; writes
+  <workdir>/benchmark.json and benchmark.png (time per megapixel against size).
+
+  `predict_throughput`, when given, measures predict's end-to-end images/s (files in, files out),
+  reported beside the segmenting call's alone. Returns {'device', 'backend', 'geometry', 'weights',
+  'plan', 'skipped', 'rows', 'train_rows', 'extras', 'predict', 'files'}.
+  """
+  from iterseg import native  # pylint: disable=g-import-not-at-top
+  main = jax.process_index() == 0
+  if main:
+    files.check_writable(workdir)
+  s = s.with_placeholder_statistics()  # Untrained: random weights are timed.
+  start = time.perf_counter()
+  point = Run(workdir).operating_point()
+  if point is not None:
+    s = s.at_operating_point(point)
+  what = plan(s)
+  nets, weights = networks_for_benchmark(s, workdir)
+  description = device_description()
+  if main:
+    print(f'Benchmark on {description}: hi_size {s.spec.hi_size}, stage 1 at 1/'
+          f'{s.spec.downscale}, U-Net width {s.spec.width} depth {s.spec.depth}; budget '
+          f'{s.benchmark.max_seconds:g} s; weights: {"random" if set(weights.values()) == {"random"} else weights}'
+          + ('' if point is None else f'; the operating point of calibration.json: {point}')
+          + '.', flush=True)
+  peak = peak_tflops(s)
+  cases = native.benchmark_cases(nets, s, **what)
+  rows, skipped, extras = benchmark(cases, repeats=s.benchmark.repeats,
+                                    max_seconds=s.benchmark.max_seconds, progress=main, peak=peak)
+  train_rows = training_speed(s, peak, progress=main) if s.benchmark.train else []
+  skipped += [f'{methods.method_key("sliding_window", n)}: not on {jax.default_backend()} by '
+              f'default (set --config.benchmark.sliding_window=True)' for n in s.train.num_patches_list
+              if n not in what['sliding_window_nps'] and s.benchmark.sliding_window is None]
+  results = {
+      'device': description, 'backend': jax.default_backend(), 'geometry': s.spec.geometry(),
+      'resolution': s.spec.resolution, 'operating_point': point, 'weights': weights,
+      'repeats': s.benchmark.repeats, 'plan': what, 'skipped': skipped, 'rows': rows,
+      'statistic': 'median over the rounds', 'train_rows': train_rows, 'extras': extras,
+      'dtype': s.spec.dtype, 'peak_tflops': peak,
+  }
+  if predict_throughput is not None and main:
+    if time.perf_counter() - start < s.benchmark.max_seconds:
+      results['predict'] = predict_throughput()
+    else:
+      skipped.append(f'predict end to end (time budget of {s.benchmark.max_seconds:g} s spent)')
+  if main:
+    _report(results, s, workdir)
   return results
 
 
-def _seconds(fn, image: np.ndarray) -> float:
-  """Seconds of one call fn(image), its result dropped."""
-  t = time.perf_counter()
-  fn(image)
-  return time.perf_counter() - t
-
-
-def _threshold_saving(model, image: np.ndarray, pred) -> Optional[dict]:
-  """Two-stage again with a threshold at the median score of the tiles `pred` refined: about half
-  of them are refined; the stage-2 time and FLOPs before and after."""
-  chosen = pred.scores.reshape(-1)[pred.refined.reshape(-1)]
-  if len(chosen) < 2 * model.spec.chunk:
-    return None
-  threshold = float(np.median(chosen))
-  again = model.two_stage(image, threshold=threshold)
-  before, after = pred.stats['seconds']['stage2'], again.stats['seconds']['stage2']
-  return {'size': f'{image.shape[0]}x{image.shape[1]}', 'threshold': threshold,
-          'tiles': [pred.stats['refined'], again.stats['refined']],
-          'stage2_seconds': [before, after], 'stage2_cut': 1 - after / before,
-          'gflops': [pred.stats['gflops']['stage2'], again.stats['gflops']['stage2']]}
+def _report(results: dict, s: Settings, workdir: str) -> None:
+  """Prints the tables and writes benchmark.json and the plots (process 0)."""
+  rows, peak = results['rows'], results['peak_tflops']
+  print(report.format_table(rows, COLUMNS))
+  if results['train_rows']:
+    print(report.format_table(results['train_rows'], TRAIN_COLUMNS))
+  print(f'Utilisation: achieved FLOP/s / '
+        f'{"no peak (set benchmark.peak_tflops)" if peak is None else f"{peak:g} TFLOP/s"} '
+        f'({s.spec.dtype} on {jax.devices()[0].device_kind}).')
+  for e in results['extras']:
+    print(f'A threshold at the median score of the refined tiles ({e["threshold"]:.4f}) at '
+          f'{e["size"]}: {e["tiles"][0]} -> {e["tiles"][1]} tiles refined, stage 2 '
+          f'{e["stage2_seconds"][0]:.2f} -> {e["stage2_seconds"][1]:.2f} s '
+          f'({100 * e["stage2_cut"]:.0f} % less), {e["gflops"][0]:.2f} -> {e["gflops"][1]:.2f} '
+          f'GFLOPs.')
+  path = os.path.join(workdir, 'benchmark.json')
+  files.atomic_write_json(path, results)
+  results['files'] = [path, plot_with_dice(rows, s, workdir)]
+  if len({r['size'] for r in rows}) > 1:
+    results['files'].append(plots.plot_benchmark(rows, os.path.join(workdir, 'benchmark.png')))
+  print(speedup_summary(rows))
+  for line in results['skipped']:
+    print(f'Skipped {line}')
+  if 'predict' in results:
+    p = results['predict']
+    print(f'predict end to end ({p["num_images"]} files of {p["size"]}, outputs '
+          f'{"/".join(p["outputs"])}): {p["images_per_s"]:.1f} images/s, against '
+          f'{p["compiled_images_per_s"]:.1f} images/s for the segmenting call alone.')
+  print('Speed-up = baseline ms/image / method ms/image on the same input. Wrote '
+        + ', '.join(p for p in results['files'] if p))

@@ -1,14 +1,14 @@
-"""--mode=calibrate: sweep refine_count k and threshold per Np, and pick the operating point.
+"""--mode=calibrate: sweep the refinement budget and threshold, and pick the operating point.
 
-For each Np with a trained stage 2, every k of `calibrate.refine_counts` (default 1, 2, 4, ... up to
-Np * Np, and Np) and every threshold of `calibrate.thresholds` is measured: soft and hard Dice,
-GFLOPs per image (`flops.NetworkFlops.two_stage`: stage1 + k * stage2), latency per image
-(`benchmark.latency`: the median of benchmark.repeats blocked calls on one batch of
-config.eval.batch_size held-out images) and the refined fraction. (A threshold
-changes which of the k patches keep stage 2's result, not the compute: stage 2 runs on all k, so
-every threshold of one k has the same GFLOPs.) The Pareto front over (soft Dice higher, GFLOPs lower,
-latency lower) and the operating point of
-`calibrate.target` are written to <workdir>/calibration.{json,csv,png}:
+`native.segmenter(...).sweep` gives the points: at the square protocol every k of
+`calibrate.refine_counts` (default 1, 2, 4, ... up to Np * Np, and Np) at each trained Np; at native
+size every `calibrate.refine_fractions`; each with every threshold of `calibrate.thresholds`. Each is
+measured as evaluate measures (`measure`): soft and hard Dice, the refined fraction, GFLOPs per image
+(the paper's stage1 + k * stage2 at the square protocol, what ran at native size) and the latency,
+the median seconds per image after compiling. (At the square protocol a threshold changes which of
+the k patches keep stage 2's result, not the compute.) The Pareto front over (soft Dice higher,
+GFLOPs lower, latency lower) and the operating point of `calibrate.target` are written to
+<workdir>/calibration.{json,csv,png}:
   'dice_drop': the fewest GFLOPs with soft Dice >= baseline soft Dice - calibrate.max_dice_drop;
   'latency':   the best soft Dice with latency_ms <= calibrate.latency_budget_ms.
 
@@ -24,24 +24,19 @@ import os
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
-from iterseg import benchmark, checkpoints, evaluate, files, flops, methods, report
+from iterseg import checkpoints, evaluate, files, native, report
 from iterseg.errors import CheckpointError, DataError
-from iterseg.models import Networks
 from iterseg.plans import CalibratePlan
 from iterseg.run import POINT_FIELDS, Run
 from iterseg.settings import Settings
 
 DICE_EPS = 1e-9  # Float slack of the 'dice_drop' rule (0.8 - 0.01 > 0.79 in binary floats).
-NATIVE_COLUMNS = (
-    ('tiles', 'refine_fraction', lambda v: f'{100 * v:g}%'), ('threshold', 'threshold', 's'),
-    ('soft Dice', 'soft_dice', '.4f'), ('hard Dice', 'hard_dice', '.4f'),
-    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'),
-    ('ms/image', 'latency_ms', '.1f'), ('front', 'front', 's'))
 COLUMNS = (
     ('Np', 'num_patches', 'd'), ('k', 'refine_count', 'd'),
-    ('threshold', 'threshold', 's'),
+    ('tiles', 'refine_fraction', lambda v: f'{100 * v:g}%'), ('threshold', 'threshold', 's'),
     ('soft Dice', 'soft_dice', '.4f'), ('hard Dice', 'hard_dice', '.4f'),
     ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'),
     ('ms/image', 'latency_ms', '.2f'), ('front', 'front', 's'))
@@ -58,22 +53,16 @@ def seen_in_training(s: Settings, workdir: str) -> bool:
               and trained.seed == s.seed and trained.data == s.data)
 
 
-def refine_counts(num_patches: int, configured: Optional[Sequence[int]] = None) -> list:
-  """The k swept at Np: `configured` up to Np * Np, or 1, 2, 4, ... up to Np * Np and Np itself."""
-  cells = num_patches * num_patches
-  if configured is not None:
-    return sorted({int(k) for k in configured if 1 <= k <= cells})
-  return sorted({2 ** i for i in range(cells.bit_length()) if 2 ** i <= cells} | {num_patches})
+refine_counts = native.refine_counts
 
 
-def measure(method: methods.Method, batches: Sequence[dict], num_classes: int,
-            repeats: int) -> dict:
-  """{'soft_dice', 'hard_dice', 'refined_fraction'} of `method` as evaluate measures them on the
-  batches, and 'latency_ms' per image as the benchmark times it on the first batch."""
-  e = evaluate.evaluate([method], batches, num_classes, progress=False)['methods'][method.key]
-  latency = benchmark.latency(method, batches[0]['image'], repeats)
-  return {**{k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction')},
-          'latency_ms': latency * 1e3}
+def measure(segmenter, examples: Sequence[dict]) -> dict:
+  """{'soft_dice', 'hard_dice', 'refined_fraction', 'gflops'} of the one method of `segmenter`,
+  means over the images as evaluate measures them, and 'latency_ms': the median over the images
+  of the seconds per image, every call compiled before it is timed."""
+  e = evaluate.evaluate(segmenter, examples, progress=False)['methods'][segmenter.keys[0]]
+  return {**{k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction', 'gflops')},
+          'latency_ms': float(np.median(e['per_image']['seconds'])) * 1e3}
 
 
 def dominates(a: dict, b: dict) -> bool:
@@ -124,9 +113,7 @@ def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
   ax.plot([p['gflops'] for p in line], [p['soft_dice'] for p in line], 'o-', color='tab:blue',
           markersize=4, label='Pareto front (Dice, GFLOPs, latency)')
   for p in line:
-    label = (f'{100 * p["refine_fraction"]:g}%' if p['refine_fraction'] else
-             f'{p["num_patches"]}/{p["refine_count"]}')
-    ax.annotate(label, (p['gflops'], p['soft_dice']),
+    ax.annotate(f'{100 * p["refined_fraction"]:.3g}%', (p['gflops'], p['soft_dice']),
                 textcoords='offset points', xytext=(3, 3), fontsize=6)
   if baseline is not None:
     ax.axhline(baseline['soft_dice'], color='tab:red', label='baseline (BL)')
@@ -139,8 +126,7 @@ def plot(points: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
   ax.xaxis.set_minor_locator(ticker.NullLocator())
   ax.set_xlabel('GFLOPs per image (log scale)')
   ax.set_ylabel('mean soft Dice per image (held-out train)')
-  ax.set_title('Calibration: labels ' + ('share of tiles refined' if points and
-                                          points[0]['refine_fraction'] else 'Np/k'), fontsize=9)
+  ax.set_title('Calibration: labels are the share of the pixels refined', fontsize=9)
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -171,7 +157,6 @@ def run(s: Settings, workdir: str) -> dict:
   'num_images', ...}) and 'files', the paths written (process 0).
   """
   from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
-  from iterseg.data import pipeline  # pylint: disable=g-import-not-at-top
   main = jax.process_index() == 0
   if main:
     files.check_writable(workdir)
@@ -190,68 +175,24 @@ def run(s: Settings, workdir: str) -> dict:
   indices = data.holdout_indices(len(source), plan.holdout, s.seed)
   if not len(indices):
     raise DataError(f'no training images to calibrate on: the train split of {s.data.name} is '
-                     f'empty; check config.data.')
-  if s.spec.resolution == 'native':
-    return _finish(s, workdir, plan, *_native_sweep(s, nets, [source[int(i)] for i in indices],
-                                                    main), len(indices), NATIVE_COLUMNS, main)
-  batch_size = min(s.eval.batch_size, len(indices))
-  batches = list(pipeline.eval_batches([source[int(i)] for i in indices], batch_size))
-  classes = s.spec.num_classes
-  sweep = [(n, k, t) for n in nps for k in refine_counts(n, plan.refine_counts)
-           for t in plan.thresholds]
+                    f'empty; check config.data.')
+  held = [source[int(i)] for i in indices]
+  segmenter = native.segmenter(nets, s, batch_size=min(s.eval.batch_size, len(indices)))
+  sweep = segmenter.sweep(plan)
   if not sweep:
-    raise CheckpointError(f'config.calibrate.refine_counts={plan.refine_counts} has no count <= Np*Np '
-                     f'for the trained Np {nps}: nothing to sweep.')
-  counts = flops.network_flops(s, nps)  # Without compiling every two-stage.
-  repeats = s.benchmark.repeats
-
+    raise CheckpointError(f'config.calibrate.refine_counts={plan.refine_counts} has no count <= '
+                          f'Np*Np for the trained Np {nps}: nothing to sweep.')
   baseline = None
   if nets.baseline is not None:
-    e = measure(methods.methods(Networks(baseline=nets.baseline), s)[0], batches, classes, repeats)
-    baseline = {'soft_dice': e['soft_dice'], 'gflops': counts.baseline / 1e9,
-                'latency_ms': e['latency_ms']}
-  points = []
-  for n, k, t in tqdm(sweep, desc='calibrate', unit='point', disable=not main):
-    spec = s.at_operating_point({'num_patches': n, 'refine_count': k, 'threshold': t}).spec
-    e = measure(methods.two_stage(nets, spec), batches, classes, repeats)
-    points.append({'num_patches': n, 'refine_count': k, 'refine_fraction': None, 'threshold': t, **e,
-                   'gflops': counts.two_stage(spec) / 1e9})
-  return _finish(s, workdir, plan, baseline, points, len(indices), COLUMNS, main,
-                 f'latency timed at batch {batch_size}')
-
-
-def _native_sweep(s: Settings, nets, images: Sequence[dict], main: bool) -> tuple:
-  """(baseline, points) at resolution='native': every refine_fraction x threshold on the held-out
-  images at their own sizes; GFLOPs are what ran, latency the mean seconds per image (after every
-  size bucket is compiled)."""
-  from iterseg import native  # pylint: disable=g-import-not-at-top
-  model = native.NativeModel(nets, s.spec)
-  for example in images:  # Every bucket compiles here, not in the timed calls.
-    model.warm(*example['mask'].shape)
-  baseline = None
-  if nets.baseline is not None:
-    e = evaluate.evaluate_native(native.NativeModel(Networks(baseline=nets.baseline),
-                                                    s.spec), images, s.spec.num_classes,
-                                 progress=False)['methods']['baseline']
-    baseline = {'soft_dice': e['soft_dice'], 'gflops': e['gflops'],
-                'latency_ms': e['seconds'] * 1e3}
-  key = methods.method_key('two_stage', s.spec.num_patches)
-  only = native.NativeModel(nets.at(s.spec.num_patches), s.spec)
-  only.stage1, only.stage2, only.band = model.stage1, model.stage2, model.band  # Compiled once.
-  points = []
-  sweep = [(f, t) for f in s.calibrate.refine_fractions for t in s.calibrate.thresholds]
-  for fraction, threshold in tqdm(sweep, desc='calibrate', unit='point', disable=not main):
-    e = evaluate.evaluate_native(only, images, s.spec.num_classes, refine_fraction=fraction,
-                                 threshold=threshold, progress=False)['methods'][key]
-    points.append({'num_patches': s.spec.num_patches, 'refine_count': None,
-                   'refine_fraction': fraction, 'threshold': threshold,
-                   **{k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction', 'gflops')},
-                   'latency_ms': e['seconds'] * 1e3})
-  return baseline, points
+    e = measure(segmenter.only('baseline'), held)
+    baseline = {k: e[k] for k in ('soft_dice', 'gflops', 'latency_ms')}
+  points = [{**point, **measure(segmenter.at(point), held)}
+            for point in tqdm(sweep, desc='calibrate', unit='point', disable=not main)]
+  return _finish(s, workdir, plan, baseline, points, len(indices), main)
 
 
 def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, num_images: int,
-            columns, main: bool, timing: str = 'latency: seconds per image') -> dict:
+            main: bool) -> dict:
   """The front, the operating point, calibration.{json,csv,png} and the printout."""
   front = pareto_front(points)
   chosen = choose(points, None if baseline is None else baseline['soft_dice'], plan)
@@ -276,11 +217,12 @@ def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, nu
     seen = ('seen in training: the Dice ranks the points' if result['holdout']['seen_in_training']
             else 'not seen in training')
     print(f'Calibration on {num_images} held-out images of the train split of {s.data.name} '
-          f'({seen}; {timing} on {jax.default_backend()}). *: on the Pareto front.')
+          f'({seen}; latency: the median seconds per image on {jax.default_backend()}). *: on the '
+          f'Pareto front.')
     if baseline is not None:
       print(f'Baseline: soft Dice {baseline["soft_dice"]:.4f}, {baseline["gflops"]:.4g} GFLOPs, '
             f'{baseline["latency_ms"]:.2f} ms/image.')
-    print(report.format_table(rows, columns))
+    print(report.format_table(rows, COLUMNS))
     print(_describe(chosen, baseline, plan))
     print('Wrote ' + ', '.join(paths))
   return result

@@ -24,27 +24,25 @@ from iterseg.run import Run
 from iterseg.settings import Settings
 
 
-class _QuietFailedReads(std_logging.Filter):
-  """Drops the log records that orbax's worker threads and asyncio write when a read or write of a
-  checkpoint fails, tracebacks included: the same error reaches the caller, who turns it into one
-  CheckpointError or TrainingError line. Only at the default verbosity (--verbosity=1 shows all)."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if logging.get_verbosity() >= logging.INFO:
-      return True
-    message = str(record.msg)
-    orbax_thread = (record.pathname.endswith(os.path.join('futures', 'future.py')) and
-                    'raised an exception' in message)
-    unretrieved = record.name == 'asyncio' and 'exception was never retrieved' in message
-    return not (orbax_thread or unretrieved)
+def _quiet_failed_reads(record: std_logging.LogRecord) -> bool:
+  """Drops what orbax's worker threads and asyncio log (tracebacks too) when a checkpoint read or
+  write fails: the same error reaches the caller, as one CheckpointError or TrainingError line.
+  Only at the default verbosity (--verbosity=1 shows all)."""
+  if logging.get_verbosity() >= logging.INFO:
+    return True
+  message = str(record.msg)
+  orbax_thread = (record.pathname.endswith(os.path.join('futures', 'future.py')) and
+                  'raised an exception' in message)
+  unretrieved = record.name == 'asyncio' and 'exception was never retrieved' in message
+  return not (orbax_thread or unretrieved)
 
 
 for _name in ('absl', 'asyncio'):
-  std_logging.getLogger(_name).addFilter(_QuietFailedReads())
+  std_logging.getLogger(_name).addFilter(_quiet_failed_reads)
 
 
 def manager(workdir: str, name: str, keep: int) -> ocp.CheckpointManager:
-  """The network's manager; it deletes what a killed run left half-written (`<step>.orbax-*-tmp`)."""
+  """The network's manager; it deletes what a killed run left half-written (<step>.orbax-*-tmp)."""
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
       cleanup_tmp_directories=True)
@@ -52,11 +50,9 @@ def manager(workdir: str, name: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save_args(train_state):
-  """Orbax's arguments to save `train_state`, whose arrays are replicated on the local devices.
-
-  With several processes, orbax saves global arrays only: each process's replicated copy is then
-  wrapped (not copied) as one array over all devices, which orbax writes once.
-  """
+  """Orbax's arguments to save `train_state`, replicated on the local devices. With several
+  processes (orbax saves global arrays only) each process's copy is wrapped, not copied, as one
+  array over all devices, which orbax writes once."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     devices = [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
@@ -69,19 +65,20 @@ def save_args(train_state):
 def check_latest(workdir: str, name: str, template) -> None:
   """CheckpointError, reading only metadata and writing nothing, if the latest complete checkpoint
   of network `name` cannot be restored into `template` (another config, or unreadable metadata)."""
-  path = Run(workdir).network_dir(name)
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-  if steps:
-    _check_shapes(os.path.join(path, str(max(steps))), template, name)
+  run = Run(workdir)
+  if run.has_step(name):
+    _check_shapes(os.path.join(run.network_dir(name), str(max(run.steps(name)))), template, name)
 
 
 def _check_shapes(path: str, template, name: str):
+  """(label, restore target) for `path`; CheckpointError if unreadable or of another config."""
   label = f'{name or "the"} checkpoint {path}'
   abstract = jax.tree.map(_on_this_host, template)
   try:
-    stored = _stored_shapes(path)
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / 'default')
   except Exception as e:  # Orbax raises many types; all mean the same to a user.
     raise CheckpointError(_damaged(label, e)) from e
+  stored = {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata)}
   wanted = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
   if stored != wanted:
     differ = sorted((k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k)),
@@ -94,12 +91,9 @@ def _check_shapes(path: str, template, name: str):
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template, name: str = ''):
-  """`template` restored from the latest complete checkpoint of `mngr`, or `template` if none.
-
-  A checkpoint whose arrays differ from the template in name or shape (another config) is a
-  CheckpointError found from the checkpoint's metadata, before any array is read; so is one that
-  cannot be read (damaged, e.g. truncated by a copy).
-  """
+  """`template` restored from the latest complete checkpoint of `mngr`, or `template` if none. One
+  of another config (arrays differ in name or shape) is a CheckpointError found from its metadata
+  before any array is read; so is one that cannot be read (damaged, e.g. truncated)."""
   step = mngr.latest_step()
   if step is None:
     return template
@@ -110,12 +104,6 @@ def restore_latest(mngr: ocp.CheckpointManager, template, name: str = ''):
     raise CheckpointError(_damaged(label, e)) from e
 
 
-def _stored_shapes(path: str) -> dict:
-  """{array name: shape} from a checkpoint's metadata, e.g. {'params.down0.kernel': (3, 3, 3, 4)}."""
-  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / 'default')
-  return {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata)}
-
-
 def _leaf_name(path) -> str:
   """A key path as orbax names the array: 'params.down0.kernel', 'opt_state.0.count'."""
   return '.'.join(str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k)))) for k in path)
@@ -123,16 +111,13 @@ def _leaf_name(path) -> str:
 
 def _damaged(label: str, error: Exception) -> str:
   return (f'{label} is damaged or incomplete ({type(error).__name__}: '
-          f'{" ".join(str(error).split())[:200]}). Delete that folder to resume from the checkpoint '
-          f'before it, or use another --workdir.')
+          f'{" ".join(str(error).split())[:200]}). Delete that folder to resume from the '
+          f'checkpoint before it, or use another --workdir.')
 
 
 def _on_this_host(x) -> jax.ShapeDtypeStruct:
-  """The restore target of one leaf: its own sharding, else this process's first device.
-
-  Never the sharding stored in the checkpoint, which names the devices of the run that wrote it
-  (another host count or device count could not restore it).
-  """
+  """The restore target of one leaf: its own sharding, else this process's first device; never
+  the stored sharding, which names the devices of the run that wrote it."""
   sharding = getattr(x, 'sharding', None)
   if not isinstance(sharding, jax.sharding.Sharding):
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -148,28 +133,21 @@ def load_network(workdir: str, name: str, s: Settings):
   network, n = models.parse(name)
   spec = s.spec_for(n) if n else s.spec
   template = jax.eval_shape(lambda: state.create_train_state(s.train, spec, network))
-  mngr = ocp.CheckpointManager(path)
-  try:
+  with ocp.CheckpointManager(path) as mngr:
     return restore_latest(mngr, template, name).params
-  finally:
-    mngr.close()
 
 
 def load_networks(workdir: str, current: Optional[Settings] = None, *,
                   num_patches=None, strict: bool = False) -> Networks:
-  """Every network trained in `workdir` (or stage 2 only at `num_patches`), as Networks.
-
-  `current` (the settings of the command) must agree with the saved config on the geometry.
-  A network whose training did not finish is a warning, or a CheckpointError when `strict`.
-  """
+  """Every network trained in `workdir` (or stage 2 only at `num_patches`), as Networks. `current`
+  (the command's settings) must agree with the saved config on the geometry. A network whose
+  training did not finish is a warning, or a CheckpointError when `strict`."""
   run = Run(workdir)
   saved = run.settings()
   if current is not None:
     run.check_geometry(current, saved)
   names = run.trained_networks()
-  nps = run.trained_num_patches()
-  if num_patches is not None:
-    nps = [n for n in nps if n in set(num_patches)]
+  nps = [n for n in run.trained_num_patches() if num_patches is None or n in num_patches]
   stage2 = [models.name('stage2', n) for n in nps]
   if stage2 and 'stage1' not in names:
     raise CheckpointError(
@@ -189,14 +167,11 @@ def load_networks(workdir: str, current: Optional[Settings] = None, *,
 
 
 def load(workdir: str, num_patches: Optional[int] = None, *, partial: bool = False):
-  """(Networks, config) of a trained workdir, for `iterseg.infer`.
-
-  Stage 2 at `num_patches` (default: the calibrated operating point of --mode=calibrate when the
-  workdir has one, which also sets refine_count and threshold; else config.num_patches if trained,
-  else the largest trained Np); config.num_patches is set to it. A workdir without stage 2 is an
-  error (it cannot run the two-stage method), and so is a network whose training did not finish
-  unless partial=True.
-  """
+  """(Networks, config) of a trained workdir, for `iterseg.infer`: stage 2 at `num_patches`
+  (default: --mode=calibrate's operating point where there is one, which also sets refine_count
+  and threshold; else config.num_patches if trained, else the largest trained Np), and
+  config.num_patches set to it. A workdir without stage 2 is an error, and so is a network whose
+  training did not finish unless partial=True."""
   run = Run(workdir)
   s = run.with_statistics(run.inference_settings(num_patches=num_patches))
   nets = load_networks(workdir, num_patches=[s.spec.num_patches], strict=not partial)

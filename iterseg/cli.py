@@ -1,10 +1,10 @@
-"""The modes of launch.py, each a library function of (Settings, workdir).
-
-The config is read and checked here, once (`settings.from_config`), before anything is written;
-train, evaluate, benchmark, calibrate and ablate hold the workdir's lock while they run; preparing a
-dataset (--mode=prepare, or its first use) holds the dataset's (data.prepare). Imports nothing heavy
-at import time, so that launch.py's --help stays quick.
+"""The modes of launch.py, each a library function of (Settings, workdir). The config is checked
+here, once (`settings.from_config`), before anything is written; the modes that write into the
+workdir hold its lock, and preparing a dataset (--mode=prepare, or its first use) the dataset's
+(data.prepare). Imports nothing heavy at import time, so that launch.py's --help stays quick.
 """
+
+import importlib
 
 from iterseg import errors, files, lock, settings
 from iterseg.settings import MODES
@@ -46,23 +46,14 @@ def run(mode: str, config, workdir: str, *, hooks=()):
 
 def _locked(mode: str, s, workdir: str, hooks):
   """The modes that write into the workdir, run while holding its lock."""
-  import jax  # pylint: disable=g-import-not-at-top
   if mode == 'train':
     from iterseg import evaluate, train  # pylint: disable=g-import-not-at-top
     return evaluate.run(train.train(s, workdir, extra_hooks=hooks), workdir)
-  if mode == 'evaluate':
-    from iterseg import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate.run(s, workdir)
   if mode == 'benchmark':
+    import jax  # pylint: disable=g-import-not-at-top
     from iterseg import benchmark, predict  # pylint: disable=g-import-not-at-top
     images = 16 if jax.default_backend() == 'cpu' else 64
     return benchmark.run(s, workdir,
                          predict_throughput=lambda: predict.throughput(s, num_images=images))
-  if mode == 'ablate':
-    from iterseg import ablation  # pylint: disable=g-import-not-at-top
-    return ablation.run(s, workdir)
-  if mode == 'export':
-    from iterseg import export  # pylint: disable=g-import-not-at-top
-    return export.run(s, workdir)
-  from iterseg import calibrate  # pylint: disable=g-import-not-at-top
-  return calibrate.run(s, workdir)
+  module = 'ablation' if mode == 'ablate' else mode  # evaluate, export, calibrate: just their run.
+  return importlib.import_module(f'iterseg.{module}').run(s, workdir)

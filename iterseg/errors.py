@@ -1,7 +1,6 @@
 """The errors a user can act on: each message is one line that names the thing and what to do.
-
-`launch.py` shows an `Error` as one `iterseg: error: ...` line and exits 1; anything else is a bug and
-keeps its traceback. Library callers catch `iterseg.errors.Error` (or a subclass) the same way.
+`launch.py` shows an `Error` as one `iterseg: error: ...` line and exits 1; anything else is a bug
+and keeps its traceback. Library callers catch `iterseg.errors.Error` (or a subclass) the same way.
 """
 
 

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iterseg import checkpoints, files, inference
-from iterseg.errors import SettingsError
+from iterseg import checkpoints, files, native
 from iterseg.models import Networks
 from iterseg.run import Run
 from iterseg.settings import Settings
@@ -40,14 +39,12 @@ ARTIFACT, PARAMS, DESCRIPTION = 'two_stage.jax', 'params.npz', 'model.json'
 def export(nets: Networks, s: Settings, folder: str) -> dict:
   """Writes the artifact of two-stage inference at s.spec with `nets`'s stage 1 and stage 2 into
   `folder` (see the module docstring); returns model.json's content and 'files'."""
-  if s.spec.resolution == 'native':
-    raise SettingsError("config.resolution='native' cannot be exported: its inference loops over "
-                        'the tiles of each image on the host. Export a square config.')
   spec, batch = s.spec, s.export.batch_size
+  two_stage = native.one_call(s)  # The compiled function of the square protocol.
   leaves, tree = jax.tree.flatten(nets.at(spec.num_patches))
 
   def serve(flat, images):
-    pred = inference.two_stage(jax.tree.unflatten(tree, flat), images, spec)
+    pred = two_stage(jax.tree.unflatten(tree, flat), images, spec)
     return pred.probs, pred.scores, pred.refined
 
   images = jax.ShapeDtypeStruct((batch, spec.hi_size, spec.hi_size, 3), jnp.uint8)

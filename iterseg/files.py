@@ -1,23 +1,21 @@
 """Files a run writes: atomic writes, and checks that a folder can be written before any work.
+Imports only `errors` from iterseg and not jax, so any module can use it."""
 
-Imports only `errors` from iterseg and not jax, so any module can use it.
-"""
-
+import contextlib
 import errno
 import json
 import os
+import pathlib
 from typing import Callable, IO, Optional
 
 from iterseg.errors import WriteError
 
 
 def atomic_write(path, write: Callable[[IO], None], mode: str = 'w', *, fsync: bool = False):
-  """Calls `write(f)` on a temporary file next to `path`, then renames it onto `path`.
-
-  Readers see the old file or the new one, never a partial one. On any error the temporary file is
-  removed, `path` is left as it was, and the error is re-raised. Text mode uses UTF-8 and
-  newline='' (what the csv module needs; '\\n' is written as is).
-  """
+  """Calls `write(f)` on a temporary file next to `path`, then renames it onto `path`: readers see
+  the old file or the new one, never a partial one. On any error the temporary file is removed,
+  `path` is left as it was, and the error is re-raised. Text mode is UTF-8 with newline='' (what
+  the csv module needs: '\\n' is written as is)."""
   if mode not in ('w', 'wb'):
     raise ValueError(f"atomic_write: mode must be 'w' or 'wb', not {mode!r}")
   path = os.fspath(path)
@@ -32,13 +30,16 @@ def atomic_write(path, write: Callable[[IO], None], mode: str = 'w', *, fsync: b
         os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    try:
+    with contextlib.suppress(OSError):
       os.unlink(tmp)
-    except OSError:
-      pass
     raise
-  if fsync:
-    _fsync_folder(folder)
+  if fsync:  # Makes the rename durable; best effort (not every file system allows it).
+    with contextlib.suppress(OSError):
+      fd = os.open(folder or '.', os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str, *, fsync: bool = False):
@@ -48,36 +49,16 @@ def atomic_write_text(path, text: str, *, fsync: bool = False):
 
 def atomic_write_json(path, obj, indent: Optional[int] = 1, *, fsync: bool = False):
   """Writes `obj` as JSON (and a final newline) to `path` atomically."""
-  def write(f):
-    json.dump(obj, f, indent=indent)
-    f.write('\n')
-  atomic_write(path, write, 'w', fsync=fsync)
+  atomic_write_text(path, json.dumps(obj, indent=indent) + '\n', fsync=fsync)
 
 
-def _fsync_folder(folder: str):
-  """Makes a rename in `folder` durable; best effort (not every file system allows it)."""
-  try:
-    fd = os.open(folder or '.', os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-_CAUSES = {
-    errno.ENOSPC: 'disk full',
-    errno.EDQUOT: 'disk quota exceeded',
-    errno.EROFS: 'read-only file system',
-    errno.EACCES: 'permission denied',
-    errno.EPERM: 'permission denied',
-    errno.ENOTDIR: 'part of the path is a file, not a folder',
-    errno.EEXIST: 'it exists and is not a folder',
-    errno.ENOENT: 'no such file or folder',
-}
+_CAUSES = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded',
+           errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
+           errno.EPERM: 'permission denied', errno.ENOENT: 'no such file or folder',
+           errno.ENOTDIR: 'part of the path is a file, not a folder',
+           errno.EEXIST: 'it exists and is not a folder'}
+_FIXES = {errno.ENOSPC: 'Free some space', errno.EDQUOT: 'Free some space',
+          errno.EACCES: 'Fix its permissions', errno.EPERM: 'Fix its permissions'}
 
 
 def describe_os_error(e: OSError) -> str:
@@ -88,20 +69,9 @@ def describe_os_error(e: OSError) -> str:
   return cause[:1].lower() + cause[1:]
 
 
-def _hint(e: OSError) -> str:
-  if e.errno in (errno.ENOSPC, errno.EDQUOT):
-    return 'Free some space or choose another --workdir.'
-  if e.errno in (errno.EACCES, errno.EPERM):
-    return 'Fix its permissions or choose another --workdir.'
-  return 'Choose another --workdir.'
-
-
 def check_writable(folder) -> None:
-  """Creates `folder` (and its parents) if needed and writes and deletes a probe file in it.
-
-  Raises:
-    WriteError: one line naming `folder` and the cause, if any of this fails.
-  """
+  """Creates `folder` (and its parents) if needed and writes and deletes a probe file in it;
+  WriteError, one line naming `folder` and the cause, if any of this fails."""
   folder = os.fspath(folder)
   probe = os.path.join(folder, f'.iterseg-write-check.{os.getpid()}.tmp')
   try:
@@ -117,25 +87,21 @@ def check_writable(folder) -> None:
       os.unlink(probe)
   except OSError as e:
     code = f' (errno {e.errno})' if e.errno else ''
-    raise WriteError(f'cannot write to {folder}: {describe_os_error(e)}{code}. {_hint(e)}') from e
+    fix = f'{_FIXES[e.errno]} or choose' if e.errno in _FIXES else 'Choose'
+    raise WriteError(f'cannot write to {folder}: {describe_os_error(e)}{code}. '
+                     f'{fix} another --workdir.') from e
+
+
+def _read_bytes(path: str) -> Optional[bytes]:
+  return pathlib.Path(path).read_bytes() if os.path.exists(path) else None
 
 
 class Undo:
-  """The files (and folders) a command is about to write, as they are now, to put back if the
-  command is refused after its first write: a refused command leaves them exactly as they were.
-
-    undo = Undo([config.json, ...], folders=[checkpoints/stage1, ...])
-    ...write...; on refusal: undo.restore()
-  """
+  """The files (and new folders) a command is about to write, as they are now: `restore()` puts
+  them back if the command is refused after its first write, so that it leaves them as they were."""
 
   def __init__(self, paths, folders=()):
-    self.saved = {}
-    for path in map(os.fspath, paths):
-      try:
-        with open(path, 'rb') as f:
-          self.saved[path] = f.read()
-      except FileNotFoundError:
-        self.saved[path] = None
+    self.saved = {path: _read_bytes(path) for path in map(os.fspath, paths)}
     self.folders = [os.fspath(f) for f in folders if not os.path.exists(f)]
 
   def restore(self) -> None:
@@ -143,18 +109,10 @@ class Undo:
     removed when empty."""
     for path, data in self.saved.items():
       if data is None:
-        if os.path.exists(path):
+        with contextlib.suppress(FileNotFoundError):
           os.unlink(path)
-        continue
-      try:
-        with open(path, 'rb') as f:
-          if f.read() == data:
-            continue
-      except FileNotFoundError:
-        pass
-      atomic_write(path, lambda f, d=data: f.write(d), 'wb')
+      elif _read_bytes(path) != data:
+        atomic_write(path, lambda f, d=data: f.write(d), 'wb')
     for folder in sorted(self.folders, key=len, reverse=True):
-      try:
+      with contextlib.suppress(OSError):  # Not empty (something good is there) or already gone.
         os.rmdir(folder)
-      except OSError:  # Not empty (something good is there) or already gone.
-        pass

@@ -1,9 +1,8 @@
-"""FLOPs from XLA's cost analysis, and the paper's FLOP accounting (Figure 4).
-
-The authors count FLOPs = stage1(hi/8) + k * stage2(hi/Np) against baseline(hi), per image, with
-k = Np refined patches: `NetworkFlops.two_stage` is that formula, written once. `report` gives those
-figures measured by XLA on the compiled networks, plus the compiled two-stage function as a whole
-(which also pays for resizing, scoring and patch copies).
+"""FLOPs from XLA's cost analysis, and the paper's FLOP accounting (Figure 4): the authors count
+stage1(hi/8) + k * stage2(hi/Np) against baseline(hi) per image, k = Np refined patches (written
+once, in `NetworkFlops.two_stage`). `report` gives these figures as XLA counts the compiled
+networks, and the whole compiled two-stage function (which also pays for resizing, scoring and
+patch copies).
 """
 
 import dataclasses
@@ -25,9 +24,8 @@ def compiled_flops(compiled) -> Optional[float]:
     analysis = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # Unsupported on some backends.
     return None
-  if not isinstance(analysis, dict) or 'flops' not in analysis:
-    return None
-  return float(analysis['flops'])
+  flops = analysis.get('flops') if isinstance(analysis, dict) else None
+  return None if flops is None else float(flops)
 
 
 def xla_flops(fn, *args) -> float:
@@ -40,16 +38,11 @@ def xla_flops(fn, *args) -> float:
 
 def analytic_unet_flops(size: int, in_channels: int, width: int, depth: int,
                         num_classes: int = 1) -> float:
-  """2 x the multiply-adds of the U-Net's convolutions on one size x size input.
-
-  Each level halves the side, rounding up (odd sides are padded by one row and column, as the model
-  does). A 3x3 stride-2 transposed convolution costs 9 * C_in * C_out multiply-adds per *input* pixel.
-  """
-  sides = [size]
-  for _ in range(depth):
-    sides.append(-(-sides[-1] // 2))
-  macs = 0
-  c_in = in_channels
+  """2 x the multiply-adds of the U-Net's convolutions on one size x size input: each level halves
+  the side, rounding up (odd sides are padded, as the model does); a 3x3 stride-2 transposed
+  convolution costs 9 * C_in * C_out multiply-adds per *input* pixel."""
+  sides = [-(-size // 2 ** i) for i in range(depth + 1)]
+  macs, c_in = 0, in_channels
   for i in range(depth):  # Encoder: output side sides[i + 1].
     c_out = width * 2 ** i
     macs += sides[i + 1] ** 2 * 9 * c_in * c_out
@@ -64,9 +57,8 @@ def analytic_unet_flops(size: int, in_channels: int, width: int, depth: int,
 
 @functools.lru_cache(maxsize=256)
 def unet_flops(spec: Spec, size: int, network: str) -> float:
-  """XLA's FLOPs of the U-Net `network` ('stage1', 'stage2', 'baseline') on one size x size input,
-  stage 2's decoder computing only the centre inside spec.halo (compiled once per process: they
-  depend on the geometry only)."""
+  """XLA's FLOPs of the U-Net `network` on one size x size input, stage 2's decoder computing only
+  the centre inside spec.halo (compiled once per process: they depend on the geometry only)."""
   params = jax.eval_shape(models.init_unet, jax.random.key(0), spec, network)
   x = jax.ShapeDtypeStruct((1, size, size, spec.in_channels(network)), jnp.float32)
   crop = spec.halo if network == 'stage2' else 0
@@ -95,18 +87,14 @@ def network_flops(s: Settings, num_patches_list) -> NetworkFlops:
 
 
 def report(s: Settings, num_patches_list) -> dict:
-  """FLOPs per image (batch 1), measured by XLA, for each method (they do not depend on weights).
-
-  Returns {'baseline': f, 'stage1': f, 'stage2': {Np: f per patch}, 'two_stage': {Np: stage1 + k *
-  stage2 (the authors' accounting)}, 'two_stage_compiled': {Np: the whole compiled function}}.
-  """
+  """FLOPs per image (batch 1), measured by XLA, for each method (they do not depend on weights):
+  {'baseline': f, 'stage1': f, 'stage2': {Np: f per patch}, 'two_stage': {Np: stage1 + k * stage2
+  (the authors' accounting)}, 'two_stage_compiled': {Np: the whole compiled function}}."""
   counts = network_flops(s, num_patches_list)
-  out = {'baseline': counts.baseline, 'stage1': counts.stage1, 'stage2': dict(counts.stage2),
-         'two_stage': {}, 'two_stage_compiled': {}}
-  for n in num_patches_list:
-    out['two_stage'][n] = counts.two_stage(s.spec_for(n))
-    out['two_stage_compiled'][n] = two_stage_compiled_flops(s.spec_for(n))
-  return out
+  return {'baseline': counts.baseline, 'stage1': counts.stage1, 'stage2': dict(counts.stage2),
+          'two_stage': {n: counts.two_stage(s.spec_for(n)) for n in num_patches_list},
+          'two_stage_compiled': {n: two_stage_compiled_flops(s.spec_for(n))
+                                 for n in num_patches_list}}
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,11 +1,11 @@
-"""What the training loop does around each step: hooks (checkpoints, the NaN check, metrics lines
-and the progress bar, a profiler trace) and the signals that stop it cleanly.
+"""What the training loop does around each step, and the signals that stop it cleanly.
 
-A hook is a callable of `Step`, run after every step in the order given (flax's examples call
-these periodic actions). `train.train_network` installs FiniteCheck, Checkpointer, MetricsWriter
-and, when asked, Profiler; a caller may add its own (tests/kill_during_training.py does).
+A hook (as flax's examples' periodic actions) is a callable of `Step`, run after each step in the
+order given: `train.train_network` installs FiniteCheck, Checkpointer, MetricsWriter and, when
+asked, Profiler; a caller may add its own (tests/kill_during_training.py does).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +31,10 @@ class Step:
   metrics: dict
   last: bool  # The final step of this network (or the step at which it was interrupted).
 
+  def due(self, every: int) -> bool:
+    """Whether a hook acting every `every` steps and at the last one acts now."""
+    return self.step % every == 0 or self.last
+
 
 Hook = Callable[[Step], None]
 
@@ -43,26 +47,20 @@ class Checkpointer:
     self.manager, self.every = manager, every
 
   def __call__(self, s: Step):
-    if s.step % self.every and not s.last:
+    if not s.due(self.every):
       return
-    self.save(s.step, s.state)
-
-  def save(self, step: int, train_state):
     try:
-      self.manager.save(step, args=checkpoints.save_args(train_state), force=True)
+      self.manager.save(s.step, args=checkpoints.save_args(s.state), force=True)
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except  # Orbax wraps the OSError differently.
-      raise TrainingError(_write_failure(self.manager, step, e)) from e
-
-
-def _write_failure(manager, step: int, error: BaseException) -> str:
-  cause = error
-  while cause is not None and not isinstance(cause, OSError):
-    cause = cause.__cause__ or cause.__context__
-  reason = files.describe_os_error(cause) if cause is not None else ' '.join(str(error).split())[:160]
-  return (f'cannot write the checkpoint of step {step} to {manager.directory} ({reason}); stopped. '
-          f'The last complete checkpoint there is kept: free space or fix the permissions, then '
-          f'rerun the same command to resume.')
+      cause = e
+      while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+      reason = files.describe_os_error(cause) if cause else ' '.join(str(e).split())[:160]
+      raise TrainingError(
+          f'cannot write the checkpoint of step {s.step} to {self.manager.directory} ({reason}); '
+          'stopped. The last complete checkpoint there is kept: free space or fix the permissions, '
+          'then rerun the same command to resume.') from e
 
 
 class MetricsWriter:
@@ -77,7 +75,7 @@ class MetricsWriter:
 
   def __call__(self, s: Step):
     self.first = s.step - 1 if self.first is None else self.first
-    if s.step % self.every and not s.last:
+    if not s.due(self.every):
       return
     m = {k: float(v) for k, v in jax.device_get(s.metrics).items()}
     rate = (s.step - self.first) * self.per_step / (time.perf_counter() - self.start)
@@ -90,12 +88,9 @@ class MetricsWriter:
 
 
 class FiniteCheck:
-  """Stops training at the first non-finite loss, the one place that checks it.
-
-  Each step's loss is fetched while the next step runs (one step behind: no extra wait), except at
-  the steps that are saved (every `save_every` and the last), which are checked at once: a
-  checkpoint never holds a state that a NaN produced.
-  """
+  """Stops training at the first non-finite loss, the one place that checks it. Each step's loss is
+  fetched while the next step runs (one step behind: no extra wait), except at the steps that are
+  saved (every `save_every` and the last), checked at once: no checkpoint holds a NaN's state."""
 
   def __init__(self, workdir: str, save_every: int):
     self.workdir, self.save_every, self.pending = workdir, save_every, None
@@ -103,11 +98,9 @@ class FiniteCheck:
   def __call__(self, s: Step):
     if self.pending is not None:
       self._check(s.name, *self.pending)
-      self.pending = None
-    if s.step % self.save_every == 0 or s.last:
+    self.pending = None if s.due(self.save_every) else (s.step, s.metrics)
+    if self.pending is None:
       self._check(s.name, s.step, s.metrics)
-    else:
-      self.pending = (s.step, s.metrics)
 
   def _check(self, name: str, step: int, metrics: dict):
     loss = float(jax.device_get(metrics['loss']))
@@ -122,7 +115,8 @@ class Profiler:
   """A jax.profiler trace of steps [first, last] into <workdir>/profile (TensorBoard/Perfetto)."""
 
   def __init__(self, workdir: str, first: int, last: int):
-    self.dir, self.first, self.last, self.active = os.path.join(workdir, 'profile'), first, last, False
+    self.dir, self.first, self.last = os.path.join(workdir, 'profile'), first, last
+    self.active = False
 
   def __call__(self, s: Step):
     if s.step == self.first and not self.active:
@@ -135,11 +129,8 @@ class Profiler:
 
 
 def trim_metrics(workdir: str, name: str, step: int):
-  """Drops the metric lines of `name` after `step` (process 0 only), and any line cut short.
-
-  A run killed after its last checkpoint logged steps that the resumed run repeats: without this,
-  metrics.jsonl would hold them twice.
-  """
+  """Drops the metric lines of `name` after `step` (process 0 only), and any line cut short: a run
+  killed after its last checkpoint logged steps that the resumed run logs again."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if jax.process_index() != 0 or not os.path.exists(path):
     return
@@ -157,35 +148,34 @@ def trim_metrics(workdir: str, name: str, step: int):
     files.atomic_write(path, lambda f: f.writelines(keep))
 
 
-# --- Interruptions ------------------------------------------------------------------------------------
+# --- Interruptions ---------------------------------------------------------------------------
 
 
 class StopSignals:
-  """While active, SIGINT and SIGTERM set a flag (the loop saves, then stops) instead of killing.
-
-  A second Ctrl-C while saving is ignored until the save is done. With `coordinated` (training)
-  under several processes, SIGTERM is left to JAX's preemption notifier (installed by
-  jax.distributed.initialize; a Python handler would replace it and the signal would be lost), and
-  Ctrl-C is passed on to it as a SIGTERM: every process then reaches orbax's preemption sync point
-  at the same step and saves it.
-  """
+  """While active, SIGINT and SIGTERM set `received` (the loop saves, then stops), not killing; a
+  second Ctrl-C while saving is ignored until the save is done. With `coordinated` (training) under
+  several processes, SIGTERM is left to JAX's preemption notifier (from jax.distributed.initialize;
+  a Python handler would replace it and lose the signal) and Ctrl-C is passed on to it as SIGTERM:
+  every process then reaches orbax's preemption sync point at the same step and saves it."""
 
   def __init__(self, coordinated: bool = False):
     self.received, self.previous = None, {}
     self.coordinated = coordinated and jax.process_count() > 1
 
   def __enter__(self):
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      if self.coordinated and sig == signal.SIGTERM:
-        continue
-      try:
+    signals = (signal.SIGINT,) if self.coordinated else (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+      with contextlib.suppress(ValueError):  # Not the main thread: leave signals alone.
         self.previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # Not the main thread: leave signals alone.
-        pass
     return self
 
-  def _handle(self, signum, frame):
-    del frame
+  def requested(self, manager, step: int) -> bool:
+    """Whether to stop after `step`: a signal came (several processes: orbax's preemption sync)."""
+    if jax.process_count() > 1:
+      return bool(manager.reached_preemption(step))
+    return self.received is not None
+
+  def _handle(self, signum, _):
     self.received = signal.Signals(signum).name
     if self.coordinated:  # Ctrl-C: a preemption notice, so that all processes stop together.
       os.kill(os.getpid(), signal.SIGTERM)

@@ -16,6 +16,7 @@ from typing import Optional
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax import lax
 from tqdm import tqdm
@@ -146,13 +147,16 @@ def stage2_logits(params, inputs, spec: Spec):
   return models.unet(spec, 'stage2', crop=spec.halo).apply({'params': params}, inputs)
 
 
-def paste(maps, patches, flat, spec: Spec):
-  """Writes patches [M, s, s, C] into maps [B, H, W, C] at the patches `flat`."""
-  image, rows, cols = patch_corners(flat, spec)
+def paste(maps, patches, corners, count=None):
+  """The one paste of both protocols: maps [B, H, W, C] with patches [M, s, s, C] written at
+  corners (image, row, col) [M] each (`patch_corners`; native: its tiles, into an image's output),
+  by lax.dynamic_update_slice; with `count` (may be traced), the first `count` patches only."""
+  image, rows, cols = corners
 
   def body(i, m):
-    return lax.dynamic_update_slice(m, patches[i][None], (image[i], rows[i], cols[i], 0))
-  return lax.fori_loop(0, patches.shape[0], body, maps)
+    return lax.dynamic_update_slice(m, patches[i][None].astype(m.dtype),
+                                    (image[i], rows[i], cols[i], 0))
+  return lax.fori_loop(0, patches.shape[0] if count is None else count, body, maps)
 
 
 def stage1(params, images, spec: Spec):
@@ -226,14 +230,28 @@ def downscale(maps, spec: Spec):
   """[B, H, W, ...] -> [B, stage1_size, stage1_size, ...]: what stage 1 sees (and learns from).
 
   The paper's square protocol resizes bilinearly (antialiased); resolution='native' takes the mean
-  of each spec.downscale x spec.downscale block, which inference can compute in bands of any image.
+  of each spec.downscale x spec.downscale block (`block_means`), which native inference computes in
+  bands of any image.
   """
   b, s = maps.shape[0], spec.stage1_size
   if spec.rescale == 'blocks':
-    f = spec.downscale
-    blocks = maps.reshape(b, s, f, s, f, *maps.shape[3:]).astype(jnp.float32)
-    return blocks.mean(axis=(2, 4))
+    return block_means(maps, spec.downscale)
   return jax.image.resize(maps.astype(jnp.float32), (b, s, s, *maps.shape[3:]), 'linear')
+
+
+def block_means(maps, factor: int, size=None):
+  """maps [B, h * f, w * f, ...] -> float32 [B, h, w, ...]: the mean of each f x f block; with
+  size = (rows, cols) (may be traced), of the pixels of maps[:, :rows, :cols] only, the rest being
+  padding (a block without any is 0)."""
+  b, height, width = maps.shape[:3]
+  blocks = maps.reshape(b, height // factor, factor, width // factor, factor, *maps.shape[3:])
+  sums = blocks.sum(axis=(2, 4), dtype=jnp.float32)
+  if size is None:
+    return sums / factor ** 2
+  rows = jnp.clip(size[0] - factor * jnp.arange(height // factor), 0, factor)
+  cols = jnp.clip(size[1] - factor * jnp.arange(width // factor), 0, factor)
+  count = (rows[:, None] * cols[None, :]).reshape(1, *sums.shape[1:3], *[1] * (sums.ndim - 3))
+  return sums / jnp.maximum(count, 1).astype(jnp.float32)
 
 
 def bilinear(low, factor: int, y0, x0, rows: int, cols: int):
@@ -313,7 +331,7 @@ def two_stage(params, images, spec: Spec) -> Prediction:
   chosen = jnp.zeros(b * spec.num_patches ** 2, bool).at[flat].set(kept)
   if spec.threshold is not None:  # Static shapes: stage 2 ran on all k; those not kept keep stage 1.
     fine = jnp.where(kept[:, None, None, None], fine, cut(coarse, flat, spec))
-  probs = paste(coarse, fine, flat, spec)
+  probs = paste(coarse, fine, patch_corners(flat, spec))
   return Prediction(probs=probs, coarse=coarse, scores=scores, refined=chosen.reshape(scores.shape))
 
 
@@ -338,29 +356,12 @@ def settings_of(config) -> Settings:
   if not hasattr(config, 'items'):
     raise settings.SettingsError(f'config must be an ml_collections.ConfigDict (e.g. '
                                  f'iterseg.get_config("ph2")), got {type(config).__name__}')
-  return _checked(_frozen(config))
-
-
-def _frozen(node):
-  """A hashable copy of a config's content."""
-  if hasattr(node, 'items'):
-    return tuple(sorted((k, _frozen(v)) for k, v in node.items()))
-  if isinstance(node, (list, tuple)):
-    return ('__seq__', tuple(_frozen(v) for v in node))
-  return node
-
-
-def _thawed(frozen):
-  if isinstance(frozen, tuple) and frozen and frozen[0] == '__seq__':
-    return tuple(_thawed(v) for v in frozen[1])
-  if isinstance(frozen, tuple):
-    return {k: _thawed(v) for k, v in frozen}
-  return frozen
+  return _checked(ml_collections.FrozenConfigDict(config))
 
 
 @functools.lru_cache(maxsize=64)
-def _checked(frozen) -> Settings:
-  return settings.from_config(_thawed(frozen))
+def _checked(frozen: ml_collections.FrozenConfigDict) -> Settings:
+  return settings.from_config(frozen.as_configdict())
 
 
 def init_params(config, rng) -> Networks:

@@ -3,11 +3,10 @@
   with lock.WorkdirLock(workdir): ...         # LockedError naming the holder if another run has it
   with lock.DataLock(folder, wait_s=60): ...  # waits for the holder (and says so), then LockedError
 
-`filelock` holds an flock on `<folder>/.iterseg.lock`; the kernel drops it when its holder dies, so
-a run killed with kill -9 leaves nothing that blocks. The holder says who it is (pid, host, since,
-command) in `.iterseg.lock.json` beside it, for the message of a run refused, and deletes it on
-release, the lock file too if the folder holds nothing else.
-Under multi-host, pass `enabled=(jax.process_index() == 0)`.
+`filelock` holds an flock on `<folder>/.iterseg.lock`, which the kernel drops when its holder dies
+(kill -9 leaves nothing that blocks). The holder writes who it is (pid, host, since, command) to
+`.iterseg.lock.json` beside it, for the message of a run refused, and deletes it on release (the
+lock file too where nothing else is). Under multi-host: `enabled=(jax.process_index() == 0)`.
 """
 
 import datetime

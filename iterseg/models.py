@@ -1,19 +1,13 @@
-"""The networks: the paper's U-Net (Sec. 4, "Model") as a pure Flax linen module, its random
-parameters, and `Networks`, the one layout of the parameters iterseg trains and loads.
+"""The networks: the paper's U-Net (Sec. 4, "Model") as a Flax linen module, its random parameters,
+and `Networks`, the one layout of the parameters iterseg trains and loads.
 
-Encoder: `depth` 3x3 stride-2 convolutions + ReLU with `width * 2**i` channels.
-Decoder: `depth` 3x3 stride-2 transposed convolutions + ReLU halving the channels, each output
-concatenated with the encoder feature of the same resolution (the input itself at full resolution).
-Head: a 1x1 convolution to `num_classes` logits. No normalisation, as the authors.
-
-Any input size works, at the cost of its own pixels: each stride-2 convolution pads its input's
-bottom/right to an even side (so an output pixel always covers the same input pixels), and each
-upsampled map is cropped to its skip's size. On sides that are multiples of 2**depth nothing is
-padded or cropped; a 40-px stage-2 input (a 32-px patch with a 4-px halo) costs 40^2, not the 64^2 of
-padding it to the next multiple of 32.
-
-Networks are named 'stage1', 'baseline' and 'stage2_np<Np>' (one stage 2 per grid size Np) in
-checkpoints, metrics and reports: `name` and `parse` are the one pair that builds and reads those names.
+Encoder: `depth` 3x3 stride-2 convolutions + ReLU with `width * 2**i` channels. Decoder: `depth` 3x3
+stride-2 transposed convolutions + ReLU halving the channels, each output concatenated with the
+encoder feature of its resolution (the input itself at full resolution). Head: a 1x1 convolution to
+`num_classes` logits. No normalisation, as the authors. Any input size works, at the cost of its own
+pixels: stride-2 convolutions pad odd sides at the bottom/right (an output pixel always covers the
+same input pixels) and upsampled maps are cropped to their skip's size, so a 40-px stage-2 input (a
+32-px patch, a 4-px halo) costs 40^2, not the 64^2 of padding it to a multiple of 32.
 """
 
 import dataclasses
@@ -32,13 +26,9 @@ from iterseg.spec import Spec
 
 
 class UpConv(nn.Module):
-  """nn.ConvTranspose(features, (3, 3), strides=(2, 2)) with the same parameters and result.
-
-  On inputs of side <= 2 (the deepest level of a 48- or 64-px patch with 5 levels) XLA:CPU runs the
-  lhs-dilated convolution of lax.conv_transpose at ~0.2 GFLOP/s, 60x slower than inserting the zeros
-  explicitly and running a plain convolution; on larger inputs the built-in one is faster. Both sum
-  the same products (results agree to float rounding).
-  """
+  """nn.ConvTranspose(features, (3, 3), strides=(2, 2)): the same parameters and products (results
+  agree to float rounding), but on inputs of side <= 2 (a 48- or 64-px patch's deepest level),
+  where XLA:CPU's lax.conv_transpose is 60x slower, zeros inserted and a plain convolution."""
   features: int
   dtype: Any = jnp.float32  # The computation's; the parameters stay float32.
 
@@ -60,14 +50,11 @@ class UpConv(nn.Module):
 
 
 class UNet(nn.Module):
-  """x: [B, H, W, C_in] float32 -> logits [B, H - 2 crop, W - 2 crop, num_classes] float32.
-
-  `dtype` is the convolutions' and activations' (bfloat16 for the matrix units of GPUs and TPUs);
-  the parameters are float32 whatever it is, and the logits come back as float32. `crop` drops that
-  many output px on every side (a stage-2 patch's halo) and the decoder computes only what the rest
-  needs: at each level the rows and columns its kept outputs read, so the halo's outputs cost
-  nothing (the kept values are the uncropped network's).
-  """
+  """x: [B, H, W, C_in] float32 -> logits [B, H - 2 crop, W - 2 crop, num_classes] float32. `dtype`
+  is the convolutions' and activations' (bfloat16 for the matrix units of GPUs and TPUs); the
+  parameters stay float32. `crop` drops that many output px on every side (a stage-2 patch's halo);
+  the decoder computes only the rows and columns the kept outputs read, so the halo costs nothing
+  (the kept values are the uncropped network's)."""
   num_classes: int = 1
   width: int = 64
   depth: int = 5
@@ -76,44 +63,35 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = x.astype(self.dtype)
-    skips = [x]  # Features at H, ceil(H/2), ...; the deepest one is not a skip.
-    y = x
+    skips = [x.astype(self.dtype)]  # Features at H, ceil(H/2), ...; the deepest is not a skip.
     for i in range(self.depth):
-      h, w = y.shape[1:3]  # 'SAME' for even sides; odd ones are padded at the bottom/right only.
-      y = nn.relu(nn.Conv(self.width * 2 ** i, (3, 3), strides=(2, 2),
-                          padding=((0, 1 + h % 2), (0, 1 + w % 2)), dtype=self.dtype,
-                          param_dtype=jnp.float32, name=f'down{i}')(y))
-      skips.append(y)
+      h, w = skips[-1].shape[1:3]  # 'SAME' for even sides; odd ones padded at the bottom/right.
+      skips.append(nn.relu(nn.Conv(self.width * 2 ** i, (3, 3), strides=(2, 2),
+                                   padding=((0, 1 + h % 2), (0, 1 + w % 2)), dtype=self.dtype,
+                                   param_dtype=jnp.float32, name=f'down{i}')(skips[-1])))
     # The rows (and columns) [lo, hi) of each level the kept outputs need: output 2m of a
     # transposed convolution reads inputs m - 1 and m, output 2m + 1 reads m.
     need = [[(self.crop, n - self.crop) for n in x.shape[1:3]]]
     for level in skips[1:]:
       need.append([(max(0, (lo - 1) // 2), min(n, (hi + 1) // 2))
                    for (lo, hi), n in zip(need[-1], level.shape[1:3])])
-    skips.pop()
     (r0, r1), (c0, c1) = need[-1]
-    y = y[:, r0:r1, c0:c1]
+    y = skips.pop()[:, r0:r1, c0:c1]
 
     for i in reversed(range(self.depth)):  # y: need[i + 1] of level i + 1.
-      channels = max(self.width * 2 ** i // 2, 1)
-      skip = skips.pop()
       (r0, _), (c0, _) = need[i + 1]
-      y = nn.relu(UpConv(channels, dtype=self.dtype, name=f'up{i}')(y))  # From row 2 r0 of level i.
-      (h0, h1), (w0, w1) = need[i]
+      y = nn.relu(UpConv(max(self.width * 2 ** i // 2, 1), dtype=self.dtype, name=f'up{i}')(y))
+      (h0, h1), (w0, w1) = need[i]  # y starts at row 2 r0 and column 2 c0 of level i.
       y = jnp.concatenate([y[:, h0 - 2 * r0:h1 - 2 * r0, w0 - 2 * c0:w1 - 2 * c0],
-                           skip[:, h0:h1, w0:w1]], axis=-1)
+                           skips.pop()[:, h0:h1, w0:w1]], axis=-1)
 
-    y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                name='head')(y)
-    return y.astype(jnp.float32)
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                   name='head')(y).astype(jnp.float32)
 
 
 def probabilities(logits):
   """Sigmoid for one class, softmax over the last axis for more. [..., C] -> [..., C]."""
-  if logits.shape[-1] == 1:
-    return nn.sigmoid(logits)
-  return nn.softmax(logits, axis=-1)
+  return nn.sigmoid(logits) if logits.shape[-1] == 1 else nn.softmax(logits, axis=-1)
 
 
 def unet(spec: Spec, network: str = 'baseline', crop: int = 0) -> UNet:
@@ -125,23 +103,21 @@ def unet(spec: Spec, network: str = 'baseline', crop: int = 0) -> UNet:
 
 @functools.partial(jax.jit, static_argnames=('spec', 'network'))
 def init_unet(rng, spec: Spec, network: str) -> dict:
-  """Random U-Net parameters of `network` ('stage1', 'stage2', 'baseline'; they do not depend on
-  the image size, only on spec.in_channels(network)).
-
-  The initialisers draw from an 'rbg' key derived from `rng`: XLA compiles the default threefry
-  for every parameter, which takes 13 s on a 2-core CPU against 2 s for rbg.
-  """
+  """Random U-Net parameters of `network` ('stage1', 'stage2', 'baseline'; they depend on
+  spec.in_channels(network), not on the image size), drawn from an 'rbg' key derived from `rng`
+  (XLA compiles the default threefry for every parameter: 13 s on a 2-core CPU, 2 s for rbg)."""
   size = 2 ** spec.depth
   rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
   x = jnp.zeros((1, size, size, spec.in_channels(network)), jnp.float32)
   return unet(spec, network).init(rbg, x)['params']
 
 
-# --- Names and layout ---------------------------------------------------------------------------------
+# --- Names and layout -----------------------------------------------------------------------------
 
 
 def name(network: str, num_patches: Optional[int] = None) -> str:
-  """'stage1', 'baseline', or 'stage2_np<Np>': a network's name in checkpoints, metrics, reports."""
+  """'stage1', 'baseline', or 'stage2_np<Np>' (one stage 2 per grid size Np): a network's name in
+  checkpoints, metrics and reports, which `parse` reads."""
   if network == 'stage2':
     if num_patches is None:
       raise ValueError('stage 2 is named by its Np: name("stage2", num_patches)')
@@ -161,10 +137,8 @@ def parse(network_name: str) -> tuple:
 
 @flax.struct.dataclass
 class Networks:
-  """The parameters of iterseg's networks, one layout everywhere (init_params, load, evaluate, ...).
-
-  stage1, baseline: U-Net params, or None when not trained; stage2: {Np: U-Net params}.
-  """
+  """The parameters of iterseg's networks, one layout everywhere (init_params, load, evaluate, ...):
+  stage1, baseline: U-Net params, or None when not trained; stage2: {Np: U-Net params}."""
   stage1: Any = None
   baseline: Any = None
   stage2: dict = dataclasses.field(default_factory=dict)

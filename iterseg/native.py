@@ -1,22 +1,26 @@
-"""Two-stage segmentation of an image of any size, in bounded memory (resolution='native').
+"""Segmenting images, whatever the protocol: the one module that evaluate, calibrate, benchmark,
+predict and export go through (`segmenter`, `benchmark_cases`, `image_files`, `one_call`).
+
+The paper's square protocol resizes every image to hi_size and segments a batch in one compiled
+call, `inference.two_stage`. At resolution='native', `NativeModel` segments an image of any size
+in bounded memory with the same steps (`inference.normalize`, `stage1_outputs`, `tile_scores`,
+`select`, `stage2_logits`, `paste`):
 
   image [H, W, 3] uint8 --mean of f x f blocks (host)--> thumbnail [h, w, 3], padded to a
   bucket --stage 1--> low-resolution probabilities [h, w, C] --mean uncertainty of each tile's
   (T/f)^2 low-res pixels--> the least confident tiles (native.refine_fraction, threshold)
   --stage 2 on chunks of native.chunk tiles (the last one cut to a multiple of chunk / 4) of
   T + 2 halo px, with the coarse probabilities upsampled for each--> the tiles' probabilities
-  output [H, W, C] float32: the coarse probabilities upsampled (`inference.bilinear`) in bands of
-  rows, the refined tiles written over them.
+  output [H, W, C] float32, a device buffer written in place: the coarse probabilities upsampled
+  (`inference.bilinear`) in bands of rows, the refined tiles pasted over them (`inference.paste`).
 
 f = hi_size / stage1_size and T = hi_size / num_patches, the geometry stage 1 and stage 2 were
 trained at (on crops of hi_size). No U-Net activation ever has the image's size: memory is the
 image, the output and a working set of one band and one chunk. The compute follows the tiles
 refined: stage 2 runs ceil(tiles / chunk) times. Each function is compiled once per size bucket
-(stage 1's padded input, the bands' padded width, stage 2's chunk sizes), not per image size;
-`Compiled` counts them.
-
-`sliding_window` is the fair dense reference at the same scale: the baseline U-Net on overlapping
-windows averaged, as MONAI's `sliding_window_inference` does (mode 'constant').
+(stage 1, the bands and the paste per padded size, stage 2 per chunk size), not per image size;
+`Compiled` counts them. `sliding_window` is the fair dense reference at the same scale: the
+baseline U-Net on overlapping windows averaged, as MONAI's `sliding_window_inference` does.
 """
 
 from concurrent import futures
@@ -32,13 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
-from iterseg import flops, inference, models
+from iterseg import flops, inference, methods, metrics, models
 from iterseg.data import common, pipeline
-from iterseg.errors import InputError
+from iterseg.errors import InputError, SettingsError
 from iterseg.models import Networks
 from iterseg.spec import Spec
 
 BAND_ROWS = 512  # Rows of the output made by one call (the coarse map, upsampled).
+WINDOWS = 8  # Dense windows a call of the sliding window.
 
 
 @dataclasses.dataclass
@@ -63,8 +68,8 @@ class Compiled:
   """A jitted function compiled ahead of time once per input shape (a size bucket): its executables
   and XLA's FLOPs per call, shared by every NativeModel of the same Spec (`steps`)."""
 
-  def __init__(self, fn, **static):
-    self.fn, self.static, self.cache = fn, static, {}
+  def __init__(self, fn, donate=(), **static):
+    self.fn, self.donate, self.static, self.cache = fn, donate, static, {}
 
   def key(self, *args) -> tuple:
     return tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
@@ -74,8 +79,8 @@ class Compiled:
     arrays or jax.ShapeDtypeStructs."""
     key = self.key(*args)
     if key not in self.cache:
-      compiled = jax.jit(self.fn, static_argnames=tuple(self.static)).lower(
-          *args, **self.static).compile()
+      compiled = jax.jit(self.fn, static_argnames=tuple(self.static),
+                         donate_argnums=self.donate).lower(*args, **self.static).compile()
       self.cache[key] = (compiled, flops.compiled_flops(compiled) or 0.0)
     return self.cache[key]
 
@@ -107,9 +112,11 @@ class _Used:
 @functools.lru_cache(maxsize=16)
 def steps(spec: Spec) -> dict:
   """The compiled steps of one Spec, made once per process: {'stage1', 'stage2', 'window',
-  'band'} (they depend on shapes and the spec, not on the parameters' values)."""
+  'band', 'paste'} (they depend on shapes and the spec, not on the parameters' values); 'band' and
+  'paste' write into the output they are given (donated: in place)."""
   return {'stage1': Compiled(_stage1, spec=spec), 'stage2': Compiled(_stage2, spec=spec),
-          'window': Compiled(_window, spec=spec), 'band': Compiled(_band, spec=spec)}
+          'window': Compiled(_window, spec=spec), 'band': Compiled(_band, (0,), spec=spec),
+          'paste': Compiled(_paste, (0,), spec=spec)}
 
 
 # --- The steps, each jitted per bucket ------------------------------------------------------------
@@ -136,11 +143,20 @@ def _stage1(params, thumb, size, *, spec: Spec):
   return low[..., :spec.num_classes], scores, order[0]
 
 
-def _band(rows, offset, *, spec: Spec):
-  """rows [L, bw, C]: low-resolution rows around a band; offset: the band's first row, in native
-  px from rows' first -> the band at full resolution [BAND_ROWS, bw * f, C]."""
-  f = spec.downscale
-  return inference.bilinear(rows, f, offset, 0, BAND_ROWS, rows.shape[1] * f)
+def _band(out, rows, offset, y0, *, spec: Spec):
+  """out [1, Hb, Wb, C] (the output, bucket-padded) with its rows y0 .. y0 + R (R = min(BAND_ROWS,
+  Hb)) set to the coarse map: rows [L, Wb / f, C], the low-resolution rows around the band, upsampled
+  from `offset` (the band's first row, in native px from rows' first)."""
+  band = inference.bilinear(rows, spec.downscale, offset, 0, min(BAND_ROWS, out.shape[1]),
+                            out.shape[2])
+  return jax.lax.dynamic_update_slice(out, band[None], (0, y0, 0, 0))
+
+
+def _paste(out, probs, rows, cols, count, *, spec: Spec):
+  """out [1, Hb, Wb, C] with the first `count` tiles of probs [K, T, T, C] written at (rows, cols)
+  [K] each: `inference.paste`, as the square protocol pastes its patches."""
+  del spec
+  return inference.paste(out, probs, (jnp.zeros_like(rows), rows, cols), count)
 
 
 def _stage2(params, tiles, valid, patches, offsets, *, spec: Spec):
@@ -292,9 +308,10 @@ class NativeModel:
     self.stage2_params = None
     if nets.stage1 is not None and spec.num_patches in nets.stage2:
       self.stage2_params = nets.stage2[spec.num_patches]
-    shared = steps(spec)
+    shared = steps(dataclasses.replace(spec, refine_fraction=1.0, threshold=None))  # Any budget.
     self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
     self.window, self.band = _Used(shared['window']), _Used(shared['band'])
+    self.paste = _Used(shared['paste'])
 
   @property
   def compiles(self) -> int:
@@ -302,7 +319,7 @@ class NativeModel:
     (height, width) bucket, the bands per width bucket, stage 2 per chunk size (at most 4), the
     dense windows once."""
     return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
-            self.band.compiles)
+            self.band.compiles + self.paste.compiles)
 
   @property
   def chunk_sizes(self) -> tuple:
@@ -320,11 +337,19 @@ class NativeModel:
     shaped = jax.ShapeDtypeStruct
     start = time.perf_counter()
     self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32), shaped((2,), jnp.int32))
-    self.band.warm(shaped((_low_rows(BAND_ROWS, f), bw, spec.num_classes), jnp.float32),
-                   shaped((), jnp.int32))
+    out = shaped((1, bh * f, bw * f, spec.num_classes), jnp.float32)
+    self.band.warm(out, shaped((_low_rows(min(BAND_ROWS, bh * f), f), bw, spec.num_classes),
+                               jnp.float32), shaped((), jnp.int32), shaped((), jnp.int32))
     if self.stage2_params is not None:
       for size in self.chunk_sizes:
         self.stage2.warm(self.stage2_params, *self._chunk(size))
+        corner, tile = shaped((size,), jnp.int32), spec.patch_size
+        self.paste.warm(out, shaped((size, tile, tile, spec.num_classes), jnp.float32), corner,
+                        corner, shaped((), jnp.int32))
+    if self.nets.baseline is not None:
+      side = spec.window_side
+      self.window.warm(self.nets.baseline, shaped((WINDOWS, side, side, 3), jnp.uint8),
+                       shaped((WINDOWS, side, side), jnp.bool_))
     return time.perf_counter() - start
 
   def _chunk(self, size: int) -> tuple:
@@ -352,26 +377,20 @@ class NativeModel:
     low = np.asarray(low)  # Small: the image / f^2.
     return low, (scores, order), h, w, time.perf_counter() - start, flops
 
-  def coarse_into(self, out: np.ndarray, low: np.ndarray) -> tuple:
-    """out [H, W, C] <- the coarse map (low [bh, bw, C]) upsampled, in bands of BAND_ROWS rows;
-    (seconds, flops). One compilation per bucket width."""
-    height, width = out.shape[:2]
-    f = self.spec.downscale
-    start, flops, pending = time.perf_counter(), 0.0, None
-
-    def copy(y0, band):
-      n = min(BAND_ROWS, height - y0)
-      out[y0:y0 + n] = np.asarray(band)[:n, :width]
-
-    for y0 in range(0, height, BAND_ROWS):  # Band i is copied while i + 1 computes.
-      rows, offset = _around(low, y0, BAND_ROWS, f)
-      band, call = self.band(jnp.asarray(low[rows]), jnp.asarray(offset, jnp.int32))
+  def coarse(self, low: np.ndarray) -> tuple:
+    """(the output [1, Hb, Wb, C] on the device, bucket-padded, holding the coarse map: low [bh, bw,
+    C] upsampled in bands of BAND_ROWS rows; seconds, FLOPs). One compilation per bucket."""
+    f, (bh, bw) = self.spec.downscale, low.shape[:2]
+    start, flops = time.perf_counter(), 0.0
+    out = jnp.empty((1, bh * f, bw * f, low.shape[2]), jnp.float32)
+    rows_per_band = min(BAND_ROWS, bh * f)
+    for y in range(0, bh * f, rows_per_band):
+      y0 = min(y, bh * f - rows_per_band)  # The last band ends with the buffer.
+      rows, offset = _around(low, y0, rows_per_band, f)
+      out, call = self.band(out, jnp.asarray(low[rows]), jnp.asarray(offset, jnp.int32),
+                            jnp.asarray(y0, jnp.int32))
       flops += call
-      if pending is not None:
-        copy(*pending)
-      pending = y0, band
-    copy(*pending)
-    return time.perf_counter() - start, flops
+    return out, time.perf_counter() - start, flops
 
   def two_stage(self, image: np.ndarray, *, refine_fraction: Optional[float] = None,
                 threshold: Any = 'config', stop=None) -> Optional[NativePrediction]:
@@ -403,22 +422,22 @@ class NativeModel:
     refined = np.zeros(gh * gw, bool)
     refined[chosen] = True
 
-    out = np.empty((height, width, spec.num_classes), np.float32)
-    band_seconds, band_flops = self.coarse_into(out, low)
+    out, band_seconds, band_flops = self.coarse(low)
     start, s2_flops, calls = time.perf_counter(), 0.0, 0
     side, halo, k, f = spec.stage2_side, spec.halo, spec.chunk, spec.downscale
     span = _low_rows(side, f)
     margin = halo // f + 2  # Low-res rows a tile's patch may start above the map (edge values).
     padded = np.pad(low, ((margin, margin + span), (margin, margin + span), (0, 0)), mode='edge')
-    pending = None  # The chunk stage 2 computes (dispatched asynchronously) while the next is cut.
-    for c0 in range(0, len(chosen), k):
+    for c0 in range(0, len(chosen), k):  # Stage 2 computes a chunk while the next is cut.
       if stop is not None and stop():
         return None
       cells = chosen[c0:c0 + k]
       tiles, valid, patches, offsets = self._chunk(
           min(n for n in self.chunk_sizes if n >= len(cells)))
+      corners = np.zeros((2, len(tiles)), np.int32)
       for i, cell_index in enumerate(cells):
         r, c = divmod(int(cell_index), gw)
+        corners[:, i] = r * tile, c * tile
         y, x = r * tile - halo, c * tile - halo
         if 0 <= y and y + side <= height and 0 <= x and x + side <= width:
           tiles[i], valid[i] = image[y:y + side, x:x + side], True  # Most tiles: a plain slice.
@@ -429,16 +448,13 @@ class NativeModel:
         offsets[i] = (y - ty * f, x - tx * f)
       probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
                                 jnp.asarray(patches), jnp.asarray(offsets))
+      out, _ = self.paste(out, probs, *jnp.asarray(corners), jnp.asarray(len(cells), jnp.int32))
       s2_flops += call
       calls += 1
-      if pending is not None:
-        _paste(out, *pending, gw, tile)
-      pending = cells, probs
-    if pending is not None:
-      _paste(out, *pending, gw, tile)
+    probs = np.asarray(out)[0, :height, :width]  # On a CPU, the device's buffer itself.
     s2_seconds = time.perf_counter() - start
     return NativePrediction(
-        probs=out, coarse=low[:h, :w], scores=scores, refined=refined.reshape(gh, gw),
+        probs=probs, coarse=low[:h, :w], scores=scores, refined=refined.reshape(gh, gw),
         stats={'tiles': gh * gw, 'refined': int(len(chosen)), 'stage2_calls': calls,
                'gflops': {'stage1': s1_flops / 1e9, 'stage2': s2_flops / 1e9,
                           'bands': band_flops / 1e9},
@@ -449,13 +465,13 @@ class NativeModel:
     image = _as_uint8(image)
     check_fits(*image.shape[:2], self.spec)
     low, _, h, w, s1_seconds, s1_flops = self.low_resolution(image)
-    out = np.empty((*image.shape[:2], self.spec.num_classes), np.float32)
-    band_seconds, band_flops = self.coarse_into(out, low)
-    return NativePrediction(probs=out, coarse=low[:h, :w], scores=None, refined=None, stats={
+    out, band_seconds, band_flops = self.coarse(low)
+    probs = np.asarray(out)[0, :image.shape[0], :image.shape[1]]
+    return NativePrediction(probs=probs, coarse=low[:h, :w], scores=None, refined=None, stats={
         'gflops': {'stage1': s1_flops / 1e9, 'bands': band_flops / 1e9},
         'seconds': {'stage1': s1_seconds, 'bands': band_seconds}})
 
-  def sliding_window(self, image: np.ndarray, *, batch: int = 8) -> NativePrediction:
+  def sliding_window(self, image: np.ndarray, *, batch: int = WINDOWS) -> NativePrediction:
     """The baseline U-Net on windows of native.window px overlapping by native.overlap, each pixel
     the mean of the windows over it (MONAI's sliding_window_inference, mode 'constant'); probs
     [H, W, C] float32 (coarse, scores and refined None)."""
@@ -498,17 +514,6 @@ class NativeModel:
         'seconds': {'dense': time.perf_counter() - start}})
 
 
-def _paste(out: np.ndarray, cells: np.ndarray, probs, grid_width: int, tile: int) -> None:
-  """out [H, W, C] <- probs [K, T, T, C] (a stage-2 chunk, waited for here) at the tiles `cells`
-  (flat indices into the grid of tiles, grid_width a row), cropped at the image's edge."""
-  height, width = out.shape[:2]
-  probs = np.asarray(probs)
-  for i, cell_index in enumerate(cells):
-    r, c = divmod(int(cell_index), grid_width)
-    y, x = r * tile, c * tile
-    out[y:y + tile, x:x + tile] = probs[i, :min(tile, height - y), :min(tile, width - x)]
-
-
 def _starts(size: int, side: int, overlap: float) -> list:
   """Window starts along one axis: every round(side * (1 - overlap)) px, the last flush with the end."""
   if size <= side:
@@ -529,6 +534,296 @@ def _as_uint8(image) -> np.ndarray:
     raise InputError(f'an image must be uint8 or floats in [0, 1], got dtype {image.dtype}.')
   inference.check_range(float(image.min()), float(image.max()))
   return np.rint(image * 255).astype(np.uint8)
+
+
+# --- What evaluate and calibrate run, whatever the protocol ---------------------------------------
+
+
+class Square:
+  """The paper's protocol as the modes run it: batches of up to `batch_size` images at hi_size (a
+  partial batch padded to the first one's size, so nothing recompiles), each `methods.Method` one
+  compiled call a batch. `measure(batch)` -> {key: {name: [one value per image]}}: the metrics,
+  the seam metrics (`metrics.seam_band`, at the method's Np or `seam_np`), 'refined_fraction',
+  'gflops' (`gflops[key]`, the paper's accounting, where given) and 'seconds' (the batch's blocked
+  call shared by its images)."""
+
+  def __init__(self, comparison, num_classes: int, *, batch_size: int, seam_np=None,
+               gflops=None, compiled_gflops=None, nets=None, s=None):
+    self.comparison, self.num_classes, self.batch_size = list(comparison), num_classes, batch_size
+    self.seam_np, self.gflops, self.compiled_gflops = seam_np, gflops or {}, compiled_gflops or {}
+    self.nets, self.s, self.bands, self.padded, self.warmed = nets, s, {}, None, False
+    self.keys = [m.key for m in self.comparison]
+
+  def batches(self, examples):
+    return pipeline.eval_batches(examples, self.batch_size)
+
+  def _arrays(self, batch):
+    self.padded = self.padded or len(batch['image'])
+    return (jnp.asarray(pipeline.pad_batch(np.asarray(batch['image']), self.padded)),
+            jnp.asarray(pipeline.pad_batch(np.asarray(batch['mask']), self.padded)))
+
+  def warm(self, batch) -> None:
+    """Compiles every method on the first batch (one call each), so that no timed call compiles."""
+    if not self.warmed:
+      images, _ = self._arrays(batch)
+      for m in self.comparison:
+        jax.block_until_ready(m(images))
+      self.warmed = True
+
+  def measure(self, batch) -> dict:
+    b = len(batch['image'])
+    images, masks = self._arrays(batch)
+    out = {}
+    for m in self.comparison:
+      start = time.perf_counter()
+      probs, fraction = jax.block_until_ready(m(images))
+      values = {'seconds': [(time.perf_counter() - start) / b] * b}
+      for name, v in jax.device_get(metrics.image_metrics(probs, masks, self.num_classes)).items():
+        values[name] = v[:b].tolist()
+      n = m.num_patches or self.seam_np
+      if n:
+        hi = images.shape[1]
+        band = self.bands.setdefault(n, jnp.asarray(metrics.seam_band(hi, n, max(2, hi // n // 8))))
+        seam = jax.device_get(metrics.image_metrics(probs, masks, self.num_classes, band))
+        values.update({f'seam_{k}': seam[k][:b].tolist() for k in ('soft_dice', 'hard_dice')})
+      if fraction is not None:
+        values['refined_fraction'] = np.asarray(fraction)[:b].tolist()
+      if m.key in self.gflops:
+        values['gflops'] = [self.gflops[m.key]] * b
+      out[m.key] = values
+    return out
+
+  def only(self, key: str) -> 'Square':
+    return Square([m for m in self.comparison if m.key == key], self.num_classes,
+                  batch_size=self.batch_size, gflops=self.gflops, nets=self.nets, s=self.s)
+
+  def at(self, point: dict) -> 'Square':
+    """Two-stage alone at an operating point (`POINT_FIELDS`)."""
+    spec = self.s.at_operating_point(point).spec
+    method = methods.two_stage(self.nets, spec)
+    counts = flops.network_flops(self.s, [spec.num_patches])
+    return Square([method], self.num_classes, batch_size=self.batch_size,
+                  gflops={method.key: counts.two_stage(spec) / 1e9})
+
+  def sweep(self, plan) -> list:
+    """The operating points calibrate measures: every k (`refine_counts`) and threshold at each Np
+    with a stage 2."""
+    n_list = sorted(self.nets.stage2) if self.nets.stage1 is not None else []
+    return [{'num_patches': n, 'refine_count': k, 'refine_fraction': None, 'threshold': t}
+            for n in n_list for k in refine_counts(n, plan.refine_counts) for t in plan.thresholds]
+
+
+def refine_counts(num_patches: int, configured=None) -> list:
+  """The k swept at Np: `configured` up to Np * Np, or 1, 2, 4, ... up to Np * Np and Np itself."""
+  cells = num_patches * num_patches
+  if configured is not None:
+    return sorted({int(k) for k in configured if 1 <= k <= cells})
+  return sorted({2 ** i for i in range(cells.bit_length()) if 2 ** i <= cells} | {num_patches})
+
+
+class Native:
+  """resolution='native' as the modes run it: one image a batch at its own size, each method of a
+  NativeModel ('baseline': the sliding window; 'stage1'; 'two_stage_np<N>'), every size bucket
+  compiled before it is timed. `measure(batch)` as `Square.measure`, with 'gflops' what ran."""
+
+  def __init__(self, model: NativeModel, num_classes: int, keys=None, s=None):
+    self.model, self.num_classes, self.s, self.batch_size = model, num_classes, s, 1
+    two_stage = methods.method_key('two_stage', model.spec.num_patches)
+    present = {'baseline': model.nets.baseline is not None, 'stage1': model.nets.stage1 is not None,
+               two_stage: model.stage2_params is not None}
+    self.keys = [k for k, ok in present.items() if ok and (keys is None or k in keys)]
+    self.compiled_gflops = {}
+
+  def batches(self, examples):
+    for e in examples:
+      yield {'image': [e['image']], 'mask': [e['mask']], 'name': [str(e['name'])]}
+
+  def warm(self, batch) -> None:
+    self.model.warm(*batch['mask'][0].shape)
+
+  def measure(self, batch) -> dict:
+    image, mask, out = batch['image'][0], batch['mask'][0], {}
+    for key in self.keys:
+      if key == 'baseline':
+        pred = self.model.sliding_window(image)
+      elif key == 'stage1':
+        pred = self.model.stage1_only(image)
+      else:
+        pred = self.model.two_stage(image)
+      values = {k: [v] for k, v in metrics.one_image_metrics(pred.probs, mask,
+                                                             self.num_classes).items()}
+      if pred.refined is not None:
+        values['refined_fraction'] = [pred.stats['refined'] / pred.stats['tiles']]
+      values['gflops'] = [sum(pred.stats['gflops'].values())]
+      values['seconds'] = [sum(pred.stats['seconds'].values())]
+      out[key] = values
+    return out
+
+  def only(self, key: str) -> 'Native':
+    return Native(self.model, self.num_classes, [key], self.s)
+
+  def at(self, point: dict) -> 'Native':
+    """Two-stage alone at an operating point (the compiled steps are shared)."""
+    spec = self.s.at_operating_point(point).spec
+    nets = self.model.nets.at(spec.num_patches)
+    return Native(NativeModel(nets, spec), self.num_classes,
+                  [methods.method_key('two_stage', spec.num_patches)], self.s)
+
+  def sweep(self, plan) -> list:
+    """Every refine_fraction and threshold of the plan at the trained Np."""
+    return [{'num_patches': self.model.spec.num_patches, 'refine_count': None,
+             'refine_fraction': f, 'threshold': t}
+            for f in plan.refine_fractions for t in plan.thresholds]
+
+
+def segmenter(nets: Networks, s, *, batch_size: Optional[int] = None):
+  """What evaluate and calibrate run under `s`: Square (every method of `nets` at hi_size, with
+  the paper's FLOP accounting and XLA's count of each compiled function) or Native."""
+  if s.spec.resolution == 'native':
+    return Native(NativeModel(nets, s.spec), s.spec.num_classes, s=s)
+  comparison = methods.methods(nets, s)
+  nps = sorted(nets.stage2) if nets.stage1 is not None else []
+  counts = flops.network_flops(s, nps)
+  gflops = {'baseline': counts.baseline / 1e9, 'stage1': counts.stage1 / 1e9}
+  compiled = dict(gflops)
+  for n in nps:
+    key = methods.method_key('two_stage', n)
+    gflops[key] = counts.two_stage(s.spec_for(n)) / 1e9
+    count = flops.two_stage_compiled_flops(s.spec_for(n))
+    compiled[key] = None if count is None else count / 1e9
+  return Square(comparison, s.spec.num_classes, batch_size=batch_size or s.eval.batch_size,
+                seam_np=s.spec.num_patches, gflops=gflops, compiled_gflops=compiled, nets=nets,
+                s=s)
+
+
+# --- What the benchmark times, whatever the protocol ----------------------------------------------
+
+
+@dataclasses.dataclass
+class Timed:
+  """One method on one benchmark input: compile() -> seconds (0 if compiled before), call() ->
+  {'gflops': per call (None where XLA gives none), 'refined_fraction' (None for one-stage methods),
+  'probs': [H, W, C] for scoring (None without a mask)}, blocked on."""
+  name: str
+  num_patches: Optional[int]
+  compile: Any
+  call: Any
+
+  @property
+  def key(self) -> str:
+    return methods.method_key(self.name, self.num_patches)
+
+
+@dataclasses.dataclass
+class Case:
+  """One benchmark input: `label` ('batch 2', '4096x4096'), `size` ('HxW'), `batch_size` images of
+  `pixels` in all; make() -> (methods [Timed], mask packed into bits or None, extra () -> dict or
+  None: what else this input shows)."""
+  label: str
+  size: str
+  batch_size: int
+  pixels: int
+  make: Any
+
+
+def square_cases(comparison, hi_size: int, batch_sizes) -> list:
+  """The square protocol's inputs: a batch of random uint8 images [b, hi, hi, 3] per batch size,
+  each method of `comparison` compiled ahead of time (`jit(...).lower(...).compile()`)."""
+
+  def make(b):
+    images = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (b, hi_size, hi_size, 3), np.uint8))
+    return [_aot(m, images) for m in comparison], None, lambda: None
+
+  return [Case(f'batch {b}', f'{hi_size}x{hi_size}', b, b * hi_size ** 2,
+               functools.partial(make, int(b))) for b in batch_sizes]
+
+
+def _aot(method, images) -> Timed:
+  compiled = {}
+
+  def compile_():
+    start = time.perf_counter()
+    compiled['fn'] = method.lower(images).compile()
+    compiled['flops'] = flops.compiled_flops(compiled['fn'])
+    return time.perf_counter() - start
+
+  def call():
+    _, fraction = jax.block_until_ready(compiled['fn'](method.params, images))
+    return {'gflops': None if compiled['flops'] is None else compiled['flops'] / 1e9,
+            'refined_fraction': None if fraction is None else float(np.mean(fraction)),
+            'probs': None}
+
+  return Timed(method.name, method.num_patches, compile_, call)
+
+
+def native_cases(model: NativeModel, sides) -> list:
+  """Native resolution's inputs: a synthetic scene of side x side per side (scene indices from
+  10 000: never seen in training), two-stage and the dense sliding window ('baseline') on it; the
+  extra: the stage-2 time a threshold at the median score of the refined tiles saves."""
+  from iterseg.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  def make(side):
+    scene = synthetic.make_highres_example(10_000 + side, side, side)
+    image, mask = scene['image'], np.packbits(scene['mask'] > 0, axis=1)  # The mask in 1/8.
+    del scene
+    last = {}
+
+    def two_stage():
+      last['pred'] = pred = model.two_stage(image)
+      return {'gflops': sum(pred.stats['gflops'].values()),
+              'refined_fraction': pred.stats['refined'] / pred.stats['tiles'], 'probs': pred.probs}
+
+    def dense():
+      pred = model.sliding_window(image)
+      return {'gflops': pred.stats['gflops']['dense'], 'refined_fraction': None,
+              'probs': pred.probs}
+
+    timed = [Timed('two_stage', model.spec.num_patches, lambda: model.warm(side, side), two_stage)]
+    if model.nets.baseline is not None:
+      timed.append(Timed('baseline', None, lambda: model.warm(side, side), dense))
+    return timed, mask, lambda: _threshold_saving(model, image, last.get('pred'))
+
+  return [Case(f'{side}x{side}', f'{side}x{side}', 1, side * side, functools.partial(make, side))
+          for side in sides]
+
+
+def _threshold_saving(model: NativeModel, image: np.ndarray, pred) -> Optional[dict]:
+  """Two-stage again with a threshold at the median score of the tiles `pred` refined (about half
+  of them are refined): the stage-2 time and FLOPs before and after; None for too few tiles."""
+  if pred is None:
+    return None
+  chosen = pred.scores.reshape(-1)[pred.refined.reshape(-1)]
+  if len(chosen) < 2 * model.spec.chunk:
+    return None
+  threshold = float(np.median(chosen))
+  again = model.two_stage(image, threshold=threshold)
+  before, after = pred.stats['seconds']['stage2'], again.stats['seconds']['stage2']
+  return {'size': f'{image.shape[0]}x{image.shape[1]}', 'threshold': threshold,
+          'tiles': [pred.stats['refined'], again.stats['refined']],
+          'stage2_seconds': [before, after], 'stage2_cut': 1 - after / before,
+          'gflops': [pred.stats['gflops']['stage2'], again.stats['gflops']['stage2']]}
+
+
+def benchmark_cases(nets: Networks, s, *, batch_sizes, sliding_window_nps) -> list:
+  """What --mode=benchmark times under `s`: `square_cases` (every method of `nets`, and the
+  sliding window that refines every patch at `sliding_window_nps`, at each batch size) or
+  `native_cases` (benchmark.native_sides)."""
+  if s.spec.resolution == 'native':
+    return native_cases(NativeModel(nets, s.spec), s.benchmark.native_sides)
+  comparison = [m for m in methods.methods(nets, s, sliding_window=True)
+                if m.name != 'sliding_window' or m.num_patches in sliding_window_nps]
+  return square_cases(comparison, s.spec.hi_size, batch_sizes)
+
+
+def one_call(s):
+  """The square protocol's compiled two-stage function (`inference.two_stage`), which --mode=export
+  serialises; SettingsError at resolution='native', whose inference is a host-driven loop over each
+  image's size buckets and tiles, not one graph."""
+  if s.spec.resolution == 'native':
+    raise SettingsError("config.resolution='native' cannot be exported: its inference loops over "
+                        'the tiles of each image on the host. Export a square config.')
+  return inference.two_stage
 
 
 def infer(params: Networks, images, config, *, num_patches: Optional[int] = None,
@@ -578,7 +873,7 @@ class SquareFiles:
 
   def __init__(self, nets: Networks, s, batch_size: int):
     self.spec, self.batch_size, self.compiles = s.spec, batch_size, None
-    self.num_classes, self.grid = s.spec.num_classes, {'num_patches': s.spec.num_patches}
+    self.num_classes, self.num_patches = s.spec.num_classes, s.spec.num_patches
     self.sharding = _sharding(batch_size)
     self.params = inference.replicate_like(nets.at(s.spec.num_patches),
                                            jax.device_put(np.zeros(batch_size), self.sharding))
@@ -588,6 +883,14 @@ class SquareFiles:
 
   def prepare(self, image: np.ndarray) -> np.ndarray:
     return common.resize_image(image, self.spec.hi_size)
+
+  def boxes(self, refined: np.ndarray, height: int, width: int) -> list:
+    """(y0, x0, y1, x1) of each refined patch (refined [Np*Np] bool), its grid scaled to the
+    file's height x width."""
+    n = self.num_patches
+    edge = lambda i, size: round(i * size / n)
+    return [(edge(r, height), edge(c, width), edge(r + 1, height), edge(c + 1, width))
+            for r, c in map(lambda i: divmod(int(i), n), np.flatnonzero(refined))]
 
   def __call__(self, inputs: list, stopped) -> Optional[list]:
     """[(probs [hi, hi, C], refined [Np*Np] bool)] of each input; None once `stopped` holds (the
@@ -608,7 +911,6 @@ class NativeFiles:
     del batch_size  # One image at a time: its tiles are the batch.
     self.model = NativeModel(nets, s.spec)
     self.batch_size, self.num_classes = 1, s.spec.num_classes
-    self.grid = {'tile': s.spec.patch_size}
 
   @property
   def compiles(self) -> int:
@@ -620,6 +922,12 @@ class NativeFiles:
   def prepare(self, image: np.ndarray) -> np.ndarray:
     return image
 
+  def boxes(self, refined: np.ndarray, height: int, width: int) -> list:
+    """(y0, x0, y1, x1) of each refined tile (refined [gh, gw] bool), cut at the image's edge."""
+    tile = self.model.spec.patch_size
+    return [(r * tile, c * tile, min((r + 1) * tile, height), min((c + 1) * tile, width))
+            for r, c in zip(*np.nonzero(refined))]
+
   def __call__(self, inputs: list, stopped) -> Optional[list]:
     """[(probs [H, W, C], refined [gh, gw] bool)]; None once `stopped` holds (asked between
     stage-2 chunks)."""
@@ -629,8 +937,8 @@ class NativeFiles:
 
 def image_files(nets: Networks, s, batch_size: int):
   """How image files are segmented under `s`: SquareFiles or NativeFiles (one protocol:
-  check(path), prepare(image), __call__(inputs, stopped), batch_size, num_classes, grid (the
-  overlay's), compiles)."""
+  check(path), prepare(image), __call__(inputs, stopped), boxes(refined, h, w) (the overlay's),
+  batch_size, num_classes, compiles)."""
   return (NativeFiles if s.spec.resolution == 'native' else SquareFiles)(nets, s, batch_size)
 
 

@@ -1,11 +1,11 @@
-"""What each mode does: the typed plans of configs/default.py's sections (train.*, data.*, eval.*,
-benchmark.*, export.*, predict.*, calibrate.*), made by settings.from_config.
+"""What each mode does: the typed plans of configs/default.py's sections (settings.from_config
+makes them; it reads a field without a check, spec.checked, itself: its range depends on others).
 """
 
 import dataclasses
 from typing import Optional
 
-from iterseg.spec import config_field
+from iterseg.spec import checked, config_field
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 NETWORKS = ('stage1', 'stage2', 'baseline')
@@ -20,91 +20,93 @@ class TrainPlan:
   """What --mode=train does (configs/default.py, `train.*`)."""
   seed: int = config_field(None)  # Settings.seed.
   networks: tuple
-  batch_size: int
-  learning_rate: float
-  warmup_steps: int
-  lr_schedule: str
+  batch_size: int = checked('int', 1)
+  learning_rate: float = checked('float', 0.0, 1.0, low_open=True)
+  warmup_steps: int = checked('int', 0)
+  lr_schedule: str = checked('choice', ('constant', 'cosine'))
   epochs: dict = config_field(None)  # {'stage1': n, ...}: train.<network>_epochs.
   num_patches_list: tuple
-  patch_sampling: str
-  focal_alpha: float
-  focal_gamma: float
-  error_weight: float
-  exclude_holdout: bool
-  head_bias_prior: Optional[float]
-  stage2_init: str
-  flip: bool
-  brightness_contrast: float
-  rotate: bool
-  log_every: int
-  checkpoint_every: int
-  keep_checkpoints: int
-  profile_steps: tuple  # (first, last) steps of stage 1 to trace with jax.profiler, or ().
+  patch_sampling: str = checked('choice', SAMPLING)
+  focal_alpha: float = checked('float', 0.0, 1.0)
+  focal_gamma: float = checked('float', 0.0, 10.0)
+  error_weight: float = checked('float', 0.0)
+  exclude_holdout: bool = checked('bool')
+  head_bias_prior: Optional[float] = checked('float', 0.0, 1.0, low_open=True, high_open=True,
+                                             optional=True)
+  stage2_init: str = checked('choice', ('random', 'stage1'))
+  flip: bool = checked('bool')
+  brightness_contrast: float = checked('float', 0.0, 0.99)
+  rotate: bool = checked('bool')
+  log_every: int = checked('int', 1)
+  checkpoint_every: int = checked('int', 1)
+  keep_checkpoints: int = checked('int', 1)
+  profile_steps: tuple = checked('ints', 0, allow_empty=True)  # (first, last) stage-1 step traced.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
   """Which dataset, where, and at what size (configs/default.py, `data.*`)."""
-  name: str
+  name: str = checked('choice', DATASETS)
   hi_size: int = config_field(None)  # Spec.hi_size.
   num_classes: int = config_field(None)  # Spec.num_classes.
-  manual_dir: str
+  manual_dir: str = checked('str')
   data_dir: str
-  split_seed: int
-  train_fraction: float
-  num_examples: int
-  kitti_label_ids: tuple
+  split_seed: int = checked('int', 0, 2 ** 32 - 1)
+  train_fraction: float = checked('float', 0.0, 1.0, low_open=True, high_open=True)
+  num_examples: int = checked('int', 2)
+  kitti_label_ids: tuple = checked('ints', 0, 255)
   resolution: str = config_field(None)  # Spec.resolution.
-  scale: float  # Native: images scaled by this factor when prepared.
+  scale: float = checked('float', 0.0, 16.0, low_open=True)  # Native: images scaled when prepared.
+  synthetic_sides: tuple  # Native synthetic: (smallest, largest) side in px.
+  synthetic_kind: str = checked('choice', ('lesions', 'vessels'))
 
   @property
   def side(self) -> int:
     """The side examples are prepared at: hi_size (square), or 0: each its own size (native)."""
     return 0 if self.resolution == 'native' else self.hi_size
-  synthetic_sides: tuple  # Native synthetic: (smallest, largest) side in px.
-  synthetic_kind: str  # 'lesions' | 'vessels'.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalPlan:
-  batch_size: int
+  batch_size: int = checked('int', 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchmarkPlan:
-  batch_sizes: Optional[tuple]  # None: the backend's default plan.
-  repeats: int
-  sliding_window: Optional[bool]  # None: the backend's default plan.
-  max_seconds: float
+  batch_sizes: Optional[tuple] = checked('ints', 1, optional=True)  # None: the backend's default.
+  repeats: int = checked('int', 1)
+  sliding_window: Optional[bool] = checked('bool', optional=True)  # None: the backend's default.
+  max_seconds: float = checked('float', 0.0, low_open=True)
   native_sides: tuple  # resolution='native': the image sides timed.
-  peak_tflops: Optional[float]  # The device's peak, for utilisation (None: known devices only).
-  train: bool  # Also time each network's training step.
+  # The device's peak, for utilisation (None: known devices only).
+  peak_tflops: Optional[float] = checked('float', 0.0, low_open=True, optional=True)
+  train: bool = checked('bool')  # Also time each network's training step.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportPlan:
-  batch_size: int  # The artifact's fixed batch.
-  platforms: tuple  # What it compiles for (jax.export platforms).
-  output: str  # '' = <workdir>/export
+  batch_size: int = checked('int', 1)  # The artifact's fixed batch.
+  platforms: tuple = checked('names', PLATFORMS)  # What it compiles for (jax.export platforms).
+  output: str = checked('str')  # '' = <workdir>/export
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PredictPlan:
-  input: str
-  output: str  # '' = <workdir>/predictions
-  batch_size: int
-  outputs: tuple
-  png_compression: int
-  skip_existing: bool  # Skip an input whose outputs all exist (go on after an interruption).
+  input: str = checked('str')
+  output: str = checked('str')  # '' = <workdir>/predictions
+  batch_size: int = checked('int', 1)
+  outputs: tuple = checked('names', PREDICT_OUTPUTS)
+  png_compression: int = checked('int', 0, 9)
+  skip_existing: bool = checked('bool')  # Skip inputs whose outputs all exist (go on after Ctrl-C).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibratePlan:
   """What --mode=calibrate sweeps and how it picks the operating point (`calibrate.*`)."""
-  holdout: float  # Share of the train split held back for the sweep (seeded by `seed`).
+  holdout: float = checked('float', 0.0, 1.0, low_open=True)  # Train share swept (seeded by seed).
   refine_counts: Optional[tuple]  # None: 1, 2, 4, ... up to Np*Np, and Np.
   thresholds: tuple  # Each a float or None (no threshold).
-  target: str  # 'dice_drop' | 'latency'.
-  max_dice_drop: float
-  latency_budget_ms: Optional[float]  # Required (> 0) for target 'latency'.
+  target: str = checked('choice', CALIBRATE_TARGETS)
+  max_dice_drop: float = checked('float', 0.0, 1.0)
+  latency_budget_ms: Optional[float] = checked('float', 0.0, low_open=True, optional=True)
   refine_fractions: tuple  # resolution='native': the shares of tiles swept.

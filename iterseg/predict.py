@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, hooks, inference, models, native
+from iterseg import checkpoints, files, hooks, models, native
 from iterseg.data import common
 from iterseg.errors import InputError, Interrupted, PredictError
 from iterseg.run import Run
@@ -117,12 +117,9 @@ def to_mask(probs: np.ndarray) -> np.ndarray:
   return np.argmax(probs, -1).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray,
-            num_patches: Optional[int] = None, *, tile: Optional[int] = None,
-            alpha: float = 0.45) -> np.ndarray:
-  """uint8 [h, w, 3]: foreground tinted (binary: green; classes: one colour each) and the refined
-  patches (grid indices, row-major) outlined: of the Np x Np grid scaled to the image's own size,
-  or (native resolution) of the grid of `tile`-px tiles."""
+def overlay(image: np.ndarray, mask: np.ndarray, boxes, alpha: float = 0.45) -> np.ndarray:
+  """uint8 [h, w, 3]: foreground tinted (binary: green; classes: one colour each) and the boxes
+  (y0, x0, y1, x1), ends excluded, of the patches stage 2 refined outlined in yellow."""
   h, w = mask.shape
   out = image.copy()
   fg = mask > 0  # Only the foreground pixels are blended (the rest is copied as it is).
@@ -131,15 +128,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, refined: np.ndarray,
   pil = Image.fromarray(out)
   draw = ImageDraw.Draw(pil)
   line = max(1, round(min(h, w) / 256))
-  for index in np.asarray(refined).tolist():
-    if tile:
-      r, c = divmod(int(index), -(-w // tile))
-      x0, x1, y0, y1 = c * tile, min((c + 1) * tile, w) - 1, r * tile, min((r + 1) * tile, h) - 1
-    else:
-      r, c = divmod(int(index), num_patches)
-      x0, x1 = round(c * w / num_patches), round((c + 1) * w / num_patches) - 1
-      y0, y1 = round(r * h / num_patches), round((r + 1) * h / num_patches) - 1
-    draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=OUTLINE, width=line)
+  for y0, x0, y1, x1 in boxes:
+    draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=OUTLINE, width=line)
   return np.asarray(pil)
 
 
@@ -155,12 +145,12 @@ def output_paths(output: Path, stem: str, outputs: Sequence[str], binary: bool) 
   return {kind: p for kind, p in paths.items() if kind in outputs}
 
 
-def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict,
-                 num_patches: Optional[int] = None, *,
-                 outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
-                 tile: Optional[int] = None) -> dict:
-  """Writes the selected outputs of one image; returns {kind: path}. All of them take their final
-  names together, once every one is complete, so a failure leaves the previous ones as they were."""
+def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
+                 outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0
+                 ) -> dict:
+  """Writes the selected outputs of one image (result: {'probs', 'mask', 'boxes'}); returns {kind:
+  path}. All of them take their final names together, once every one is complete, so a failure
+  leaves the previous ones as they were."""
   probs, mask = result['probs'], result['mask']
   binary = probs.shape[-1] == 1
   paths = output_paths(output, stem, outputs, binary)
@@ -176,8 +166,7 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict,
       with open(tmps['probs'], 'wb') as f:
         np.save(f, probs.astype(np.float32))
     if 'overlay' in paths:
-      Image.fromarray(overlay(image, mask, result['refined'], num_patches, tile=tile)).save(
-          tmps['overlay'], **png)
+      Image.fromarray(overlay(image, mask, result['boxes'])).save(tmps['overlay'], **png)
     for kind, p in paths.items():  # Only now do complete files take the final names.
       os.replace(tmps[kind], p)
   finally:
@@ -233,9 +222,9 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
     try:
       h, w = image.shape[:2]
       full = resize_probs(probs, h, w)
-      result = {'probs': full, 'mask': to_mask(full), 'refined': np.flatnonzero(refined)}
+      result = {'probs': full, 'mask': to_mask(full), 'boxes': segment.boxes(refined, h, w)}
       written = save_outputs(output, stems[path], image, result, outputs=outputs,
-                             compression=compression, **segment.grid)
+                             compression=compression)
       return {'input': str(path), 'height': h, 'width': w,
               'refined_patches': int(refined.sum()), 'tiles': int(refined.size), **written}
     except OSError as e:
@@ -328,38 +317,34 @@ def _wait(future, stopped, poll: float = 0.05):
 
 def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
   """predict's end-to-end images/s on `num_images` random JPEG files of `size` (h, w), files in
-  and outputs (predict.outputs) out, beside the compiled two-stage function alone at the same batch
-  size. Random weights: speed does not depend on them. Written in a temporary folder, then deleted."""
+  and outputs (predict.outputs) out, beside the segmenting call alone on the same images, read
+  before. Random weights: speed does not depend on them. Written in a temporary folder, then
+  deleted."""
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax.random  # pylint: disable=g-import-not-at-top
   nets = models.random_networks(s.spec, jax.random.key(s.seed))
   s = s.with_placeholder_statistics()
   rng = np.random.default_rng(0)
+  segment = native.image_files(nets, s, s.predict.batch_size)
+  kwargs = dict(outputs=s.predict.outputs, compression=s.predict.png_compression, progress=False)
   with tempfile.TemporaryDirectory(prefix='iterseg-predict-') as folder:
     inputs = Path(folder) / 'in'
     inputs.mkdir()
     for i in range(num_images):
       Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(inputs / f'{i:04d}.jpg')
     paths = list_inputs(inputs)
-    kwargs = dict(outputs=s.predict.outputs, compression=s.predict.png_compression,
-                  progress=False)
-    segment = native.SquareFiles(nets, s, s.predict.batch_size)
-    predict_files(segment, paths[:s.predict.batch_size], Path(folder) / 'warm', **kwargs)
+    predict_files(segment, paths[:segment.batch_size], Path(folder) / 'warm', **kwargs)
     start = time.perf_counter()
     predict_files(segment, paths, Path(folder) / 'out', **kwargs)
     seconds = time.perf_counter() - start
-  batch = jax.device_put(rng.integers(0, 256, (s.predict.batch_size, s.spec.hi_size,
-                                               s.spec.hi_size, 3), dtype=np.uint8))
-  params = nets.at(s.spec.num_patches)
-  jax.block_until_ready(inference.two_stage(params, batch, s.spec))
-  calls = []
-  for _ in range(5):
-    start = time.perf_counter()
-    jax.block_until_ready(inference.two_stage(params, batch, s.spec))
-    calls.append(time.perf_counter() - start)
+    prepared = [read_input(p, segment)[1] for p in paths]
+  start = time.perf_counter()
+  for chunk in _chunks(prepared, segment.batch_size):
+    segment(chunk, lambda: False)
+  alone = time.perf_counter() - start
   return {'num_images': num_images, 'size': f'{size[0]}x{size[1]}', 'outputs': list(s.predict.outputs),
-          'batch_size': s.predict.batch_size, 'images_per_s': num_images / seconds,
-          'compiled_images_per_s': s.predict.batch_size / float(np.median(calls))}
+          'batch_size': segment.batch_size, 'images_per_s': num_images / seconds,
+          'compiled_images_per_s': num_images / alone}
 
 
 def write_summary(output: Path, part: dict, process: int, processes: int) -> str:

@@ -6,29 +6,25 @@ from typing import Optional, Sequence
 
 from iterseg import files
 
-Column = tuple  # (header, key, format spec or callable(value) -> str)
 
-
-def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
-  """A text table: one line per row, columns right-aligned (the first left-aligned); None is blank."""
-  cells = []
-  for r in rows:
-    line = []
-    for _, key, fmt in columns:
-      value = r.get(key)
-      line.append('' if value is None else fmt(value) if callable(fmt) else format(value, fmt))
-    cells.append(line)
+def format_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+  """A text table: a line per row, columns (header, key, format spec or callable(value) -> str)
+  right-aligned (the first left-aligned); None is blank."""
+  cells = [['' if r.get(key) is None else fmt(r[key]) if callable(fmt) else format(r[key], fmt)
+            for _, key, fmt in columns] for r in rows]
   widths = [max([len(h)] + [len(c[i]) for c in cells]) + 2 for i, (h, _, _) in enumerate(columns)]
+
   def join(values):
-    return ''.join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values,
-                                                                                        widths)))
+    return values[0].ljust(widths[0]) + ''.join(map(str.rjust, values[1:], widths[1:]))
+
   head = join([h for h, _, _ in columns])
   return '\n'.join([head, '-' * len(head)] + [join(c) for c in cells])
 
 
 EVALUATION_COLUMNS = (
     ('method', 'method', 's'), ('Np', 'num_patches', 'd'), ('soft Dice', 'soft_dice', '.4f'),
-    ('hard Dice', 'hard_dice', '.4f'), ('IoU', 'iou', '.4f'), ('seam Dice', 'seam_soft_dice', '.4f'),
+    ('hard Dice', 'hard_dice', '.4f'), ('IoU', 'iou', '.4f'),
+    ('seam Dice', 'seam_soft_dice', '.4f'),
     ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'))
 
 

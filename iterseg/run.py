@@ -4,17 +4,10 @@
   <workdir>/checkpoints/<network>/<step>/    orbax steps (checkpoints.py reads and writes them)
   <workdir>/checkpoints/<network>/plan.json  {"total_steps": n}: how far its training was planned
   <workdir>/calibration.json                 the operating point --mode=calibrate chose
-  <workdir>/metrics.jsonl, results.*, benchmark.json, predictions/, export/   what the modes write
-
-    run = Run(workdir)
-    s = run.settings()                  # CheckpointError naming the file if missing or damaged
-    s = run.with_statistics(current)    # the input statistics the networks learnt from
-    point = run.operating_point()       # one schema for both protocols, every field checked
-    s = run.inference_settings(current) # the settings inference runs at (Np, k, fraction, threshold)
+  <workdir>/metrics.jsonl, results.*, benchmark.json, predictions/, export/: what the modes write
 """
 
 import json
-import math
 import os
 from typing import Optional
 
@@ -26,7 +19,23 @@ from iterseg.errors import CheckpointError
 from iterseg.settings import Settings
 from iterseg.spec import GEOMETRY
 
-POINT_FIELDS = ('num_patches', 'refine_count', 'refine_fraction', 'threshold')
+# The fields of an operating point, and what each may be (settings.is_number's bounds).
+_POINT_BOUNDS = {'num_patches': dict(low=1, whole=True), 'refine_count': dict(low=1, whole=True),
+                 'refine_fraction': dict(low=0, high=1, low_open=True), 'threshold': dict(low=0)}
+POINT_FIELDS = tuple(_POINT_BOUNDS)
+
+
+def _read_json(path: str, fix: str, key: Optional[str] = None):
+  """The JSON object in `path` (or its `key`); CheckpointError naming it and `fix` if unreadable."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError('not a JSON object')
+    return saved if key is None else saved[key]
+  except (OSError, ValueError, KeyError) as e:
+    raise CheckpointError(f'{path} cannot be read ({" ".join(str(e).split())[:120]}): '
+                          f'{fix}.') from e
 
 
 class Run:
@@ -43,24 +52,15 @@ class Run:
     """checkpoints/<name> ('' for the folder of every network)."""
     return os.path.join(self.path, 'checkpoints', name)
 
-  # --- The settings -----------------------------------------------------------------------------
-
   def settings(self) -> Settings:
     """The Settings of config.json, completed with today's defaults for fields it predates;
     CheckpointError naming the file if it is missing or cannot be read."""
     path = self.file('config.json')
     if not os.path.exists(path):
-      raise CheckpointError(f'{path} not found: {self.workdir} is not a trained workdir '
-                            f'(run `python launch.py --mode=train --workdir={self.workdir}` first).')
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-      if not isinstance(saved, dict):
-        raise ValueError('not a JSON object')
-    except (OSError, ValueError) as e:
-      raise CheckpointError(f'{path} cannot be read ({" ".join(str(e).split())[:120]}): restore it '
-                            f'from a backup, or delete the workdir and train again.') from e
-    return settings.from_json(saved)
+      raise CheckpointError(f'{path} not found: {self.workdir} is not a trained workdir (run '
+                            f'`python launch.py --mode=train --workdir={self.workdir}` first).')
+    return settings.from_json(_read_json(path, 'restore it from a backup, or delete the workdir '
+                                         'and train again'))
 
   def save_settings(self, s: Settings) -> None:
     """config.json (process 0 only)."""
@@ -69,21 +69,18 @@ class Run:
       files.atomic_write_json(self.file('config.json'), settings.to_dict(s), indent=2)
 
   def with_statistics(self, s: Settings) -> Settings:
-    """`s` with the input statistics (model.input_mean, input_std) of this run when `s`
-    standardises without statistics of its own: the networks' inputs are the run's.
-    CheckpointError for a run whose networks learnt per-image standardisation (before the
-    statistics were fixed): no statistics reproduce its inputs at native size."""
+    """`s` with this run's input statistics (model.input_mean, input_std) where `s` standardises
+    without its own: the networks' inputs are the run's. CheckpointError for a run whose networks
+    learnt per-image standardisation, which no statistics reproduce at native size."""
     if not os.path.exists(self.file('config.json')):
       return s
     saved = self.settings().spec
     if saved.input_norm == 'standardize' and saved.input_mean is None and self.trained_networks():
       raise CheckpointError(
           f"{self.workdir} was trained with model.input_norm='standardize' per image, which "
-          f"iterseg no longer does (each image's own statistics differ between a crop and the "
-          f"whole image): train it again in a new workdir (the training images' statistics are "
-          f'then measured and saved with it).')
-    if s.spec.input_norm == 'standardize' and s.spec.input_mean is None and (
-        saved.input_norm == 'standardize'):
+          f"iterseg no longer does (an image's own statistics differ between a crop and the whole "
+          f"image): train it again in a new workdir (the training images' statistics are saved).")
+    if s.spec.input_norm == saved.input_norm == 'standardize' and s.spec.input_mean is None:
       return s.vary('spec', input_mean=saved.input_mean, input_std=saved.input_std)
     return s
 
@@ -97,18 +94,18 @@ class Run:
             f'config.{field}={ours[field]!r} but the networks in {self.workdir} were trained with '
             f'{theirs[field]!r}: use the training config (or --config.{field}={theirs[field]!r}).')
 
-  # --- Training progress ------------------------------------------------------------------------
+  def steps(self, name: str) -> list:
+    """The complete checkpoint steps of network `name`, unsorted."""
+    path = self.network_dir(name)
+    return [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+
+  def has_step(self, name: str) -> bool:
+    return bool(self.steps(name))
 
   def trained_networks(self) -> list:
     """The names of the networks with at least one complete checkpoint."""
     root = self.network_dir('')
-    if not os.path.isdir(root):
-      return []
-    return sorted(n for n in os.listdir(root) if self.has_step(n))
-
-  def has_step(self, name: str) -> bool:
-    path = self.network_dir(name)
-    return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
+    return sorted(n for n in os.listdir(root) if self.has_step(n)) if os.path.isdir(root) else []
 
   def trained_num_patches(self) -> list:
     """The Np of every stage 2 trained here, sorted."""
@@ -125,21 +122,16 @@ class Run:
   def progress(self, name: str) -> tuple:
     """(latest complete step, planned total steps or None when no plan.json) of network `name`;
     CheckpointError naming plan.json if it cannot be read or its total is not a count."""
-    path = self.network_dir(name)
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-    plan = os.path.join(path, 'plan.json')
+    step = max(self.steps(name), default=0)
+    plan = os.path.join(self.network_dir(name), 'plan.json')
     if not os.path.exists(plan):
-      return max(steps, default=0), None
-    try:
-      with open(plan) as f:
-        total = json.load(f)['total_steps']
-      if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f'total_steps={total!r} is not a count of steps')
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f'{plan} cannot be read ({" ".join(str(e).split())[:100]}): rerun '
-                            f'--mode=train with the same config (it writes it again and resumes).'
-                            ) from e
-    return max(steps, default=0), total
+      return step, None
+    fix = 'rerun --mode=train with the same config (it writes it again and resumes)'
+    total = _read_json(plan, fix, 'total_steps')
+    if not settings.is_number(total, 0, whole=True):
+      raise CheckpointError(f'{plan} cannot be read (total_steps={total!r} is not a count of '
+                            f'steps): {fix}.')
+    return step, total
 
   def check_finished(self, names, *, strict: bool) -> list:
     """The networks among `names` whose training stopped before its planned step (or never made a
@@ -160,54 +152,37 @@ class Run:
       print(f'iterseg: warning: {message}; using the networks as they are.')
     return unfinished
 
-  # --- The operating point ----------------------------------------------------------------------
-
   def operating_point(self) -> Optional[dict]:
-    """The point --mode=calibrate chose (calibration.json), one schema for both protocols:
-    {'num_patches', 'refine_count' (square; else None), 'refine_fraction' (native; else None),
-    'threshold' (or None)}. None if never calibrated or no point met its target. A file that
-    cannot be read, or a field of the wrong type or out of range, is a CheckpointError naming it."""
+    """The point --mode=calibrate chose (calibration.json): {'num_patches', 'refine_count' (square;
+    else None), 'refine_fraction' (native; else None), 'threshold' (or None)}, or None if none was
+    (or met its target). An unreadable file or a bad field is a CheckpointError naming it."""
     path = self.file('calibration.json')
     if not os.path.exists(path):
       return None
     redo = (f"run --mode=calibrate again, or delete {path} to use the config's Np, refine_count "
             f'and threshold')
-    try:
-      with open(path) as f:
-        point = json.load(f)['operating_point']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f'{path} cannot be read ({" ".join(str(e).split())[:100]}): '
-                            f'{redo}.') from e
+    point = _read_json(path, redo, 'operating_point')
     if point is None:
       return None
     if not isinstance(point, dict):
       raise CheckpointError(f'{path}: operating_point is {point!r}, not an object: {redo}.')
-    checks = {'num_patches': (int, lambda v: v >= 1, 'a whole number >= 1'),
-              'refine_count': (int, lambda v: v >= 1, 'a whole number >= 1'),
-              'refine_fraction': (float, lambda v: 0 < v <= 1, 'a number in (0, 1]'),
-              'threshold': (float, lambda v: v >= 0, 'a number >= 0')}
     out = {}
-    for field, (kind, good, valid) in checks.items():
+    for field, bounds in _POINT_BOUNDS.items():
       value = point.get(field)
-      if value is None and field != 'num_patches':
-        out[field] = None
-        continue
-      if (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)
-          or not math.isfinite(value) or not good(value)):
-        raise CheckpointError(f'{path}: operating_point.{field}={value!r} is not valid ({valid}): '
-                              f'{redo}.')
-      out[field] = kind(value)
+      if value is not None or field == 'num_patches':
+        if not settings.is_number(value, **bounds):
+          raise CheckpointError(f'{path}: operating_point.{field}={value!r} is not valid '
+                                f'({settings.describe_number(**bounds)}): {redo}.')
+        value = int(value) if bounds.get('whole') else float(value)
+      out[field] = value
     return out
 
   def inference_settings(self, s: Optional[Settings] = None, num_patches: Optional[int] = None,
                          *, fallback: bool = True) -> Settings:
-    """The settings two-stage inference with this run's networks runs at.
-
-    `s` (default: config.json's) at the operating point of --mode=calibrate when the run has one
-    and `num_patches` is None or its Np; else at Np = `num_patches`, or s's Np if a stage 2 is
-    trained there, else (with `fallback`) the largest trained Np. CheckpointError if that stage 2
-    is missing.
-    """
+    """The settings that two-stage inference with this run's networks runs at: `s` (default:
+    config.json's) at --mode=calibrate's operating point where there is one and `num_patches` is
+    None or its Np; else at Np = `num_patches`, or s's Np if a stage 2 is trained there, else (with
+    `fallback`) the largest trained Np. CheckpointError if that stage 2 is missing."""
     saved = self.settings()  # CheckpointError first if the run was never trained.
     s = saved if s is None else s
     trained = self.trained_num_patches()

@@ -1,10 +1,8 @@
-"""What inference is, for both protocols: `Spec`, the static configuration of two-stage inference
-(hashable: a jit static argument), its derived geometry, and the relations between its fields.
-
-The square protocol (the paper: every image resized to hi_size) and native resolution (any H x W)
-are one Spec: `resolution` chooses how stage 1's input and map change scale (`rescale`) and where
-patches are scored (`scores_on_low_map`); the native.* fields say how an image of any size is cut
-into calls. settings.from_config makes it from a config; nothing else reads a config.
+"""`Spec`, the static configuration of two-stage inference (hashable: a jit static argument), its
+derived geometry, and the relations between its fields; settings.from_config makes it. The square
+protocol (the paper: every image resized to hi_size) and native resolution (any H x W) are one Spec:
+`resolution` chooses how stage 1's input and map change scale (`rescale`) and where patches are
+scored (`scores_on_low_map`); the native.* fields say how an image is cut into calls.
 """
 
 import dataclasses
@@ -23,42 +21,53 @@ GEOMETRY = ('resolution', 'hi_size', 'stage1_size', 'num_classes', 'stage2_uses_
 
 
 def config_field(path: Optional[str]):
-  """A field stored at another place in the config (the dotted `path`), or (None) derived from other
-  fields and not stored. The other fields sit at <section>.<name> (settings._SECTIONS)."""
+  """A field stored at another place in the config (the dotted `path`), or (None) derived and not
+  stored. The other fields sit at <section>.<name> (settings._SECTIONS), a Spec's at <name>."""
   return dataclasses.field(metadata={'config': path})
+
+
+def checked(kind: str, *bounds, config: Optional[str] = None, **options):
+  """A field that settings reads with `_Reader.<kind>(field, *bounds, **options)` (from the dotted
+  `config` path where given), e.g. checked('int', 1): a whole number >= 1."""
+  where = {'config': config} if config else {}
+  return dataclasses.field(metadata={'check': (kind, bounds, options), **where})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Spec:
-  """The static configuration of two-stage inference for one Np (hashable: a jit static argument)."""
+  """The static configuration of two-stage inference for one Np."""
   hi_size: int
   stage1_size: int
   num_classes: int
   num_patches: int
   refine_count: int = config_field(None)  # Resolved: Settings.refine_count, or Np.
   score: str
-  stage2_uses_coarse: bool
+  stage2_uses_coarse: bool = checked('bool')
   threshold: Optional[float]
-  width: int = config_field('model.width')
+  width: int = checked('int', 1, config='model.width')
   depth: int = config_field('model.depth')
-  halo: int  # Real context pixels around each stage-2 patch (0 = the paper's bare patches).
-  # 'standardize': (x - input_mean) / input_std per channel, the training images' statistics (None:
-  # not measured yet; --mode=train does).
-  input_norm: str = config_field('model.input_norm')
-  input_mean: Optional[tuple] = config_field('model.input_mean')
-  input_std: Optional[tuple] = config_field('model.input_std')
-  refine_budget: str  # 'image': k patches per image; 'batch': B * k over the batch.
-  resolution: str  # 'square' (the paper) or 'native' (hi_size: the side of the training crops).
-  dtype: str = config_field('model.dtype')  # The U-Nets' computation: 'float32' or 'bfloat16'.
-  error_head: bool = config_field('model.error_head')  # Stage 1's extra output: its error share.
+  halo: int = checked('int', 0)  # Real context pixels around each stage-2 patch (0: bare patches).
+  # 'standardize': (x - input_mean) / input_std per channel, measured on the train split (None: not
+  # yet; --mode=train measures them).
+  input_norm: str = checked('choice', ('none', 'standardize'), config='model.input_norm')
+  input_mean: Optional[tuple] = checked('channels', 0.0, 1.0, config='model.input_mean')
+  input_std: Optional[tuple] = checked('channels', 0.0, 1.0, low_open=True,
+                                       config='model.input_std')
+  refine_budget: str = checked('choice', BUDGETS)  # 'image': k patches per image; 'batch': B * k.
+  # 'square' (the paper) or 'native' (hi_size: the side of the training crops).
+  resolution: str = checked('choice', RESOLUTIONS)
+  # The U-Nets' computation ('float32' or 'bfloat16'), and stage 1's extra output: its error share.
+  dtype: str = checked('choice', ('float32', 'bfloat16'), config='model.dtype')
+  error_head: bool = checked('bool', config='model.error_head')
   # Native resolution (native.*): any H x W, stage 1 on the image downscaled by `downscale`, stage 2
   # on the least confident tiles of side patch_size (with halo), as trained on crops of hi_size.
-  refine_fraction: float = config_field('native.refine_fraction')  # Share of the tiles refined.
-  chunk: int = config_field('native.chunk')  # Tiles per stage-2 call.
+  refine_fraction: float = checked('float', 0.0, 1.0, low_open=True,
+                                   config='native.refine_fraction')  # Share of the tiles refined.
+  chunk: int = checked('int', 1, config='native.chunk')  # Tiles per stage-2 call.
   bucket: int = config_field('native.bucket')  # Stage 1's input padded to a multiple (stage-1 px).
-  window: int = config_field('native.window')  # The dense reference's window side (0: hi_size) ...
-  overlap: float = config_field('native.overlap')  # ... and the share its windows overlap.
-  max_pixels: int = config_field('native.max_pixels')  # Larger are refused (0: by free memory).
+  window: int = checked('int', 0, config='native.window')  # Dense reference: window (0: hi_size)
+  overlap: float = checked('float', 0.0, 0.9, config='native.overlap')  # ... and their overlap.
+  max_pixels: int = checked('int', 0, config='native.max_pixels')  # Larger refused (0: by memory).
 
   @property
   def window_side(self) -> int:
@@ -71,17 +80,14 @@ class Spec:
 
   @property
   def rescale(self) -> str:
-    """How stage 1's input is made and its map brought back to full size: 'resize' (the paper:
-    the whole image resized, antialiased bilinear, any factor) or 'blocks' (native: the mean of
-    each f x f block, and `inference.bilinear` back, so that any band or tile of an image of any
-    size is made on its own)."""
+    """How stage 1's input is made and its map brought back: 'resize' (the paper: antialiased
+    bilinear) or 'blocks' (native: f x f block means, and `inference.bilinear` back, per tile)."""
     return 'blocks' if self.resolution == 'native' else 'resize'
 
   @property
   def scores_on_low_map(self) -> bool:
     """Patches are scored on stage 1's own low-resolution map (native: no full-resolution map is
-    made to choose; the learned score: the error head's) rather than on the upscaled map (the
-    paper's protocol)."""
+    made; the learned score: the error head's), not on the upscaled map (the paper's)."""
     return self.score == 'learned' or self.resolution == 'native'
 
   @property
@@ -104,8 +110,7 @@ class Spec:
     return self.num_classes + (network == 'stage1' and self.error_head)
 
   def in_channels(self, network: str) -> int:
-    """Input channels of 'stage1', 'stage2' or 'baseline': RGB, plus the stage-1 probabilities for
-    stage 2 when stage2_uses_coarse."""
+    """Input channels: RGB, and for stage 2 with stage2_uses_coarse the stage-1 probabilities."""
     return 3 + self.num_classes if network == 'stage2' and self.stage2_uses_coarse else 3
 
   def geometry(self) -> dict:
@@ -116,13 +121,10 @@ class Spec:
 
 
 def score_range(score: str, num_classes: int) -> float:
-  """The largest value a patch score can take (the smallest is 0)."""
+  """The largest value a patch score can take (the smallest is 0): ln C for entropy, 1 - 1/C for
+  distance, 1 for margin and learned (a share of pixels), with C = max(num_classes, 2)."""
   classes = max(num_classes, 2)
-  if score == 'entropy':
-    return math.log(classes)
-  if score in ('margin', 'learned'):  # 'learned': a share of pixels.
-    return 1.0
-  return 1.0 - 1.0 / classes  # 'distance'
+  return {'entropy': math.log(classes), 'distance': 1.0 - 1.0 / classes}.get(score, 1.0)
 
 
 def check_spec(spec: Spec) -> Spec:
@@ -144,12 +146,12 @@ def check_spec(spec: Spec) -> Spec:
         f'at Np={n} is {spec.patch_size} px (everything would be zero-padded). Use depth <= '
         f'{int(math.log2(min(spec.stage1_size, spec.patch_size)))} or larger sizes.')
   if spec.score == 'learned' and spec.resolution == 'square' and spec.stage1_size % n:
-    raise SettingsError(f'config.score=\'learned\' needs stage1_size ({spec.stage1_size}) to be a '
-                        f'multiple of num_patches ({n}): a patch is scored on whole stage-1 pixels.')
+    raise SettingsError(f"config.score='learned' needs stage1_size={spec.stage1_size} to be a "
+                        f'multiple of num_patches={n}: patches are scored on whole stage-1 pixels.')
   if (spec.input_mean is None) != (spec.input_std is None):
     raise SettingsError(f'config.model.input_mean={spec.input_mean} and model.input_std='
-                        f'{spec.input_std}: set both (the training images\' per-channel statistics) '
-                        f'or neither (--mode=train measures them).')
+                        f"{spec.input_std}: set both (the training images' per-channel "
+                        f'statistics) or neither (--mode=train measures them).')
   if spec.halo and spec.halo >= spec.patch_size * n:
     raise SettingsError(f'config.halo={spec.halo} is not valid: it must be smaller than hi_size.')
   return spec

@@ -1,8 +1,5 @@
-"""What training carries from step to step: `TrainState`, its optimizer and its creation.
-
-Kept apart from the training loop so that checkpoints (which restore into a TrainState template)
-sit below the loop in the dependency line.
-"""
+"""What training carries from step to step: `TrainState`, its optimizer and its creation (apart from
+the loop, so that checkpoints, which restore into a TrainState template, sit below the loop)."""
 
 import zlib
 from typing import Any, Optional
@@ -37,6 +34,7 @@ def learning_rate(plan: TrainPlan, total_steps: int):
 
 
 def create_optimizer(plan: TrainPlan, total_steps: int) -> optax.GradientTransformation:
+  """Adam at `learning_rate(plan, total_steps)`."""
   return optax.adam(learning_rate(plan, total_steps))
 
 
@@ -63,15 +61,10 @@ def from_stage1(stage1_params, spec: Spec):
   see the input, down0 and the head (the input is the top skip), so stage 2 starts as stage 1
   applied at full resolution."""
   extra = spec.in_channels('stage2') - 3
-
-  def widen(kernel):  # [kh, kw, C_in, C_out] -> [kh, kw, C_in + extra, C_out], the new rows zero.
-    pad = [(0, 0)] * kernel.ndim
-    pad[2] = (0, extra)
-    return jnp.pad(kernel, pad)
-
   params = dict(stage1_params)
-  for layer in ('down0', 'head'):
-    params[layer] = dict(params[layer], kernel=widen(params[layer]['kernel']))
+  for layer in ('down0', 'head'):  # Kernels [kh, kw, C_in, C_out] get `extra` zero C_in rows.
+    kernel = jnp.pad(params[layer]['kernel'], [(0, 0), (0, 0), (0, extra), (0, 0)])
+    params[layer] = dict(params[layer], kernel=kernel)
   c = spec.num_classes  # Stage 1's error head (model.error_head) has no place in stage 2.
   params['head'] = {'kernel': params['head']['kernel'][..., :c], 'bias': params['head']['bias'][:c]}
   return params

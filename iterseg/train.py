@@ -1,20 +1,15 @@
 """Training of the three networks (baseline, stage 1, stage 2 per Np) with one pmapped optax step.
 
-`train` trains what the plan's networks name, in order: stage 1 first (stage 2 learns from its
-probabilities), then stage 2 for each Np in num_patches_list, then the baseline; each resumes from
-its latest checkpoint, so rerunning the same command continues.
-
-The loop takes hooks (`hooks.py`, as flax's examples take periodic actions): `train` installs the
-NaN check, checkpointing, metrics lines, the progress bar and an optional profiler trace; a caller
-may add its own.
-
-A run killed at any point (even while writing a checkpoint) and started again ends with the bits of
-an uninterrupted run on the same devices: a step's randomness is the state's key folded with the
-step, the data order is a function of (seed, epoch) entered at the step's batch, a checkpoint counts
-only once orbax has finished writing it, and the metric lines logged after it are dropped.
-SIGINT and SIGTERM save the current step first, then stop with `Interrupted`.
+`train` trains the plan's networks in order (stage 1, whose probabilities stage 2 learns from,
+stage 2 per Np, the baseline), each resuming from its latest checkpoint; hooks (`hooks.py`) run
+after every step. A run killed at any point (even while writing a checkpoint) and started again
+ends with the bits of an uninterrupted run on the same devices: a step's randomness is the state's
+key folded with the step, the data order is a function of (seed, epoch) entered at the step's
+batch, a checkpoint counts only once orbax has finished writing it, and the metric lines logged
+after it are dropped. SIGINT and SIGTERM save the current step first, then stop with `Interrupted`.
 """
 
+import contextlib
 import functools
 import os
 from typing import Any, Optional, Sequence
@@ -28,22 +23,17 @@ from tqdm import tqdm
 
 from iterseg import augment, checkpoints, files, hooks, inference, losses, models, state
 from iterseg.data import pipeline
-from iterseg.errors import Interrupted, TrainingError  # noqa: F401  (raised by the loop and hooks)
-from iterseg.hooks import Hook, StopSignals
+from iterseg.errors import Interrupted
 from iterseg.plans import TrainPlan
 from iterseg.run import Run
 from iterseg.settings import Settings
 from iterseg.spec import Spec
 
-# --- The step -----------------------------------------------------------------------------------------
-
 
 def sample_patches(key, scores, k: int, how: str):
-  """Grid indices [B, k] (distinct per image) of the stage-2 training patches.
-
+  """Grid indices [B, k] (distinct per image) of the stage-2 training patches; scores [B, Np^2].
   'random': uniform (the authors); 'entropy_weighted': in proportion to the patch score, without
-  replacement (Gumbel top-k); 'top': the k patches inference would refine.
-  """
+  replacement (Gumbel top-k); 'top': the k patches inference would refine."""
   if how == 'top':
     return lax.top_k(scores, k)[1]
   gumbel = jax.random.gumbel(key, scores.shape)
@@ -53,41 +43,34 @@ def sample_patches(key, scores, k: int, how: str):
 
 
 def network_inputs(network: str, key, images, masks, frozen, *, spec: Spec, sampling: str):
-  """What each network learns from a batch of full-resolution images [B, H, W, 3] and masks [B, H, W].
-
-  baseline: the batch itself. stage1: images resized to stage1_size; binary masks area-averaged to
-  soft labels (the fraction of foreground under each low-resolution pixel, so that stage 1 learns
-  to be unsure where detail is), class ids resized nearest for several classes. stage2: k patches
-  per image chosen by `sample_patches` from the frozen stage 1's scores, cut by
-  `inference.stage2_inputs` exactly as inference cuts them.
-  Returns (inputs [N, h, w, C_in], labels [N, h', w']); stage 2's labels are the patch centres.
-  """
+  """(inputs [N, h, w, C_in], labels [N, h', w']) each network learns from full-resolution images
+  [B, H, W, 3] and masks [B, H, W]. baseline: the batch itself. stage1: images resized to
+  stage1_size, binary masks area-averaged to soft labels (the foreground share of each pixel, so
+  that stage 1 learns to be unsure where detail is), class ids resized nearest. stage2: k patches
+  per image chosen by `sample_patches` from the frozen stage 1's scores, cut as inference cuts them,
+  labelled by their centres."""
   b = images.shape[0]
   if network == 'baseline':
     return images, masks
   if network == 'stage1':
-    s = spec.stage1_size
     small = inference.downscale(images, spec)
     if spec.num_classes == 1:
       return small, inference.downscale(masks.astype(jnp.float32), spec)
-    return small, jax.image.resize(masks, (b, s, s), 'nearest')
+    return small, jax.image.resize(masks, (b, spec.stage1_size, spec.stage1_size), 'nearest')
   low, coarse = lax.stop_gradient(inference.stage1_maps(frozen, images, spec))
   scores = inference.scores_of(low, coarse, spec)
-  cells = spec.num_patches ** 2
   flat = (sample_patches(key, scores, spec.refine_count, sampling)
-          + cells * jnp.arange(b)[:, None]).reshape(-1)
+          + spec.num_patches ** 2 * jnp.arange(b)[:, None]).reshape(-1)  # Indices in the batch.
   labels = inference.cut(masks[..., None], flat, spec)[..., 0]
   return inference.stage2_inputs(images, coarse, flat, spec), labels
 
 
 def train_step(train_state: state.TrainState, batch, frozen, *, network: str, spec: Spec,
                plan: TrainPlan, tx: optax.GradientTransformation):
-  """One Adam step on a per-device batch {'image': [b, H, W, 3], 'mask': [b, H, W]}.
-
-  Runs under pmap(axis_name='batch'): each device augments its own examples with its own key;
-  gradients and metrics are averaged over all devices, so the new state is the same everywhere.
-  `frozen` is stage 1's parameters when training stage 2 (else None).
-  """
+  """One Adam step on a per-device batch {'image': [b, H, W, 3], 'mask': [b, H, W]}; returns (the
+  new state, metrics). Under pmap(axis_name='batch') each device augments its own examples with its
+  own key; gradients and metrics are averaged over all devices, so the new state is the same
+  everywhere. `frozen` is stage 1's parameters when training stage 2 (else None)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(train_state.rng), train_state.step)
   aug_key, sample_key = jax.random.split(jax.random.fold_in(key, lax.axis_index('batch')))
   images, masks = augment.augment(
@@ -97,10 +80,8 @@ def train_step(train_state: state.TrainState, batch, frozen, *, network: str, sp
                                   frozen, spec=spec, sampling=plan.patch_sampling)
 
   def loss_fn(params):
-    if network == 'stage2':
-      logits = inference.stage2_logits(params, inputs, spec)
-    else:
-      logits = models.unet(spec, network).apply({'params': params}, inputs)
+    logits = (inference.stage2_logits(params, inputs, spec) if network == 'stage2' else
+              models.unet(spec, network).apply({'params': params}, inputs))
     c = spec.num_classes
     loss, aux = losses.segmentation_loss(logits[..., :c], labels, num_classes=c,
                                          alpha=plan.focal_alpha, gamma=plan.focal_gamma)
@@ -115,16 +96,14 @@ def train_step(train_state: state.TrainState, batch, frozen, *, network: str, sp
   grads = lax.pmean(grads, 'batch')
   updates, opt_state = tx.update(grads, train_state.opt_state, train_state.params)
   params = optax.apply_updates(train_state.params, updates)
-  metrics = lax.pmean({'loss': loss, **aux}, 'batch')
-  metrics['grad_norm'] = optax.tree.norm(grads)
-  metrics['param_norm'] = optax.tree.norm(params)
-  new_state = train_state.replace(step=train_state.step + 1, params=params, opt_state=opt_state)
-  return new_state, metrics
+  metrics = {**lax.pmean({'loss': loss, **aux}, 'batch'), 'grad_norm': optax.tree.norm(grads),
+             'param_norm': optax.tree.norm(params)}
+  return train_state.replace(step=train_state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(network: str, spec: Spec, plan: TrainPlan, total_steps: int):
-  """train_step pmapped over the local devices: state and frozen replicated, batch split, the
-  state donated."""
+  """train_step pmapped over the local devices: state and frozen replicated, batch split, state
+  donated."""
   step = functools.partial(train_step, network=network, spec=spec, plan=plan,
                            tx=state.create_optimizer(plan, total_steps))
   return jax.pmap(step, axis_name='batch', in_axes=(None, 0, None), out_axes=(None, None),
@@ -132,27 +111,22 @@ def make_train_step(network: str, spec: Spec, plan: TrainPlan, total_steps: int)
 
 
 def replicate(tree):
-  """`tree` copied to every local device, laid out as the pmapped step returns its state.
-
-  Giving the step its own output layout from the first call on means one compilation (not one for
-  a fresh or restored state and another for the rest), and no resharding of the donated state,
-  which multi-host pmap cannot do in place.
-  """
+  """`tree` copied to every local device, laid out as the pmapped step returns its state: one
+  compilation (not a second one for a fresh or restored state), and no resharding of the donated
+  state, which multi-host pmap cannot do in place."""
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('batch',))
   return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-# --- The loop -----------------------------------------------------------------------------------------
+# --- The loop ----------------------------------------------------------------------------------
 
 
 def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optional[int] = None,
-                  frozen=None, source=None, extra_hooks: Sequence[Hook] = (),
-                  stop: Optional[StopSignals] = None) -> Any:
-  """Trains one network to its planned number of epochs, resuming from its latest checkpoint.
-
-  Returns its parameters. `source` (the train split) defaults to data.load_split(s.data, 'train').
-  `extra_hooks` run after the built-in ones, after every step.
-  """
+                  frozen=None, source=None, extra_hooks: Sequence[hooks.Hook] = (),
+                  stop: Optional[hooks.StopSignals] = None) -> Any:
+  """Trains one network to its planned number of epochs, resuming from its latest checkpoint;
+  returns its parameters. `source` (the train split) defaults to data.load_split(s.data, 'train');
+  `extra_hooks` run after the built-in ones."""
   spec = s.spec_for(num_patches) if network == 'stage2' else s.spec
   name = models.name(network, spec.num_patches)
   plan = s.train
@@ -168,8 +142,8 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
       plan, spec, network, total,
       params=state.from_stage1(jax.device_get(frozen), spec) if copied else None)
   manager = checkpoints.manager(workdir, name, plan.keep_checkpoints)
-  bar = None
-  try:
+  with contextlib.ExitStack() as closing:
+    closing.callback(manager.close)  # Waits for the checkpoint being written, also after an error.
     train_state = replicate(checkpoints.restore_latest(manager, fresh, name))
     step = int(train_state.step)
     if step >= total:
@@ -180,8 +154,8 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
     p_step = make_train_step(network, spec, plan, total)
     unit, per_step = ('patches', plan.batch_size * spec.refine_count) if network == 'stage2' else (
         'images', plan.batch_size)
-    bar = tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
-               disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = closing.enter_context(tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
+                                     disable=jax.process_index() != 0, dynamic_ncols=True))
     every = [hooks.FiniteCheck(workdir, plan.checkpoint_every),
              hooks.Checkpointer(manager, plan.checkpoint_every),
              hooks.MetricsWriter(workdir, plan.log_every, per_epoch, unit, per_step, bar)]
@@ -195,7 +169,7 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
         train_state, metrics = p_step(train_state, batch, frozen)
         step += 1
         bar.update(1)
-        interrupted = stop is not None and _stop_requested(stop, manager, step)
+        interrupted = stop is not None and stop.requested(manager, step)
         info = hooks.Step(name, step, total, train_state, metrics,
                           last=step >= total or interrupted)
         for hook in (*every, *extra_hooks):
@@ -207,46 +181,29 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
         if step >= total:
           break
     return train_state.params
-  finally:
-    if bar is not None:
-      bar.close()
-    manager.close()  # Waits for the checkpoint being written, also when training stopped on an error.
-
-
-def _stop_requested(stop: StopSignals, manager, step: int) -> bool:
-  if jax.process_count() > 1:
-    return bool(manager.reached_preemption(step))
-  return stop.received is not None
-
-
-def check_resumable(s: Settings, workdir: str):
-  """CheckpointError, before anything is written, if the workdir's networks were trained with
-  another geometry."""
-  run = Run(workdir)
-  if run.trained_networks() and os.path.exists(run.file('config.json')):
-    run.check_geometry(s)
 
 
 def training_data(s: Settings):
   """The train split (less the calibration holdout with train.exclude_holdout), checked to split
-  into s.train.batch_size batches over this run's devices."""
+  into s.train.batch_size batches over this run's devices, decompressed once (not every epoch:
+  native steps crop a few whole images)."""
   from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
   source = data.load_split(s.data, 'train')
   if s.train.exclude_holdout:
     held = set(data.holdout_indices(len(source), s.calibrate.holdout, s.seed).tolist())
     source = data.Subset(source, [i for i in range(len(source)) if i not in held])
   pipeline.check_batch_size(s.train.batch_size, len(source))
-  # Decompressed once, not every epoch (native: every step crops a few whole images).
   return pipeline.Decoded(source)
 
 
 def preflight(s: Settings, workdir: str):
-  """Everything that can refuse --mode=train, checked before it writes anything: the geometry of
-  the workdir's networks, the training data, the batch over this run's processes and devices, the
-  stage 1 that stage 2 learns from, and the metadata of every checkpoint it will resume from.
-  Returns (the train split, stage 1's parameters when stage 2 learns from a stage 1 trained
-  before, else None)."""
-  check_resumable(s, workdir)
+  """Checks all that can refuse --mode=train before it writes anything: the geometry of the
+  workdir's networks, the training data, the batch over this run's processes and devices, the stage
+  1 that stage 2 learns from, the metadata of each checkpoint it resumes. Returns (the train split,
+  stage 1's parameters when stage 2 learns from a stage 1 trained before, else None)."""
+  run = Run(workdir)
+  if run.trained_networks() and os.path.exists(run.file('config.json')):
+    run.check_geometry(s)
   source = training_data(s)
   stage1 = None
   if 'stage2' in s.train.networks and 'stage1' not in s.train.networks:
@@ -258,16 +215,13 @@ def preflight(s: Settings, workdir: str):
   return source, stage1
 
 
-def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> Settings:
-  """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says); returns
-  the settings the networks were trained with (with input_norm='standardize', the training images'
-  statistics measured here, or the run's when it resumes; config.json holds them).
-
-  A refused command leaves the workdir as it was: `preflight` checks what it can before the first
-  write, and what is written before the first step (config.json, plan.json, metrics.jsonl trimmed
-  on resume) is put back if the command still fails before that step (e.g. a checkpoint whose
-  metadata reads but whose arrays do not).
-  """
+def train(s: Settings, workdir: str, *, extra_hooks: Sequence[hooks.Hook] = ()) -> Settings:
+  """Trains stage 1, stage 2 for each Np, then the baseline (as s.train.networks says); returns the
+  settings they were trained with (with input_norm='standardize', the training images' statistics
+  measured here, or the run's when it resumes; config.json holds them). A refused command leaves
+  the workdir as it was: `preflight` checks what it can before the first write, and what is written
+  before the first step (config.json, plan.json, metrics.jsonl trimmed on resume) is put back if the
+  command fails before that step (e.g. unreadable checkpoint arrays)."""
   run = Run(workdir)
   s = run.with_statistics(s)
   source, stage1 = preflight(s, workdir)
@@ -282,7 +236,7 @@ def train(s: Settings, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> Set
   stepped = []
   try:
     run.save_settings(s)
-    with StopSignals(coordinated=True) as stop:
+    with hooks.StopSignals(coordinated=True) as stop:
       train_one = functools.partial(train_network, s, workdir, source=source, stop=stop,
                                     extra_hooks=(lambda _: stepped.append(1), *extra_hooks))
       for network, n in s.jobs():

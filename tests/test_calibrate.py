@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from iterseg import calibrate, data, errors, methods, settings
+from iterseg import calibrate, data, errors, methods, native, settings
 from iterseg.run import Run
 from tests.helpers import set_fields, tiny
 
@@ -87,7 +87,7 @@ def test_operating_point_reads_calibration_json(tmp_path):
     ('{"operating_point": ', 'cannot be read'),  # Truncated mid-write: never silently ignored.
     ('[1, 2]', 'cannot be read'),
     (json.dumps({'operating_point': {'num_patches': 2, 'refine_fraction': 1.5}}),
-     r'operating_point.refine_fraction=1.5 is not valid \(a number in \(0, 1\]\)'),
+     r'operating_point.refine_fraction=1.5 is not valid \(a finite number in \(0, 1\]\)'),
     (json.dumps({'operating_point': {'num_patches': '4', 'refine_count': 2}}),
      "operating_point.num_patches='4' is not valid"),
     (json.dumps({'operating_point': {'num_patches': 4, 'refine_count': 0}}),
@@ -110,11 +110,12 @@ def test_a_damaged_calibration_json_is_one_line_naming_the_file_the_field_and_th
 def test_measure_averages_over_the_real_images_of_padded_batches():
   rng = np.random.default_rng(0)
   masks = (rng.random((5, 8, 8)) < 0.3).astype(np.uint8)
-  images = np.repeat(masks[..., None].astype(np.float32), 3, -1)  # The image carries its mask.
-  batches = [{'image': images[i:i + 2], 'mask': masks[i:i + 2]} for i in range(0, 5, 2)]
-  half_fn = jax.jit(lambda p, x, spec: (x[..., :1] * 0.5, None), static_argnames='spec')
+  images = np.repeat(masks[..., None] * np.uint8(255), 3, -1)  # The image carries its mask.
+  examples = [{'image': images[i], 'mask': masks[i], 'name': str(i), 'original_size': (8, 8)}
+              for i in range(5)]
+  half_fn = jax.jit(lambda p, x, spec: (x[..., :1] / 510.0, None), static_argnames='spec')
   half = methods.Method('half', None, half_fn, None, None)
-  got = calibrate.measure(half, batches, 1, repeats=2)
+  got = calibrate.measure(native.Square([half], 1, batch_size=2), examples)  # 2 + 2 + 1 (padded).
   p, y = masks.reshape(5, -1) * 0.5, masks.reshape(5, -1)
   soft = (2 * (p * y).sum(1) + 1) / (p.sum(1) + y.sum(1) + 1)  # Only the 5 real images count.
   assert got['soft_dice'] == pytest.approx(soft.mean(), rel=1e-5)

@@ -7,7 +7,7 @@ import pytest
 
 import shutil
 
-from iterseg import checkpoints, errors, evaluate, inference, methods, metrics, plots, settings
+from iterseg import checkpoints, errors, evaluate, inference, methods, metrics, native, plots, settings
 from iterseg.run import Run
 from tests.helpers import save_random_networks, tiny
 
@@ -22,14 +22,17 @@ def numpy_metrics(probs, mask):
   return soft, (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
 
 
-def random_batches(num_images=5, batch_size=2, size=64, seed=0):
+def random_examples(num_images=5, size=64, seed=0):
   rng = np.random.default_rng(seed)
-  images = rng.random((num_images, size, size, 3), dtype=np.float32)
+  images = rng.integers(0, 256, (num_images, size, size, 3), dtype=np.uint8)
   masks = (rng.random((num_images, size, size)) < 0.3).astype(np.uint8)
   masks[0] = 0  # An image without foreground.
-  return [{'image': images[i:i + batch_size], 'mask': masks[i:i + batch_size],
-           'name': np.array([f'im{j}' for j in range(i, min(i + batch_size, num_images))])}
-          for i in range(0, num_images, batch_size)], images, masks
+  return [{'image': images[i], 'mask': masks[i], 'name': f'im{i}', 'original_size': (size, size)}
+          for i in range(num_images)], images, masks
+
+
+def square(comparison, batch_size=2, **kwargs):
+  return native.Square(comparison, 1, batch_size=batch_size, **kwargs)
 
 
 def test_image_metrics_match_numpy_by_hand():
@@ -66,17 +69,18 @@ def test_multiclass_metrics_average_the_foreground_classes():
 
 
 def test_a_perfect_predictor_scores_one_on_every_image():
-  batches, _, masks = random_batches(num_images=5, batch_size=2, size=16)
-  for b in batches:  # The "image" carries its mask, so the predictor can return it.
-    b['image'] = np.repeat(b['mask'][..., None].astype(np.float32), 3, -1)
-  perfect = methods.Method('perfect', None, lambda p, x, spec: (x[..., :1], None), None, None)
-  result = evaluate.evaluate([perfect], batches, 1, progress=False)
+  examples, _, masks = random_examples(num_images=5, size=16)
+  for e in examples:  # The "image" carries its mask, so the predictor can return it.
+    e['image'] = np.repeat(e['mask'][..., None] * np.uint8(255), 3, -1)
+  perfect = methods.Method('perfect', None, lambda p, x, spec: (x[..., :1] / 255.0, None), None,
+                           None)
+  result = evaluate.evaluate(square([perfect]), examples, progress=False)
   m = result['methods']['perfect']
   assert result['num_images'] == 5 and result['names'] == [f'im{i}' for i in range(5)]
   for k in metrics.METRICS:  # Soft Dice with smooth 1 is exactly 1 too when p == y in {0, 1}.
     assert m['per_image'][k] == pytest.approx([1.0] * 5)
     assert m[k] == pytest.approx(1.0)
-  assert m['refined_fraction'] is None
+  assert m['refined_fraction'] is None and len(m['per_image']['seconds']) == 5
   assert masks[0].sum() == 0  # The empty image counted as perfect, not as 1/1 by chance.
 
 
@@ -85,9 +89,9 @@ def tiny_run():
   """Random tiny networks evaluated on 5 images in batches of 2 (the last one partial)."""
   config = tiny(num_patches=4)
   params = inference.init_params(config, jax.random.key(0))
-  batches, images, masks = random_batches()
-  result = evaluate.evaluate(methods.methods(params, settings.from_config(config)), batches, 1,
-                             progress=False)
+  examples, images, masks = random_examples()
+  result = evaluate.evaluate(square(methods.methods(params, settings.from_config(config)),
+                                    seam_np=4), examples, progress=False)
   return config, params, images, masks, result
 
 

@@ -125,10 +125,11 @@ def test_compilations_follow_the_size_buckets_not_the_sizes():
   model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.spec)
   for image in images((60, 60), (57, 63), (64, 50)):  # One bucket: 8 x 8 stage-1 px.
     model.two_stage(image)
-  assert (model.stage1.compiles, model.band.compiles, model.stage2.compiles) == (1, 1, 1)
-  model.two_stage(images((130, 60))[0])  # A taller bucket: stage 1 again, the same width.
-  assert (model.stage1.compiles, model.band.compiles, model.stage2.compiles) == (2, 1, 1)
-  assert model.compiles == 4
+  counts = lambda: (model.stage1.compiles, model.band.compiles, model.stage2.compiles,
+                    model.paste.compiles)
+  assert counts() == (1, 1, 1, 1)
+  model.two_stage(images((130, 60))[0])  # A taller bucket: stage 1, bands and paste again.
+  assert counts() == (2, 2, 1, 2) and model.compiles == 7
 
 
 @pytest.mark.parametrize('image,words', [
@@ -279,9 +280,9 @@ def test_predict_writes_each_image_at_its_own_size(native_workdir, tmp_path):
   for record in result['images']:
     h, w = record['height'], record['width']
     assert Image.open(record['mask']).size == (w, h) == Image.open(record['overlay']).size
-  # Stage-1 px 7x12, 17x5, 8x8 -> buckets (8, 16), (24, 8), (8, 8): stage 1 three times, the bands
-  # for widths 16 and 8, stage 2 once.
-  assert result['compiles'] == 3 + 2 + 1
+  # Stage-1 px 7x12, 17x5, 8x8 -> buckets (8, 16), (24, 8), (8, 8): stage 1, the bands and the
+  # paste three times each, stage 2 once.
+  assert result['compiles'] == 3 + 3 + 3 + 1
   summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
   assert summary['resolution'] == 'native' and summary['compiles'] == result['compiles']
 
@@ -294,13 +295,15 @@ def test_the_native_benchmark_times_both_methods_against_size(native_workdir, tm
                                                                'benchmark.repeats': 3})
   results = benchmark.run(settings.from_config(config), str(workdir))
   keys = [(r['size'], r['method']) for r in results['rows']]
-  assert keys == [('64x64', 'two_stage'), ('64x64', 'sliding_window'), ('128x128', 'two_stage'),
-                  ('128x128', 'sliding_window')]
+  assert keys == [('64x64', 'two_stage'), ('64x64', 'baseline'), ('128x128', 'two_stage'),
+                  ('128x128', 'baseline')]
   for r in results['rows']:
-    assert r['seconds'] > 0 and 0 <= r['soft_dice'] <= 1 and r['gflops'] > 0
+    assert r['latency_ms'] > 0 and 0 <= r['soft_dice'] <= 1 and r['gflops_per_image'] > 0
     assert r['repeats'] == 3  # Tiny images: every round fits the budget; the median of three.
-  assert results['rows'][0]['speedup'] == results['rows'][1]['seconds'] / results['rows'][0]['seconds']
-  assert (workdir / 'benchmark_native.png').read_bytes()[:4] == b'\x89PNG'
+    assert r['peak_rss_gb'] is None or r['peak_rss_gb'] > 0
+  two_stage, dense = results['rows'][:2]
+  assert two_stage['speedup_vs_baseline'] == dense['latency_ms'] / two_stage['latency_ms']
+  assert (workdir / 'benchmark.png').read_bytes()[:4] == b'\x89PNG'
 
 
 @pytest.mark.parametrize('fields, words', [

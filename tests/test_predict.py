@@ -73,7 +73,7 @@ def test_overlay_tints_the_mask_and_outlines_refined_patches_in_original_coordin
   image = np.zeros((10, 20, 3), np.uint8)
   mask = np.zeros((10, 20), np.uint8)
   mask[8:, 18:] = 1
-  out = predict.overlay(image, mask, np.array([0]), num_patches=2)  # Top-left patch: 5 x 10 px.
+  out = predict.overlay(image, mask, [(0, 0, 5, 10)])  # The top-left patch of 2 x 2: 5 x 10 px.
   yellow = np.array(predict.OUTLINE)
   for y, x in [(0, 0), (4, 9), (0, 9), (4, 0), (2, 0)]:
     np.testing.assert_array_equal(out[y, x], yellow)
@@ -84,8 +84,8 @@ def test_overlay_tints_the_mask_and_outlines_refined_patches_in_original_coordin
 
 def test_multiclass_outputs_are_class_ids_and_an_npy_of_probabilities(tmp_path):
   probs = np.random.default_rng(0).dirichlet(np.ones(3), (7, 9)).astype(np.float32)
-  result = {'probs': probs, 'mask': probs.argmax(-1).astype(np.uint8), 'refined': np.array([3])}
-  paths = predict.save_outputs(tmp_path, 'x', np.zeros((7, 9, 3), np.uint8), result, 2)
+  result = {'probs': probs, 'mask': probs.argmax(-1).astype(np.uint8), 'boxes': [(3, 4, 7, 9)]}
+  paths = predict.save_outputs(tmp_path, 'x', np.zeros((7, 9, 3), np.uint8), result)
   np.testing.assert_array_equal(np.asarray(Image.open(paths['mask'])), result['mask'])
   np.testing.assert_array_equal(np.load(paths['probs']), probs)
   assert paths['probs'].endswith('x_probs.npy')
@@ -93,16 +93,16 @@ def test_multiclass_outputs_are_class_ids_and_an_npy_of_probabilities(tmp_path):
 
 def test_a_failed_write_keeps_the_previous_good_outputs(tmp_path, monkeypatch):
   probs = np.full((6, 6, 1), 0.9, np.float32)
-  good = {'probs': probs, 'mask': np.ones((6, 6), np.uint8), 'refined': np.array([0])}
+  good = {'probs': probs, 'mask': np.ones((6, 6), np.uint8), 'boxes': [(0, 0, 3, 3)]}
   image = np.zeros((6, 6, 3), np.uint8)
-  paths = predict.save_outputs(tmp_path, 'x', image, good, 2)
+  paths = predict.save_outputs(tmp_path, 'x', image, good)
   before = {k: Path(p).read_bytes() for k, p in paths.items()}
 
   def broken(*args, **kwargs):
     raise OSError('disk full')
   monkeypatch.setattr(predict, 'overlay', broken)
   with pytest.raises(OSError, match='disk full'):
-    predict.save_outputs(tmp_path, 'x', image, dict(good, probs=probs * 0, mask=good['mask'] * 0), 2)
+    predict.save_outputs(tmp_path, 'x', image, dict(good, probs=probs * 0, mask=good['mask'] * 0))
   assert {k: Path(p).read_bytes() for k, p in paths.items()} == before
   assert sorted(os.listdir(tmp_path)) == ['x_mask.png', 'x_overlay.png', 'x_prob.png']
 

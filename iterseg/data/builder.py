@@ -1,31 +1,19 @@
 """The TFDS builder that every iterseg dataset shares (TensorFlow-free).
 
-A dataset subclasses `SegmentationBuilder` and says only where its cases are (`list_cases`) and, when it is
-not "non-zero = foreground", how its masks read (`read_mask`). This class does the rest, the same way for
-every dataset:
+A dataset subclasses `SegmentationBuilder` and says where its cases are (`list_cases`) and, unless
+"non-zero = foreground", how its masks read (`read_mask`). The rest is shared: `find_cases` skips
+the cases that lack an image or a mask, with one warning (none left, or a missing folder, is a
+DataError naming manual_dir); `common.split_names` splits; `common.make_example` resizes; TFDS
+writes zlib `tfds.features.Tensor`s in array_record files (read back with `as_data_source(split)`)
+into an `incomplete.*` folder renamed when complete: a failed prepare leaves no dataset that loads.
 
-  cases   `find_cases` keeps the listed cases that have both an image and a mask. A case missing its mask
-          (or a mask whose image is missing) is SKIPPED, with one warning that lists the skipped cases; a
-          dataset left with no case is a DataError naming manual_dir. A missing folder (no annotation
-          folder at all) stays a DataError: that is a wrong layout, not a gap in the data.
-  split   sorted case names -> `common.split_names` (np.random.default_rng(split_seed), 70/30 by default);
-  resize  each image to hi_size x hi_size with a bilinear (area-like when shrinking) filter, each mask with
-          nearest neighbour, keeping the original (height, width); at native resolution each keeps its
-          own size and aspect, times data.scale (variable-size examples);
-  write   `tfds.features.Tensor` features (uint8, zlib), `file_format='array_record'`, read back with
-          `builder.as_data_source(split)`. TFDS writes into a temporary `incomplete.*` folder that is renamed
-          only when every split is complete, and removed when generation fails, so a failed prepare never
-          leaves a dataset that loads.
-
-Identity. Whatever changes the stored arrays is in the builder config and hence in the folder name:
+Identity. Whatever changes the stored arrays is in the builder config, hence in the folder name:
 `<data_dir>/<dataset>/hi<hi_size>_seed<split_seed>_frac<train_fraction>[_<extra>]_src<fingerprint>/
-<version>/`, e.g. `ph2/hi768_seed123_frac0.7_src3f9a1c07d2/1.0.0`. The fingerprint (`source_fingerprint`)
-hashes the raw files a dataset reads, each by its path under manual_dir, size and modification time:
-files from another folder, or a file changed, added or removed, give another folder, prepared anew
-beside the old one; the same files moved elsewhere give the same folder. Without manual_dir (train
-later on prepared data), the one folder prepared for these settings is used, and more than one is a
-DataError asking for manual_dir. Generated datasets (synthetic) have no source files and no
-fingerprint.
+<version>/`, e.g. `ph2/hi768_seed123_frac0.7_src3f9a1c07d2/1.0.0`. The fingerprint
+(`source_fingerprint`) hashes each raw file's path under manual_dir, size and modification time:
+other files, or a file changed, added or removed, are prepared anew beside the old folder; moved
+files keep theirs. Without manual_dir, the one folder prepared for these settings is used (several:
+a DataError asking for manual_dir). Generated datasets (synthetic) have no fingerprint.
 """
 
 from __future__ import annotations
@@ -46,15 +34,12 @@ from iterseg.data import common
 from iterseg.data.common import Case, DataError
 
 
-class _HideCustomConfigWarning(std_logging.Filter):
-  """TFDS warns 'Using custom data configuration' for each config not listed in BUILDER_CONFIGS. Ours
-  are all made from the iterseg config (see `config_from`), so the warning would only be noise."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return not str(record.msg).startswith('Using custom data configuration')
+def _hide_custom_config_warning(record: std_logging.LogRecord) -> bool:
+  """Drops TFDS's 'Using custom data configuration' warning: all our configs are (`config_from`)."""
+  return not str(record.msg).startswith('Using custom data configuration')
 
 
-std_logging.getLogger('absl').addFilter(_HideCustomConfigWarning())
+std_logging.getLogger('absl').addFilter(_hide_custom_config_warning)
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,55 +53,46 @@ class SegmentationConfig(tfds.core.BuilderConfig):
 
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base builder: examples {'image': uint8 [hi, hi, 3], 'mask': uint8 [hi, hi], 'original_size': int32 [2]
-  (height, width), 'name': str}, in splits 'train' and 'test'.
-
-  Not registered in the TFDS registry (`skip_registration`): iterseg builds its builders explicitly (see
-  `iterseg.data.make_builder`), and names like 'kitti' would clash with TFDS's own datasets.
-  """
+  """Base builder: examples {'image': uint8 [hi, hi, 3], 'mask': uint8 [hi, hi], 'original_size':
+  int32 [2] (height, width), 'name': str}, in splits 'train' and 'test'. Not in the TFDS registry
+  (`make_builder` builds it; names like 'kitti' would clash with TFDS's own datasets)."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIG_CLASS = SegmentationConfig
-  HOMEPAGES: tuple[str, ...] = ()  # Official pages (the paper's footnotes), for docs and error messages.
+  HOMEPAGES: tuple[str, ...] = ()  # Official pages (the paper's footnotes), for error messages.
   LAYOUT = ''  # The unpacked archive's layout under manual_dir, for error messages.
   SOURCE_FILES = True  # Read from manual_dir (a fingerprint of the files names the folder).
   DESCRIPTION = ''
-  # TFDS looks for checksum files beside a builder's code; there are none (nothing is downloaded). Saying
-  # so also skips TFDS 4.9.10's lookup of the `importlib_resources` backport, which current etils no
-  # longer installs (ModuleNotFoundError in download_and_prepare for builders defined in a package).
+  # No checksum files beside the code (nothing is downloaded); saying so also skips TFDS 4.9.10's
+  # import of the `importlib_resources` backport, which etils no longer installs.
   code_path = None
 
   def __init__(self, *, manual_dir: str | Path = '', **kwargs):
-    """kwargs go to `tfds.core.GeneratorBasedBuilder` (config, data_dir, file_format, ...).
-
-    manual_dir: the folder holding the unpacked official archive(s); only read while preparing.
-    """
+    """manual_dir: the unpacked official archive(s), read while preparing; kwargs go to TFDS."""
     self.manual_dir = Path(manual_dir).expanduser() if manual_dir else None
     super().__init__(**kwargs)
-    self._original_state['manual_dir'] = manual_dir  # TFDS pickles a builder by re-calling __init__.
+    self._original_state['manual_dir'] = manual_dir  # TFDS pickles it by re-calling __init__.
 
   @classmethod
-  def config_from(cls, config) -> SegmentationConfig:
-    """The builder config for an iterseg `plans.DataSpec`."""
-    return cls.BUILDER_CONFIG_CLASS(**cls._config_fields(config), name=cls._config_name(config))
-
-  @classmethod
-  def _config_fields(cls, spec) -> dict[str, Any]:
-    return dict(hi_size=spec.side, split_seed=spec.split_seed,
-                train_fraction=spec.train_fraction, scale=1.0 if spec.side else spec.scale)
-
-  @classmethod
-  def _config_name(cls, spec) -> str:
+  def config_from(cls, spec) -> SegmentationConfig:
+    """The builder config for an iterseg `plans.DataSpec`, named by all it holds."""
+    extra, suffix = cls.extra_config(spec)
     size = f'hi{spec.side}' if spec.side else f'native_x{spec.scale:g}'
-    return f'{size}_seed{spec.split_seed}_frac{spec.train_fraction:g}'
+    return cls.BUILDER_CONFIG_CLASS(
+        name=f'{size}_seed{spec.split_seed}_frac{spec.train_fraction:g}{suffix}',
+        hi_size=spec.side, split_seed=spec.split_seed, train_fraction=spec.train_fraction,
+        scale=1.0 if spec.side else spec.scale, **extra)
+
+  @classmethod
+  def extra_config(cls, spec) -> tuple[dict[str, Any], str]:
+    """A dataset's own config fields from `spec`, and the suffix they add to the config name."""
+    return {}, ''
 
   def _info(self) -> tfds.core.DatasetInfo:
     hi = self.builder_config.hi_size or None  # None: native, every example its own size.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.DESCRIPTION,
-        homepage=self.HOMEPAGES[0] if self.HOMEPAGES else None,
+        builder=self, description=self.DESCRIPTION, homepage=next(iter(self.HOMEPAGES), None),
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Tensor(shape=(hi, hi, 3), dtype=np.uint8, encoding='zlib'),
             'mask': tfds.features.Tensor(shape=(hi, hi), dtype=np.uint8, encoding='zlib'),
@@ -124,53 +100,46 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             'name': tfds.features.Text(),
         }),
         supervised_keys=('image', 'mask'),
-        # Store examples in generation order, i.e. sorted by name, not in TFDS's key-hash order: evaluation
-        # then lists cases in a stable, readable order (training shuffles anyway).
-        disable_shuffling=True,
-        # Filled while generating: 'fg_percent' (mean over all examples of the % of foreground pixels,
-        # the paper's Table 1 column %Fg) and 'manual_dir'.
-        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,  # Stored sorted by name: evaluation lists cases in a stable order.
+        metadata=tfds.core.MetadataDict(),  # Filled in: 'fg_percent' (mean %Fg) and 'manual_dir'.
     )
 
-  # --- What a dataset defines -------------------------------------------------------------------------
+  # --- What a dataset defines ---------------------------------------------------------------------
 
   def list_cases(self) -> dict[str, Case]:
     """{name: Case} for every case in the raw data, incomplete ones too (a None image or mask)."""
     raise NotImplementedError
 
   def find_cases(self) -> dict[str, Any]:
-    """{name: case} of the cases to store; `load_example(name, case)` decodes one.
-
-    Files datasets: `list_cases` less the incomplete cases, which are skipped with one warning (see the
-    module docstring); DataError naming manual_dir when none is left. Generated datasets override this.
-    """
-    cases, skipped = common.complete_cases(self.list_cases())
+    """{name: case} to store, for `load_example(name, case)`: `list_cases` less the incomplete
+    cases, skipped with one warning (none left: DataError). Generated datasets override it."""
+    listed = self.list_cases()
+    skipped = {name: 'no mask' if case.mask is None else 'no image'
+               for name, case in listed.items() if case.mask is None or case.image is None}
+    cases = {name: case for name, case in listed.items() if name not in skipped}
+    detail = common.list_names(f'{name} ({why})' for name, why in sorted(skipped.items()))
     if not cases:
-      detail = f' (all {len(skipped)} lack a file: {self._describe(skipped)})' if skipped else ''
-      raise DataError(f'{self.name}: no case with both an image and a mask in {self.manual_dir}{detail}')
-    if skipped and skipped != getattr(self, '_warned_skipped', None):  # prepare() lists cases twice.
+      raise DataError(f'{self.name}: no case with both an image and a mask in {self.manual_dir}'
+                      + (f' (all {len(skipped)} lack a file: {detail})' if skipped else ''))
+    if skipped and skipped != getattr(self, '_warned_skipped', None):  # prepare() lists twice.
       self._warned_skipped = skipped
-      logging.warning('%s: skipped %d of %d cases that lack an image or a mask in %s: %s', self.name,
-                      len(skipped), len(skipped) + len(cases), self.manual_dir, self._describe(skipped))
+      logging.warning('%s: skipped %d of %d cases that lack an image or a mask in %s: %s',
+                      self.name, len(skipped), len(listed), self.manual_dir, detail)
     return cases
-
-  @staticmethod
-  def _describe(skipped: dict[str, str]) -> str:
-    """'PH2/IMD003.bmp (no mask), ...' (the first 10, then 'and N more')."""
-    return common.list_names(f'{name} ({why})' for name, why in sorted(skipped.items()))
 
   def read_mask(self, path: Path) -> np.ndarray:
     """uint8 [h, w] class ids of the mask file at `path` (default: any non-zero pixel is 1)."""
     return common.read_binary_mask(path)
 
   def load_example(self, name: str, case: Case) -> dict[str, Any]:
-    """The stored example of one case (see the class docstring)."""
+    """The stored example of one case, resized to hi_size x hi_size (bilinear, area-like when
+    shrinking; masks nearest neighbour) or, at native resolution, times data.scale."""
     return common.make_example(common.read_image(case.image), self.read_mask(case.mask), name=name,
                                size=self.builder_config.hi_size or None,
                                scale=self.builder_config.scale, image_path=case.image,
                                mask_path=case.mask)
 
-  # --- Shared machinery -------------------------------------------------------------------------------
+  # --- Shared machinery ---------------------------------------------------------------------------
 
   def download_hint(self) -> str:
     return f'download it from {" or ".join(self.HOMEPAGES)}' if self.HOMEPAGES else ''
@@ -193,8 +162,6 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _split_generators(self, dl_manager):
     del dl_manager  # The raw files are read from self.manual_dir; nothing is downloaded.
     cases = self.find_cases()
-    if not cases:
-      raise DataError(f'{self.name}: no cases found in {self.manual_dir}')
     splits = common.split_names(cases, seed=self.builder_config.split_seed,
                                 train_fraction=self.builder_config.train_fraction)
     self.info.metadata['manual_dir'] = str(self.manual_dir or '')
@@ -210,8 +177,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       yield name, example
 
   def source_fingerprint(self) -> str:
-    """10 hex digits of a hash over every raw file the dataset reads (complete and incomplete cases):
-    its path relative to manual_dir, its size and its modification time (ns)."""
+    """10 hex digits of a hash over every raw file the dataset reads (of complete and incomplete
+    cases): its path relative to manual_dir, its size and its modification time (ns)."""
     root = self.manual_root()
     digest = hashlib.sha256()
     for name, case in sorted(self.list_cases().items()):

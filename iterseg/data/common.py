@@ -1,29 +1,21 @@
-"""What every dataset shares: the error type, reading files with Pillow, the resize and the split.
+"""What every dataset shares: reading files with Pillow, the resize, the split, finding files.
 
-Nothing here imports TensorFlow or tensorflow-datasets, so tests and the synthetic generator can use it
-cheaply.
-
+Nothing here imports TensorFlow or tensorflow-datasets (cheap for tests and the synthetic data).
 Conventions:
-  * images are read as uint8 RGB `[h, w, 3]` whatever the file holds, scaled from the file's real range
-    (16-bit, 32-bit and float files included; see `to_uint8_rgb`);
-  * images, masks and label maps are turned upright by their EXIF orientation tag, so they stay aligned;
-  * binary masks are uint8 `{0, 1}`: a pixel is foreground when it is non-zero in any channel (1-bit BMP,
-    24-bit RGB {0, 255}, GIF {0, 255}, grey PPM, 16-bit and float files all work; palette files are
-    mapped through their palette);
-  * a `.gz` suffix (STARE) is decompressed before Pillow sees the bytes;
-  * file extensions match case-insensitively (`find_file`, `files_with_suffix`): '.BMP' is '.bmp';
-  * a case missing its mask (or a mask missing its image) is skipped with one warning, by the builder
-    (`complete_cases` says which);
+  * images are read as uint8 RGB `[h, w, 3]` from the file's real range (16-bit, float too);
+  * images, masks and label maps are turned upright by their EXIF orientation, so they stay aligned;
+  * binary masks are uint8 `{0, 1}`: non-zero in any channel (palettes through their colours);
+  * `.gz` files (STARE) are decompressed; extensions match in any case ('.BMP' is '.bmp');
   * every problem with the files is a `DataError` with one line that names the file(s).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import gzip
 import io
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -32,39 +24,37 @@ from PIL import ImageOps
 from iterseg.errors import DataError  # noqa: F401  (every data module raises it from here)
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  """One image file and its ground-truth mask file, before any decoding.
+class Case(NamedTuple):
+  """An image file and its mask file; a None one makes the case incomplete (skipped). `list_cases`
+  gives {name: Case}, each name '<dataset>/<image file name>' (e.g. 'DRIVE/21_training.tif'),
+  unique within the dataset: the example's key and 'name' feature, and what the split sorts by."""
 
-  A dataset's `list_cases` returns {name: Case}, incomplete cases included, and the builder's
-  `find_cases` keeps the complete ones (`complete_cases`). The name, '<dataset>/<image file name>' (e.g.
-  'DRIVE/21_training.tif'), is unique within the dataset, is the example's key and 'name' feature, and
-  is what the split sorts by.
-  """
+  image: Path | None
+  mask: Path | None
 
-  image: Path | None  # None: a mask without its image (the builder skips the case with a warning).
-  mask: Path | None  # None: an image without its mask (likewise skipped).
-
-
-# --- Reading ------------------------------------------------------------------------------------------
 
 _ORIENTATION = 0x0112  # The EXIF tag; 1 is upright, 5-8 swap width and height.
 
 
-def open_image(path: Path) -> Image.Image:
-  """Opens and fully decodes `path` (gzip-compressed when it ends in .gz); DataError naming it if not."""
-  path = Path(path)
-  if not path.is_file():
+@contextlib.contextmanager
+def _reading(path: Path):
+  """DataError naming `path` when it is missing, or when reading it in the block fails."""
+  if not Path(path).is_file():
     raise DataError(f'missing file: {path}')
   try:
-    if path.suffix.lower() == '.gz':
-      image = Image.open(io.BytesIO(gzip.decompress(path.read_bytes())))
-    else:
-      image = Image.open(path)
-    image.load()  # Pillow decodes lazily: force it here so a truncated file fails with its name.
-    return image
+    yield
   except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
     raise DataError(f'cannot read image {path}: {e}') from e
+
+
+def open_image(path: Path) -> Image.Image:
+  """Opens and fully decodes `path` (gunzipped when it ends in .gz); DataError naming it if not."""
+  path = Path(path)
+  with _reading(path):
+    gzipped = path.suffix.lower() == '.gz'
+    image = Image.open(io.BytesIO(gzip.decompress(path.read_bytes())) if gzipped else path)
+    image.load()  # Pillow decodes lazily: force it here so a truncated file fails with its name.
+  return image
 
 
 def orientation(image: Image.Image) -> int:
@@ -77,19 +67,16 @@ def orientation(image: Image.Image) -> int:
 
 
 def upright(image: Image.Image) -> Image.Image:
-  """`image` turned by its EXIF orientation (`ImageOps.exif_transpose`); itself when already upright."""
+  """`image` turned by its EXIF orientation (`ImageOps.exif_transpose`); itself if upright."""
   return image if orientation(image) == 1 else ImageOps.exif_transpose(image)
 
 
 def sample_max(image: Image.Image) -> int:
-  """The largest value of the integer type the file stores `image`'s samples in (full range).
-
-  '1' and the 8-bit modes ('L', 'P', 'RGB', 'RGBA', 'LA', 'CMYK', 'YCbCr', ...): 255 (Pillow reads
-  16-bit RGB(A) and grey+alpha PNGs as 8-bit modes, keeping the high byte). 'I;16*': 65535. 'I' (Pillow's
-  int32 mode): 65535 when the file is a PNG or PPM/PGM (16-bit grey: PNG has no deeper samples and Pillow
-  rescales a PGM's maxval to 65535), the TIFF's own BitsPerSample (2**bits - 1, or 2**(bits-1) - 1 when
-  SampleFormat says signed), else 2**31 - 1. Needs the image as opened (a copy forgets its format).
-  """
+  """The largest value of the integer type the file stores `image`'s samples in: 255 for '1' and
+  the 8-bit modes (Pillow reads 16-bit RGB(A) and grey+alpha PNGs as 8-bit, keeping the high byte);
+  65535 for 'I;16*', and for 'I' (int32) from a PNG or PPM/PGM (16-bit grey; Pillow rescales a PGM's
+  maxval to 65535); a TIFF's BitsPerSample range (2**bits - 1, or 2**(bits-1) - 1 if SampleFormat
+  says signed); else 2**31 - 1. Needs the image as opened (a copy forgets its format)."""
   if image.mode.startswith('I;16'):
     return 65535
   if image.mode != 'I':
@@ -97,45 +84,33 @@ def sample_max(image: Image.Image) -> int:
   if image.format in ('PNG', 'PPM'):
     return 65535
   tags = getattr(image, 'tag_v2', None)
-  if image.format == 'TIFF' and tags is not None and 258 in tags:  # 258 BitsPerSample, 339 SampleFormat.
+  if image.format == 'TIFF' and tags is not None and 258 in tags:
+    # Tags 258: BitsPerSample, 339: SampleFormat (2 is signed).
     bits, signed = int(np.ravel(tags[258])[0]), int(np.ravel(tags.get(339, 1))[0]) == 2
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
   return 2 ** 31 - 1
 
 
-def scale_integers(values: np.ndarray, top: int) -> np.ndarray:
+def _to_uint8(values: np.ndarray, top: float) -> np.ndarray:
   """uint8, same shape: `values` in [0, top] (clipped) mapped linearly to [0, 255], rounded."""
   values = np.clip(values.astype(np.float64), 0, top)
   return np.rint(values * (255.0 / top)).astype(np.uint8)
 
 
-def scale_floats(values: np.ndarray) -> np.ndarray:
-  """uint8, same shape, from a float image (NaN and infinities read as 0, negatives clipped to 0).
-
-  The range is guessed from the peak: at most 1 -> [0, 1] (x255); at most 255 -> [0, 255] (as is);
-  above 255 -> [0, peak] (stretched so the peak is 255).
-  """
-  values = np.where(np.isfinite(values), values, 0.0).astype(np.float64)
-  peak = float(values.max(initial=0.0))
-  scale = 255.0 if peak <= 1.0 else 1.0 if peak <= 255.0 else 255.0 / peak
-  return np.rint(np.clip(values * scale, 0.0, 255.0)).astype(np.uint8)
-
-
 def to_uint8_rgb(image: Image.Image) -> np.ndarray:
-  """uint8 [h, w, 3] RGB of an opened Pillow image, upright (EXIF orientation applied).
-
-  Integer samples scale by the full range of their bit depth (`sample_max`: 16-bit v -> round(v / 65535
-  * 255)); float ('F') samples by `scale_floats` ([0, 1] -> x255). Grey is repeated into the 3 channels,
-  '1' is {0, 255}, palettes are resolved through the palette, CMYK/YCbCr/LAB/HSV are converted by Pillow,
-  and alpha is dropped (the colour as stored, not composited). ValueError for a mode Pillow cannot turn
-  into RGB.
-  """
+  """uint8 [h, w, 3] RGB of an opened Pillow image, upright (EXIF orientation applied). Integers
+  scale by the full range of their bit depth (`sample_max`: 16-bit v -> round(v / 65535 * 255));
+  floats ('F'; NaN, infinities read as 0) by the range the peak suggests: [0, 1], [0, 255] or [0,
+  peak]. Grey is repeated into 3 channels, '1' is {0, 255}, palettes are resolved, other modes
+  converted by Pillow (ValueError if it cannot), alpha dropped (the colour as stored)."""
   top = sample_max(image)  # Before `upright`, whose copy forgets the file's format and tags.
   image = upright(image)
   if image.mode == 'F':
-    grey = scale_floats(np.asarray(image))
+    values = np.nan_to_num(np.asarray(image, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(values.max(initial=0.0))
+    grey = _to_uint8(values, 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else peak)
   elif top > 255:
-    grey = scale_integers(np.asarray(image), top)
+    grey = _to_uint8(np.asarray(image), top)
   elif image.mode == 'RGB':
     return np.asarray(image, np.uint8)
   else:
@@ -147,17 +122,10 @@ def to_uint8_rgb(image: Image.Image) -> np.ndarray:
 
 
 def header_size(path: Path) -> tuple[int, int]:
-  """(height, width) of the image at `path` from its header, nothing decoded (as stored: EXIF
-  rotation aside); DataError naming the file if it cannot be opened (or is above Pillow's
-  decompression-bomb limit)."""
-  path = Path(path)
-  if not path.is_file():
-    raise DataError(f'missing file: {path}')
-  try:
-    with Image.open(path) as image:
-      width, height = image.size
-  except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
-    raise DataError(f'cannot read image {path}: {e}') from e
+  """(height, width) of the image at `path` from its header (as stored: EXIF rotation aside);
+  DataError naming the file if it cannot be opened or is above Pillow's decompression-bomb limit."""
+  with _reading(path), Image.open(path) as image:
+    width, height = image.size
   return height, width
 
 
@@ -171,103 +139,77 @@ def image_size(path: Path) -> tuple[int, int]:
 def _decoded(path: Path, convert):
   """convert(the opened image at `path`), any decoding error a DataError naming the file."""
   image = open_image(path)
-  try:
+  with _reading(path):
     return convert(image)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise DataError(f'cannot read image {path}: {e}') from e
 
 
 def read_image(path: Path) -> np.ndarray:
-  """uint8 [h, w, 3]: the upright RGB image at `path`, scaled from its real range (see `to_uint8_rgb`)."""
+  """uint8 [h, w, 3]: the upright RGB image at `path`, from its real range (`to_uint8_rgb`)."""
   return _decoded(path, to_uint8_rgb)
-
-
-def _open_upright(path: Path) -> Image.Image:
-  return _decoded(path, upright)
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
   """uint8 [h, w] in {0, 1}, upright: 1 where the file is non-zero in any channel (palette colours
   resolved; any bit depth; float NaN is 0; alpha ignored)."""
-  image = _open_upright(path)
+  image = _decoded(path, upright)
   if image.mode in ('1', 'L', 'I', 'F') or image.mode.startswith('I;16'):
     values = np.asarray(image)
-    if image.mode == 'F':
-      values = np.where(np.isfinite(values), values, 0)
-    return (values != 0).astype(np.uint8)
+    return ((values != 0) & np.isfinite(values)).astype(np.uint8)  # NaN and infinities: 0.
   if image.mode in ('LA', 'PA', 'RGBA', 'RGBa', 'RGBX', 'P', 'RGB', 'CMYK', 'YCbCr', 'HSV', 'LAB'):
     # Palette indices are not values (index 0 may be white): look the colours up. Alpha is ignored.
-    rgb = np.asarray(image.convert('RGB'))
-    return rgb.any(axis=-1).astype(np.uint8)
+    return np.asarray(image.convert('RGB')).any(axis=-1).astype(np.uint8)
   raise DataError(f'unsupported mask mode {image.mode!r}: {path}')
 
 
 def read_label_map(path: Path) -> np.ndarray:
-  """int32 [h, w] class ids, upright, from a single-channel file (grey values, or palette indices for
-  'P' files)."""
-  image = _open_upright(path)
+  """int32 [h, w] class ids, upright, from a single-channel file (grey, or 'P' palette indices)."""
+  image = _decoded(path, upright)
   if image.mode in ('RGB', 'RGBA'):
     rgb = np.asarray(image)[..., :3]
-    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
-      raise DataError(f'label map must be single-channel (grey or palette ids), got colours: {path}')
+    if (rgb != rgb[..., :1]).any():
+      raise DataError(f'label map must be single-channel (grey or palette ids), got colours: '
+                      f'{path}')
     return rgb[..., 0].astype(np.int32)
   if image.mode in ('LA', 'PA'):
     image = image.getchannel(0)
   return np.asarray(image).astype(np.int32)
 
 
-# --- Resize -------------------------------------------------------------------------------------------
+def _resize(array: np.ndarray, size, resample: Image.Resampling) -> np.ndarray:
+  h, w = (size, size) if isinstance(size, int) else size
+  if array.shape[:2] == (h, w):
+    return array
+  return np.asarray(Image.fromarray(array).resize((w, h), resample))
 
 
 def resize_image(image: np.ndarray, size) -> np.ndarray:
-  """uint8 [h, w, 3] for size (h, w), or [size, size, 3] for an int (the paper's square, aspect not
-  kept), with Pillow's bilinear filter, which widens its support when shrinking, so a downscale
-  averages like an area filter."""
-  h, w = (size, size) if isinstance(size, int) else size
-  if image.shape[:2] == (h, w):
-    return image
-  return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+  """uint8 [h, w, 3] for size (h, w), or [size, size, 3] for an int (the paper's square), with
+  Pillow's bilinear filter, whose support widens when shrinking: a downscale averages like area."""
+  return _resize(image, size, Image.Resampling.BILINEAR)
 
 
 def resize_mask(mask: np.ndarray, size) -> np.ndarray:
   """uint8 [h, w] (or [size, size]): nearest neighbour, so class ids stay class ids."""
-  h, w = (size, size) if isinstance(size, int) else size
-  if mask.shape == (h, w):
-    return mask
-  return np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
-
-
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-  """(height, width) times `scale`, rounded, at least 1 each: the aspect kept."""
-  return max(1, round(height * scale)), max(1, round(width * scale))
+  return _resize(mask, size, Image.Resampling.NEAREST)
 
 
 def make_example(image: np.ndarray, mask: np.ndarray, *, name: str, size: int | None,
-                 scale: float = 1.0, image_path: Path | str = '', mask_path: Path | str = '') -> dict:
+                 scale: float = 1.0, image_path: Path | str = '',
+                 mask_path: Path | str = '') -> dict:
   """The stored example: both arrays resized to size x size (or, size None, to their own size times
-  `scale`, aspect kept), plus the original (height, width)."""
+  `scale`, rounded, at least 1: aspect kept), plus the original (height, width)."""
   if image.shape[:2] != mask.shape[:2]:
-    raise DataError(f'image/mask size mismatch: {image_path} is {image.shape[1]}x{image.shape[0]} but '
-                    f'{mask_path} is {mask.shape[1]}x{mask.shape[0]} (width x height)')
-  shape = (size, size) if size else scaled_size(*image.shape[:2], scale)
-  return {
-      'image': resize_image(image, shape),
-      'mask': resize_mask(mask, shape),
-      'original_size': np.asarray(image.shape[:2], np.int32),
-      'name': name,
-  }
-
-
-# --- Split --------------------------------------------------------------------------------------------
+    raise DataError(f'image/mask size mismatch: {image_path} is {image.shape[1]}x{image.shape[0]} '
+                    f'but {mask_path} is {mask.shape[1]}x{mask.shape[0]} (width x height)')
+  shape = (size, size) if size else tuple(max(1, round(n * scale)) for n in image.shape[:2])
+  return {'image': resize_image(image, shape), 'mask': resize_mask(mask, shape),
+          'original_size': np.asarray(image.shape[:2], np.int32), 'name': name}
 
 
 def split_names(names: Iterable[str], *, seed: int, train_fraction: float) -> dict[str, list[str]]:
-  """{'train': [...], 'test': [...]}: a random split of the sorted names, reproducible from `seed`.
-
-  The names are sorted, permuted with `np.random.default_rng(seed).permutation`, and the first
-  round(n * train_fraction) (at least 1, at most n - 1) go to train. Each list is returned sorted.
-  So the split depends only on the set of names, the seed and the fraction, never on file-system order.
-  """
+  """{'train': [...], 'test': [...]}, each sorted: the first round(n * train_fraction) (at least 1,
+  at most n - 1) of the sorted names permuted by `np.random.default_rng(seed).permutation` go to
+  train. So the split depends only on the set of names, the seed and the fraction."""
   names = sorted(names)
   if len(set(names)) != len(names):
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -278,58 +220,34 @@ def split_names(names: Iterable[str], *, seed: int, train_fraction: float) -> di
     raise ValueError(f'train_fraction must be in (0, 1), got {train_fraction}')
   order = np.random.default_rng(seed).permutation(len(names))
   num_train = min(max(round(len(names) * train_fraction), 1), len(names) - 1)
-  return {
-      'train': sorted(names[i] for i in order[:num_train]),
-      'test': sorted(names[i] for i in order[num_train:]),
-  }
-
-
-# --- Finding files ------------------------------------------------------------------------------------
+  return {'train': sorted(names[i] for i in order[:num_train]),
+          'test': sorted(names[i] for i in order[num_train:])}
 
 
 def strip_suffixes(name: str) -> str:
   """'im0001.ah.ppm.gz' -> 'im0001.ah'; 'IMD003.bmp' -> 'IMD003' (drops .gz, then one extension)."""
-  path = Path(name)
-  if path.suffix.lower() == '.gz':
-    path = Path(path.stem)
-  return path.stem
+  return Path(name[:-3] if name.lower().endswith('.gz') else name).stem
 
 
 def find_file(folder: Path, stem: str, extensions: Sequence[str]) -> Path | None:
-  """`folder/<stem><ext>` for the first of `extensions` present, the extension matched case-insensitively
-  ('IMD003' + '.bmp' finds 'IMD003.BMP'; an exact spelling wins); None if none is, or no folder."""
+  """`folder/<stem><ext>` for the first of `extensions` present, in any case ('IMD003' + '.bmp'
+  finds 'IMD003.BMP'; an exact spelling wins); None if none is, or no folder."""
   if not folder.is_dir():
     return None
   files = sorted(p for p in folder.iterdir() if p.name.startswith(stem) and p.is_file())
   for ext in extensions:
-    exact = folder / f'{stem}{ext}'
-    if exact in files:
-      return exact
-    for path in files:
-      if path.name[len(stem):].lower() == ext.lower():
-        return path
+    matches = [p for p in files if p.name[len(stem):].lower() == ext.lower()]
+    if matches:  # The exact spelling, else the first in sorted order.
+      return min(matches, key=lambda p: p.name != f'{stem}{ext}')
   return None
 
 
 def files_with_suffix(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-  """Sorted files in `folder` whose name ends with one of `suffixes`, case-insensitively ('.ppm.gz'
-  works); hidden files ('.DS_Store', '._x.jpg') are left out."""
+  """Sorted files in `folder` whose name ends with one of `suffixes` ('.ppm.gz'), in any case,
+  hidden files ('.DS_Store', '._x.jpg') left out."""
   suffixes = tuple(s.lower() for s in suffixes)
   return sorted(p for p in folder.iterdir()
                 if p.name.lower().endswith(suffixes) and not p.name.startswith('.') and p.is_file())
-
-
-def complete_cases(cases: Mapping[str, Case]) -> tuple[dict[str, Case], dict[str, str]]:
-  """(the cases that have both files, {name: 'no mask' | 'no image'} of the others)."""
-  kept, skipped = {}, {}
-  for name, case in cases.items():
-    if case.mask is None:
-      skipped[name] = 'no mask'
-    elif case.image is None:
-      skipped[name] = 'no image'
-    else:
-      kept[name] = case
-  return kept, skipped
 
 
 def list_names(names: Iterable[str], limit: int = 10) -> str:

@@ -3,16 +3,11 @@
   images/case_a.jpg   masks/case_a.png
   images/case_b.tif   masks/case_b.gif
 
-Any format Pillow reads (plus `.gz` of one), extensions in any case ('.PNG'); files with other
-extensions (notes, `.DS_Store`) are ignored. An image without a mask of the same stem, or a mask without
-its image, is skipped with one warning listing the skipped files; no pair left is a DataError. Images
-are converted to RGB from their real range (16-bit, float: see `common.to_uint8_rgb`). With
-config.num_classes == 1 a mask pixel is 1 where it is non-zero in any channel; with more classes the mask
-must be single-channel (grey values or palette indices) holding ids in [0, num_classes).
-
-The prepared dataset is named by a fingerprint of the files (builder.py, "Identity"): another folder
-of images, or a changed file, is prepared into its own folder; once prepared, training without
-manual_dir uses it.
+Any format Pillow reads (or a `.gz` of one), extensions in any case ('.PNG'); other files (notes,
+`.DS_Store`) are ignored. An image without a mask of the same stem, or a mask without its image, is
+skipped. With config.num_classes == 1 a mask pixel is 1 where it is non-zero in any channel; with
+more classes the mask must be single-channel (grey values or palette indices) holding ids in
+[0, num_classes).
 """
 
 from __future__ import annotations
@@ -34,12 +29,12 @@ class FolderConfig(SegmentationConfig):
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
-  """{stem: path} of the files in `folder` that Pillow can read by extension (DataError on a clash)."""
+  """{stem: path} of the files in `folder` Pillow can read by extension (DataError on a clash)."""
   extensions = set(Image.registered_extensions())
   files = {}
   for path in sorted(folder.iterdir()):
-    name = path.name[:-3] if path.name.lower().endswith('.gz') else path.name
-    if not path.is_file() or path.name.startswith('.') or Path(name).suffix.lower() not in extensions:
+    suffix = Path(path.name.lower().removesuffix('.gz')).suffix
+    if not path.is_file() or path.name.startswith('.') or suffix not in extensions:
       continue
     stem = common.strip_suffixes(path.name)
     if stem in files:
@@ -55,33 +50,24 @@ class Folder(SegmentationBuilder, skip_registration=True):
   BUILDER_CONFIG_CLASS = FolderConfig
   LAYOUT = 'images/ and masks/ with matching file stems'
   DESCRIPTION = 'A folder of images and masks with matching file stems.'
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Put your images in <manual_dir>/images/ and their masks, with the same file stems, in
-  <manual_dir>/masks/, then set config.data.manual_dir to <manual_dir>.
-  """
 
   @classmethod
-  def _config_fields(cls, spec):
-    return dict(super()._config_fields(spec), num_classes=spec.num_classes)
-
-  @classmethod
-  def _config_name(cls, spec):
-    suffix = f'_classes{spec.num_classes}' if spec.num_classes > 1 else ''
-    return super()._config_name(spec) + suffix
+  def extra_config(cls, spec):
+    classes = spec.num_classes
+    return {'num_classes': classes}, (f'_classes{classes}' if classes > 1 else '')
 
   def download_hint(self) -> str:
     return f'expected layout: {self.LAYOUT}'
 
   def list_cases(self) -> dict[str, Case]:
     root = self.manual_root()
-    folders = {kind: root / kind for kind in ('images', 'masks')}
-    for folder in folders.values():
+    for folder in (root / 'images', root / 'masks'):
       if not folder.is_dir():
         raise self.missing(folder, 'folder')
-    images, masks = (_image_files(folder) for folder in folders.values())
+    images, masks = _image_files(root / 'images'), _image_files(root / 'masks')
     if not images:
-      raise DataError(f'folder: no images found in {folders["images"]}')
-    # An image without a mask, or a mask without an image: listed with a None, skipped by find_cases.
+      raise DataError(f'folder: no images found in {root / "images"}')
+    # An image without its mask, or a mask without its image: a None, skipped by find_cases.
     return {(images.get(s) or masks[s]).name: Case(image=images.get(s), mask=masks.get(s))
             for s in sorted(images.keys() | masks.keys())}
 

@@ -1,16 +1,15 @@
 """PH2 dermoscopy (paper Table 1: 200 images, avg 575x766, hi_size 768, 31.4 % foreground).
 
-Layout of the unpacked official archive (manual_dir may be the folder holding `PH2Dataset/`, `PH2Dataset/`
-itself, or `PH2 Dataset images/` itself):
+The unpacked PH2 database (`Ph2.HOMEPAGES`); manual_dir may be the folder holding `PH2Dataset/`,
+`PH2Dataset/` itself, or `PH2 Dataset images/` itself:
 
   PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp   24-bit RGB, ~765x574
-  PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp       1-bit BMP (one case: RGB)
+  PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp       1-bit BMP (one: RGB)
   PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_roi/...                        colour classes (unused)
 
 A case is a folder named `IMD` + digits; anything else there (Readme, spreadsheets, stray files) is
-ignored. The mask is the lesion: any non-zero pixel is 1. Extensions match in any case ('.bmp', '.BMP').
-A case missing its lesion mask (or its image) is skipped with one warning listing the skipped cases; no
-case left is a DataError.
+ignored. The mask is the lesion: any non-zero pixel is 1. Extensions match in any case ('.BMP'). A
+case missing its lesion mask (or image) is skipped.
 """
 
 from __future__ import annotations
@@ -33,10 +32,6 @@ class Ph2(SegmentationBuilder, skip_registration=True):
   HOMEPAGES = ('https://www.fc.up.pt/addi/ph2%20database.html',)
   LAYOUT = f'PH2Dataset/{_IMAGES}/IMDxxx/ (the unpacked PH2 archive)'
   DESCRIPTION = 'PH2 dermoscopic images with lesion masks.'
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
-  Download the PH2 database from {HOMEPAGES[0]}, unpack it, and set config.data.manual_dir to the folder
-  that holds `PH2Dataset/` (which holds `{_IMAGES}/IMD002/...`).
-  """
 
   def images_folder(self) -> Path:
     root = self.manual_root()

@@ -1,7 +1,8 @@
-"""RETINA: fundus images with vessel masks from DRIVE, STARE and CHASE_DB1 (paper Table 1: 66 images,
-avg 745x782, hi_size 768, 7.3 % foreground).
+"""RETINA: fundus images with vessel masks from DRIVE, STARE and CHASE_DB1 (paper Table 1: 66
+images, avg 745x782, hi_size 768, 7.3 % foreground).
 
-manual_dir holds whichever of these unpacked archives you have (at least one):
+manual_dir holds whichever of these unpacked archives you have (`SUBSET_HOMEPAGES`; STARE: its
+stare-images.tar and labels-ah.tar), at least one:
 
   DRIVE/training/images/NN_training.tif       DRIVE/training/1st_manual/NN_manual1.gif
   DRIVE/test/images/NN_test.tif               DRIVE/test/1st_manual/NN_manual1.gif
@@ -9,15 +10,12 @@ manual_dir holds whichever of these unpacked archives you have (at least one):
   CHASE_DB1/Image_NNX.jpg                     CHASE_DB1/Image_NNX_1stHO.png
 
 The first observer's annotation is the mask (DRIVE `1st_manual`, STARE Hoover `labels-ah`, CHASE_DB1
-`_1stHO`), any non-zero pixel = vessel. A DRIVE `test/` without `1st_manual/` (the grand-challenge release
-keeps the test labels back) is skipped with a warning. STARE cases are those with a label (the full STARE
-image set has 400 unlabelled images). Example names record the source: 'DRIVE/21_training.tif',
-'STARE/im0002.ppm.gz', 'CHASE_DB1/Image_01L.jpg'.
-
-Extensions match in any case ('.TIF', '.GIF', '.PPM.GZ', '.JPG'). A DRIVE or CHASE_DB1 image without its
-annotation file, or a STARE label or CHASE_DB1 annotation without its image, is skipped with one warning
-listing the skipped cases (no case left: DataError). A missing annotation folder (DRIVE training
-`1st_manual/`, STARE `labels-ah/`) is a DataError.
+`_1stHO`), any non-zero pixel = vessel. A DRIVE `test/` without `1st_manual/` (the grand-challenge
+release keeps the test labels back) is skipped with a warning. STARE cases are those with a label
+(the full set has 400 unlabelled images). Names record the source: 'DRIVE/21_training.tif',
+'STARE/im0002.ppm.gz', 'CHASE_DB1/Image_01L.jpg'. Extensions match in any case ('.TIF'). A DRIVE or
+CHASE_DB1 image without its annotation, or a STARE or CHASE_DB1 annotation without its image, is
+skipped; a missing annotation folder (DRIVE training `1st_manual/`, STARE `labels-ah/`) is an error.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from iterseg.data import common
 from iterseg.data.builder import SegmentationBuilder
 from iterseg.data.common import Case, DataError
 
-SUBSETS = ('DRIVE', 'STARE', 'CHASE_DB1')
 SUBSET_HOMEPAGES = {
     'CHASE_DB1': 'https://blogs.kingston.ac.uk/retinal/chasedb1',
     'STARE': 'https://cecas.clemson.edu/~ahoover/stare',
@@ -45,22 +42,17 @@ class Retina(SegmentationBuilder, skip_registration=True):
   HOMEPAGES = tuple(SUBSET_HOMEPAGES.values())
   LAYOUT = 'DRIVE/, STARE/ and/or CHASE_DB1/ (the unpacked archives)'
   DESCRIPTION = 'Retinal fundus images with vessel masks: DRIVE, STARE and CHASE_DB1.'
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
-  Download any of DRIVE ({SUBSET_HOMEPAGES['DRIVE']}),
-  STARE ({SUBSET_HOMEPAGES['STARE']}: stare-images.tar and labels-ah.tar) and
-  CHASE_DB1 ({SUBSET_HOMEPAGES['CHASE_DB1']}), and unpack them into config.data.manual_dir as
-  DRIVE/training/..., STARE/stare-images/ + STARE/labels-ah/, and CHASE_DB1/Image_01L.jpg...
-  """
 
   def list_cases(self) -> dict[str, Case]:
     root = self.manual_root()
-    present = [s for s in SUBSETS if (root / s).is_dir()]
+    readers = {'DRIVE': self._drive, 'STARE': self._stare, 'CHASE_DB1': self._chase}
+    present = [s for s in readers if (root / s).is_dir()]
     if not present:
-      raise DataError(f'retina: none of {", ".join(str(root / s) for s in SUBSETS)} exists '
+      raise DataError(f'retina: none of {", ".join(str(root / s) for s in readers)} exists '
                       f'({self.download_hint()})')
     cases = {}
     for subset in present:
-      found = {'DRIVE': self._drive, 'STARE': self._stare, 'CHASE_DB1': self._chase}[subset](root / subset)
+      found = readers[subset](root / subset)
       if not found:
         raise DataError(f'retina: no images found in {root / subset} (download {subset} from '
                         f'{SUBSET_HOMEPAGES[subset]})')

@@ -1,20 +1,14 @@
 """The embedded default dataset: procedurally generated images where the fine detail matters.
 
-Each image is a skin-like textured background with one dark, speckled, lesion-like blob whose border is
-ragged at a scale of a few pixels, and 2-4 thin (2-3 px) dark-red vessel-like curves that leave the blob.
-The mask is blob + curves. Built so that the paper's method has something to do:
-
-  * learnable: foreground differs from background in colour and texture (a small U-Net learns it in a
-    couple of CPU minutes);
-  * stage 1 misses detail: the border's teeth (wavelength ~4-14 px, amplitude a few px) and the curves'
-    width are below one stage-1 pixel (hi / 8 = 8 px), so the 1/8 copy keeps only the smooth blob;
-  * detail is local: everything uncertain lies on the blob's border and along the curves, i.e. in a
-    minority of the Np x Np patches. Measured at Np = 8 (hi 128, 40 images) for a perfect stage 1 at 1/8
-    resolution: Dice ~0.91; ~20 of the 64 patches hold any error, the 12 worst ~85 % of the error pixels;
-  * ~10-20 % foreground (mean 15 %).
-
-Everything is a pure function of (index, size): the scene is drawn in relative coordinates, so the same
-index gives the same scene at any size, and the split and the examples are reproducible.
+Each image: a skin-like textured background, one dark, speckled, lesion-like blob with a border
+ragged at a few pixels' scale, and 2-4 thin (2-3 px) dark-red vessel-like curves leaving it; the
+mask is blob + curves (~10-20 % foreground, mean 15 %). So the paper's method has something to do:
+foreground differs in colour and texture (a small U-Net learns it in a couple of CPU minutes); the
+border's teeth (~4-14 px) and the curves' width are below one stage-1 pixel (hi / 8), so the 1/8
+copy keeps only the smooth blob; and detail is local, in a minority of the Np x Np patches (Np = 8,
+hi 128, 40 images, a perfect 1/8 stage 1: Dice ~0.91; ~20 of 64 patches hold any error, the 12
+worst ~85 % of the error pixels). Everything is a pure function of (index, size), drawn in relative
+coordinates: an index is the same scene at any size; the split and the examples are reproducible.
 """
 
 from __future__ import annotations
@@ -31,34 +25,32 @@ _ANGLES = 4096  # Resolution of the tabulated border radius r(theta).
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-  """float32 [size, size], ~unit std: a cells x cells grid of N(0, 1) values, bilinearly upsampled."""
-  grid = rng.standard_normal((cells, cells)).astype(np.float32)
-  field = np.asarray(Image.fromarray(grid, mode='F').resize((size, size), Image.Resampling.BILINEAR))
+  """float32 [size, size], ~unit std: a cells x cells grid of N(0, 1), bilinearly upsampled."""
+  grid = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32), mode='F')
+  field = np.asarray(grid.resize((size, size), Image.Resampling.BILINEAR))
   return field / max(float(field.std()), 1e-6)
 
 
 def _border_radius(shape_rng: np.random.Generator, texture_rng: np.random.Generator,
                    radius: float) -> np.ndarray:
-  """float [_ANGLES]: the blob's radius in pixels at angles 2 pi i / _ANGLES.
-
-  A smooth lobed outline (harmonics 2-5: what stage 1 can see) plus ragged teeth: random harmonics whose
-  wavelength along the border is 4-14 px (below two stage-1 pixels at any size) and whose amplitude,
-  2-5 px, varies around the border (some stretches smooth, some very ragged).
-  """
+  """float [_ANGLES]: the blob's radius in pixels at angles 2 pi i / _ANGLES: a smooth lobed outline
+  (harmonics 2-5: what stage 1 can see) plus random teeth of wavelength 4-14 px (below two stage-1
+  pixels at any size) and an amplitude (2-5 px) that varies around it (smooth to very ragged)."""
   theta = np.linspace(0, 2 * np.pi, _ANGLES, endpoint=False)
   lobes = sum(shape_rng.uniform(0, 0.12 / k) * np.cos(k * theta + shape_rng.uniform(0, 2 * np.pi))
               for k in range(2, 6))
   envelope = 0.4 + 0.6 * (0.5 + 0.5 * np.cos(shape_rng.integers(1, 4) * theta
                                              + shape_rng.uniform(0, 2 * np.pi)))
   ks = np.arange(max(6, int(2 * np.pi * radius / 14)), max(12, int(2 * np.pi * radius / 4)) + 1)
-  teeth = (texture_rng.standard_normal(len(ks))[:, None]
-           * np.cos(ks[:, None] * theta + texture_rng.uniform(0, 2 * np.pi, len(ks))[:, None])).sum(0)
+  teeth = (texture_rng.standard_normal(len(ks))[:, None] * np.cos(
+      ks[:, None] * theta + texture_rng.uniform(0, 2 * np.pi, len(ks))[:, None])).sum(0)
   teeth /= teeth.std()
   return radius * (1 + lobes) + np.clip(0.1 * radius, 2.0, 5.0) * envelope * teeth
 
 
-def _curve(rng: np.random.Generator, start: np.ndarray, heading: float, length: float) -> np.ndarray:
-  """float [100, 2] (x, y) points of a gently bending curve of `length` px (same shape at any size)."""
+def _curve(rng: np.random.Generator, start: np.ndarray, heading: float,
+           length: float) -> np.ndarray:
+  """float [100, 2] (x, y) points of a gently bending curve of `length` px (same at any size)."""
   t = np.linspace(0, 1, 100)
   bend = rng.normal(0, 0.8) * t + rng.uniform(0, 0.5) * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t
                                                              + rng.uniform(0, 2 * np.pi))
@@ -69,14 +61,10 @@ def _curve(rng: np.random.Generator, start: np.ndarray, heading: float, length: 
 
 def make_synthetic_example(rng: np.random.Generator | int, size: int,
                            num_classes: int = 1) -> dict[str, np.ndarray]:
-  """One synthetic scene: {'image': uint8 [size, size, 3], 'mask': uint8 [size, size] in {0, 1}}.
-
-  num_classes >= 3: the mask holds classes, 1 for the lesion and 2 for the vessels (the same image).
-
-  rng: a numpy Generator, or an int index i (-> np.random.default_rng(i): the dataset's example i).
-  The layout (colours, blob outline, curves) comes from one random stream and the pixel-scale texture
-  (grain, teeth, globules, noise) from another, so index i shows the same scene at every size.
-  """
+  """One synthetic scene: {'image': uint8 [size, size, 3], 'mask': uint8 [size, size] in {0, 1}}
+  (num_classes >= 3: 1 for the lesion and 2 for the vessels). rng: a Generator, or the dataset's
+  example index i (np.random.default_rng(i)). The layout (colours, outline, curves) and the pixel
+  texture (grain, teeth, globules, noise) have their own streams: i is one scene at every size."""
   if not isinstance(rng, np.random.Generator):
     rng = np.random.default_rng(int(rng))
   shape_rng, texture_rng = rng.spawn(2)
@@ -93,9 +81,9 @@ def make_synthetic_example(rng: np.random.Generator | int, size: int,
   radius = shape_rng.uniform(0.17, 0.25) * s
   cx, cy = shape_rng.uniform(0.35, 0.65, 2) * s
   dx, dy = xx - cx, yy - cy
-  angle_index = ((np.arctan2(dy, dx) % (2 * np.pi)) * (_ANGLES / (2 * np.pi))).astype(np.int64) % _ANGLES
+  angle_index = ((np.arctan2(dy, dx) % (2 * np.pi)) * (_ANGLES / (2 * np.pi))).astype(np.int64)
   border = _border_radius(shape_rng, texture_rng, radius)
-  blob = np.hypot(dx, dy) < border[angle_index]
+  blob = np.hypot(dx, dy) < border[angle_index % _ANGLES]
 
   # Vessel-like curves leaving the blob, 2-3 px wide at any size (always below one stage-1 pixel).
   width = 2 if s <= 384 else 3
@@ -103,9 +91,10 @@ def make_synthetic_example(rng: np.random.Generator | int, size: int,
   draw = ImageDraw.Draw(curves)
   for _ in range(shape_rng.integers(2, 5)):
     phi = shape_rng.uniform(0, 2 * np.pi)
-    r_start = border[int(phi / (2 * np.pi) * _ANGLES) % _ANGLES] - 2 * width  # Starts inside: attached.
+    r_start = border[int(phi / (2 * np.pi) * _ANGLES) % _ANGLES] - 2 * width  # Inside: attached.
     start = np.array([cx + r_start * np.cos(phi), cy + r_start * np.sin(phi)])
-    points = _curve(shape_rng, start, phi + shape_rng.normal(0, 0.3), shape_rng.uniform(0.12, 0.3) * s)
+    heading = phi + shape_rng.normal(0, 0.3)
+    points = _curve(shape_rng, start, heading, shape_rng.uniform(0.12, 0.3) * s)
     draw.line([tuple(p) for p in points], fill=1, width=width, joint='curve')
   vessels = np.asarray(curves, dtype=bool) & ~blob
 
@@ -119,27 +108,26 @@ def make_synthetic_example(rng: np.random.Generator | int, size: int,
   image = np.where(blob[..., None], lesion, image)
   image = np.where(vessels[..., None], red, image)
   image += texture_rng.normal(0, 5, image.shape).astype(np.float32)  # Sensor noise.
-  mask = (blob | vessels).astype(np.uint8) if num_classes < 3 else (
-      blob.astype(np.uint8) + 2 * vessels.astype(np.uint8))
+  mask = (blob + (2 if num_classes >= 3 else 1) * vessels).astype(np.uint8)  # Disjoint.
   return {'image': np.clip(image, 0, 255).astype(np.uint8), 'mask': mask}
 
 
 def make_vessel_example(index: int, size: int) -> dict[str, np.ndarray]:
   """One fundus-like scene (data.synthetic_kind='vessels'): {'image': uint8 [size, size, 3], 'mask':
-  uint8 [size, size] in {0, 1}}. A dark orange field of view, brighter at an optic disc from which
-  5-7 vessel trunks leave and fork three times, 3 -> 2 -> 1 px wide at any size (below one stage-1
-  pixel), a little darker than the background (about 5 % of the pixels at 256 px, RETINA's 7 %)."""
+  uint8 [size, size] in {0, 1}}: an orange field of view, a bright optic disc from which 5-7 darker
+  vessel trunks fork three times, 3 -> 2 -> 1 px wide at any size (below one stage-1 pixel; ~5 % of
+  the pixels at 256 px, RETINA's 7 %)."""
   rng = np.random.default_rng([int(index), 11])
   shape_rng, texture_rng = rng.spawn(2)
   s = size
   yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
   cx, cy, fov = s / 2, s / 2, 0.47 * s
-  inside = np.hypot(xx - cx, yy - cy) < fov
+  centre_distance = np.hypot(xx - cx, yy - cy)
+  inside = centre_distance < fov
   disc = np.array([cx + shape_rng.choice([-1, 1]) * shape_rng.uniform(0.18, 0.28) * s,
                    cy + shape_rng.uniform(-0.08, 0.08) * s])
   tone = np.array([150, 62, 28], np.float32) + shape_rng.uniform(-20, 20, 3)
-  shading = (1 - 0.35 * (np.hypot(xx - cx, yy - cy) / fov) ** 2
-             + 0.1 * _smooth_noise(shape_rng, s, 4))
+  shading = 1 - 0.35 * (centre_distance / fov) ** 2 + 0.1 * _smooth_noise(shape_rng, s, 4)
   glow = 60 * np.exp(-np.hypot(xx - disc[0], yy - disc[1]) ** 2 / (2 * (0.05 * s) ** 2))
   image = tone * shading[..., None] + glow[..., None] * np.array([1.0, 0.9, 0.6], np.float32)
 
@@ -165,7 +153,7 @@ def make_vessel_example(index: int, size: int) -> dict[str, np.ndarray]:
   return {'image': np.clip(image, 0, 255).astype(np.uint8), 'mask': vessels.astype(np.uint8)}
 
 
-# --- High resolution (resolution='native') ------------------------------------------------------------
+# --- High resolution (resolution='native') -------------------------------------------------------
 
 _BAND = 512  # Rows rendered at a time: memory stays the image, its mask, and a band.
 
@@ -179,11 +167,9 @@ def _field_band(grid: np.ndarray, cell: float, y0: int, y1: int, width: int) -> 
 
 
 def highres_scene(index: int, height: int, width: int) -> dict:
-  """The layout of high-resolution scene `index`: lesions (centre, radius, border, colours) and
-  vessel polylines, in pixels. Detail has the same pixel scale at any size (ragged borders with
-  4-14 px teeth, 2-3 px vessels) and the same density: a larger image holds more of it (about 0.4
-  lesions per megapixel, at least one, radii 100-400 px, vessels leaving each, and 0.5 free curves
-  per megapixel), so that most of a large image is plain and its detail a thin part of it."""
+  """The layout of high-resolution scene `index`, in pixels: lesions (centre, radius, border,
+  colours) and vessel polylines. Detail has one scale (4-14 px teeth, 2-3 px vessels) and density
+  at any size (per megapixel ~0.4 lesions, radius 100-400 px, with vessels, and 0.5 free curves)."""
   rng = np.random.default_rng([int(index), height, width])
   shape_rng, texture_rng = rng.spawn(2)
   area = height * width / 2 ** 20
@@ -252,8 +238,7 @@ def make_highres_example(index: int, height: int, width: int, num_classes: int =
     globules = (_field_band(spots, 6, 0, y1 - y0, x1 - x0) > 1.0)[..., None]
     colour = (lesion['brown'] * (0.8 + 0.25 * depth) - 25 * globules +
               rng.normal(0, 5, (y1 - y0, x1 - x0, 3)))
-    region = image[y0:y1, x0:x1]
-    region[blob] = np.clip(colour[blob], 0, 255).astype(np.uint8)
+    image[y0:y1, x0:x1][blob] = np.clip(colour[blob], 0, 255).astype(np.uint8)
     lesion_mask[y0:y1, x0:x1] |= blob
 
   canvas = Image.new('L', (width, height), 0)
@@ -267,14 +252,9 @@ def make_highres_example(index: int, height: int, width: int, num_classes: int =
   for y0 in range(0, height, _BAND):
     y1 = min(y0 + _BAND, height)
     v = vessels[y0:y1] & ~lesion_mask[y0:y1]
-    count = int(v.sum())
-    if count:
-      image[y0:y1][v] = np.clip(scene['red'] + red_rng.normal(0, 5, (count, 3)), 0, 255).astype(
-          np.uint8)
-    if num_classes >= 3:
-      mask[y0:y1] = lesion_mask[y0:y1] + 2 * v
-    else:
-      mask[y0:y1] = lesion_mask[y0:y1] | v
+    noise = red_rng.normal(0, 5, (int(v.sum()), 3))
+    image[y0:y1][v] = np.clip(scene['red'] + noise, 0, 255).astype(np.uint8)
+    mask[y0:y1] = lesion_mask[y0:y1] + (2 if num_classes >= 3 else 1) * v  # Disjoint.
   return {'image': image, 'mask': mask}
 
 
@@ -295,18 +275,14 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
   DESCRIPTION = __doc__
 
   @classmethod
-  def _config_fields(cls, spec):
-    return dict(super()._config_fields(spec), num_examples=spec.num_examples,
-                num_classes=spec.num_classes, sides=tuple(spec.synthetic_sides),
-                kind=spec.synthetic_kind)
-
-  @classmethod
-  def _config_name(cls, spec):
-    classes = f'_classes{spec.num_classes}' if spec.num_classes >= 3 else ''
-    sides = (f'_sides{spec.synthetic_sides[0]}-{spec.synthetic_sides[1]}'
-             if not spec.side else '')
-    kind = '_vessels' if spec.synthetic_kind == 'vessels' else ''
-    return f'{super()._config_name(spec)}_n{spec.num_examples}{classes}{sides}{kind}'
+  def extra_config(cls, spec):
+    sides = tuple(spec.synthetic_sides)
+    suffix = f'_n{spec.num_examples}'
+    suffix += f'_classes{spec.num_classes}' if spec.num_classes >= 3 else ''
+    suffix += '' if spec.side else f'_sides{sides[0]}-{sides[1]}'
+    suffix += '_vessels' if spec.synthetic_kind == 'vessels' else ''
+    return dict(num_examples=spec.num_examples, num_classes=spec.num_classes, sides=sides,
+                kind=spec.synthetic_kind), suffix
 
   def find_cases(self) -> dict[str, int]:
     return {f'synthetic/{i:05d}': i for i in range(self.builder_config.num_examples)}
@@ -318,14 +294,12 @@ class Synthetic(SegmentationBuilder, skip_registration=True):
     elif config.hi_size:  # The paper's protocol: the low-resolution scenes, square.
       example = make_synthetic_example(case, config.hi_size, config.num_classes)
     else:  # Native: a high-resolution scene of its own size (scaled, if asked).
-      height, width = native_size(case, config.sides)
-      example = make_highres_example(case, height, width, config.num_classes)
+      example = make_highres_example(case, *native_size(case, config.sides), config.num_classes)
       if config.scale != 1.0:
         example = common.make_example(example['image'], example['mask'], name=name, size=None,
                                       scale=config.scale)
-    h, w = example['mask'].shape
     return dict(image=example['image'], mask=example['mask'],
-                original_size=np.array([h, w], np.int32), name=name)
+                original_size=np.array(example['mask'].shape, np.int32), name=name)
 
 
 def native_size(index: int, sides) -> tuple[int, int]:
