@@ -55,11 +55,23 @@ def parse_flags(argv):
 
 
 def _flag_error(error: Exception, argv) -> str:
-  """One line for a flag parsing error; an unknown config key names its flag."""
+  """One line for a flag parsing error; an unknown config key names its flag; a config file that
+  fails names its line and the error, not the traceback ml_collections flattens into the text."""
   while isinstance(error, AttributeError) and error.args and isinstance(error.args[0], Exception):
     error = error.args[0]  # ml_collections wraps the KeyError of an unknown key.
   if not isinstance(error, KeyError):
-    return ' '.join(str(error).split())
+    text = ' '.join(str(error).split())
+    head, traceback, frames = text.partition(' Traceback (most recent call last): ')
+    if not traceback:
+      return text
+    where = [f'{path}, line {line}: {code.strip()}' for path, line, code in re.findall(
+        r'File "([^"]+)", line (\d+), in get_config (.*?)'
+        r'(?: \^| File "| [A-Za-z_.]*(?:Error|Exception): |$)', frames)]
+    last = re.findall(r'(?:^| )([A-Za-z_.]*(?:Error|Exception)): (.*?)(?= File "|$)', frames)
+    cause = ': '.join(last[-1]) if last else frames[-200:]
+    return (f'{where[-1] if where else head.rstrip(":")}: {cause} '
+            f'(configs/default.py lists every field and its type).')
+
   message = ' '.join(str(error.args[0] if error.args else error).split())
   key = message.split()[0].strip('\'"') if message else ''
   names = [arg.split('=')[0] for arg in argv if arg.startswith('--config.')]

@@ -102,12 +102,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.native.bucket = 64  # Stage 1's input is padded to a multiple of this (downscaled px): one compile
   # per bucket, not per image size.
   c.native.window = 0  # The dense reference: the baseline U-Net on windows of this side (0 = hi_size)
-  c.native.overlap = 0.25  # overlapping by this share, averaged (MONAI's sliding_window_inference).
+  c.native.overlap = 0.25  # overlapping by this share (MONAI's sliding_window_inference default),
+  c.native.blend = 'gaussian'  # weighted by a Gaussian (sigma: 1/8 of the window) or 'constant'.
   c.native.max_pixels = 0  # Refuse larger images before any work (0: what the free memory can hold).
 
   # --- Evaluation and benchmark ---------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8
+  c.eval.fov = 'none'  # 'dark_border': the metrics also inside each image's field of view (fundus).
+  c.eval.errors = False  # errors/<name>.png: each test image's false positives and negatives.
   c.benchmark = ml_collections.ConfigDict()
   c.benchmark.batch_sizes = config_dict.placeholder(tuple)  # None: (1,) on CPU, (1, 16) elsewhere.
   c.benchmark.repeats = 10  # Timed calls per measurement (after one warm-up); the median is kept.

@@ -11,7 +11,9 @@ accounting stage1(hi/8) + k * stage2(hi/Np) at the square protocol and what ran 
 """
 
 import collections
-from typing import Iterable
+import functools
+import os
+from typing import Iterable, Optional
 
 import jax
 import numpy as np
@@ -22,13 +24,16 @@ from iterseg.errors import DataError
 from iterseg.settings import Settings
 
 SEAM = ('seam_soft_dice', 'seam_hard_dice')
-PER_IMAGE = metrics.METRICS + SEAM + ('refined_fraction', 'gflops', 'seconds')
+FOV = tuple(f'fov_{m}' for m in metrics.METRICS)
+PER_IMAGE = metrics.METRICS + FOV + SEAM + ('refined_fraction', 'gflops', 'seconds')
 
 
 def evaluate(segmenter, examples: Iterable[dict], *, total=None, progress: bool = True,
-             allow_empty: bool = False) -> dict:
+             allow_empty: bool = False, fov: bool = False, errors: Optional[str] = None) -> dict:
   """Every method of `segmenter` (native.Square or native.Native) on every example ({'image',
-  'mask', 'name'}), each batch compiled before it is timed.
+  'mask', 'name'}), each batch compiled before it is timed; with `fov`, the metrics inside each
+  image's field of view too; with `errors` (a folder), each image's errors drawn there
+  (`report.error_image`: <name>_<method>.png).
 
   Returns {'num_images', 'names', 'methods': {key: {name: mean (None for a value no image has),
   'per_image': {name: [values]}}}}, name over `PER_IMAGE`.
@@ -39,10 +44,16 @@ def evaluate(segmenter, examples: Iterable[dict], *, total=None, progress: bool 
                     disable=not progress):
     names += [str(n) for n in batch['name']]
     segmenter.warm(batch)
-    for key, values in segmenter.measure(batch).items():
+    keep = functools.partial(_write_errors, errors, batch) if errors else None
+    for key, values in segmenter.measure(batch, fov=fov, keep=keep).items():
       for name, v in values.items():
         per_image[key][name] += v
   return _summarized(per_image, names, allow_empty)
+
+
+def _write_errors(folder: str, batch: dict, key: str, i: int, probs) -> None:
+  report.write_error_image(os.path.join(folder, f'{batch["name"][i]}_{key}.png'),
+                           batch['image'][i], batch['mask'][i], probs)
 
 
 def _summarized(per_image: dict, names: list, allow_empty: bool) -> dict:
@@ -97,7 +108,7 @@ def make_rows(segmenter, evaluation: dict) -> list:
     e = evaluation['methods'][key]
     name, _, n = key.partition('_np')
     rows.append({'method': name, 'num_patches': int(n) if n else None,
-                 **{k: e[k] for k in metrics.METRICS + SEAM + ('refined_fraction', 'gflops')},
+                 **{k: e[k] for k in metrics.METRICS + FOV + SEAM + ('refined_fraction', 'gflops')},
                  'gflops_compiled': segmenter.compiled_gflops.get(key, e['gflops']),
                  'num_images': evaluation['num_images']})
   return rows
@@ -117,9 +128,12 @@ def run(s: Settings, workdir: str) -> dict:
   source = data.load_split(s.data, 'test')
   mine = data.Subset(source, range(jax.process_index(), len(source), jax.process_count()))
   segmenter = native.segmenter(nets, s)
+  errors = os.path.join(workdir, 'errors') if s.eval.errors else None
+  if errors:
+    os.makedirs(errors, exist_ok=True)
   evaluation = merge_processes(evaluate(
       segmenter, mine, total=-(-len(mine) // segmenter.batch_size), progress=main,
-      allow_empty=True), len(source))
+      allow_empty=True, fov=s.eval.fov != 'none', errors=errors), len(source))
   results = {
       'rows': make_rows(segmenter, evaluation), 'num_images': evaluation['num_images'],
       'geometry': s.spec.geometry(), 'resolution': s.spec.resolution, 'dataset': s.data.name,

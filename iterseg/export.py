@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iterseg import checkpoints, files, native
+from iterseg.errors import SettingsError
 from iterseg.models import Networks
 from iterseg.run import Run
 from iterseg.settings import Settings
@@ -51,12 +52,13 @@ def export(nets: Networks, s: Settings, folder: str) -> dict:
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   exported = jax.export.export(jax.jit(serve), platforms=tuple(s.export.platforms))(shapes, images)
   files.check_writable(folder)
+  others = sorted(set(os.listdir(folder)) - {ARTIFACT, PARAMS, DESCRIPTION})
+  if others:
+    raise SettingsError(f'config.export.output={folder} holds other files ({", ".join(others[:3])}'
+                        f'): an export replaces its folder whole; choose a new or empty folder.')
   blob = bytes(exported.serialize())
   buffer = io.BytesIO()
   np.savez(buffer, *[np.asarray(x) for x in leaves])
-  paths = {name: os.path.join(folder, name) for name in (ARTIFACT, PARAMS, DESCRIPTION)}
-  files.atomic_write(paths[ARTIFACT], lambda f: f.write(blob), 'wb')
-  files.atomic_write(paths[PARAMS], lambda f: f.write(buffer.getvalue()), 'wb')
   out_shapes = [(list(a.shape), str(a.dtype)) for a in exported.out_avals]
   description = {
       'input': {'shape': [batch, spec.hi_size, spec.hi_size, 3], 'dtype': 'uint8',
@@ -72,7 +74,12 @@ def export(nets: Networks, s: Settings, folder: str) -> dict:
       'sha256': {ARTIFACT: hashlib.sha256(blob).hexdigest(),
                  PARAMS: hashlib.sha256(buffer.getvalue()).hexdigest()},
   }
-  files.atomic_write_json(paths[DESCRIPTION], description)
+  with files.replaced_folder(folder) as tmp:  # The new set whole, or the previous one.
+    for name, data in ((ARTIFACT, blob), (PARAMS, buffer.getvalue())):
+      with open(os.path.join(tmp, name), 'wb') as f:
+        f.write(data)
+    files.atomic_write_json(os.path.join(tmp, DESCRIPTION), description)
+  paths = {name: os.path.join(folder, name) for name in (ARTIFACT, PARAMS, DESCRIPTION)}
   return dict(description, files=list(paths.values()),
               bytes={ARTIFACT: len(blob), PARAMS: len(buffer.getvalue())})
 

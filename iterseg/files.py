@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 from typing import Callable, IO, Optional
 
 from iterseg.errors import WriteError
@@ -50,6 +51,33 @@ def atomic_write_text(path, text: str, *, fsync: bool = False):
 def atomic_write_json(path, obj, indent: Optional[int] = 1, *, fsync: bool = False):
   """Writes `obj` as JSON (and a final newline) to `path` atomically."""
   atomic_write_text(path, json.dumps(obj, indent=indent) + '\n', fsync=fsync)
+
+
+@contextlib.contextmanager
+def replaced_folder(folder):
+  """A result of several files written whole or not at all: yields a sibling temporary folder to
+  write them into; once the block ends without error, it takes `folder`'s place (the previous one
+  is renamed aside, then deleted). On any error the temporary folder is deleted and `folder` is
+  left as it was: the previous complete set, never a mix."""
+  folder = os.path.abspath(os.fspath(folder))
+  parent, name = os.path.split(folder)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{name}.{os.getpid()}.tmp')
+  old = os.path.join(parent, f'.{name}.{os.getpid()}.old')
+  for leftover in (tmp, old):
+    shutil.rmtree(leftover, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.exists(folder):
+      os.rename(folder, old)
+    os.rename(tmp, folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(old) and not os.path.exists(folder):
+      os.rename(old, folder)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
 
 
 _CAUSES = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded',

@@ -20,7 +20,7 @@ image, the output and a working set of one band and one chunk. The compute follo
 refined: stage 2 runs ceil(tiles / chunk) times. Each function is compiled once per size bucket
 (stage 1, the bands and the paste per padded size, stage 2 per chunk size), not per image size;
 `Compiled` counts them. `sliding_window` is the fair dense reference at the same scale: the
-baseline U-Net on overlapping windows averaged, as MONAI's `sliding_window_inference` does.
+baseline U-Net on overlapping windows blended, as MONAI's `sliding_window_inference` does.
 """
 
 from concurrent import futures
@@ -377,14 +377,17 @@ class NativeModel:
     low = np.asarray(low)  # Small: the image / f^2.
     return low, (scores, order), h, w, time.perf_counter() - start, flops
 
-  def coarse(self, low: np.ndarray) -> tuple:
+  def coarse(self, low: np.ndarray, stop=None) -> tuple:
     """(the output [1, Hb, Wb, C] on the device, bucket-padded, holding the coarse map: low [bh, bw,
-    C] upsampled in bands of BAND_ROWS rows; seconds, FLOPs). One compilation per bucket."""
+    C] upsampled in bands of BAND_ROWS rows; seconds, FLOPs). One compilation per bucket. `stop`
+    is asked between bands: the output is then None."""
     f, (bh, bw) = self.spec.downscale, low.shape[:2]
     start, flops = time.perf_counter(), 0.0
     out = jnp.empty((1, bh * f, bw * f, low.shape[2]), jnp.float32)
     rows_per_band = min(BAND_ROWS, bh * f)
     for y in range(0, bh * f, rows_per_band):
+      if stop is not None and stop():
+        return None, time.perf_counter() - start, flops
       y0 = min(y, bh * f - rows_per_band)  # The last band ends with the buffer.
       rows, offset = _around(low, y0, rows_per_band, f)
       out, call = self.band(out, jnp.asarray(low[rows]), jnp.asarray(offset, jnp.int32),
@@ -398,8 +401,8 @@ class NativeModel:
 
     refine_fraction and threshold override native.refine_fraction and the config's threshold
     (None: no threshold); the tiles refined are the ceil(fraction * tiles) least confident, less
-    those scoring below the threshold. `stop`, a callable, is asked between stage-2 chunks: when it
-    says True, None is returned at once.
+    those scoring below the threshold. `stop`, a callable, is asked after stage 1, between the
+    bands and between stage-2 chunks: when it says True, None is returned at once.
     """
     if self.stage2_params is None:
       raise InputError(f'native two-stage inference needs stage 1 and stage 2 at '
@@ -411,7 +414,8 @@ class NativeModel:
     fraction = spec.refine_fraction if refine_fraction is None else refine_fraction
     threshold = spec.threshold if threshold == 'config' else threshold
     low, (scores, order), h, w, s1_seconds, s1_flops = self.low_resolution(image)
-
+    if stop is not None and stop():
+      return None
     tile = spec.patch_size
     gh, gw = -(-height // tile), -(-width // tile)
     rows, cols = np.divmod(np.asarray(order)[:gh * gw], scores.shape[1])  # The image's tiles first.
@@ -422,7 +426,9 @@ class NativeModel:
     refined = np.zeros(gh * gw, bool)
     refined[chosen] = True
 
-    out, band_seconds, band_flops = self.coarse(low)
+    out, band_seconds, band_flops = self.coarse(low, stop)
+    if out is None:
+      return None
     start, s2_flops, calls = time.perf_counter(), 0.0, 0
     side, halo, k, f = spec.stage2_side, spec.halo, spec.chunk, spec.downscale
     span = _low_rows(side, f)
@@ -473,28 +479,30 @@ class NativeModel:
 
   def sliding_window(self, image: np.ndarray, *, batch: int = WINDOWS) -> NativePrediction:
     """The baseline U-Net on windows of native.window px overlapping by native.overlap, each pixel
-    the mean of the windows over it (MONAI's sliding_window_inference, mode 'constant'); probs
-    [H, W, C] float32 (coarse, scores and refined None)."""
+    the mean of the windows over it weighted by `blend_weights` (MONAI's sliding_window_inference,
+    mode native.blend); probs [H, W, C] float32 (coarse, scores and refined None)."""
     if self.nets.baseline is None:
       raise InputError(f'the dense reference needs the baseline; the networks have '
                        f'{self.nets.names()}.')
     image = _as_uint8(image)
     spec = self.spec
     height, width = image.shape[:2]
-    check_fits(height, width, spec, extra_per_pixel=1)
+    check_fits(height, width, spec, extra_per_pixel=4)
     side = spec.window_side
     corners = [(y, x) for y in _starts(height, side, spec.overlap)
                for x in _starts(width, side, spec.overlap)]
     out = np.zeros((height, width, spec.num_classes), np.float32)
-    count = np.zeros((height, width), np.uint8)
+    total = np.zeros((height, width), np.float32)
+    weights = blend_weights(side, spec.blend)
     start, flops, pending = time.perf_counter(), 0.0, None
 
     def add(chunk, probs):
       probs = np.asarray(probs)
       for i, (y, x) in enumerate(chunk):
         rows, cols = min(side, height - y), min(side, width - x)
-        out[y:y + rows, x:x + cols] += probs[i, :rows, :cols]
-        count[y:y + rows, x:x + cols] += 1
+        w = weights[:rows, :cols]
+        out[y:y + rows, x:x + cols] += probs[i, :rows, :cols] * w[..., None]
+        total[y:y + rows, x:x + cols] += w
 
     for c0 in range(0, len(corners), batch):  # Batch i is added while i + 1 computes.
       chunk = corners[c0:c0 + batch]
@@ -508,10 +516,22 @@ class NativeModel:
         add(*pending)
       pending = chunk, probs
     add(*pending)
-    out /= count[..., None]
+    out /= total[..., None]
     return NativePrediction(probs=out, coarse=None, scores=None, refined=None, stats={
         'windows': len(corners), 'gflops': {'dense': flops / 1e9},
         'seconds': {'dense': time.perf_counter() - start}})
+
+
+def blend_weights(side: int, blend: str) -> np.ndarray:
+  """float32 [side, side]: how much a window's pixel counts where windows overlap. 'gaussian':
+  MONAI's importance map, exp(-d^2 / (2 sigma^2)) from the centre with sigma = side / 8, at most 1,
+  at least its smallest non-zero value; 'constant': 1 (a plain mean)."""
+  if blend == 'constant':
+    return np.ones((side, side), np.float32)
+  d = (np.arange(side) - (side - 1) / 2) / (0.125 * side)
+  g = np.exp(-0.5 * d ** 2)
+  weights = np.outer(g, g) / g.max() ** 2
+  return np.maximum(weights, weights[weights > 0].min()).astype(np.float32)
 
 
 def _starts(size: int, side: int, overlap: float) -> list:
@@ -543,9 +563,10 @@ class Square:
   """The paper's protocol as the modes run it: batches of up to `batch_size` images at hi_size (a
   partial batch padded to the first one's size, so nothing recompiles), each `methods.Method` one
   compiled call a batch. `measure(batch)` -> {key: {name: [one value per image]}}: the metrics,
-  the seam metrics (`metrics.seam_band`, at the method's Np or `seam_np`), 'refined_fraction',
-  'gflops' (`gflops[key]`, the paper's accounting, where given) and 'seconds' (the batch's blocked
-  call shared by its images)."""
+  with fov=True also inside each image's field of view ('fov_<metric>'), the seam metrics
+  (`metrics.seam_band`, at the method's Np or `seam_np`), 'refined_fraction', 'gflops'
+  (`gflops[key]`, the paper's accounting, where given) and 'seconds' (the batch's blocked call
+  shared by its images)."""
 
   def __init__(self, comparison, num_classes: int, *, batch_size: int, seam_np=None,
                gflops=None, compiled_gflops=None, nets=None, s=None):
@@ -570,9 +591,11 @@ class Square:
         jax.block_until_ready(m(images))
       self.warmed = True
 
-  def measure(self, batch) -> dict:
+  def measure(self, batch, *, fov: bool = False, keep=None) -> dict:
+    """`keep(key, i, probs)`, where given, is handed each image's probabilities [H, W, C]."""
     b = len(batch['image'])
     images, masks = self._arrays(batch)
+    inside = jnp.asarray(metrics.field_of_view(np.asarray(images))) if fov else None
     out = {}
     for m in self.comparison:
       start = time.perf_counter()
@@ -580,6 +603,11 @@ class Square:
       values = {'seconds': [(time.perf_counter() - start) / b] * b}
       for name, v in jax.device_get(metrics.image_metrics(probs, masks, self.num_classes)).items():
         values[name] = v[:b].tolist()
+      if fov:
+        fovs = jax.device_get(metrics.image_metrics(probs, masks, self.num_classes, inside))
+        values.update({f'fov_{k}': v[:b].tolist() for k, v in fovs.items()})
+      for i in range(b if keep else 0):
+        keep(m.key, i, np.asarray(probs[i]))
       n = m.num_patches or self.seam_np
       if n:
         hi = images.shape[1]
@@ -641,8 +669,9 @@ class Native:
   def warm(self, batch) -> None:
     self.model.warm(*batch['mask'][0].shape)
 
-  def measure(self, batch) -> dict:
+  def measure(self, batch, *, fov: bool = False, keep=None) -> dict:
     image, mask, out = batch['image'][0], batch['mask'][0], {}
+    inside = metrics.field_of_view(image) if fov else None
     for key in self.keys:
       if key == 'baseline':
         pred = self.model.sliding_window(image)
@@ -652,6 +681,11 @@ class Native:
         pred = self.model.two_stage(image)
       values = {k: [v] for k, v in metrics.one_image_metrics(pred.probs, mask,
                                                              self.num_classes).items()}
+      if fov:
+        values.update({f'fov_{k}': [v] for k, v in metrics.one_image_metrics(
+            pred.probs, mask, self.num_classes, inside).items()})
+      if keep:
+        keep(key, 0, pred.probs)
       if pred.refined is not None:
         values['refined_fraction'] = [pred.stats['refined'] / pred.stats['tiles']]
       values['gflops'] = [sum(pred.stats['gflops'].values())]

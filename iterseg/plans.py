@@ -69,6 +69,10 @@ class DataSpec:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalPlan:
   batch_size: int = checked('int', 1)
+  # Metrics also inside each image's field of view: 'dark_border' (the pixels brighter than its dark
+  # frame, as fundus photographs have), or 'none'.
+  fov: str = checked('choice', ('none', 'dark_border'))
+  errors: bool = checked('bool')  # An image of each test image's errors (errors/<name>.png).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

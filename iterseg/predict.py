@@ -146,27 +146,30 @@ def output_paths(output: Path, stem: str, outputs: Sequence[str], binary: bool) 
 
 
 def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
-                 outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0
-                 ) -> dict:
+                 outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
+                 stopped=None) -> Optional[dict]:
   """Writes the selected outputs of one image (result: {'probs', 'mask', 'boxes'}); returns {kind:
   path}. All of them take their final names together, once every one is complete, so a failure
-  leaves the previous ones as they were."""
+  leaves the previous ones as they were. `stopped` is asked before each output: once it holds,
+  nothing is kept and None is returned (the image counts as not done)."""
   probs, mask = result['probs'], result['mask']
   binary = probs.shape[-1] == 1
   paths = output_paths(output, stem, outputs, binary)
   tmps = {kind: _tmp(p) for kind, p in paths.items()}
   png = {'format': 'PNG', 'compress_level': compression}
+  writers = {
+      # The mask at least at level 1: 2 ms, and 100x smaller than stored.
+      'mask': lambda f: Image.fromarray(mask * np.uint8(255) if binary else mask).save(
+          f, format='PNG', compress_level=max(compression, 1)),
+      'probs': (lambda f: Image.fromarray(np.round(probs[..., 0] * 65535).astype(np.uint16)).save(
+          f, **png)) if binary else (lambda f: np.save(f, probs.astype(np.float32))),
+      'overlay': lambda f: Image.fromarray(overlay(image, mask, result['boxes'])).save(f, **png)}
   try:
-    if 'mask' in paths:  # At least level 1: 2 ms, and 100x smaller than stored.
-      Image.fromarray(mask * np.uint8(255) if binary else mask).save(
-          tmps['mask'], format='PNG', compress_level=max(compression, 1))
-    if 'probs' in paths and binary:
-      Image.fromarray(np.round(probs[..., 0] * 65535).astype(np.uint16)).save(tmps['probs'], **png)
-    elif 'probs' in paths:
-      with open(tmps['probs'], 'wb') as f:
-        np.save(f, probs.astype(np.float32))
-    if 'overlay' in paths:
-      Image.fromarray(overlay(image, mask, result['boxes'])).save(tmps['overlay'], **png)
+    for kind in paths:
+      if stopped is not None and stopped():
+        return None
+      with open(tmps[kind], 'wb') as f:
+        writers[kind](f)
     for kind, p in paths.items():  # Only now do complete files take the final names.
       os.replace(tmps[kind], p)
   finally:
@@ -224,7 +227,9 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
       full = resize_probs(probs, h, w)
       result = {'probs': full, 'mask': to_mask(full), 'boxes': segment.boxes(refined, h, w)}
       written = save_outputs(output, stems[path], image, result, outputs=outputs,
-                             compression=compression)
+                             compression=compression, stopped=stopped)
+      if written is None:
+        return None  # Stopped while saving: not done, its outputs not written.
       return {'input': str(path), 'height': h, 'width': w,
               'refined_patches': int(refined.sum()), 'tiles': int(refined.size), **written}
     except OSError as e:
@@ -249,7 +254,7 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
     def collect(block: bool):
       while writes and (block or writes[0][1].done()):
         path, future = writes.popleft()
-        if not future.cancelled():
+        if not future.cancelled() and future.result() is not None:
           records[path] = future.result()
           bar.update(1)
 

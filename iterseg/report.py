@@ -4,6 +4,9 @@ import csv
 import os
 from typing import Optional, Sequence
 
+import numpy as np
+from PIL import Image
+
 from iterseg import files
 
 
@@ -23,7 +26,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
 
 EVALUATION_COLUMNS = (
     ('method', 'method', 's'), ('Np', 'num_patches', 'd'), ('soft Dice', 'soft_dice', '.4f'),
-    ('hard Dice', 'hard_dice', '.4f'), ('IoU', 'iou', '.4f'),
+    ('hard Dice', 'hard_dice', '.4f'), ('IoU', 'iou', '.4f'), ('sens', 'sensitivity', '.4f'),
+    ('spec', 'specificity', '.4f'), ('FOV hard Dice', 'fov_hard_dice', '.4f'),
     ('seam Dice', 'seam_soft_dice', '.4f'),
     ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('GFLOPs', 'gflops', '.4g'))
 
@@ -47,3 +51,23 @@ def write_results(results: dict, workdir: str, name: str = 'results') -> list:
 
 def find(rows: Sequence[dict], method: str, num_patches: Optional[int] = None) -> Optional[dict]:
   return next((r for r in rows if r['method'] == method and r['num_patches'] == num_patches), None)
+
+
+ERROR_COLOURS = {'true_positive': (255, 255, 255), 'false_positive': (255, 40, 40),
+                 'false_negative': (40, 140, 255)}
+
+
+def write_error_image(path: str, image: np.ndarray, mask: np.ndarray, probs: np.ndarray) -> str:
+  """A PNG at `path` of the image darkened, with its predictions' true positives white, false
+  positives red and false negatives blue (`ERROR_COLOURS`): image uint8 [H, W, 3], mask [H, W]
+  class ids, probs [H, W, C] (binary: p > 0.5; classes: argmax, a wrong foreground class red)."""
+  probs = np.asarray(probs)
+  pred = probs[..., 0] > 0.5 if probs.shape[-1] == 1 else probs.argmax(-1)
+  truth = (mask > 0) if probs.shape[-1] == 1 else mask
+  out = np.asarray(image, np.uint8) // 3
+  wrong = pred != truth
+  for name, where in (('true_positive', ~wrong & (truth > 0)),
+                      ('false_negative', wrong & ~(pred > 0)), ('false_positive', wrong & (pred > 0))):
+    out[where] = ERROR_COLOURS[name]
+  files.atomic_write(path, lambda f: Image.fromarray(out).save(f, format='PNG'), 'wb')
+  return path

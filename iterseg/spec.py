@@ -14,6 +14,7 @@ from iterseg.errors import SettingsError
 SCORES = ('entropy', 'margin', 'distance', 'learned')
 BUDGETS = ('image', 'batch')
 RESOLUTIONS = ('square', 'native')
+BLENDS = ('gaussian', 'constant')
 # What the weights depend on: a workdir's networks only fit settings that agree on these fields.
 GEOMETRY = ('resolution', 'hi_size', 'stage1_size', 'num_classes', 'stage2_uses_coarse',
             'model.width', 'model.depth', 'model.input_norm', 'model.input_mean', 'model.input_std',
@@ -66,7 +67,8 @@ class Spec:
   chunk: int = checked('int', 1, config='native.chunk')  # Tiles per stage-2 call.
   bucket: int = config_field('native.bucket')  # Stage 1's input padded to a multiple (stage-1 px).
   window: int = checked('int', 0, config='native.window')  # Dense reference: window (0: hi_size)
-  overlap: float = checked('float', 0.0, 0.9, config='native.overlap')  # ... and their overlap.
+  overlap: float = checked('float', 0.0, 0.9, config='native.overlap')  # ... and their overlap,
+  blend: str = checked('choice', BLENDS, config='native.blend')  # ... blended (MONAI's modes).
   max_pixels: int = checked('int', 0, config='native.max_pixels')  # Larger refused (0: by memory).
 
   @property

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -103,6 +104,18 @@ def test_prepare_is_idempotent_and_split_reproducible(tmp_path):
   assert data.prepare(other)['path'] != first['path']
   other_train = [e['name'] for e in data.load_split(other, 'train')]
   assert len(other_train) == len(train) and other_train != train
+
+
+def test_a_prepared_dataset_without_its_dataset_info_is_named_and_deleting_it_recovers(tmp_path):
+  manual = fixtures.write_ph2(tmp_path / 'raw', num_cases=4)
+  config = fixtures.config(tmp_path / 'tfds', 'ph2', manual)
+  folder = Path(data.prepare(config)['path'])
+  (folder / 'dataset_info.json').unlink()
+  with pytest.raises(data.DataError, match=r'dataset_info.json is missing\. Delete that folder') as e:
+    data.load_split(config, 'train')
+  assert '\n' not in str(e.value) and str(folder) in str(e.value)
+  shutil.rmtree(folder)  # Doing what it says works.
+  assert len(data.load_split(config, 'train')) + len(data.load_split(config, 'test')) == 4
 
 
 def test_data_prepared_from_another_folder_is_never_read_for_this_one(tmp_path, capsys):

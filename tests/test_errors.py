@@ -66,7 +66,12 @@ def test_a_config_mistake_on_the_command_line_or_in_a_file_is_one_line(subproces
                                     '  c = default.get_config()\n  c.train.bach_size = 8\n'
                                     '  return c\n')
   (tmp_path / 'nothing.py').write_text('def get_config():\n  pass\n')
+  (tmp_path / 'mistyped.py').write_text('from iterseg.configs import default\n\n\ndef get_config():\n'
+                                        '  c = default.get_config()\n  c.model.width = 8.5\n'
+                                        '  return c\n')
   for flags, expected in [
+      ([f'--config={tmp_path}/mistyped.py'], 'mistyped.py, line 6: c.model.width = 8.5: TypeError: '
+                                             "Could not override field 'width'"),
       (['--config.train.nope=1'], '--config.train.nope: unknown config key'),
       (['--config.model.widht=8'], 'Did you mean "width"'),
       (['--config=configs/ph2.py', '--config.nope.deeper=1'],
@@ -78,7 +83,8 @@ def test_a_config_mistake_on_the_command_line_or_in_a_file_is_one_line(subproces
     result = launch_runs.run('--mode=prepare', *flags, f'--workdir={tmp_path}/run',
                              env=subprocess_env)
     line = helpers.one_line_error(result)
-    assert expected in line and 'configs/default.py' in line
+    assert expected in line and 'configs/default.py' in line and 'Traceback' not in line
+    assert len(line) < 300 + len(str(tmp_path))
     assert not (tmp_path / 'run').exists()
 
 
@@ -106,19 +112,24 @@ def test_a_missing_data_folder_is_named(tmp_path):
           f'manual_dir {tmp_path / "nowhere"} does not exist', 'images/')
 
 
-def test_a_corrupted_image_is_named_and_nothing_is_prepared(tmp_path):
-  paths = write_cases(tmp_path / 'raw', {s: ('RGB', 40, 48, 40) for s in 'abc'})
+def test_a_corrupted_image_is_named_and_the_good_pairs_are_prepared(tmp_path, capsys):
+  """One bad pair never stops a prepare: it is named with its reason, the others are prepared, and
+  the exit status says some failed; the next command goes on with them."""
+  paths = write_cases(tmp_path / 'raw', {s: ('RGB', 40, 48, 40) for s in 'abcdef'})
   paths['b'].write_bytes(paths['b'].read_bytes()[:100])  # Truncated.
-  refused('prepare', folder_config(tmp_path, tmp_path / 'raw'), tmp_path / 'run',
-          f'cannot read image {paths["b"]}')
-  assert not list((tmp_path / 'tfds').rglob('dataset_info.json'))
+  config = folder_config(tmp_path, tmp_path / 'raw')
+  refused('prepare', config, tmp_path / 'run', '1 of 6 cases could not be read',
+          f'cannot read image {paths["b"]}', 'holds the other 5')
+  assert 'left out b.png: ' in capsys.readouterr().out
+  assert cli.run('prepare', config, str(tmp_path / 'run'))['train'] + cli.run(
+      'prepare', config, str(tmp_path / 'run'))['test'] == 5
 
 
 def test_an_image_and_mask_of_different_sizes_are_both_named(tmp_path):
   write_cases(tmp_path / 'raw', {'a': ('RGB', 40, 48, 40), 'b': ('RGB', 40, 48, 40),
                                  'c': ('RGB', 40, 48, 30)})
   refused('prepare', folder_config(tmp_path, tmp_path / 'raw'), tmp_path / 'run',
-          'size mismatch', 'images/c.png is 48x40', 'masks/c.png is 48x30')
+          'size mismatch', 'images/c.png is 48x40', 'masks/c.png is 48x30', 'left out')
 
 
 def test_grey_and_rgba_images_are_converted_not_refused(tmp_path, capsys):
@@ -238,6 +249,13 @@ def _damaged_test_split(workdir, data_dir):
   return copy
 
 
+def _no_dataset_info(workdir, data_dir):
+  copy = shutil.copytree(data_dir, workdir.parent / 'tfds-no-info')
+  (path,) = copy.rglob('dataset_info.json')
+  path.unlink()
+  return copy
+
+
 REFUSALS = [  # (mode, config fields, how the workdir is prepared, words of the one line)
     ('train', {'train.batch_size': 6}, None, 'batch_size=6 does not split evenly over 1 process'),
     ('train', {'train.batch_size': 12}, None, 'larger than the 11 training examples'),
@@ -248,6 +266,7 @@ REFUSALS = [  # (mode, config fields, how the workdir is prepared, words of the 
     ('evaluate', {}, _delete('stage1'), 'stage1 is missing'),
     ('evaluate', {'model.depth': 2}, None, 'config.model.depth=2'),
     ('evaluate', {}, _damaged_test_split, 'cannot be read'),
+    ('evaluate', {}, _no_dataset_info, 'dataset_info.json is missing. Delete that folder'),
     ('predict', {'num_patches': 2}, None, 'no stage 2 trained for Np=2'),
     ('predict', {}, _delete('stage1'), 'stage1 is missing'),
     ('predict', {}, _delete('stage1', 'stage2_np4'), 'has no trained stage 2'),

@@ -4,10 +4,12 @@ import json
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import shutil
 
-from iterseg import checkpoints, errors, evaluate, inference, methods, metrics, native, plots, settings
+from iterseg import (checkpoints, errors, evaluate, inference, methods, metrics, native, plots,
+                     report, settings)
 from iterseg.run import Run
 from tests.helpers import save_random_networks, tiny
 
@@ -63,7 +65,8 @@ def test_multiclass_metrics_average_the_foreground_classes():
       soft, _, _ = numpy_metrics(probs[i, ..., c], masks[i] == c)
       pred, y = probs[i].argmax(-1) == c, masks[i] == c
       inter, total = (pred & y).sum(), pred.sum() + y.sum()
-      per_class.append((soft, 2 * inter / total, inter / (total - inter)))
+      per_class.append((soft, 2 * inter / total, inter / (total - inter), inter / y.sum(),
+                        (~pred & ~y).sum() / (~y).sum()))  # One class against the rest.
     np.testing.assert_allclose([got[k][i] for k in metrics.METRICS], np.mean(per_class, 0),
                                rtol=1e-5)
 
@@ -223,3 +226,46 @@ def test_evaluate_refuses_an_unwritable_workdir_before_computing(tmp_path):
   (tmp_path / 'file').write_text('not a folder')
   with pytest.raises(errors.WriteError, match='cannot write to'):
     evaluate.run(settings.from_config(tiny()), str(tmp_path / 'file' / 'run'))
+
+
+def test_sensitivity_and_specificity_by_hand_and_inside_a_region():
+  rng = np.random.default_rng(3)
+  probs = rng.random((3, 16, 16, 1)).astype(np.float32)
+  masks = (rng.random((3, 16, 16)) < 0.4).astype(np.uint8)
+  masks[2] = 0  # No positives: sensitivity 1 by convention.
+  region = rng.random((3, 16, 16)) < 0.7
+  for inside in (None, region):
+    got = jax.device_get(metrics.image_metrics(probs, masks, 1, inside))
+    for i in range(3):
+      keep = np.ones((16, 16), bool) if inside is None else inside[i]
+      p, y = probs[i, ..., 0][keep] > 0.5, masks[i][keep] > 0
+      sens = (p & y).sum() / y.sum() if y.sum() else 1.0
+      assert got['sensitivity'][i] == pytest.approx(sens, rel=1e-5)
+      assert got['specificity'][i] == pytest.approx((~p & ~y).sum() / (~y).sum(), rel=1e-5)
+      assert got['hard_dice'][i] == pytest.approx(2 * (p & y).sum() / (p.sum() + y.sum()), rel=1e-5)
+
+
+def test_field_of_view_metrics_and_error_images_at_each_image_s_size(tmp_path):
+  """A dark frame outside the field of view: the FOV metrics leave it out, and each image's errors
+  are drawn in their colours."""
+  config = tiny(num_patches=4)
+  params = inference.init_params(config, jax.random.key(0))
+  examples, images, masks = random_examples(num_images=3)
+  for e in examples:
+    e['image'][:, :8] = 0  # The frame: left of x = 8.
+  result = evaluate.evaluate(square(methods.methods(params, settings.from_config(config))),
+                             examples, progress=False, fov=True, errors=str(tmp_path))
+  base = jax.device_get(inference.baseline(params.baseline, np.stack([e['image'] for e in examples]),
+                                           settings.from_config(config).spec))
+  for i, e in enumerate(examples):
+    inside = metrics.field_of_view(e['image'])
+    assert not inside[:, :8].any() and inside[:, 8:].mean() > 0.9
+    by_hand = metrics.one_image_metrics(base[i], e['mask'], 1, inside)
+    assert result['methods']['baseline']['per_image']['fov_hard_dice'][i] == pytest.approx(
+        by_hand['hard_dice'], rel=1e-5)
+    drawn = np.asarray(Image.open(tmp_path / f'im{i}_baseline.png'))
+    pred, truth = base[i, ..., 0] > 0.5, e['mask'] > 0
+    for where, colour in ((pred & ~truth, 'false_positive'), (~pred & truth, 'false_negative'),
+                          (pred & truth, 'true_positive')):
+      if where.any():
+        assert (drawn[where] == report.ERROR_COLOURS[colour]).all()

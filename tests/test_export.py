@@ -125,6 +125,35 @@ def test_the_round_trip_gives_infer_s_probabilities_on_real_images(exported):
   np.testing.assert_allclose(scores, pred.scores, atol=1e-6)
 
 
+def test_an_export_that_fails_half_way_leaves_the_previous_one_whole(exported, tmp_path,
+                                                                      monkeypatch):
+  """Disk full while the new set is written: the folder keeps the previous complete export, never
+  new weights beside the old model.json; a folder of other files is refused, not replaced."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  config, root, _ = exported
+  folder = shutil.copytree(root / 'run' / 'export', tmp_path / 'export')
+  before = {p.name: p.read_bytes() for p in folder.iterdir()}
+  s = settings.from_config(set_fields(config.copy_and_resolve_references(), refine_count=5))
+  nets = models.random_networks(s.spec, jax.random.key(7))
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(export.files, 'atomic_write_json', full)
+  with pytest.raises(OSError, match='No space left'):
+    export.export(nets, s, str(folder))
+  assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+  assert sorted(os.listdir(tmp_path)) == ['export']  # No temporary folder left behind.
+  monkeypatch.undo()
+  export.export(nets, s, str(folder))  # Once there is room: the new set, whole.
+  assert json.loads((folder / 'model.json').read_text())['operating_point']['refine_count'] == 5
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+  with pytest.raises(errors.SettingsError, match='holds other files .*notes.txt'):
+    export.export(nets, s, str(tmp_path / 'mine'))
+  assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep me'
+
+
 def test_a_native_config_is_not_exported(tmp_path):
   config = tiny(**{'resolution': 'native', 'hi_size': 64, 'stage1_size': 8, 'num_patches': 2,
                    'train.num_patches_list': (2,), 'native.bucket': 8})

@@ -193,3 +193,19 @@ def test_find_file_matches_extensions_in_any_case(tmp_path):
   assert common.files_with_suffix(tmp_path, ('.BMP', '.gif')) == [tmp_path / 'IMD003.BMP',
                                                                 tmp_path / 'x.gif']
   assert common.list_names([str(i) for i in range(12)]) == '0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more'
+
+
+def test_a_mask_saved_as_jpeg_is_thresholded_and_its_ambiguous_pixels_counted(tmp_path):
+  """Real annotators' masks come as JPEG: values smeared around 0 and 255 are not all foreground."""
+  mask = np.zeros((64, 80), np.uint8)
+  mask[10:40, 20:30] = 1  # A vessel-like bar.
+  Image.fromarray(mask * 255).save(tmp_path / 'mask.jpg', quality=75)
+  smeared = np.asarray(Image.open(tmp_path / 'mask.jpg'))
+  assert ((smeared > 0) & (mask == 0)).sum() > 20  # What "non-zero = foreground" would add.
+  got, _ = common.binary_mask(tmp_path / 'mask.jpg')
+  np.testing.assert_array_equal(got, mask)
+  grey = mask * 255
+  grey[50:52, :5] = 128  # Ten pixels an annotator's tool left half-way.
+  Image.fromarray(grey).save(tmp_path / 'grey.png')
+  got, ambiguous = common.binary_mask(tmp_path / 'grey.png')
+  assert ambiguous == 10 and got[50, 0] == 1 and got[10, 20] == 1 and got[0, 0] == 0

@@ -1,6 +1,7 @@
 """resolution='native': inference on any H x W with bounded memory and compute that follows the tiles
 refined, the dense sliding-window reference, native data, crops for training, and the modes."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -165,19 +166,32 @@ def test_an_image_too_large_is_refused_before_any_work():
                       extra_per_pixel=2 ** 10)  # As if each pixel needed a KiB.
 
 
-def test_the_sliding_window_averages_overlapping_windows_of_the_baseline(model):
-  spec = model.spec
+@pytest.mark.parametrize('blend', ['gaussian', 'constant'])
+def test_the_sliding_window_blends_overlapping_windows_of_the_baseline(model, blend):
+  spec = dataclasses.replace(model.spec, blend=blend)
   (image,) = images((64, 112), seed=2)  # Windows of 64 px every 48 px: x = 0, 48 (flush).
-  dense = model.sliding_window(image)
+  dense = native.NativeModel(model.nets, spec).sliding_window(image)
   x = inference.as_float(jnp.asarray(image))[None]
   left = models.probabilities(models.unet(spec).apply({'params': model.nets.baseline},
                                                       x[:, :, :64]))[0]
   right = models.probabilities(models.unet(spec).apply({'params': model.nets.baseline},
                                                        x[:, :, 48:]))[0]
+  w = native.blend_weights(64, blend)[..., None]
   np.testing.assert_allclose(dense.probs[:, :48], left[:, :48], atol=1e-5)
-  np.testing.assert_allclose(dense.probs[:, 48:64], (left[:, 48:] + right[:, :16]) / 2, atol=1e-5)
+  both = (left[:, 48:] * w[:, 48:] + right[:, :16] * w[:, :16]) / (w[:, 48:] + w[:, :16])
+  np.testing.assert_allclose(dense.probs[:, 48:64], both, atol=1e-5)
   np.testing.assert_allclose(dense.probs[:, 64:], right[:, 16:], atol=1e-5)
   assert dense.stats['windows'] == 2
+
+
+def test_the_gaussian_weights_are_monai_s_importance_map():
+  w = native.blend_weights(64, 'gaussian')
+  assert w.max() == pytest.approx(1.0, rel=1e-3) and w.min() > 0 and w.shape == (64, 64)
+  np.testing.assert_allclose(w, w.T)
+  np.testing.assert_allclose(w, w[::-1, ::-1], rtol=1e-6)
+  d = lambda i: (i - 31.5) / (64 / 8)  # From the centre, in sigmas (MONAI: sigma_scale 0.125).
+  assert w[31, 23] / w[31, 31] == pytest.approx(np.exp(-(d(23) ** 2 - d(31) ** 2) / 2), rel=1e-4)
+  np.testing.assert_array_equal(native.blend_weights(8, 'constant'), 1)
 
 
 def test_high_resolution_scenes_are_pure_and_keep_pixel_scale_detail():
@@ -363,3 +377,22 @@ def test_both_protocols_go_through_the_same_steps(monkeypatch):
   native_calls, calls[:] = set(calls), []
   inference.two_stage(nets.at(2), jnp.zeros((1, 64, 64, 3), jnp.uint8), s.spec)
   assert native_calls == set(calls) == {'normalize', 'select', 'stage1_outputs', 'stage2_logits'}
+
+
+@pytest.mark.parametrize('answer_at', [1, 2, 4, 6])
+def test_a_stop_is_honoured_after_stage_1_between_bands_and_between_chunks(answer_at):
+  """The stop is asked after stage 1 (1st question), between the bands of the upsampled map (2nd
+  and 3rd: 2 bands of 512 rows) and between stage-2 chunks (4th on); the call ends at once."""
+  s = settings.from_config(native_config(**{'native.chunk': 2}))
+  model = native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.spec)
+  (image,) = images((600, 64))  # 19 x 2 tiles of 32 px; 20 % -> 8 tiles, 4 chunks of 2.
+  asked = []
+
+  def stop():
+    asked.append(1)
+    return len(asked) >= answer_at
+  assert model.two_stage(image, refine_fraction=0.2, stop=stop) is None
+  assert len(asked) == answer_at
+  asked.clear()
+  whole = model.two_stage(image, refine_fraction=0.2, stop=lambda: asked.append(1) and False)
+  assert whole is not None and len(asked) == 1 + 2 + 4

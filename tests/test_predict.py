@@ -107,6 +107,23 @@ def test_a_failed_write_keeps_the_previous_good_outputs(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ['x_mask.png', 'x_overlay.png', 'x_prob.png']
 
 
+def test_a_stop_while_saving_keeps_nothing_half_written(tmp_path):
+  """The stop is asked before each output of an image: once it holds, the image counts as not
+  done (None), and no output of it, new or temporary, is left."""
+  probs = np.full((6, 6, 1), 0.9, np.float32)
+  result = {'probs': probs, 'mask': np.ones((6, 6), np.uint8), 'boxes': []}
+  asked = []
+  for answer_at in (1, 2, 3):
+    asked.clear()
+    stopped = lambda: asked.append(1) or len(asked) >= answer_at
+    assert predict.save_outputs(tmp_path, 'x', np.zeros((6, 6, 3), np.uint8), result,
+                                stopped=stopped) is None
+    assert os.listdir(tmp_path) == [] and len(asked) == answer_at
+  paths = predict.save_outputs(tmp_path, 'x', np.zeros((6, 6, 3), np.uint8), result,
+                               stopped=lambda: False)
+  assert sorted(os.listdir(tmp_path)) == sorted(Path(p).name for p in paths.values())
+
+
 def test_missing_input_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='config.predict.input is empty'):
     predict.list_inputs('')

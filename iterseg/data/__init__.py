@@ -75,8 +75,12 @@ def _the_prepared_one(builder) -> str:
 
 def prepare(spec) -> dict[str, Any]:
   """Prepares the dataset once (idempotent; a progress bar per split): {'dataset', 'train', 'test'
-  (example counts), 'fg_percent' (mean % of foreground pixels: Table 1's %Fg), 'path' (folder)}."""
+  (example counts), 'fg_percent' (mean % of foreground pixels: Table 1's %Fg),
+  'ambiguous_mask_pixels' (mask pixels far from both 0 and the top, e.g. JPEG's), 'path'}."""
   builder = make_builder(spec)
+  if not is_prepared(builder) and os.path.isdir(builder.data_dir):  # TFDS renames it in when done.
+    raise DataError(f'the prepared dataset {builder.data_dir} is incomplete: its dataset_info.json '
+                    f'is missing. Delete that folder and run again: it is prepared anew.')
   if not is_prepared(builder):
     builder.find_cases()  # Fail on missing or misplaced files before TFDS announces anything.
     # The lock sits beside the dataset's folder (<data_dir>/<dataset>/<config name>/.iterseg.lock).
@@ -91,10 +95,28 @@ def prepare(spec) -> dict[str, Any]:
           builder.download_and_prepare()
         finally:
           tfds.enable_progress_bar()
+        _refuse_bad_cases(builder)
   info = builder.info
   return {'dataset': f'{builder.name}/{builder.builder_config.name}',
           **{split: info.splits[split].num_examples for split in SPLITS},
-          'fg_percent': round(float(info.metadata['fg_percent']), 2), 'path': str(builder.data_dir)}
+          'fg_percent': round(float(info.metadata['fg_percent']), 2),
+          'ambiguous_mask_pixels': int(info.metadata.get('ambiguous_mask_pixels', 0)),
+          'path': str(builder.data_dir)}
+
+
+def _refuse_bad_cases(builder):
+  """After a prepare that left cases out: each named with its reason, then a DataError (the exit
+  status says so), the dataset kept, prepared from the good cases."""
+  bad = dict(builder.info.metadata.get('bad_cases', {}))
+  if bad:
+    for name, reason in bad.items():
+      print(f'  left out {name}: {reason}')
+    total = sum(builder.info.splits[split].num_examples for split in SPLITS) + len(bad)
+    raise DataError(f'{len(bad)} of {total} cases could not be read and were left out (listed '
+                    f'above), e.g. {next(iter(bad))}: {next(iter(bad.values()))}; the dataset in '
+                    f'{builder.data_dir} holds the other {total - len(bad)}. Fix or remove those '
+                    f'files and run again (changed files are prepared anew), or go on: the next '
+                    f'command uses the dataset as it is.')
 
 
 def _say_if_the_source_changed(builder):

@@ -128,8 +128,12 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     return cases
 
   def read_mask(self, path: Path) -> np.ndarray:
-    """uint8 [h, w] class ids of the mask file at `path` (default: any non-zero pixel is 1)."""
-    return common.read_binary_mask(path)
+    """uint8 [h, w] class ids of the mask file at `path` (default: `common.binary_mask`, its
+    ambiguous pixels counted in the metadata's 'ambiguous_mask_pixels')."""
+    mask, ambiguous = common.binary_mask(path)
+    metadata = self.info.metadata
+    metadata['ambiguous_mask_pixels'] = metadata.get('ambiguous_mask_pixels', 0) + ambiguous
+    return mask
 
   def load_example(self, name: str, case: Case) -> dict[str, Any]:
     """The stored example of one case, resized to hi_size x hi_size (bilinear, area-like when
@@ -170,8 +174,17 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             for split, names in splits.items()}
 
   def _generate_examples(self, cases: dict[str, Any], split: str, fg_percents: list[float]):
+    """The examples of one split; a case that cannot be read (a damaged file, a mask of another
+    size) is left out, its reason in the metadata's 'bad_cases' ({name: reason})."""
     for name, case in tqdm.tqdm(cases.items(), desc=f'{self.name} {split}', unit='image'):
-      example = self.load_example(name, case)
+      try:
+        example = self.load_example(name, case)
+      except DataError as e:
+        bad = {**self.info.metadata.get('bad_cases', {}), name: ' '.join(str(e).split())}
+        self.info.metadata['bad_cases'] = bad
+        if all(n in bad for n in cases):
+          raise DataError(f'no case of the {split} split can be read, e.g. {e}') from e
+        continue
       fg_percents.append(100.0 * float(np.mean(example['mask'] > 0)))
       self.info.metadata['fg_percent'] = float(np.mean(fg_percents))
       yield name, example

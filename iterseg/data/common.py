@@ -149,16 +149,30 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
-  """uint8 [h, w] in {0, 1}, upright: 1 where the file is non-zero in any channel (palette colours
-  resolved; any bit depth; float NaN is 0; alpha ignored)."""
+  """uint8 [h, w] in {0, 1}, upright: `binary_mask` of the file (palette colours resolved; any bit
+  depth; float NaN is 0; alpha ignored)."""
+  return binary_mask(path)[0]
+
+
+def binary_mask(path: Path) -> tuple[np.ndarray, int]:
+  """(uint8 [h, w] in {0, 1}, the number of ambiguous pixels): 1 where any channel is above half
+  of the values' range (255 up to 255, else 65535; masks within [0, 1]: any non-zero value), so
+  that a mask saved as JPEG, its values smeared around 0 and 255, is thresholded rather than read
+  as all foreground. Ambiguous: between a quarter and three quarters of the range."""
   image = _decoded(path, upright)
   if image.mode in ('1', 'L', 'I', 'F') or image.mode.startswith('I;16'):
-    values = np.asarray(image)
-    return ((values != 0) & np.isfinite(values)).astype(np.uint8)  # NaN and infinities: 0.
-  if image.mode in ('LA', 'PA', 'RGBA', 'RGBa', 'RGBX', 'P', 'RGB', 'CMYK', 'YCbCr', 'HSV', 'LAB'):
+    values = np.nan_to_num(np.asarray(image, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  elif image.mode in ('LA', 'PA', 'RGBA', 'RGBa', 'RGBX', 'P', 'RGB', 'CMYK', 'YCbCr', 'HSV',
+                      'LAB'):
     # Palette indices are not values (index 0 may be white): look the colours up. Alpha is ignored.
-    return np.asarray(image.convert('RGB')).any(axis=-1).astype(np.uint8)
-  raise DataError(f'unsupported mask mode {image.mode!r}: {path}')
+    values = np.asarray(image.convert('RGB')).max(axis=-1)
+  else:
+    raise DataError(f'unsupported mask mode {image.mode!r}: {path}')
+  if values.max(initial=0) <= 1:  # {0, 1}, or floats in [0, 1]: any non-zero value.
+    return (values > 0).astype(np.uint8), 0
+  top = 255.0 if values.max() <= 255 else 65535.0
+  ambiguous = int(np.count_nonzero((values > top / 4) & (values < 3 * top / 4)))
+  return (values > top / 2).astype(np.uint8), ambiguous
 
 
 def read_label_map(path: Path) -> np.ndarray:

@@ -5,7 +5,8 @@
 
 Any format Pillow reads (or a `.gz` of one), extensions in any case ('.PNG'); other files (notes,
 `.DS_Store`) are ignored. An image without a mask of the same stem, or a mask without its image, is
-skipped. With config.num_classes == 1 a mask pixel is 1 where it is non-zero in any channel; with
+skipped. With config.num_classes == 1 a mask pixel is 1 where any channel is above half its range
+(`common.binary_mask`: a JPEG mask is thresholded, its ambiguous pixels counted); with
 more classes the mask must be single-channel (grey values or palette indices) holding ids in
 [0, num_classes).
 """
@@ -74,7 +75,7 @@ class Folder(SegmentationBuilder, skip_registration=True):
   def read_mask(self, path: Path) -> np.ndarray:
     num_classes = self.builder_config.num_classes
     if num_classes == 1:
-      return common.read_binary_mask(path)
+      return super().read_mask(path)
     ids = common.read_label_map(path)
     if ids.min() < 0 or ids.max() >= num_classes:
       raise DataError(f'folder: mask {path} holds ids {np.unique(ids)[:8].tolist()}, '
