@@ -378,20 +378,20 @@ def test_extensions_match_in_any_case(tmp_path):
     assert example['mask'].mean() == pytest.approx(fixtures.FG_PERCENT / 100, abs=0.01), example['name']
 
 
-def test_unreadable_image_names_the_file_and_leaves_nothing_loadable(tmp_path):
+def test_an_unreadable_image_is_named_left_out_and_prepared_again_once_fixed(tmp_path):
   manual = fixtures.write_ph2(tmp_path / 'raw', num_cases=6)
   broken = next(manual.rglob('IMD006.bmp'))
   good = broken.read_bytes()
   broken.write_bytes(good[:200])  # Truncated.
   config = fixtures.config(tmp_path / 'tfds', 'ph2', manual)
-  with pytest.raises(DataError, match=f'cannot read image {broken}'):
+  with pytest.raises(DataError, match=f'1 of 6 cases .*cannot read image {broken}'):
     data.prepare(config)
-  builder = data.make_builder(config)
-  assert not data.is_prepared(builder)
-  leftovers = [p for p in (tmp_path / 'tfds').rglob('*') if p.is_file() and 'downloads' not in p.parts]
-  assert leftovers == []  # The temporary incomplete.* folder is gone too.
-  broken.write_bytes(good)
-  assert data.prepare(config)['train'] == 4
+  left = data.prepare(config)  # The next command goes on with the 5 good cases.
+  assert left['train'] + left['test'] == 5
+  broken.write_bytes(good)  # Fixed: another source, prepared anew with all 6.
+  again = data.prepare(config)
+  assert again['train'] + again['test'] == 6 and again['path'] != left['path']
+  assert not list((tmp_path / 'tfds').rglob('incomplete.*'))  # No temporary folder left.
 
 
 def test_size_mismatch_names_both_files(tmp_path):

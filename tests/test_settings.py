@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 
 from iterseg import settings
-from iterseg.configs import (default, demo, kitti, kitti_native, native_demo, ph2, ph2_native,
+from iterseg.configs import (default, demo, fundus, kitti, kitti_native, native_demo, ph2, ph2_native,
                               retina, retina_vessels)
 from tests.helpers import set_fields, tiny
 
-SHIPPED = [default, demo, ph2, retina, kitti, retina_vessels, native_demo, kitti_native, ph2_native]  # Every file in configs/.
+SHIPPED = [default, demo, ph2, retina, kitti, retina_vessels, native_demo, kitti_native, ph2_native,
+           fundus]  # Every file in configs/.
 
 # (field, bad value, words the message must hold). One case per checked field.
 BAD = [
@@ -149,6 +150,7 @@ def test_every_field_survives_the_round_trip_with_a_value_other_than_its_default
       'train.head_bias_prior': 0.1, 'train.flip': False, 'train.brightness_contrast': 0.2,
       'train.rotate': False, 'train.log_every': 3, 'train.checkpoint_every': 4,
       'train.keep_checkpoints': 2, 'train.profile_steps': (1, 2), 'eval.batch_size': 3,
+      'eval.fov': 'dark_border', 'eval.errors': True, 'native.blend': 'constant',
       'benchmark.batch_sizes': (2,), 'benchmark.repeats': 2, 'benchmark.sliding_window': True,
       'benchmark.max_seconds': 9.0, 'predict.input': '/in', 'predict.output': '/out',
       'predict.batch_size': 3, 'predict.outputs': ('mask',), 'predict.png_compression': 3,
