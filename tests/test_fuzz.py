@@ -23,7 +23,7 @@ from iterseg import errors, inference, settings
 from iterseg.data import common
 from tests.helpers import tiny
 
-EXAMPLES = int(os.environ.get('ITERSEG_FUZZ_EXAMPLES', 25))
+EXAMPLES = int(os.environ.get('ITERSEG_FUZZ_EXAMPLES', 12))
 FUZZ = hsettings(max_examples=EXAMPLES, deadline=None, database=None,
                  suppress_health_check=list(HealthCheck))
 MEMORY_SLACK = 256 * 2 ** 20  # What a decoded image may take beyond its file's bytes.
