@@ -4,32 +4,43 @@ folder from copies of the networks it does not touch, all evaluated on the same 
 import json
 
 import numpy as np
+import pytest
 
 from iterseg import ablation, settings
 from iterseg.data.synthetic import make_synthetic_example
 from tests.helpers import save_random_networks, tiny
 
 
-def test_ablation_reports_each_feature_off_and_on(data_dir, tmp_path):
+def _ablate(data_dir, tmp_path, features):
   config = tiny(num_patches=4, **{'train.num_patches_list': (4,), 'data.num_examples': 16,
                                   'data.data_dir': str(data_dir), 'eval.batch_size': 5,
-                                  'ablation.features': ('stage2_init', 'refine_budget')})
+                                  'ablation.features': features})
   workdir = save_random_networks(config, tmp_path / 'run')
   out = ablation.run(settings.from_config(config), str(workdir))
-  rows = {(r['feature'], r['state']): r for r in out['rows']}
-  assert set(rows) == {(f, s) for f in ('stage2_init', 'refine_budget') for s in ('off', 'on')}
+  saved = json.loads((workdir / 'results.json').read_text())
+  assert saved['ablation'] == json.loads(json.dumps(out['rows']))
+  assert (workdir / 'ablation.png').read_bytes()[:4] == b'\x89PNG'
+  return workdir, {(r['feature'], r['state']): r for r in out['rows']}
+
+
+def test_ablation_reports_an_inference_feature_off_and_on_without_training(data_dir, tmp_path):
+  workdir, rows = _ablate(data_dir, tmp_path, ('refine_budget',))
+  assert set(rows) == {('refine_budget', 'off'), ('refine_budget', 'on')}
+  assert rows[('refine_budget', 'off')]['workdir'] == str(workdir)  # The configured variant.
+  assert rows[('refine_budget', 'on')]['value'] == 'batch'
+  assert not (workdir / 'ablation' / 'refine_budget-on' / 'checkpoints' / 'stage2_np4' /
+              'plan.json').exists()  # Inference only: nothing trained.
+
+
+@pytest.mark.slow  # Retrains stage 2: beyond the suite's time budget.
+def test_ablation_retrains_what_a_training_feature_changes(data_dir, tmp_path):
+  workdir, rows = _ablate(data_dir, tmp_path, ('stage2_init',))
   assert rows[('stage2_init', 'off')]['workdir'] == str(workdir)  # The configured variant.
   assert rows[('stage2_init', 'on')]['workdir'].endswith('ablation/stage2_init-on')
   retrained = workdir / 'ablation' / 'stage2_init-on'
   assert (retrained / 'checkpoints' / 'stage2_np4').is_dir()
   np.testing.assert_array_equal(  # Stage 1 copied, not retrained.
       sorted(p.name for p in (retrained / 'checkpoints' / 'stage1').iterdir()), ['1'])
-  assert rows[('refine_budget', 'on')]['value'] == 'batch'
-  assert not (workdir / 'ablation' / 'refine_budget-on' / 'checkpoints' / 'stage2_np4' /
-              'plan.json').exists()  # Inference only: nothing trained.
-  saved = json.loads((workdir / 'results.json').read_text())
-  assert saved['ablation'] == json.loads(json.dumps(out['rows']))
-  assert (workdir / 'ablation.png').read_bytes()[:4] == b'\x89PNG'
 
 
 def test_synthetic_data_has_classes_when_asked():
