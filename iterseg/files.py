@@ -9,6 +9,7 @@ import pathlib
 import shutil
 from typing import Callable, IO, Optional
 
+from iterseg import errors
 from iterseg.errors import WriteError
 
 
@@ -78,6 +79,26 @@ def replaced_folder(folder):
       os.rename(old, folder)
     raise
   shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path, fix: str, error=errors.Error, fields: Optional[dict] = None) -> dict:
+  """The JSON object in `path`, its `fields` ({name: type or tuple of types}) checked; `error` (an
+  iterseg.errors class) naming the file, what is wrong and `fix` if it is missing, truncated, not
+  an object, or a field is missing or of another type. The one reader of the JSON iterseg writes."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError('not a JSON object')
+    for name, kinds in (fields or {}).items():
+      kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+      value = saved.get(name)
+      if name not in saved or not isinstance(value, kinds) or (
+          type(value) is bool and int in kinds):  # True is not a count.
+        raise ValueError(f'{name}={saved.get(name, "(missing)")!r} is not valid')
+  except (OSError, ValueError) as e:
+    raise error(f'{path} cannot be read ({" ".join(str(e).split())[:160]}): {fix}.') from e
+  return saved
 
 
 _CAUSES = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded',

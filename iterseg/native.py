@@ -50,7 +50,8 @@ WINDOWS = 8  # Dense windows a call of the sliding window.
 class NativePrediction:
   """What native two-stage inference returns for one image of H x W.
 
-  probs:   [H, W, C] float32, stage 1 upsampled everywhere, stage 2 in the refined tiles.
+  probs:   [H, W, C] float32, stage 1 upsampled everywhere, stage 2 in the refined tiles
+           (read-only: on a CPU, the device's buffer itself; copy it to write into it).
   coarse:  [ceil(H/f), ceil(W/f), C] float32, stage 1's own (low-resolution) probabilities.
   scores:  [gh, gw] tile uncertainty (gh = ceil(H/T)); higher = less sure.
   refined: [gh, gw] bool, the tiles stage 2 recomputed.

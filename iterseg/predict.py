@@ -30,7 +30,6 @@ if any image failed.
 import collections
 import concurrent.futures
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -363,10 +362,11 @@ def write_summary(output: Path, part: dict, process: int, processes: int) -> str
   files.atomic_write_json(os.path.join(output, f'summary.{process}.json'), part)
   parts = [os.path.join(output, f'summary.{i}.json') for i in range(processes)]
   if all(os.path.exists(p) for p in parts):
-    loaded = []
-    for p in parts:
-      with open(p) as f:
-        loaded.append(json.load(f))
+    fields = {'images': list, 'failed': int, 'skipped': int, 'total': int,
+              'compiles': (int, type(None))}
+    fix = ('delete it and run the same command again with --config.predict.skip_existing=True '
+           '(only what is missing is segmented)')
+    loaded = [files.read_json(p, fix, PredictError, fields) for p in parts]
     merged = dict(loaded[0], processes=processes)
     merged['images'] = sorted((r for one in loaded for r in one['images']), key=lambda r: r['input'])
     for key in ('failed', 'skipped', 'total'):

@@ -7,7 +7,6 @@
   <workdir>/metrics.jsonl, results.*, benchmark.json, predictions/, export/: what the modes write
 """
 
-import json
 import os
 from typing import Optional
 
@@ -27,15 +26,8 @@ POINT_FIELDS = tuple(_POINT_BOUNDS)
 
 def _read_json(path: str, fix: str, key: Optional[str] = None):
   """The JSON object in `path` (or its `key`); CheckpointError naming it and `fix` if unreadable."""
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError('not a JSON object')
-    return saved if key is None else saved[key]
-  except (OSError, ValueError, KeyError) as e:
-    raise CheckpointError(f'{path} cannot be read ({" ".join(str(e).split())[:120]}): '
-                          f'{fix}.') from e
+  saved = files.read_json(path, fix, CheckpointError, {key: object} if key else None)
+  return saved if key is None else saved[key]
 
 
 class Run:
