@@ -263,6 +263,9 @@ def benchmark(cases: Sequence, *, repeats: int, max_seconds: float = float('inf'
         out = t.call()
         first = time.perf_counter() - first
       rates[t.key] = case.pixels / first
+      if mask is not None:  # Scored now: the output is dropped before the next method runs.
+        out['soft_dice'] = soft_dice(out['probs'], mask)
+      out['probs'] = None
       runs.append({'t': t, 'out': out, 'times': [first], 'compile_s': compile_s,
                    'peak_rss_gb': memory.gb})
     share = left() * case.pixels / sum(c.pixels for c in cases[i:])
@@ -287,11 +290,12 @@ def benchmark(cases: Sequence, *, repeats: int, max_seconds: float = float('inf'
           'achieved_gflops_per_s': None if gflops is None else gflops / latency,
           'peak_fraction': None if gflops is None or not peak else gflops / latency / 1e3 / peak,
           'peak_rss_gb': r['peak_rss_gb'], 'refined_fraction': out['refined_fraction'],
-          'soft_dice': None if mask is None else soft_dice(out['probs'], mask),
+          'soft_dice': out.get('soft_dice'),
           'speedup_vs_baseline': None if base is None else base / latency,
           'repeats': len(r['times']), 'times_ms': [x * 1e3 for x in r['times']]})
     del runs
-    extras.append(extra())
+    if left() > 0:
+      extras.append(extra())
   return rows, skipped, [e for e in extras if e]
 
 

@@ -145,7 +145,7 @@ def _describe(chosen: Optional[dict], baseline: Optional[dict], plan: CalibrateP
   if plan.target == 'dice_drop':
     return (f'No operating point: no point reaches soft Dice >= baseline - '
             f'{plan.max_dice_drop:g}{base}; raise config.calibrate.max_dice_drop or sweep larger '
-            f'refine_counts.')
+            f'budgets (config.calibrate.refine_counts, or refine_fractions at native size).')
   return (f'No operating point: no point runs within {plan.latency_budget_ms:g} ms/image; raise '
           f'config.calibrate.latency_budget_ms.')
 
@@ -180,8 +180,9 @@ def run(s: Settings, workdir: str) -> dict:
   segmenter = native.segmenter(nets, s, batch_size=min(s.eval.batch_size, len(indices)))
   sweep = segmenter.sweep(plan)
   if not sweep:
-    raise CheckpointError(f'config.calibrate.refine_counts={plan.refine_counts} has no count <= '
-                          f'Np*Np for the trained Np {nps}: nothing to sweep.')
+    raise CheckpointError(f'nothing to sweep: config.calibrate.refine_counts={plan.refine_counts} '
+                          f'has no count <= Np*Np for the trained Np {nps}, or '
+                          f'calibrate.refine_fractions or calibrate.thresholds is empty.')
   baseline = None
   if nets.baseline is not None:
     e = measure(segmenter.only('baseline'), held)

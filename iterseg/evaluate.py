@@ -33,7 +33,7 @@ def evaluate(segmenter, examples: Iterable[dict], *, total=None, progress: bool 
   """Every method of `segmenter` (native.Square or native.Native) on every example ({'image',
   'mask', 'name'}), each batch compiled before it is timed; with `fov`, the metrics inside each
   image's field of view too; with `errors` (a folder), each image's errors drawn there
-  (`report.error_image`: <name>_<method>.png).
+  (`report.write_error_image`: <name>_<method>.png, '/' in a name as '__').
 
   Returns {'num_images', 'names', 'methods': {key: {name: mean (None for a value no image has),
   'per_image': {name: [values]}}}}, name over `PER_IMAGE`.
@@ -52,8 +52,9 @@ def evaluate(segmenter, examples: Iterable[dict], *, total=None, progress: bool 
 
 
 def _write_errors(folder: str, batch: dict, key: str, i: int, probs) -> None:
-  report.write_error_image(os.path.join(folder, f'{batch["name"][i]}_{key}.png'),
-                           batch['image'][i], batch['mask'][i], probs)
+  name = str(batch['name'][i]).replace('/', '__')  # 'DRIVE/21_training.tif': one flat folder.
+  report.write_error_image(os.path.join(folder, f'{name}_{key}.png'), batch['image'][i],
+                           batch['mask'][i], probs)
 
 
 def _summarized(per_image: dict, names: list, allow_empty: bool) -> dict:

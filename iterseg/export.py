@@ -52,7 +52,8 @@ def export(nets: Networks, s: Settings, folder: str) -> dict:
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   exported = jax.export.export(jax.jit(serve), platforms=tuple(s.export.platforms))(shapes, images)
   files.check_writable(folder)
-  others = sorted(set(os.listdir(folder)) - {ARTIFACT, PARAMS, DESCRIPTION})
+  others = sorted(n for n in set(os.listdir(folder)) - {ARTIFACT, PARAMS, DESCRIPTION}
+                  if not n.startswith('.'))
   if others:
     raise SettingsError(f'config.export.output={folder} holds other files ({", ".join(others[:3])}'
                         f'): an export replaces its folder whole; choose a new or empty folder.')

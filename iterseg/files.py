@@ -70,9 +70,13 @@ def replaced_folder(folder):
   os.makedirs(tmp)
   try:
     yield tmp
-    if os.path.exists(folder):
-      os.rename(folder, old)
-    os.rename(tmp, folder)
+    try:
+      if os.path.exists(folder):
+        os.rename(folder, old)
+      os.rename(tmp, folder)
+    except OSError as e:  # A mount point or a busy folder cannot be renamed.
+      raise WriteError(f'cannot replace {folder} with the new files ({describe_os_error(e)}): '
+                       f'choose a folder inside it, or one that is not a mount point.') from e
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     if os.path.exists(old) and not os.path.exists(folder):

@@ -239,19 +239,12 @@ def downscale(maps, spec: Spec):
   return jax.image.resize(maps.astype(jnp.float32), (b, s, s, *maps.shape[3:]), 'linear')
 
 
-def block_means(maps, factor: int, size=None):
-  """maps [B, h * f, w * f, ...] -> float32 [B, h, w, ...]: the mean of each f x f block; with
-  size = (rows, cols) (may be traced), of the pixels of maps[:, :rows, :cols] only, the rest being
-  padding (a block without any is 0)."""
+def block_means(maps, factor: int):
+  """maps [B, h * f, w * f, ...] -> float32 [B, h, w, ...]: the mean of each f x f block (native's
+  host thumbnail, `native.thumbnail`, computes the same of an image of any size)."""
   b, height, width = maps.shape[:3]
   blocks = maps.reshape(b, height // factor, factor, width // factor, factor, *maps.shape[3:])
-  sums = blocks.sum(axis=(2, 4), dtype=jnp.float32)
-  if size is None:
-    return sums / factor ** 2
-  rows = jnp.clip(size[0] - factor * jnp.arange(height // factor), 0, factor)
-  cols = jnp.clip(size[1] - factor * jnp.arange(width // factor), 0, factor)
-  count = (rows[:, None] * cols[None, :]).reshape(1, *sums.shape[1:3], *[1] * (sums.ndim - 3))
-  return sums / jnp.maximum(count, 1).astype(jnp.float32)
+  return blocks.sum(axis=(2, 4), dtype=jnp.float32) / factor ** 2
 
 
 def bilinear(low, factor: int, y0, x0, rows: int, cols: int):

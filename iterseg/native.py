@@ -51,7 +51,8 @@ class NativePrediction:
   """What native two-stage inference returns for one image of H x W.
 
   probs:   [H, W, C] float32, stage 1 upsampled everywhere, stage 2 in the refined tiles
-           (read-only: on a CPU, the device's buffer itself; copy it to write into it).
+           (read-only: the device's output as numpy, on a CPU its buffer itself; np.array(probs)
+           to write into it).
   coarse:  [ceil(H/f), ceil(W/f), C] float32, stage 1's own (low-resolution) probabilities.
   scores:  [gh, gw] tile uncertainty (gh = ceil(H/T)); higher = less sure.
   refined: [gh, gw] bool, the tiles stage 2 recomputed.
@@ -316,9 +317,9 @@ class NativeModel:
 
   @property
   def compiles(self) -> int:
-    """Compilations this model's images need (a fresh process makes them once): stage 1 per
-    (height, width) bucket, the bands per width bucket, stage 2 per chunk size (at most 4), the
-    dense windows once."""
+    """Compilations this model's images need (a fresh process makes them once): stage 1 and the
+    bands per (height, width) bucket, the paste per bucket and chunk size, stage 2 per chunk size
+    (at most 4), the dense windows once."""
     return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
             self.band.compiles + self.paste.compiles)
 
@@ -337,10 +338,12 @@ class NativeModel:
     bh, bw = _bucket(-(-height // f), spec.bucket), _bucket(-(-width // f), spec.bucket)
     shaped = jax.ShapeDtypeStruct
     start = time.perf_counter()
-    self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32), shaped((2,), jnp.int32))
     out = shaped((1, bh * f, bw * f, spec.num_classes), jnp.float32)
-    self.band.warm(out, shaped((_low_rows(min(BAND_ROWS, bh * f), f), bw, spec.num_classes),
-                               jnp.float32), shaped((), jnp.int32), shaped((), jnp.int32))
+    if self.nets.stage1 is not None:
+      self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32),
+                       shaped((2,), jnp.int32))
+      self.band.warm(out, shaped((_low_rows(min(BAND_ROWS, bh * f), f), bw, spec.num_classes),
+                                 jnp.float32), shaped((), jnp.int32), shaped((), jnp.int32))
     if self.stage2_params is not None:
       for size in self.chunk_sizes:
         self.stage2.warm(self.stage2_params, *self._chunk(size))
@@ -596,7 +599,7 @@ class Square:
     """`keep(key, i, probs)`, where given, is handed each image's probabilities [H, W, C]."""
     b = len(batch['image'])
     images, masks = self._arrays(batch)
-    inside = jnp.asarray(metrics.field_of_view(np.asarray(images))) if fov else None
+    inside = jnp.asarray(metrics.field_of_view(np.asarray(images))) if fov else None  # Padded.
     out = {}
     for m in self.comparison:
       start = time.perf_counter()
@@ -612,7 +615,9 @@ class Square:
       n = m.num_patches or self.seam_np
       if n:
         hi = images.shape[1]
-        band = self.bands.setdefault(n, jnp.asarray(metrics.seam_band(hi, n, max(2, hi // n // 8))))
+        if n not in self.bands:
+          self.bands[n] = jnp.asarray(metrics.seam_band(hi, n, max(2, hi // n // 8)))
+        band = self.bands[n]
         seam = jax.device_get(metrics.image_metrics(probs, masks, self.num_classes, band))
         values.update({f'seam_{k}': seam[k][:b].tolist() for k in ('soft_dice', 'hard_dice')})
       if fraction is not None:
@@ -624,7 +629,8 @@ class Square:
 
   def only(self, key: str) -> 'Square':
     return Square([m for m in self.comparison if m.key == key], self.num_classes,
-                  batch_size=self.batch_size, gflops=self.gflops, nets=self.nets, s=self.s)
+                  batch_size=self.batch_size, seam_np=self.seam_np, gflops=self.gflops,
+                  compiled_gflops=self.compiled_gflops, nets=self.nets, s=self.s)
 
   def at(self, point: dict) -> 'Square':
     """Two-stage alone at an operating point (`POINT_FIELDS`)."""
@@ -795,7 +801,8 @@ def _aot(method, images) -> Timed:
 def native_cases(model: NativeModel, sides) -> list:
   """Native resolution's inputs: a synthetic scene of side x side per side (scene indices from
   10 000: never seen in training), two-stage and the dense sliding window ('baseline') on it; the
-  extra: the stage-2 time a threshold at the median score of the refined tiles saves."""
+  extra, up to 4096 px: the stage-2 time a threshold at the median score of the refined tiles
+  saves."""
   from iterseg.data import synthetic  # pylint: disable=g-import-not-at-top
 
   def make(side):
@@ -805,7 +812,8 @@ def native_cases(model: NativeModel, sides) -> list:
     last = {}
 
     def two_stage():
-      last['pred'] = pred = model.two_stage(image)
+      pred = model.two_stage(image)
+      last['pred'] = dataclasses.replace(pred, probs=None, coarse=None)  # The stats and tiles.
       return {'gflops': sum(pred.stats['gflops'].values()),
               'refined_fraction': pred.stats['refined'] / pred.stats['tiles'], 'probs': pred.probs}
 
@@ -814,10 +822,13 @@ def native_cases(model: NativeModel, sides) -> list:
       return {'gflops': pred.stats['gflops']['dense'], 'refined_fraction': None,
               'probs': pred.probs}
 
+    def saving():  # At the sizes where it is cheap.
+      return _threshold_saving(model, image, last.get('pred')) if side <= 4096 else None
+
     timed = [Timed('two_stage', model.spec.num_patches, lambda: model.warm(side, side), two_stage)]
     if model.nets.baseline is not None:
       timed.append(Timed('baseline', None, lambda: model.warm(side, side), dense))
-    return timed, mask, lambda: _threshold_saving(model, image, last.get('pred'))
+    return timed, mask, saving
 
   return [Case(f'{side}x{side}', f'{side}x{side}', 1, side * side, functools.partial(make, side))
           for side in sides]

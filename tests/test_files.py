@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -81,3 +82,26 @@ def test_check_writable_names_the_cause(tmp_path, monkeypatch, code, cause):
   with pytest.raises(errors.WriteError) as e:
     files.check_writable(tmp_path)
   assert str(e.value).startswith(f'cannot write to {tmp_path}: {cause} (errno {code}). ')
+
+
+def test_a_replaced_folder_is_the_new_set_or_the_old_one_never_a_mix(tmp_path, monkeypatch):
+  folder = tmp_path / 'out'
+  with files.replaced_folder(folder) as tmp:
+    (pathlib.Path(tmp) / 'a').write_text('1')
+  assert sorted(p.name for p in folder.iterdir()) == ['a']
+  with pytest.raises(RuntimeError):  # A failure while writing: the old set stays.
+    with files.replaced_folder(folder) as tmp:
+      (pathlib.Path(tmp) / 'b').write_text('2')
+      raise RuntimeError('disk full')
+  assert sorted(p.name for p in folder.iterdir()) == ['a'] and sorted(os.listdir(tmp_path)) == ['out']
+  real = os.rename
+
+  def busy(src, dst):
+    if os.path.basename(src) == 'out':
+      raise OSError(errno.EBUSY, 'Device or resource busy')
+    return real(src, dst)
+  monkeypatch.setattr(os, 'rename', busy)  # A mount point cannot be renamed.
+  with pytest.raises(errors.WriteError, match='cannot replace .*not a mount point'):
+    with files.replaced_folder(folder) as tmp:
+      (pathlib.Path(tmp) / 'c').write_text('3')
+  assert sorted(p.name for p in folder.iterdir()) == ['a'] and sorted(os.listdir(tmp_path)) == ['out']

@@ -4,7 +4,8 @@ Nothing here imports TensorFlow or tensorflow-datasets (cheap for tests and the 
 Conventions:
   * images are read as uint8 RGB `[h, w, 3]` from the file's real range (16-bit, float too);
   * images, masks and label maps are turned upright by their EXIF orientation, so they stay aligned;
-  * binary masks are uint8 `{0, 1}`: non-zero in any channel (palettes through their colours);
+  * binary masks are uint8 `{0, 1}` (`binary_mask`): above half their range in any channel, so a
+    JPEG mask is thresholded, or non-zero for masks below it (palettes through their colours);
   * `.gz` files (STARE) are decompressed; extensions match in any case ('.BMP' is '.bmp');
   * every problem with the files is a `DataError` with one line that names the file(s).
 """
@@ -155,10 +156,11 @@ def read_binary_mask(path: Path) -> np.ndarray:
 
 
 def binary_mask(path: Path) -> tuple[np.ndarray, int]:
-  """(uint8 [h, w] in {0, 1}, the number of ambiguous pixels): 1 where any channel is above half
-  of the values' range (255 up to 255, else 65535; masks within [0, 1]: any non-zero value), so
-  that a mask saved as JPEG, its values smeared around 0 and 255, is thresholded rather than read
-  as all foreground. Ambiguous: between a quarter and three quarters of the range."""
+  """(uint8 [h, w] in {0, 1}, the number of ambiguous pixels): where the mask reaches above half of
+  its range (255, or 65535 for larger values), 1 above that half, so that a mask saved as JPEG,
+  its values smeared around 0 and 255, is thresholded rather than read as all foreground (ambiguous:
+  between a quarter and three quarters of the range); a mask whose values stay below it ({0, 1},
+  {0, 38}, floats in [0, 1]) is 1 wherever it is non-zero in any channel."""
   image = _decoded(path, upright)
   if image.mode in ('1', 'L', 'I', 'F') or image.mode.startswith('I;16'):
     values = np.nan_to_num(np.asarray(image, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
@@ -168,9 +170,9 @@ def binary_mask(path: Path) -> tuple[np.ndarray, int]:
     values = np.asarray(image.convert('RGB')).max(axis=-1)
   else:
     raise DataError(f'unsupported mask mode {image.mode!r}: {path}')
-  if values.max(initial=0) <= 1:  # {0, 1}, or floats in [0, 1]: any non-zero value.
+  top = 255.0 if values.max(initial=0) <= 255 else 65535.0
+  if values.max(initial=0) <= top / 2:  # {0, 1}, {0, 38}, floats in [0, 1]: any non-zero value.
     return (values > 0).astype(np.uint8), 0
-  top = 255.0 if values.max() <= 255 else 65535.0
   ambiguous = int(np.count_nonzero((values > top / 4) & (values < 3 * top / 4)))
   return (values > top / 2).astype(np.uint8), ambiguous
 
