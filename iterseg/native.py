@@ -481,6 +481,12 @@ class NativeModel:
         'gflops': {'stage1': s1_flops / 1e9, 'bands': band_flops / 1e9},
         'seconds': {'stage1': s1_seconds, 'bands': band_seconds}})
 
+  def run(self, key: str, image: np.ndarray) -> NativePrediction:
+    """The method `key` names ('baseline': the sliding window; 'stage1'; 'two_stage_np<N>')."""
+    if key == 'baseline':
+      return self.sliding_window(image)
+    return self.stage1_only(image) if key == 'stage1' else self.two_stage(image)
+
   def sliding_window(self, image: np.ndarray, *, batch: int = WINDOWS) -> NativePrediction:
     """The baseline U-Net on windows of native.window px overlapping by native.overlap, each pixel
     the mean of the windows over it weighted by `blend_weights` (MONAI's sliding_window_inference,
@@ -680,12 +686,7 @@ class Native:
     image, mask, out = batch['image'][0], batch['mask'][0], {}
     inside = metrics.field_of_view(image) if fov else None
     for key in self.keys:
-      if key == 'baseline':
-        pred = self.model.sliding_window(image)
-      elif key == 'stage1':
-        pred = self.model.stage1_only(image)
-      else:
-        pred = self.model.two_stage(image)
+      pred = self.model.run(key, image)
       values = {k: [v] for k, v in metrics.one_image_metrics(pred.probs, mask,
                                                              self.num_classes).items()}
       if fov:
@@ -693,9 +694,7 @@ class Native:
             pred.probs, mask, self.num_classes, inside).items()})
       if keep:
         keep(key, 0, pred.probs)
-      if pred.refined is not None:
-        values['refined_fraction'] = [pred.stats['refined'] / pred.stats['tiles']]
-      values['gflops'] = [sum(pred.stats['gflops'].values())]
+      values.update({k: [v] for k, v in _ran(pred).items() if v is not None})
       values['seconds'] = [sum(pred.stats['seconds'].values())]
       out[key] = values
     return out
@@ -814,13 +813,11 @@ def native_cases(model: NativeModel, sides) -> list:
     def two_stage():
       pred = model.two_stage(image)
       last['pred'] = dataclasses.replace(pred, probs=None, coarse=None)  # The stats and tiles.
-      return {'gflops': sum(pred.stats['gflops'].values()),
-              'refined_fraction': pred.stats['refined'] / pred.stats['tiles'], 'probs': pred.probs}
+      return dict(_ran(pred), probs=pred.probs)
 
     def dense():
       pred = model.sliding_window(image)
-      return {'gflops': pred.stats['gflops']['dense'], 'refined_fraction': None,
-              'probs': pred.probs}
+      return dict(_ran(pred), probs=pred.probs)
 
     def saving():  # At the sizes where it is cheap.
       return _threshold_saving(model, image, last.get('pred')) if side <= 4096 else None
@@ -832,6 +829,13 @@ def native_cases(model: NativeModel, sides) -> list:
 
   return [Case(f'{side}x{side}', f'{side}x{side}', 1, side * side, functools.partial(make, side))
           for side in sides]
+
+
+def _ran(pred: NativePrediction) -> dict:
+  """{'gflops': what ran, 'refined_fraction': the tiles stage 2 refined, None for one stage}."""
+  return {'gflops': sum(pred.stats['gflops'].values()),
+          'refined_fraction': None if pred.refined is None else (
+              pred.stats['refined'] / pred.stats['tiles'])}
 
 
 def _threshold_saving(model: NativeModel, image: np.ndarray, pred) -> Optional[dict]:
