@@ -23,11 +23,9 @@ refined: stage 2 runs ceil(tiles / chunk) times. Each function is compiled once 
 baseline U-Net on overlapping windows blended, as MONAI's `sliding_window_inference` does.
 """
 
-from concurrent import futures
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any, Optional
 
@@ -36,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
-from iterseg import flops, inference, methods, metrics, models
+from iterseg import flops, inference, methods, metrics, models, slides
 from iterseg.data import common, pipeline
 from iterseg.errors import InputError, SettingsError
 from iterseg.models import Networks
@@ -185,60 +183,7 @@ def _window(params, windows, valid, *, spec: Spec):
 # --- On the host ----------------------------------------------------------------------------------
 
 
-def thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
-  """float32 [ceil(H/f), ceil(W/f), 3] in [0, 1]: the mean of each f x f block of the uint8 image
-  (of the pixels there are, in the last row and column of blocks), as training downscales its crops.
-  Integer sums of contiguous rows, then strided adds of columns, in bands of 64 block rows on every
-  core (numpy releases the GIL): 2.5x faster than Pillow's reduce and 15x faster than a float mean
-  over reshaped blocks on one core, with a band's worth of memory per core."""
-  h, w = image.shape[:2]
-  out = np.empty((-(-h // factor), -(-w // factor), 3), np.float32)
-  starts = range(0, h, 64 * factor)
-  workers = min(len(starts), os.cpu_count() or 1)
-  if workers > 1:
-    with futures.ThreadPoolExecutor(workers) as pool:
-      list(pool.map(lambda y0: _block_means(image, factor, y0, out), starts))
-  else:
-    for y0 in starts:
-      _block_means(image, factor, y0, out)
-  return out
-
-
-def _block_means(image: np.ndarray, factor: int, y0: int, out: np.ndarray) -> None:
-  """out[y0 / f : y0 / f + 64] <- the block means of image rows y0 .. y0 + 64 f (see thumbnail)."""
-  w = image.shape[1]
-  whole = w // factor * factor
-  band = image[y0:y0 + 64 * factor]
-  full = band.shape[0] // factor * factor
-  rows_dtype = np.uint16 if factor <= 257 else np.uint32  # f rows of uint8 fit in 16 bits.
-  parts = [(band[:full].reshape(-1, factor, w, 3).sum(1, dtype=rows_dtype), factor)] if full else []
-  if band.shape[0] > full:  # The last, partial row of blocks.
-    parts.append((band[full:].sum(0, dtype=rows_dtype)[None], band.shape[0] - full))
-  row = y0 // factor
-  for sums, rows in parts:
-    n = len(sums)
-    if whole:
-      acc = sums[:, 0:whole:factor].astype(np.uint32)
-      for k in range(1, factor):  # Strided adds: 3x faster than a reshaped sum.
-        acc += sums[:, k:whole:factor]
-      out[row:row + n, :w // factor] = acc * np.float32(1 / (rows * factor))
-    if w > whole:
-      out[row:row + n, -1] = sums[:, whole:].sum(1, dtype=np.uint32) * np.float32(
-          1 / (rows * (w - whole)))
-    out[row:row + n] *= np.float32(1 / 255)
-    row += n
-
-
-def _cut(image: np.ndarray, y: int, x: int, side: int):
-  """(uint8 [side, side, 3], bool [side, side]): image[y:y + side, x:x + side], zeros outside."""
-  h, w = image.shape[:2]
-  tile = np.zeros((side, side, 3), np.uint8)
-  valid = np.zeros((side, side), bool)
-  y0, y1, x0, x1 = max(y, 0), min(y + side, h), max(x, 0), min(x + side, w)
-  if y0 < y1 and x0 < x1:
-    tile[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1]
-    valid[y0 - y:y1 - y, x0 - x:x1 - x] = True
-  return tile, valid
+thumbnail = slides.thumbnail
 
 
 def _bucket(n: int, bucket: int) -> int:
@@ -365,13 +310,19 @@ class NativeModel:
             np.zeros((size, span, span, spec.num_classes), np.float32),
             np.zeros((size, 2), np.int32))
 
-  def low_resolution(self, image: np.ndarray):
-    """Stage 1 on the image's thumbnail: (low-resolution probabilities [bh, bw, C]
+  @property
+  def band_rows(self) -> int:
+    """Rows of an output band written to a sink of bands (`slides.SlideSink`): whole tiles, and
+    whole tiles of the file written."""
+    return math.lcm(self.spec.patch_size, slides.TILE)
+
+  def low_resolution(self, source):
+    """Stage 1 on the source's thumbnail: (low-resolution probabilities [bh, bw, C]
     (bucket-padded), (tile scores [gbh, gbw], their ranking [gbh * gbw]; see _stage1), h, w,
     seconds, FLOPs)."""
     spec = self.spec
     start = time.perf_counter()
-    thumb = thumbnail(image, spec.downscale)
+    thumb = source.thumbnail(spec.downscale)
     h, w = thumb.shape[:2]
     bh, bw = _bucket(h, spec.bucket), _bucket(w, spec.bucket)
     padded = np.zeros((bh, bw, 3), np.float32)
@@ -381,27 +332,37 @@ class NativeModel:
     low = np.asarray(low)  # Small: the image / f^2.
     return low, (scores, order), h, w, time.perf_counter() - start, flops
 
-  def coarse(self, low: np.ndarray, stop=None) -> tuple:
-    """(the output [1, Hb, Wb, C] on the device, bucket-padded, holding the coarse map: low [bh, bw,
-    C] upsampled in bands of BAND_ROWS rows; seconds, FLOPs). One compilation per bucket. `stop`
-    is asked between bands: the output is then None."""
+  def coarse(self, low: np.ndarray, y0: int = 0, rows: Optional[int] = None, stop=None) -> tuple:
+    """(a band of the output [1, rows, Wb, C] on the device (default: all of it, Hb rows),
+    holding the coarse map of rows y0 .. y0 + rows: low [bh, bw, C] upsampled BAND_ROWS rows a
+    call; seconds, FLOPs). One compilation per bucket. `stop` is asked between calls: the band is
+    then None."""
     f, (bh, bw) = self.spec.downscale, low.shape[:2]
+    rows = rows or bh * f
     start, flops = time.perf_counter(), 0.0
-    out = jnp.empty((1, bh * f, bw * f, low.shape[2]), jnp.float32)
-    rows_per_band = min(BAND_ROWS, bh * f)
-    for y in range(0, bh * f, rows_per_band):
+    out = jnp.empty((1, rows, bw * f, low.shape[2]), jnp.float32)
+    step = min(BAND_ROWS, rows)
+    for y in range(0, rows, step):
       if stop is not None and stop():
         return None, time.perf_counter() - start, flops
-      y0 = min(y, bh * f - rows_per_band)  # The last band ends with the buffer.
-      rows, offset = _around(low, y0, rows_per_band, f)
-      out, call = self.band(out, jnp.asarray(low[rows]), jnp.asarray(offset, jnp.int32),
-                            jnp.asarray(y0, jnp.int32))
+      y = min(y, rows - step)  # The last call ends with the band.
+      around, offset = _around(low, y0 + y, step, f)
+      out, call = self.band(out, jnp.asarray(low[around]), jnp.asarray(offset, jnp.int32),
+                            jnp.asarray(y, jnp.int32))
       flops += call
     return out, time.perf_counter() - start, flops
 
-  def two_stage(self, image: np.ndarray, *, refine_fraction: Optional[float] = None,
-                threshold: Any = 'config', stop=None) -> Optional[NativePrediction]:
-    """Two-stage segmentation of one image uint8 [H, W, 3] (see the module docstring).
+  def _check(self, image, sink, extra_per_pixel: int = 0):
+    """The image as a source; the output in RAM must fit (InputError before any work)."""
+    source = image if hasattr(image, 'region') else slides.ArraySource(_as_uint8(image))
+    if sink.rows is None:
+      check_fits(source.height, source.width, self.spec, extra_per_pixel=extra_per_pixel)
+    return source
+
+  def two_stage(self, image, *, refine_fraction: Optional[float] = None,
+                threshold: Any = 'config', stop=None, sink=None) -> Optional[NativePrediction]:
+    """Two-stage segmentation of one image: uint8 [H, W, 3] or a `slides` source (see the module
+    docstring); probs in the returned prediction, or written to `sink` by bands (probs None).
 
     refine_fraction and threshold override native.refine_fraction and the config's threshold
     (None: no threshold); the tiles refined are the ceil(fraction * tiles) least confident, less
@@ -411,13 +372,13 @@ class NativeModel:
     if self.stage2_params is None:
       raise InputError(f'native two-stage inference needs stage 1 and stage 2 at '
                        f'Np={self.spec.num_patches}; the networks have {self.nets.names()}.')
-    image = _as_uint8(image)
+    sink = sink or slides.MemorySink()
+    source = self._check(image, sink)
     spec = self.spec
-    height, width = image.shape[:2]
-    check_fits(height, width, spec)
+    height, width = source.height, source.width
     fraction = spec.refine_fraction if refine_fraction is None else refine_fraction
     threshold = spec.threshold if threshold == 'config' else threshold
-    low, (scores, order), h, w, s1_seconds, s1_flops = self.low_resolution(image)
+    low, (scores, order), h, w, s1_seconds, s1_flops = self.low_resolution(source)
     if stop is not None and stop():
       return None
     tile = spec.patch_size
@@ -429,88 +390,131 @@ class NativeModel:
       chosen = chosen[scores.reshape(-1)[chosen] >= threshold]
     refined = np.zeros(gh * gw, bool)
     refined[chosen] = True
-
-    out, band_seconds, band_flops = self.coarse(low, stop)
-    if out is None:
+    stats = self._bands(source, low, chosen, gw, sink, stop)
+    if stats is None:
       return None
-    start, s2_flops, calls = time.perf_counter(), 0.0, 0
-    side, halo, k, f = spec.stage2_side, spec.halo, spec.chunk, spec.downscale
+    stats['gflops'].update(stage1=s1_flops / 1e9)
+    stats['seconds'].update(stage1=s1_seconds)
+    return NativePrediction(probs=self._result(sink, height, width), coarse=low[:h, :w],
+                            scores=scores, refined=refined.reshape(gh, gw),
+                            stats=dict(stats, tiles=gh * gw, refined=int(len(chosen))))
+
+  def _bands(self, source, low, chosen, gw: int, sink, stop) -> Optional[dict]:
+    """Writes the output to `sink` band by band (one band in RAM): the coarse map, then stage 2
+    on the `chosen` tiles of the band (flat indices into the gw-wide grid), chunk by chunk, pasted
+    over it. Bands the sink has (a resumed job) are skipped. The stats, or None once stopped."""
+    spec, f = self.spec, self.spec.downscale
+    tile, side, halo, k = spec.patch_size, spec.stage2_side, spec.halo, spec.chunk
+    rows = sink.rows or low.shape[0] * f
+    seconds, flops, calls = {'bands': 0.0, 'stage2': 0.0, 'write': 0.0}, [0.0, 0.0], 0
     span = _low_rows(side, f)
     margin = halo // f + 2  # Low-res rows a tile's patch may start above the map (edge values).
     padded = np.pad(low, ((margin, margin + span), (margin, margin + span), (0, 0)), mode='edge')
-    for c0 in range(0, len(chosen), k):  # Stage 2 computes a chunk while the next is cut.
-      if stop is not None and stop():
+    top = chosen // gw * tile
+    for y0 in range(0, source.height if sink.rows else 1, rows):
+      if sink.done(y0):
+        continue
+      out, band_seconds, band_flops = self.coarse(low, y0, rows, stop)
+      if out is None:
         return None
-      cells = chosen[c0:c0 + k]
-      tiles, valid, patches, offsets = self._chunk(
-          min(n for n in self.chunk_sizes if n >= len(cells)))
-      corners = np.zeros((2, len(tiles)), np.int32)
-      for i, cell_index in enumerate(cells):
-        r, c = divmod(int(cell_index), gw)
-        corners[:, i] = r * tile, c * tile
-        y, x = r * tile - halo, c * tile - halo
-        if 0 <= y and y + side <= height and 0 <= x and x + side <= width:
-          tiles[i], valid[i] = image[y:y + side, x:x + side], True  # Most tiles: a plain slice.
-        else:
-          tiles[i], valid[i] = _cut(image, y, x, side)
-        ty, tx = y // f - 1, x // f - 1  # The patch's first low-res row and column (see _around).
-        patches[i] = padded[ty + margin:ty + margin + span, tx + margin:tx + margin + span]
-        offsets[i] = (y - ty * f, x - tx * f)
-      probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
-                                jnp.asarray(patches), jnp.asarray(offsets))
-      out, _ = self.paste(out, probs, *jnp.asarray(corners), jnp.asarray(len(cells), jnp.int32))
-      s2_flops += call
-      calls += 1
-    probs = np.asarray(out)[0, :height, :width]  # On a CPU, the device's buffer itself.
-    s2_seconds = time.perf_counter() - start
-    return NativePrediction(
-        probs=probs, coarse=low[:h, :w], scores=scores, refined=refined.reshape(gh, gw),
-        stats={'tiles': gh * gw, 'refined': int(len(chosen)), 'stage2_calls': calls,
-               'gflops': {'stage1': s1_flops / 1e9, 'stage2': s2_flops / 1e9,
-                          'bands': band_flops / 1e9},
-               'seconds': {'stage1': s1_seconds, 'stage2': s2_seconds, 'bands': band_seconds}})
+      seconds['bands'] += band_seconds
+      flops[0] += band_flops
+      start = time.perf_counter()
+      cells = chosen[(top >= y0) & (top < y0 + rows)] if sink.rows else chosen
+      for c0 in range(0, len(cells), k):  # Stage 2 computes a chunk while the next is cut.
+        if stop is not None and stop():
+          return None
+        part = cells[c0:c0 + k]
+        tiles, valid, patches, offsets = self._chunk(
+            min(n for n in self.chunk_sizes if n >= len(part)))
+        corners = np.zeros((2, len(tiles)), np.int32)
+        for i, cell_index in enumerate(part):
+          r, c = divmod(int(cell_index), gw)
+          corners[:, i] = r * tile - y0, c * tile
+          y, x = r * tile - halo, c * tile - halo
+          tiles[i], valid[i] = source.region(y, x, side)
+          ty, tx = y // f - 1, x // f - 1  # The patch's first low-res row and column (_around).
+          patches[i] = padded[ty + margin:ty + margin + span, tx + margin:tx + margin + span]
+          offsets[i] = (y - ty * f, x - tx * f)
+        probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
+                                  jnp.asarray(patches), jnp.asarray(offsets))
+        out, _ = self.paste(out, probs, *jnp.asarray(corners), jnp.asarray(len(part), jnp.int32))
+        flops[1] += call
+        calls += 1
+      seconds['stage2'] += time.perf_counter() - start
+      start = time.perf_counter()
+      sink.put(y0, out)
+      seconds['write'] += time.perf_counter() - start
+    return {'stage2_calls': calls, 'seconds': seconds,
+            'gflops': {'stage2': flops[1] / 1e9, 'bands': flops[0] / 1e9}}
 
-  def stage1_only(self, image: np.ndarray) -> NativePrediction:
-    """Stage 1 alone, upsampled to the image's size: probs [H, W, C] float32."""
-    image = _as_uint8(image)
-    check_fits(*image.shape[:2], self.spec)
-    low, _, h, w, s1_seconds, s1_flops = self.low_resolution(image)
-    out, band_seconds, band_flops = self.coarse(low)
-    probs = np.asarray(out)[0, :image.shape[0], :image.shape[1]]
-    return NativePrediction(probs=probs, coarse=low[:h, :w], scores=None, refined=None, stats={
-        'gflops': {'stage1': s1_flops / 1e9, 'bands': band_flops / 1e9},
-        'seconds': {'stage1': s1_seconds, 'bands': band_seconds}})
+  @staticmethod
+  def _result(sink, height: int, width: int) -> Optional[np.ndarray]:
+    """The probabilities [H, W, C] a MemorySink holds (on a CPU, the device's buffer itself)."""
+    return None if sink.rows else np.asarray(sink.buffer)[0, :height, :width]
 
-  def run(self, key: str, image: np.ndarray) -> NativePrediction:
+  def stage1_only(self, image, *, sink=None) -> NativePrediction:
+    """Stage 1 alone, upsampled to the image's size: probs [H, W, C] float32 (or to `sink`)."""
+    sink = sink or slides.MemorySink()
+    source = self._check(image, sink)
+    low, _, h, w, s1_seconds, s1_flops = self.low_resolution(source)
+    stats = self._bands(source, low, np.zeros(0, np.int64), 1, sink, None)
+    stats['gflops'].update(stage1=s1_flops / 1e9)
+    stats['seconds'].update(stage1=s1_seconds)
+    for key in ('stage2_calls',):
+      del stats[key]
+    del stats['gflops']['stage2'], stats['seconds']['stage2']
+    return NativePrediction(probs=self._result(sink, source.height, source.width),
+                            coarse=low[:h, :w], scores=None, refined=None, stats=stats)
+
+  def run(self, key: str, image, sink=None) -> NativePrediction:
     """The method `key` names ('baseline': the sliding window; 'stage1'; 'two_stage_np<N>')."""
     if key == 'baseline':
-      return self.sliding_window(image)
-    return self.stage1_only(image) if key == 'stage1' else self.two_stage(image)
+      return self.sliding_window(image, sink=sink)
+    if key == 'stage1':
+      return self.stage1_only(image, sink=sink)
+    return self.two_stage(image, sink=sink)
 
-  def sliding_window(self, image: np.ndarray, *, batch: int = WINDOWS) -> NativePrediction:
+  def sliding_window(self, image, *, batch: int = WINDOWS, sink=None) -> NativePrediction:
     """The baseline U-Net on windows of native.window px overlapping by native.overlap, each pixel
     the mean of the windows over it weighted by `blend_weights` (MONAI's sliding_window_inference,
-    mode native.blend); probs [H, W, C] float32 (coarse, scores and refined None)."""
+    mode native.blend); probs [H, W, C] float32 (coarse, scores and refined None), or written to
+    `sink` by bands: then the sums are kept for the rows that windows still reach only."""
     if self.nets.baseline is None:
       raise InputError(f'the dense reference needs the baseline; the networks have '
                        f'{self.nets.names()}.')
-    image = _as_uint8(image)
+    sink = sink or slides.MemorySink()
+    source = self._check(image, sink, extra_per_pixel=4)
     spec = self.spec
-    height, width = image.shape[:2]
-    check_fits(height, width, spec, extra_per_pixel=4)
-    side = spec.window_side
-    corners = [(y, x) for y in _starts(height, side, spec.overlap)
-               for x in _starts(width, side, spec.overlap)]
-    out = np.zeros((height, width, spec.num_classes), np.float32)
-    total = np.zeros((height, width), np.float32)
+    height, width, side = source.height, source.width, spec.window_side
+    across = _starts(width, side, spec.overlap)
+    corners = [(y, x) for y in _starts(height, side, spec.overlap) for x in across]
+    # Rows of sums held: all, or a band and the rows that the windows of a batch may reach.
+    span = height if sink.rows is None else min(height, sink.rows + side * (
+        2 + batch // len(across)))
+    out = np.zeros((span, width, spec.num_classes), np.float32)
+    total = np.zeros((span, width), np.float32)
     weights = blend_weights(side, spec.blend)
-    start, flops, pending = time.perf_counter(), 0.0, None
+    start, flops, pending, done = time.perf_counter(), 0.0, None, [0, 0]  # Rows put, rows in `out`.
+
+    def flush(final_rows: int):
+      """Puts the bands of rows that no window still to come reaches, and shifts the sums."""
+      while done[0] + sink.rows <= final_rows or (final_rows == height and done[0] < height):
+        n = min(sink.rows, height - done[0])
+        i = done[0] - done[1]
+        sink.put(done[0], (out[i:i + n] / total[i:i + n, :, None])[None])
+        done[0] += n
+      shift = done[0] - done[1]
+      out[:span - shift], total[:span - shift] = out[shift:], total[shift:]
+      out[span - shift:], total[span - shift:] = 0, 0
+      done[1] = done[0]
 
     def add(chunk, probs):
       probs = np.asarray(probs)
       for i, (y, x) in enumerate(chunk):
         rows, cols = min(side, height - y), min(side, width - x)
         w = weights[:rows, :cols]
+        y -= done[1]
         out[y:y + rows, x:x + cols] += probs[i, :rows, :cols] * w[..., None]
         total[y:y + rows, x:x + cols] += w
 
@@ -519,17 +523,24 @@ class NativeModel:
       windows = np.zeros((batch, side, side, 3), np.uint8)
       valid = np.zeros((batch, side, side), bool)
       for i, (y, x) in enumerate(chunk):
-        windows[i], valid[i] = _cut(image, y, x, side)
+        windows[i], valid[i] = source.region(y, x, side)
       probs, call = self.window(self.nets.baseline, jnp.asarray(windows), jnp.asarray(valid))
       flops += call
       if pending is not None:
         add(*pending)
+        if sink.rows and chunk[0][0] > pending[0][0][0]:  # A new row of windows: rows above final.
+          flush(chunk[0][0])
       pending = chunk, probs
     add(*pending)
-    out /= total[..., None]
-    return NativePrediction(probs=out, coarse=None, scores=None, refined=None, stats={
-        'windows': len(corners), 'gflops': {'dense': flops / 1e9},
-        'seconds': {'dense': time.perf_counter() - start}})
+    if sink.rows:
+      flush(height)
+    else:
+      out /= total[..., None]
+      sink.put(0, out[None])
+    return NativePrediction(probs=self._result(sink, height, width), coarse=None, scores=None,
+                            refined=None, stats={
+                                'windows': len(corners), 'gflops': {'dense': flops / 1e9},
+                                'seconds': {'dense': time.perf_counter() - start}})
 
 
 def blend_weights(side: int, blend: str) -> np.ndarray:

@@ -1,0 +1,124 @@
+"""Images larger than memory: TIFFs read a file tile at a time and the output written by bands as a
+pyramidal OME-TIFF, resumable; the out-of-core result is the in-RAM one."""
+
+import jax
+import numpy as np
+import pytest
+import tifffile
+
+from iterseg import models, native, settings, slides
+from tests.test_native import images, native_config
+
+
+class Bands:
+  """A sink that keeps each band it is given (to compare with the output held in RAM)."""
+
+  def __init__(self, rows, height):
+    self.rows, self.height, self.bands = rows, height, {}
+
+  def done(self, y0):
+    return False
+
+  def put(self, y0, band):
+    self.bands[y0] = np.array(np.asarray(band)[0, :min(self.rows, self.height - y0)])
+
+  def probs(self, width):
+    return np.concatenate([self.bands[y] for y in sorted(self.bands)])[:, :width]
+
+
+@pytest.fixture(scope='module')
+def model():
+  s = settings.from_config(native_config(halo=4))
+  return native.NativeModel(models.random_networks(s.spec, jax.random.key(0)), s.spec)
+
+
+def write_tiff(path, image, *, tile=128, levels=0, compression='zlib'):
+  slides.write_pyramid(path, *image.shape[:2], (image[y:y + tile] for y in range(
+      0, len(image), tile)), tile=tile, levels=levels, compression=compression,
+                       resolution={'x': 0.25, 'y': 0.25, 'unit': 'µm'})
+  return path
+
+
+@pytest.fixture(scope='module')
+def slide(tmp_path_factory):
+  (image,) = images((1100, 700), seed=3)
+  return image, write_tiff(tmp_path_factory.mktemp('slide') / 'slide.ome.tif', image)
+
+
+def test_a_tiff_region_decodes_only_the_file_tiles_under_it(slide):
+  image, path = slide
+  source = slides.TiffSource(path)
+  tile, valid = source.region(-5, 250, 40)
+  np.testing.assert_array_equal(tile[5:], image[:35, 250:290])
+  assert not valid[:5].any() and valid[5:].all()
+  assert source.decoded == 2 * 128 * 128  # The two file tiles of 128 px under columns 250 .. 290.
+  source.region(0, 260, 20)
+  assert source.decoded == 2 * 128 * 128  # Cached.
+  source.close()
+
+
+def test_the_thumbnail_comes_from_the_pyramid_level_that_divides_the_factor(tmp_path):
+  (image,) = images((600, 900), seed=1)
+  path = write_tiff(tmp_path / 'pyramid.tif', image, levels=2)
+  source = slides.TiffSource(path)
+  assert len(source.levels) == 3
+  thumb = source.thumbnail(8)
+  assert source.decoded == 0  # Only the level at 1/4 was read.
+  # Level 2 is the image's 2 x 2 means twice, rounded to uint8 each time: within 2 / 255.
+  np.testing.assert_allclose(thumb, slides.thumbnail(image, 8), atol=2 / 255 + 1e-6)
+  assert source.resolution == {'x': 0.25, 'y': 0.25, 'unit': 'µm'}
+
+
+def test_out_of_core_two_stage_gives_the_in_ram_probabilities(model, slide):
+  image, path = slide
+  in_ram = model.two_stage(image)
+  source = slides.TiffSource(path)
+  bands = Bands(model.band_rows, len(image))
+  pred = model.two_stage(source, sink=bands)
+  assert pred.probs is None and len(bands.bands) == 3  # 1100 rows in bands of 512.
+  np.testing.assert_array_equal(pred.refined, in_ram.refined)
+  np.testing.assert_allclose(bands.probs(image.shape[1]), in_ram.probs, atol=1e-6)
+  assert pred.stats['refined'] == in_ram.stats['refined']
+  assert source.thumbnail_decoded == image.shape[0] * image.shape[1]  # No pyramid: one pass.
+  under = set()  # The file tiles (128 px) under each refined tile (32 px) and its halo (4 px).
+  for r, c in zip(*np.nonzero(pred.refined)):
+    y0, x0 = max(r * 32 - 4, 0), max(c * 32 - 4, 0)
+    y1, x1 = min(r * 32 + 36, 1100) - 1, min(c * 32 + 36, 700) - 1
+    under |= {(i, j) for i in range(y0 // 128, y1 // 128 + 1) for j in range(x0 // 128, x1 // 128 + 1)}
+  pixels = sum(min(128, 1100 - i * 128) * min(128, 700 - j * 128) for i, j in under)
+  assert source.decoded - source.thumbnail_decoded == pixels  # Each once, none other.
+
+
+def test_out_of_core_sliding_window_gives_the_in_ram_probabilities(model, slide):
+  image, path = slide
+  bands = Bands(model.band_rows, len(image))
+  model.sliding_window(slides.TiffSource(path), sink=bands)
+  np.testing.assert_allclose(bands.probs(image.shape[1]), model.sliding_window(image).probs,
+                             atol=1e-6)
+
+
+def test_the_mask_is_written_as_a_pyramidal_ome_tiff_and_a_killed_job_resumes(model, slide,
+                                                                               tmp_path):
+  image, path = slide
+  expected = ((model.two_stage(image).probs[..., 0] > 0.5) * 255).astype(np.uint8)
+  out = tmp_path / 'slide_mask.ome.tif'
+  key = {'input': str(path), 'method': 'two_stage'}
+  source = slides.TiffSource(path)
+  sink = slides.SlideSink(out, len(image), image.shape[1], key, rows=model.band_rows,
+                          resolution=source.resolution)
+  assert model.two_stage(source, sink=sink, stop=lambda: sink.done(0)) is None  # Killed.
+  assert not out.exists() and sink.done(0) and not sink.done(512)
+  again = slides.SlideSink(out, len(image), image.shape[1], key, rows=model.band_rows,
+                           resolution=source.resolution)
+  assert again.resumed == 1
+  model.two_stage(source, sink=again)
+  assert again.close() == {'mask': str(out)}
+  assert not again.partial.exists()
+  with tifffile.TiffFile(out) as tif:
+    levels = tif.series[0].levels
+    np.testing.assert_array_equal(levels[0].asarray(), expected)
+    assert [level.shape for level in levels] == [(1100, 700), (550, 350), (275, 175)]
+  assert slides.TiffSource(out).resolution == {'x': 0.25, 'y': 0.25, 'unit': 'µm'}
+  other = slides.SlideSink(out, len(image), image.shape[1], dict(key, method='stage1'),
+                           rows=model.band_rows)
+  assert other.resumed == 0  # Bands of another method are never reused.
