@@ -54,6 +54,7 @@ class NativePrediction:
   coarse:  [ceil(H/f), ceil(W/f), C] float32, stage 1's own (low-resolution) probabilities.
   scores:  [gh, gw] tile uncertainty (gh = ceil(H/T)); higher = less sure.
   refined: [gh, gw] bool, the tiles stage 2 recomputed.
+  preview: uint8 [h', w', 3], the thumbnail every `stats['preview_step']`-th px (an overlay's).
   stats:   {'tiles', 'refined', 'stage2_calls', 'gflops' (what ran: stage 1, every stage-2 call,
            the bands), 'seconds': {'stage1', 'stage2', 'bands'}}.
   """
@@ -62,6 +63,7 @@ class NativePrediction:
   scores: np.ndarray
   refined: np.ndarray
   stats: dict
+  preview: Optional[np.ndarray] = None  # uint8: the thumbnail, every 2^k-th px, <= 1024 px a side.
 
 
 class Compiled:
@@ -330,6 +332,8 @@ class NativeModel:
     (low, scores, order), flops = self.stage1(self.nets.stage1, jnp.asarray(padded),
                                               jnp.asarray([h, w], jnp.int32))
     low = np.asarray(low)  # Small: the image / f^2.
+    self.preview_step = 2 ** max(0, math.ceil(math.log2(max(h, w) / 1024)))
+    self.preview = np.rint(thumb[::self.preview_step, ::self.preview_step] * 255).astype(np.uint8)
     return low, (scores, order), h, w, time.perf_counter() - start, flops
 
   def coarse(self, low: np.ndarray, y0: int = 0, rows: Optional[int] = None, stop=None) -> tuple:
@@ -397,7 +401,8 @@ class NativeModel:
     stats['seconds'].update(stage1=s1_seconds)
     return NativePrediction(probs=self._result(sink, height, width), coarse=low[:h, :w],
                             scores=scores, refined=refined.reshape(gh, gw),
-                            stats=dict(stats, tiles=gh * gw, refined=int(len(chosen))))
+                            stats=dict(stats, tiles=gh * gw, refined=int(len(chosen)),
+                                       preview_step=self.preview_step), preview=self.preview)
 
   def _bands(self, source, low, chosen, gw: int, sink, stop) -> Optional[dict]:
     """Writes the output to `sink` band by band (one band in RAM): the coarse map, then stage 2
@@ -942,6 +947,11 @@ class SquareFiles:
   def check(self, path) -> None:
     """Any size is resized."""
 
+  def slide(self, path) -> bool:
+    """Never out of core: every image is resized."""
+    del path
+    return False
+
   def prepare(self, image: np.ndarray) -> np.ndarray:
     return common.resize_image(image, self.spec.hi_size)
 
@@ -979,6 +989,10 @@ class NativeFiles:
 
   def check(self, path) -> None:
     check_fits(*common.header_size(path), self.model.spec, decoded=False)
+
+  def slide(self, path) -> bool:
+    """Whether `path` is read and written out of core (`slides.is_slide`: predict.predict_slide)."""
+    return slides.is_slide(path)
 
   def prepare(self, image: np.ndarray) -> np.ndarray:
     return image

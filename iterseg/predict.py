@@ -30,6 +30,7 @@ if any image failed.
 import collections
 import concurrent.futures
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, hooks, models, native
+from iterseg import checkpoints, files, hooks, models, native, slides
 from iterseg.data import common
 from iterseg.errors import InputError, Interrupted, PredictError
 from iterseg.run import Run
@@ -68,7 +69,7 @@ def list_inputs(path, exclude: Optional[str] = None) -> list:
                      f'folder of images.')
   if path.is_file():
     return [path]
-  extensions = {ext.lower() for ext in Image.registered_extensions()}
+  extensions = {ext.lower() for ext in Image.registered_extensions()} | set(slides.TIFF_SUFFIXES)
   outside = lambda p: exclude is None or Path(os.path.realpath(p)).parent != Path(
       os.path.realpath(exclude))
   found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith('.') and
@@ -85,7 +86,8 @@ def output_names(paths: Sequence[Path]) -> list:
   still taken, the full name and 8 hex digits of its hash (a_png-1f3a...)."""
   def key(name):
     return name.casefold()
-  names = [p.stem for p in paths]
+  names = [p.name[:-len('.ome.tif')] if p.name.lower().endswith('.ome.tif') else p.stem
+           for p in paths]
   for _ in range(2):  # Stems, then full names, for every name that is not unique yet.
     counts = collections.Counter(map(key, names))
     names = [p.name.replace('.', '_') if counts[key(n)] > 1 else n for p, n in zip(paths, names)]
@@ -178,6 +180,65 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
   return {kind: str(p) for kind, p in paths.items()}
 
 
+def slide_paths(output: Path, stem: str, outputs: Sequence[str]) -> dict:
+  """{kind: path} of a slide's outputs: pyramidal OME-TIFFs and a small overlay PNG."""
+  paths = {'mask': output / f'{stem}_mask.ome.tif', 'probs': output / f'{stem}_prob.ome.tif',
+           'overlay': output / f'{stem}_overlay.png'}
+  return {kind: p for kind, p in paths.items() if kind in outputs}
+
+
+def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[str], stopped,
+                  progress: bool = True) -> Optional[dict]:
+  """Native two-stage on a slide (`slides.is_slide`), out of core: read a file tile at a time, the
+  mask (and the probabilities) written by bands (`slides.SlideSink`), and an overlay PNG of at most
+  1024 px a side. A stopped job keeps its finished bands and returns None; the same command then
+  resumes from them. Returns the record, or raises DataError / InputError naming the file."""
+  source = slides.TiffSource(path)
+  try:
+    paths = slide_paths(output, stem, outputs)
+    stat = path.stat()
+    key = {'input': str(path.resolve()), 'bytes': stat.st_size, 'mtime': stat.st_mtime,
+           'spec': repr(model.spec)}
+    sink = slides.SlideSink(output / f'{stem}_mask.ome.tif', source.height, source.width, key,
+                            rows=model.band_rows, probabilities='probs' in outputs,
+                            resolution=source.resolution)
+    if sink.resumed:
+      print(f'{path}: resuming from {sink.resumed} band(s) written before.')
+    bar = tqdm(total=source.height * source.width, desc=path.name, unit='px', unit_scale=True,
+               disable=not progress, dynamic_ncols=True)
+    sink.progress = lambda rows: bar.update(rows * source.width)
+    pred = model.two_stage(source, sink=sink, stop=stopped)
+    bar.close()
+    if pred is None:
+      return None
+    written = sink.close()
+    if 'overlay' in outputs:
+      _slide_overlay(paths['overlay'], pred, written['mask'], model.spec)
+    return {'input': str(path), 'height': source.height, 'width': source.width,
+            'refined_patches': pred.stats['refined'], 'tiles': pred.stats['tiles'],
+            'decoded': source.decoded / (source.height * source.width),
+            **{k: str(p) for k, p in paths.items()}}
+  finally:
+    source.close()
+
+
+def _slide_overlay(path: Path, pred, mask_path: str, spec) -> None:
+  """The overlay of a slide at 1 / d (d = f * preview_step): the stage-1 thumbnail, the mask's
+  pyramid level at d (strided, as the levels are), the refined tiles outlined."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  image, d = pred.preview, spec.downscale * pred.stats['preview_step']
+  with tifffile.TiffFile(mask_path) as tif:
+    levels = tif.series[0].levels
+    mask = levels[min(round(math.log2(d)), len(levels) - 1)].asarray()
+  h, w = min(len(image), len(mask)), min(image.shape[1], mask.shape[1])
+  mask = (mask[:h, :w] > 0).astype(np.uint8) if spec.num_classes == 1 else mask[:h, :w]
+  t = spec.patch_size / d
+  boxes = [(int(r * t), int(c * t), int((r + 1) * t), int((c + 1) * t))
+           for r, c in zip(*np.nonzero(pred.refined))]
+  files.atomic_write(path, lambda f: Image.fromarray(overlay(image[:h, :w], mask, boxes)).save(
+      f, format='PNG'), 'wb')
+
+
 # --- The pipeline -------------------------------------------------------------------------------------
 
 
@@ -235,10 +296,12 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
       return {'input': str(path), 'error': f'cannot write its outputs to {output} '
                                            f'({files.describe_os_error(e)})'}
 
-  todo = _to_do(paths, output, stems, outputs, segment.num_classes == 1, skip_existing, records)
+  large = {p for p in paths if segment.slide(p)}  # Read and written out of core, one at a time.
+  todo = _to_do(paths, output, stems, outputs, segment.num_classes == 1, skip_existing, records,
+                large)
   bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
              disable=not progress, dynamic_ncols=True)
-  chunks = iter(list(_chunks(todo, batch_size)))
+  chunks = iter(list(_chunks([p for p in todo if p not in large], batch_size)))
   reads, writes = collections.deque(), collections.deque()
   with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='iterseg-read') as readers, \
       concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='iterseg-write') as writers:
@@ -287,17 +350,29 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
       for _, future in writes:
         future.cancel()
     collect(block=True)
+  for path in (p for p in todo if p in large):
+    if stopped():
+      break
+    try:
+      record = predict_slide(segment.model, path, output, stems[path], outputs, stopped, progress)
+    except (ValueError, OSError) as e:  # DataError, InputError: the file, and why.
+      record = {'input': str(path), 'error': ' '.join(str(e).split())}
+    if record is None:
+      break  # Stopped: its finished bands are kept, and the same command resumes from them.
+    records[path] = record
+    bar.update(1)
   bar.close()
   return [records[p] for p in paths if p in records], stop.received if stopped() else None
 
 
 def _to_do(paths, output: Path, stems: dict, outputs, binary: bool, skip_existing: bool,
-           records: dict) -> list:
+           records: dict, large=()) -> list:
   """The paths to segment; with skip_existing, those whose outputs all exist get a 'skipped'
-  record in `records` instead."""
+  record in `records` instead (`large`: the slides among them)."""
   todo = []
   for path in paths:
-    existing = output_paths(output, stems[path], outputs, binary)
+    existing = (slide_paths(output, stems[path], outputs) if path in large else
+                output_paths(output, stems[path], outputs, binary))
     if skip_existing and all(p.exists() for p in existing.values()):
       records[path] = {'input': str(path), 'skipped': 'its outputs exist',
                        **{k: str(p) for k, p in existing.items()}}

@@ -413,6 +413,7 @@ class SlideSink:
     if not manifest.exists():
       files.atomic_write_json(manifest, key)
     self.resumed = sum(1 for y0 in range(0, height, rows) if self.done(y0))
+    self.progress = None  # Called with the rows of each band put.
 
   def _part(self, y0: int) -> Path:
     return self.partial / f'band_{y0:09d}.npz'
@@ -439,6 +440,8 @@ class SlideSink:
       arrays[f'{name}_sizes'] = np.array([len(e) for e in encoded], np.int64)
       arrays[f'{name}_down'] = rows[::2, ::2]
     files.atomic_write(self._part(y0), lambda f: np.savez(f, **arrays), 'wb')
+    if self.progress:
+      self.progress(len(probs))
 
   def outputs(self) -> dict:
     paths = {'mask': self.path}

@@ -1,13 +1,16 @@
 """Images larger than memory: TIFFs read a file tile at a time and the output written by bands as a
 pyramidal OME-TIFF, resumable; the out-of-core result is the in-RAM one."""
 
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 import tifffile
 
-from iterseg import models, native, settings, slides
-from tests.test_native import images, native_config
+from iterseg import checkpoints, errors, models, native, settings, slides
+from tests.test_native import images, native_config, native_workdir  # noqa: F401 (a fixture)
 
 
 class Bands:
@@ -122,3 +125,30 @@ def test_the_mask_is_written_as_a_pyramidal_ome_tiff_and_a_killed_job_resumes(mo
   other = slides.SlideSink(out, len(image), image.shape[1], dict(key, method='stage1'),
                            rows=model.band_rows)
   assert other.resumed == 0  # Bands of another method are never reused.
+
+
+def test_predict_segments_a_slide_out_of_core_beside_plain_images(native_workdir, slide, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from iterseg import predict  # pylint: disable=g-import-not-at-top
+  from tests.helpers import set_fields  # pylint: disable=g-import-not-at-top
+  config, workdir = native_workdir
+  image, path = slide
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  (folder / 'slide.ome.tif').write_bytes(path.read_bytes())
+  Image.fromarray(images((50, 90))[0]).save(folder / 'a.png')
+  (folder / 'broken.tif').write_bytes(path.read_bytes()[:5000])  # Truncated: read as any image.
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'predict.input': str(folder), 'predict.output': str(tmp_path / 'out')})
+  s = settings.from_config(config)
+  with pytest.raises(errors.PredictError, match='1 of 3 image'):
+    predict.run(s, str(workdir))
+  summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
+  records = {Path(r['input']).name: r for r in summary['images']}
+  assert 'error' in records['broken.tif'] and 'mask' in records['a.png']
+  record = records['slide.ome.tif']
+  assert record['mask'].endswith('slide_mask.ome.tif') and 0 < record['decoded'] <= 2
+  model = native.NativeModel(checkpoints.load_networks(str(workdir), s, num_patches=[2]), s.spec)
+  expected = ((model.two_stage(image).probs[..., 0] > 0.5) * 255).astype(np.uint8)
+  np.testing.assert_array_equal(tifffile.imread(record['mask']), expected)
+  assert Image.open(record['overlay']).size == (-(-700 // 8), -(-1100 // 8))
