@@ -118,6 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
   # stage 2. None: on CPU up to Np = 8 only (slow past it), everywhere else for every Np.
   c.benchmark.max_seconds = 180.0  # Time budget: what would not fit is skipped (and reported).
   c.benchmark.native_sides = (1024, 2048, 4096, 8192, 16384)  # resolution='native': sides timed.
+  # resolution='native': sides of synthetic pyramidal TIFF slides timed out of core, file to file.
+  c.benchmark.slide_sides = ()
   c.benchmark.peak_tflops = config_dict.placeholder(float)  # For utilisation: the device's peak
   # TFLOP/s at model.dtype. None: known GPUs and TPUs by their device_kind, none on CPU.
   c.benchmark.train = False  # Also time each network's pmapped training step (steps/s, images/s).

@@ -44,7 +44,8 @@ COLUMNS = (
     ('GFLOP/s', 'achieved_gflops_per_s', '.1f'),
     ('% of peak', 'peak_fraction', lambda v: f'{100 * v:.2f}%'),
     ('peak RSS GB', 'peak_rss_gb', '.2f'), ('soft Dice', 'soft_dice', '.4f'),
-    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'), ('compile s', 'compile_s', '.1f'),
+    ('refined', 'refined_fraction', lambda v: f'{100 * v:.1f}%'),
+    ('decoded', 'decoded_fraction', lambda v: f'{100 * v:.0f}%'), ('compile s', 'compile_s', '.1f'),
     ('speed-up', 'speedup_vs_baseline', lambda v: f'{v:.2f}x'), ('rounds', 'repeats', 'd'))
 TRAIN_COLUMNS = (
     ('network', 'method', 's'), ('Np', 'num_patches', 'd'), ('batch', 'batch_size', 'd'),
@@ -290,7 +291,7 @@ def benchmark(cases: Sequence, *, repeats: int, max_seconds: float = float('inf'
           'achieved_gflops_per_s': None if gflops is None else gflops / latency,
           'peak_fraction': None if gflops is None or not peak else gflops / latency / 1e3 / peak,
           'peak_rss_gb': r['peak_rss_gb'], 'refined_fraction': out['refined_fraction'],
-          'soft_dice': out.get('soft_dice'),
+          'soft_dice': out.get('soft_dice'), 'decoded_fraction': out.get('decoded'),
           'speedup_vs_baseline': None if base is None else base / latency,
           'repeats': len(r['times']), 'times_ms': [x * 1e3 for x in r['times']]})
     del runs
@@ -361,6 +362,11 @@ def _report(results: dict, s: Settings, workdir: str) -> None:
         f'{"no peak (set benchmark.peak_tflops)" if peak is None else f"{peak:g} TFLOP/s"} '
         f'({s.spec.dtype} on {jax.devices()[0].device_kind}).')
   for e in results['extras']:
+    if 'tissue' in e:
+      print(f'Slide {e["size"]} ({e["codec"]} tiles, {100 * e["tissue"]:.0f} % tissue): full-'
+            f'resolution pixels decoded: ' + ', '.join(
+                f'{k} {100 * v:.0f} %' for k, v in e['decoded'].items()) + '.')
+      continue
     print(f'A threshold at the median score of the refined tiles ({e["threshold"]:.4f}) at '
           f'{e["size"]}: {e["tiles"][0]} -> {e["tiles"][1]} tiles refined, stage 2 '
           f'{e["stage2_seconds"][0]:.2f} -> {e["stage2_seconds"][1]:.2f} s '

@@ -278,19 +278,21 @@ class NativeModel:
     step = max(1, k // 4)
     return tuple(range(step, k, step)) + (k,)
 
-  def warm(self, height: int, width: int) -> float:
-    """Compiles stage 1 and the bands for an image of height x width (its buckets), and stage 2
-    at every chunk size, without running anything; the seconds it took (0 when compiled before)."""
+  def warm(self, height: int, width: int, rows: Optional[int] = None) -> float:
+    """Compiles stage 1 and the bands for an image of height x width (its buckets; output bands
+    of `rows`, default all), and stage 2 at every chunk size, without running anything; the
+    seconds it took (0 when compiled before)."""
     spec, f = self.spec, self.spec.downscale
     bh, bw = _bucket(-(-height // f), spec.bucket), _bucket(-(-width // f), spec.bucket)
     shaped = jax.ShapeDtypeStruct
     start = time.perf_counter()
-    out = shaped((1, bh * f, bw * f, spec.num_classes), jnp.float32)
+    out = shaped((1, rows or bh * f, bw * f, spec.num_classes), jnp.float32)
     if self.nets.stage1 is not None:
       self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32),
                        shaped((2,), jnp.int32))
-      self.band.warm(out, shaped((_low_rows(min(BAND_ROWS, bh * f), f), bw, spec.num_classes),
-                                 jnp.float32), shaped((), jnp.int32), shaped((), jnp.int32))
+      low_rows = _low_rows(min(BAND_ROWS, out.shape[1]), f)
+      self.band.warm(out, shaped((low_rows, bw, spec.num_classes), jnp.float32),
+                     shaped((), jnp.int32), shaped((), jnp.int32))
     if self.stage2_params is not None:
       for size in self.chunk_sizes:
         self.stage2.warm(self.stage2_params, *self._chunk(size))
@@ -847,6 +849,54 @@ def native_cases(model: NativeModel, sides) -> list:
           for side in sides]
 
 
+def slide_cases(model: NativeModel, sides, folder: Optional[str] = None) -> list:
+  """Slides out of core, file to file: a synthetic pyramidal TIFF of side x side per side
+  (`synthetic.write_slide`: JPEG tiles of 512 where imagecodecs is installed, else deflate; a third
+  tissue), written into `folder` (default: a temporary one, removed at exit) when the case is
+  made. Two-stage and the dense sliding window each read it through `slides.TiffSource` and write
+  the mask with `slides.SlideSink` (assembled); each call starts afresh (no resume). The extra:
+  the share of full-resolution pixels two-stage decoded and the tissue's share."""
+  import atexit  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from iterseg.data import synthetic  # pylint: disable=g-import-not-at-top
+  if folder is None and sides:
+    folder = tempfile.mkdtemp(prefix='iterseg-slides-')
+    atexit.register(shutil.rmtree, folder, True)
+  codec = 'jpeg' if importlib.util.find_spec('imagecodecs') else 'zlib'
+
+  def make(side):
+    path = Path(folder) / f'slide_{side}.ome.tif'
+    tissue = synthetic.write_slide(path, side, compression=codec)['tissue']
+    shown = {}
+
+    def run(method):
+      source = slides.TiffSource(path)
+      out = Path(folder) / f'slide_{side}_{method}_mask.ome.tif'
+      sink = slides.SlideSink(out, side, side, {'method': method}, rows=model.band_rows)
+      shutil.rmtree(sink.partial)  # Afresh: never resumed.
+      sink = slides.SlideSink(out, side, side, {'method': method}, rows=model.band_rows)
+      pred = model.run(method, source, sink)
+      sink.close()
+      source.close()
+      out.unlink()
+      shown[method] = source.decoded / side ** 2
+      return dict(_ran(pred), probs=None, decoded=shown[method])
+
+    warm = lambda: model.warm(side, side, model.band_rows)
+    timed = [Timed('two_stage', model.spec.num_patches, warm,
+                   lambda: run(methods.method_key('two_stage', model.spec.num_patches)))]
+    if model.nets.baseline is not None:
+      timed.append(Timed('baseline', None, warm, lambda: run('baseline')))
+    return timed, None, lambda: {'size': f'{side}x{side} slide', 'codec': codec,
+                                 'tissue': tissue, 'decoded': dict(shown)}
+
+  return [Case(f'{side}x{side} slide', f'{side}x{side}', 1, side * side,
+               functools.partial(make, side)) for side in sides]
+
+
 def _ran(pred: NativePrediction) -> dict:
   """{'gflops': what ran, 'refined_fraction': the tiles stage 2 refined, None for one stage}."""
   return {'gflops': sum(pred.stats['gflops'].values()),
@@ -876,7 +926,9 @@ def benchmark_cases(nets: Networks, s, *, batch_sizes, sliding_window_nps) -> li
   sliding window that refines every patch at `sliding_window_nps`, at each batch size) or
   `native_cases` (benchmark.native_sides)."""
   if s.spec.resolution == 'native':
-    return native_cases(NativeModel(nets, s.spec), s.benchmark.native_sides)
+    model = NativeModel(nets, s.spec)
+    return (native_cases(model, s.benchmark.native_sides) +
+            slide_cases(model, s.benchmark.slide_sides))
   comparison = [m for m in methods.methods(nets, s, sliding_window=True)
                 if m.name != 'sliding_window' or m.num_patches in sliding_window_nps]
   return square_cases(comparison, s.spec.hi_size, batch_sizes)

@@ -82,6 +82,7 @@ class BenchmarkPlan:
   sliding_window: Optional[bool] = checked('bool', optional=True)  # None: the backend's default.
   max_seconds: float = checked('float', 0.0, low_open=True)
   native_sides: tuple  # resolution='native': the image sides timed.
+  slide_sides: tuple  # resolution='native': the sides of the slides timed out of core.
   # The device's peak, for utilisation (None: known devices only).
   peak_tflops: Optional[float] = checked('float', 0.0, low_open=True, optional=True)
   train: bool = checked('bool')  # Also time each network's training step.

@@ -316,7 +316,9 @@ def from_config(config) -> Settings:
   return _check_relations(Settings(
       seed=seed, spec=spec, train=plan, data=data, eval=r.section(EvalPlan, 'eval.'),
       benchmark=r.section(BenchmarkPlan, 'benchmark.',
-                          native_sides=r.ints('benchmark.native_sides', 2 ** depth)),
+                          native_sides=r.ints('benchmark.native_sides', 2 ** depth),
+                          slide_sides=r.ints('benchmark.slide_sides', 2 ** depth,
+                                             allow_empty=True)),
       export=r.section(ExportPlan, 'export.'), predict=predict, calibrate=calibrate,
       refine_count=refine_count, ablation_features=r.names('ablation.features', ABLATION_FEATURES)))
 

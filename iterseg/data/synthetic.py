@@ -310,3 +310,34 @@ def native_size(index: int, sides) -> tuple[int, int]:
 
 
 Builder = Synthetic  # What iterseg.data.make_builder builds for config.data.name='synthetic'.
+
+
+def write_slide(path, side: int, *, compression: str = 'jpeg', tissue: float = 1 / 3) -> dict:
+  """A synthetic side x side whole-slide image written to `path` as a pyramidal OME-TIFF with tiles
+  of 512 (`slides.write_pyramid`), band by band (never held in RAM): about `tissue` of it covered by
+  a few large ellipses holding copies of high-resolution scene 20 000 (2048 px, lesions and
+  vessels), the rest bright glass with noise. Returns {'tissue': the share covered}."""
+  from iterseg import slides  # pylint: disable=g-import-not-at-top
+  scene = make_highres_example(20_000, 2048, 2048)['image']
+  rng = np.random.default_rng(side)
+  blobs = []  # (cy, cx, ry, rx): ellipses of tissue, added until they cover `tissue` (roughly).
+  while sum(np.pi * ry * rx for _, _, ry, rx in blobs) < tissue * side * side * 1.15:
+    ry, rx = rng.uniform(0.08, 0.2, 2) * side
+    blobs.append((rng.uniform(0.15, 0.85) * side, rng.uniform(0.15, 0.85) * side, ry, rx))
+  covered = [0]
+  xs = np.arange(side, dtype=np.float32) + 0.5
+
+  def bands():
+    for y0 in range(0, side, slides.TILE):
+      y1 = min(y0 + slides.TILE, side)
+      ys = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
+      inside = np.zeros((y1 - y0, side), bool)
+      for cy, cx, ry, rx in blobs:
+        inside |= ((ys - cy) / ry) ** 2 + ((xs[None] - cx) / rx) ** 2 < 1
+      covered[0] += int(inside.sum())
+      band = np.tile(scene[np.arange(y0, y1) % 2048], (1, -(-side // 2048), 1))[:, :side]
+      glass = 238 + rng.integers(0, 8, (y1 - y0, side, 1), np.uint8)
+      yield np.where(inside[..., None], band, glass)
+
+  slides.write_pyramid(path, side, side, bands(), compression=compression)
+  return {'tissue': covered[0] / side ** 2}
