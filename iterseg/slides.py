@@ -149,6 +149,12 @@ class TiffSource:
     self.tif.close()
     os.close(self.fd)
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def _grid(self, level: int):
     """(segment height, segment width, segments per row) of a level: tiles, or strips."""
     page = self.levels[level]

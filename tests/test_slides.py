@@ -70,6 +70,7 @@ def test_the_thumbnail_comes_from_the_pyramid_level_that_divides_the_factor(tmp_
   # Level 2 is the image's 2 x 2 means twice, rounded to uint8 each time: within 2 / 255.
   np.testing.assert_allclose(thumb, slides.thumbnail(image, 8), atol=2 / 255 + 1e-6)
   assert source.resolution == {'x': 0.25, 'y': 0.25, 'unit': 'µm'}
+  source.close()
 
 
 def test_out_of_core_two_stage_gives_the_in_ram_probabilities(model, slide):
@@ -82,6 +83,7 @@ def test_out_of_core_two_stage_gives_the_in_ram_probabilities(model, slide):
   np.testing.assert_array_equal(pred.refined, in_ram.refined)
   np.testing.assert_allclose(bands.probs(image.shape[1]), in_ram.probs, atol=1e-6)
   assert pred.stats['refined'] == in_ram.stats['refined']
+  source.close()
   assert source.thumbnail_decoded == image.shape[0] * image.shape[1]  # No pyramid: one pass.
   under = set()  # The file tiles (128 px) under each refined tile (32 px) and its halo (4 px).
   for r, c in zip(*np.nonzero(pred.refined)):
@@ -95,7 +97,8 @@ def test_out_of_core_two_stage_gives_the_in_ram_probabilities(model, slide):
 def test_out_of_core_sliding_window_gives_the_in_ram_probabilities(model, slide):
   image, path = slide
   bands = Bands(model.band_rows, len(image))
-  model.sliding_window(slides.TiffSource(path), sink=bands)
+  with slides.TiffSource(path) as source:
+    model.sliding_window(source, sink=bands)
   np.testing.assert_allclose(bands.probs(image.shape[1]), model.sliding_window(image).probs,
                              atol=1e-6)
 
@@ -121,7 +124,9 @@ def test_the_mask_is_written_as_a_pyramidal_ome_tiff_and_a_killed_job_resumes(mo
     levels = tif.series[0].levels
     np.testing.assert_array_equal(levels[0].asarray(), expected)
     assert [level.shape for level in levels] == [(1100, 700), (550, 350), (275, 175)]
-  assert slides.TiffSource(out).resolution == {'x': 0.25, 'y': 0.25, 'unit': 'µm'}
+  source.close()
+  with slides.TiffSource(out) as written:
+    assert written.resolution == {'x': 0.25, 'y': 0.25, 'unit': 'µm'}
   other = slides.SlideSink(out, len(image), image.shape[1], dict(key, method='stage1'),
                            rows=model.band_rows)
   assert other.resumed == 0  # Bands of another method are never reused.
