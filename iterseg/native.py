@@ -41,6 +41,7 @@ from iterseg.models import Networks
 from iterseg.spec import Spec
 
 BAND_ROWS = 512  # Rows of the output made by one call (the coarse map, upsampled).
+STAGE1_WINDOW, STAGE1_HALO = 1024, 32  # A larger thumbnail: stage 1 on windows of it (px).
 WINDOWS = 8  # Dense windows a call of the sliding window.
 
 
@@ -113,10 +114,11 @@ class _Used:
 
 @functools.lru_cache(maxsize=16)
 def steps(spec: Spec) -> dict:
-  """The compiled steps of one Spec, made once per process: {'stage1', 'stage2', 'window',
-  'band', 'paste'} (they depend on shapes and the spec, not on the parameters' values); 'band' and
+  """The compiled steps of one Spec, made once per process: {'stage1', 'stage1_window', 'rank',
+  'stage2', 'window', 'band', 'paste'} (they depend on shapes and the spec, not on the parameters' values); 'band' and
   'paste' write into the output they are given (donated: in place)."""
   return {'stage1': Compiled(_stage1, spec=spec), 'stage2': Compiled(_stage2, spec=spec),
+          'stage1_window': Compiled(_stage1_window, spec=spec), 'rank': Compiled(_rank, spec=spec),
           'window': Compiled(_window, spec=spec), 'band': Compiled(_band, (0,), spec=spec),
           'paste': Compiled(_paste, (0,), spec=spec)}
 
@@ -125,15 +127,26 @@ def steps(spec: Spec) -> dict:
 
 
 def _stage1(params, thumb, size, *, spec: Spec):
-  """thumb [bh, bw, 3] (the thumbnail [h, w] padded to a bucket; size = (h, w)) -> (low-resolution
+  """thumb [bh, bw, 3] (the thumbnail [h, w] padded to a bucket; size = (h, w)) -> `_rank` of
+  stage 1's outputs on it."""
+  return _rank(_stage1_window(params, thumb, spec=spec), size, spec=spec)
+
+
+def _stage1_window(params, thumb, *, spec: Spec):
+  """Stage 1 on thumb [bh, bw, 3] (a whole thumbnail, or a window of one) -> its outputs [bh, bw,
+  C (+1)] (`inference.stage1_outputs`)."""
+  logits = models.unet(spec, 'stage1').apply({'params': params},
+                                             inference.normalize(thumb, spec)[None])
+  return inference.stage1_outputs(logits, spec)[0]
+
+
+def _rank(probs, size, *, spec: Spec):
+  """Stage 1's outputs [bh, bw, C (+1)] (size = (h, w) of them inside the image) -> (low-resolution
   probabilities [bh, bw, C], the rows and columns past (h, w) repeating the last ones, so that
   every upsampling near the image's edge sees its own border; tile scores [gbh, gbw] (gbh = bh /
   cell); every tile of the bucket's grid ranked, least sure first, by `inference.select`: flat
   indices [gbh * gbw] into that grid, the tiles past the image's last.
   """
-  logits = models.unet(spec, 'stage1').apply({'params': params},
-                                             inference.normalize(thumb, spec)[None])
-  probs = inference.stage1_outputs(logits, spec)[0]
   rows = jnp.minimum(jnp.arange(probs.shape[0]), size[0] - 1)
   cols = jnp.minimum(jnp.arange(probs.shape[1]), size[1] - 1)
   low = probs[rows][:, cols]
@@ -186,6 +199,11 @@ def _window(params, windows, valid, *, spec: Spec):
 
 
 thumbnail = slides.thumbnail
+
+
+def _preview(thumb: np.ndarray, first: int, step: int) -> np.ndarray:
+  """uint8: the rows and columns of thumb (rows first .. of the thumbnail) at multiples of step."""
+  return np.rint(thumb[-first % step::step, ::step] * 255).astype(np.uint8)
 
 
 def _bucket(n: int, bucket: int) -> int:
@@ -261,6 +279,7 @@ class NativeModel:
     self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
     self.window, self.band = _Used(shared['window']), _Used(shared['band'])
     self.paste = _Used(shared['paste'])
+    self.stage1_window, self.rank = _Used(shared['stage1_window']), _Used(shared['rank'])
 
   @property
   def compiles(self) -> int:
@@ -268,7 +287,8 @@ class NativeModel:
     bands per (height, width) bucket, the paste per bucket and chunk size, stage 2 per chunk size
     (at most 4), the dense windows once."""
     return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
-            self.band.compiles + self.paste.compiles)
+            self.band.compiles + self.paste.compiles + self.stage1_window.compiles +
+            self.rank.compiles)
 
   @property
   def chunk_sizes(self) -> tuple:
@@ -287,9 +307,15 @@ class NativeModel:
     shaped = jax.ShapeDtypeStruct
     start = time.perf_counter()
     out = shaped((1, rows or bh * f, bw * f, spec.num_classes), jnp.float32)
-    if self.nets.stage1 is not None:
+    if self.nets.stage1 is not None and max(bh, bw) <= STAGE1_WINDOW:
       self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32),
                        shaped((2,), jnp.int32))
+    elif self.nets.stage1 is not None:
+      side = STAGE1_WINDOW + 2 * STAGE1_HALO
+      self.stage1_window.warm(self.nets.stage1, shaped((side, side, 3), jnp.float32))
+      self.rank.warm(shaped((bh, bw, spec.num_classes + spec.error_head), jnp.float32),
+                     shaped((2,), jnp.int32))
+    if self.nets.stage1 is not None:
       low_rows = _low_rows(min(BAND_ROWS, out.shape[1]), f)
       self.band.warm(out, shaped((low_rows, bw, spec.num_classes), jnp.float32),
                      shaped((), jnp.int32), shaped((), jnp.int32))
@@ -322,21 +348,56 @@ class NativeModel:
 
   def low_resolution(self, source):
     """Stage 1 on the source's thumbnail: (low-resolution probabilities [bh, bw, C]
-    (bucket-padded), (tile scores [gbh, gbw], their ranking [gbh * gbw]; see _stage1), h, w,
-    seconds, FLOPs)."""
-    spec = self.spec
+    (bucket-padded), (tile scores [gbh, gbw], their ranking [gbh * gbw]; see _rank), h, w,
+    seconds, FLOPs). A thumbnail of at most STAGE1_WINDOW px a side (in its bucket) is one call
+    (`_stage1`); a larger one is read in bands of windows that overlap by STAGE1_HALO px (stage 1
+    on each, their centres kept), so that no activation grows with the image, then ranked."""
+    spec, f = self.spec, self.spec.downscale
     start = time.perf_counter()
-    thumb = source.thumbnail(spec.downscale)
-    h, w = thumb.shape[:2]
+    h, w = -(-source.height // f), -(-source.width // f)
     bh, bw = _bucket(h, spec.bucket), _bucket(w, spec.bucket)
-    padded = np.zeros((bh, bw, 3), np.float32)
-    padded[:h, :w] = thumb
-    (low, scores, order), flops = self.stage1(self.nets.stage1, jnp.asarray(padded),
-                                              jnp.asarray([h, w], jnp.int32))
-    low = np.asarray(low)  # Small: the image / f^2.
     self.preview_step = 2 ** max(0, math.ceil(math.log2(max(h, w) / 1024)))
-    self.preview = np.rint(thumb[::self.preview_step, ::self.preview_step] * 255).astype(np.uint8)
+    size = jnp.asarray([h, w], jnp.int32)
+    if max(bh, bw) <= STAGE1_WINDOW:
+      padded = np.zeros((bh, bw, 3), np.float32)
+      padded[:h, :w] = thumb = source.thumbnail(f)
+      self.preview = _preview(thumb, 0, self.preview_step)
+      (low, scores, order), flops = self.stage1(self.nets.stage1, jnp.asarray(padded), size)
+    else:
+      probs, flops = self._windows(source, h, w, bh, bw)
+      (low, scores, order), rank_flops = self.rank(jnp.asarray(probs), size)
+      flops += rank_flops
+    low = np.asarray(low)  # Small: the image / f^2.
     return low, (scores, order), h, w, time.perf_counter() - start, flops
+
+  def _windows(self, source, h: int, w: int, bh: int, bw: int) -> tuple:
+    """Stage 1's outputs [bh, bw, C (+1)] from windows of S + 2 halo px (S = STAGE1_WINDOW) over
+    the bucket-padded thumbnail, each kept for its S x S centre block, read a band of windows at a
+    time; FLOPs. A window is moved inside the bucket where it would stick out, so the image's own
+    edges are the U-Net's edges, as in one call on the whole thumbnail."""
+    f, side = self.spec.downscale, STAGE1_WINDOW
+    span = side + 2 * STAGE1_HALO
+    starts = lambda n: [(c, min(max(c - STAGE1_HALO, 0), max(n - span, 0)))
+                        for c in range(0, n, side)]  # (centre block, window start).
+    probs, flops, previews = None, 0.0, []
+    band = np.zeros((span, max(bw, span), 3), np.float32)
+    for r0, wr in starts(bh):
+      band[:] = 0
+      a, b = wr, min(wr + span, h)
+      if a < b:
+        thumb = source.thumbnail(f, rows=(a, b))
+        band[:b - a, :w] = thumb
+        previews.append(_preview(thumb[r0 - a:min(r0 + side, b) - a], r0, self.preview_step))
+      for c0, wc in starts(bw):
+        out, call = self.stage1_window(self.nets.stage1, jnp.asarray(band[:, wc:wc + span]))
+        out = np.asarray(out)
+        if probs is None:
+          probs = np.empty((bh, bw, out.shape[-1]), np.float32)
+        rows, cols = min(side, bh - r0), min(side, bw - c0)
+        probs[r0:r0 + rows, c0:c0 + cols] = out[r0 - wr:r0 - wr + rows, c0 - wc:c0 - wc + cols]
+        flops += call
+    self.preview = np.concatenate([p for p in previews if len(p)])
+    return probs, flops
 
   def coarse(self, low: np.ndarray, y0: int = 0, rows: Optional[int] = None, stop=None) -> tuple:
     """(a band of the output [1, rows, Wb, C] on the device (default: all of it, Hb rows),
@@ -414,9 +475,6 @@ class NativeModel:
     tile, side, halo, k = spec.patch_size, spec.stage2_side, spec.halo, spec.chunk
     rows = sink.rows or low.shape[0] * f
     seconds, flops, calls = {'bands': 0.0, 'stage2': 0.0, 'write': 0.0}, [0.0, 0.0], 0
-    span = _low_rows(side, f)
-    margin = halo // f + 2  # Low-res rows a tile's patch may start above the map (edge values).
-    padded = np.pad(low, ((margin, margin + span), (margin, margin + span), (0, 0)), mode='edge')
     top = chosen // gw * tile
     for y0 in range(0, source.height if sink.rows else 1, rows):
       if sink.done(y0):
@@ -440,9 +498,9 @@ class NativeModel:
           corners[:, i] = r * tile - y0, c * tile
           y, x = r * tile - halo, c * tile - halo
           tiles[i], valid[i] = source.region(y, x, side)
-          ty, tx = y // f - 1, x // f - 1  # The patch's first low-res row and column (_around).
-          patches[i] = padded[ty + margin:ty + margin + span, tx + margin:tx + margin + span]
-          offsets[i] = (y - ty * f, x - tx * f)
+          (ys, oy), (xs, ox) = _around(low, y, side, f), _around(low[0], x, side, f)
+          patches[i] = low[ys[:, None], xs]  # Edge values past the map.
+          offsets[i] = (oy, ox)
         probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
                                   jnp.asarray(patches), jnp.asarray(offsets))
         out, _ = self.paste(out, probs, *jnp.asarray(corners), jnp.asarray(len(part), jnp.int32))

@@ -103,8 +103,10 @@ class ArraySource:
   def decoded(self) -> int:
     return self.height * self.width
 
-  def thumbnail(self, factor: int) -> np.ndarray:
-    return thumbnail(self.image, factor)
+  def thumbnail(self, factor: int, rows=None) -> np.ndarray:
+    """`thumbnail` of the image, or of its thumbnail rows (a, b)."""
+    a, b = rows or (0, None)
+    return thumbnail(self.image[a * factor:None if b is None else b * factor], factor)
 
   def region(self, y: int, x: int, side: int):
     """(uint8 [side, side, 3], valid bool [side, side]) at (y, x): a view where it is inside."""
@@ -208,9 +210,10 @@ class TiffSource:
   def region(self, y: int, x: int, side: int):
     return _cut(self.read, self.height, self.width, y, x, side)
 
-  def thumbnail(self, factor: int) -> np.ndarray:
-    """float32 [ceil(H/f), ceil(W/f), 3]: block means of the finest level whose downsample d
-    divides f (a pyramid level, or the image itself), read in bands of 64 f / d rows."""
+  def thumbnail(self, factor: int, rows=None) -> np.ndarray:
+    """float32 [ceil(H/f), ceil(W/f), 3] (or its rows (a, b)): block means of the finest level
+    whose downsample d divides f (a pyramid level, or the image itself), read in bands of 64 f / d
+    rows."""
     level, d = 0, 1
     for i, page in enumerate(self.levels[1:], 1):
       ratio = self.width / page.imagewidth
@@ -220,12 +223,13 @@ class TiffSource:
         level, d = i, near
     f, page = factor // d, self.levels[level]
     h, w = page.imagelength, page.imagewidth
-    out = np.empty((-(-h // f), -(-w // f), 3), np.float32)
-    rows, before = 64 * f, self.decoded
-    for y0 in range(0, h, rows):
-      band = self.read(y0, min(y0 + rows, h), 0, w, level)
-      out[y0 // f:y0 // f + -(-len(band) // f)] = thumbnail(band, f)
-    self.thumbnail_decoded = self.decoded - before
+    a, b = rows or (0, -(-h // f))
+    out = np.empty((b - a, -(-w // f), 3), np.float32)
+    step, before = 64 * f, self.decoded
+    for y0 in range(a * f, min(b * f, h), step):
+      band = self.read(y0, min(y0 + step, b * f, h), 0, w, level)
+      out[y0 // f - a:y0 // f - a + -(-len(band) // f)] = thumbnail(band, f)
+    self.thumbnail_decoded += self.decoded - before
     self.cache.clear()  # Stage 2 reads other tiles (or this level's are no use to it).
     self.cached = 0
     return out

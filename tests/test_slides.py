@@ -157,3 +157,23 @@ def test_predict_segments_a_slide_out_of_core_beside_plain_images(native_workdir
   expected = ((model.two_stage(image).probs[..., 0] > 0.5) * 255).astype(np.uint8)
   np.testing.assert_array_equal(tifffile.imread(record['mask']), expected)
   assert Image.open(record['overlay']).size == (-(-700 // 8), -(-1100 // 8))
+
+
+def test_a_large_thumbnail_goes_through_stage_1_in_overlapping_windows(model, slide, monkeypatch):
+  """Windows of 48 + 2 x 16 thumbnail px (at 1/8: 138 x 88 px, 3 x 2 windows) give stage 1's
+  whole-thumbnail outputs (the halo covers this U-Net's reach), one compilation serves them all,
+  and out of core reads the thumbnail a band of windows at a time."""
+  image, path = slide
+  whole = model.two_stage(image)
+  monkeypatch.setattr(native, 'STAGE1_WINDOW', 48)
+  monkeypatch.setattr(native, 'STAGE1_HALO', 16)
+  windowed = native.NativeModel(model.nets, model.spec)
+  pred = windowed.two_stage(image)
+  assert windowed.stage1.compiles == 0 and windowed.stage1_window.compiles == 1
+  np.testing.assert_allclose(pred.coarse, whole.coarse, atol=1e-5)
+  np.testing.assert_array_equal(pred.refined, whole.refined)
+  np.testing.assert_array_equal(pred.preview, whole.preview)
+  bands = Bands(model.band_rows, len(image))
+  with slides.TiffSource(path) as source:
+    windowed.two_stage(source, sink=bands)
+  np.testing.assert_allclose(bands.probs(image.shape[1]), pred.probs, atol=1e-6)
