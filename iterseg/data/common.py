@@ -44,7 +44,13 @@ def _reading(path: Path):
     raise DataError(f'missing file: {path}')
   try:
     yield
-  except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError as e:
+    raise DataError(
+        f'cannot read image {path}: it is above Pillow\'s limit against decompression bombs '
+        f'({Image.MAX_IMAGE_PIXELS} pixels; Pillow decodes a whole image at once). Convert it to a tiled pyramidal TIFF, which '
+        f'resolution=native reads a tile at a time (e.g. `vips tiffsave {path} out.tif --tile '
+        f'--pyramid --compression=jpeg --bigtiff`).') from e
+  except (OSError, ValueError, EOFError, SyntaxError) as e:
     raise DataError(f'cannot read image {path}: {e}') from e
 
 
