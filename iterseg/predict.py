@@ -210,6 +210,7 @@ def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[
     pred = model.two_stage(source, sink=sink, stop=stopped)
     bar.close()
     if pred is None:
+      sink.wait()  # The band in flight is finished: a resumed job starts after it.
       return None
     written = sink.close()
     if 'overlay' in outputs:

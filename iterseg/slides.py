@@ -276,15 +276,26 @@ def is_slide(path) -> bool:
 
 
 def _encode(tiles, compression: str, workers: int = 2) -> list:
-  """Each uint8 tile [T, T(, S)] encoded as TIFF segment bytes (zlib: deflate; jpeg: quality 90)."""
+  """Each uint8 tile [T, T(, S)] encoded as TIFF segment bytes (zlib: deflate; jpeg: quality 90);
+  a tile of zeros (a mask's background) is encoded once."""
   if compression == 'zlib':
     import zlib  # pylint: disable=g-import-not-at-top
     fn = lambda t: zlib.compress(np.ascontiguousarray(t).tobytes(), 1)
   else:
     import imagecodecs  # pylint: disable=g-import-not-at-top
     fn = lambda t: imagecodecs.jpeg_encode(np.ascontiguousarray(t), level=90)
+  zeros = {}
+
+  def encode(t):
+    if t.any():
+      return fn(t)
+    key = (t.shape, t.dtype.str)
+    if key not in zeros:
+      zeros[key] = fn(t)
+    return zeros[key]
+
   with futures.ThreadPoolExecutor(workers) as pool:  # The codecs release the GIL.
-    return list(pool.map(fn, tiles))
+    return list(pool.map(encode, tiles))
 
 
 def _tiles(band: np.ndarray, tile: int) -> list:
@@ -422,17 +433,31 @@ class SlideSink:
     self.partial.mkdir(parents=True, exist_ok=True)
     if not manifest.exists():
       files.atomic_write_json(manifest, key)
+    self.progress = None  # Called with the rows of each band saved.
+    self.pool, self.pending = futures.ThreadPoolExecutor(1), None
     self.resumed = sum(1 for y0 in range(0, height, rows) if self.done(y0))
-    self.progress = None  # Called with the rows of each band put.
 
   def _part(self, y0: int) -> Path:
     return self.partial / f'band_{y0:09d}.npz'
 
   def done(self, y0: int) -> bool:
+    if self.pending is not None and self.pending.done():
+      self.wait()
     return self._part(y0).exists()
 
   def put(self, y0: int, band) -> None:
-    """band: the probabilities [>= r, >= W, C] (device or host) of rows y0 .. y0 + r."""
+    """band: the probabilities [>= r, >= W, C] (device or host) of rows y0 .. y0 + r, encoded
+    and saved in a thread while the next band is made (one band in flight)."""
+    self.wait()
+    self.pending = self.pool.submit(self._save, y0, band)
+
+  def wait(self) -> None:
+    """Until the band in flight is saved (its error raised here)."""
+    if self.pending is not None:
+      pending, self.pending = self.pending, None
+      pending.result()
+
+  def _save(self, y0: int, band) -> None:
     probs = np.asarray(band)[0, :min(self.rows, self.height - y0), :self.width]
     if probs.shape[-1] == 1:
       mask = (probs[..., 0] > 0.5).astype(np.uint8) * np.uint8(255)
@@ -461,6 +486,8 @@ class SlideSink:
 
   def close(self) -> dict:
     """Assembles the OME-TIFF(s) from the finished bands; {kind: path}."""
+    self.wait()
+    self.pool.shutdown()
     paths = self.outputs()
     for name, path in paths.items():
 
