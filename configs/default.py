@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   # foreground probability (the focal-loss paper's prior init); None = zero bias (authors).
   c.train.flip = True  # Horizontal flip, p = 0.5.
   c.train.brightness_contrast = 0.1  # Brightness and contrast shifts in +-this, p = 0.5 each.
+  c.train.gamma = 0.0  # Gamma jitter, p = 0.5: images ** e^U(-gamma, gamma) (0: none, the paper).
   c.train.rotate = True  # Rotation in +-180 degrees, p = 0.5 (biomedical data only).
   c.train.log_every = 50  # Steps between metric lines.
   c.train.checkpoint_every = 500  # Steps between checkpoints (and one at the end).

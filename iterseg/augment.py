@@ -45,24 +45,31 @@ def rotate(images_or_masks, angle_degrees, order):
 _rotate_batch = rotate  # Inside `augment`, the argument `rotate` shadows this function's name.
 
 
-def _adjust(key, image, bc, p):
+def _adjust(key, image, bc, p, gamma=0.0):
   """Adds b to image [H, W, 3], then scales its deviation from its mean (over all channels, as
   torchvision's `adjust_contrast`) by 1 + c, b, c ~ U(-bc, bc), each with probability p and clipped
-  to [0, 1]; an operation not applied leaves the image untouched (no clipping either)."""
+  to [0, 1], then raises it to the power e^g, g ~ U(-gamma, gamma), with probability p; an
+  operation not applied leaves the image untouched (no clipping either)."""
   k_do_b, k_b, k_do_c, k_c = jax.random.split(key, 4)
+  k_do_g, k_g = jax.random.split(jax.random.fold_in(key, 7))  # Leaves the others' draws as they were.
   do_b, do_c = (jax.random.bernoulli(k, p) & (jnp.asarray(bc) > 0) for k in (k_do_b, k_do_c))
   b, c = (jax.random.uniform(k, (), minval=-bc, maxval=bc) for k in (k_b, k_c))
   image = jnp.where(do_b, jnp.clip(image + b, 0.0, 1.0), image)
   mean = jnp.mean(image)
-  return jnp.where(do_c, jnp.clip((image - mean) * (1.0 + c) + mean, 0.0, 1.0), image)
+  image = jnp.where(do_c, jnp.clip((image - mean) * (1.0 + c) + mean, 0.0, 1.0), image)
+  do_g = jax.random.bernoulli(k_do_g, p) & (jnp.asarray(gamma) > 0)
+  g = jax.random.uniform(k_g, (), minval=-gamma, maxval=gamma)
+  return jnp.where(do_g, image ** jnp.exp(g), image)
 
 
-def augment(key, images, masks, *, flip=True, brightness_contrast=0.1, rotate=True, p=0.5):
+def augment(key, images, masks, *, flip=True, brightness_contrast=0.1, rotate=True, p=0.5,
+            gamma=0.0):
   """Randomly augments a batch, image and mask together; returns (images, masks) with the input
   shapes and dtypes. key: a jax.random key; images: [B, H, W, 3] float32 in [0, 1]; masks:
   [B, H, W] (uint8/int class ids, or float {0, 1}). Per example, independently, in this order, each
   with probability p: a horizontal flip (when `flip`); a brightness shift and a contrast change in
-  +-brightness_contrast (images only, clipped to [0, 1]; see `_adjust`); a rotation by an angle
+  +-brightness_contrast and a gamma of e^U(-gamma, gamma) (images only, in [0, 1]; see
+  `_adjust`); a rotation by an angle
   ~ U[-180, 180] degrees (when `rotate`), images bilinear, masks nearest (keeping their label set),
   pixels from outside 0 in both (done last, so they stay black in the image). p = 0 is exactly the
   identity. `flip` and `rotate` are Python bools (static under jit); p and brightness_contrast may
@@ -77,8 +84,8 @@ def augment(key, images, masks, *, flip=True, brightness_contrast=0.1, rotate=Tr
   if flip:
     do = jax.random.bernoulli(k_flip, p, (batch,))
     images, masks = where(do, images[:, :, ::-1], images), where(do, masks[:, :, ::-1], masks)
-  adjusted = jax.vmap(_adjust, in_axes=(0, 0, None, None))(
-      jax.random.split(k_adjust, batch), images.astype(jnp.float32), brightness_contrast, p)
+  adjusted = jax.vmap(_adjust, in_axes=(0, 0, None, None, None))(
+      jax.random.split(k_adjust, batch), images.astype(jnp.float32), brightness_contrast, p, gamma)
   images = adjusted.astype(images.dtype)
   if rotate:
     do = jax.random.bernoulli(k_do_rot, p, (batch,))

@@ -36,6 +36,7 @@ class TrainPlan:
   stage2_init: str = checked('choice', ('random', 'stage1'))
   flip: bool = checked('bool')
   brightness_contrast: float = checked('float', 0.0, 0.99)
+  gamma: float = checked('float', 0.0, 2.0)  # Gamma jitter: images ** e^U(-gamma, gamma).
   rotate: bool = checked('bool')
   log_every: int = checked('int', 1)
   checkpoint_every: int = checked('int', 1)

@@ -75,7 +75,7 @@ def train_step(train_state: state.TrainState, batch, frozen, *, network: str, sp
   aug_key, sample_key = jax.random.split(jax.random.fold_in(key, lax.axis_index('batch')))
   images, masks = augment.augment(
       aug_key, inference.as_float(batch['image']), batch['mask'], flip=plan.flip,
-      brightness_contrast=plan.brightness_contrast, rotate=plan.rotate)
+      brightness_contrast=plan.brightness_contrast, rotate=plan.rotate, gamma=plan.gamma)
   inputs, labels = network_inputs(network, sample_key, inference.normalize(images, spec), masks,
                                   frozen, spec=spec, sampling=plan.patch_sampling)
 

@@ -153,3 +153,22 @@ def test_augment_jits_with_traced_probability_and_strength():
   np.testing.assert_array_equal(got[1], want[1])
   ident = f(key, images, masks, brightness_contrast=0.1, p=0.0)
   np.testing.assert_array_equal(ident[0], images)
+
+
+def test_gamma_jitter_raises_each_image_to_one_power_in_range_and_leaves_the_mask_alone():
+  images, masks = _batch(b=8)
+  images = np.clip(images, 0.05, 0.95)
+  out_i, out_m = aug.augment(jax.random.key(7), images, masks, flip=False, brightness_contrast=0.0,
+                             rotate=False, p=1.0, gamma=0.5)
+  np.testing.assert_array_equal(out_m, masks)
+  powers = np.log(np.asarray(out_i)) / np.log(images)  # One exponent per image.
+  for power in powers:
+    assert np.ptp(power) < 1e-3 and np.exp(-0.5) - 1e-4 <= power.mean() <= np.exp(0.5) + 1e-4
+  assert np.ptp(powers.mean((1, 2, 3))) > 0.01  # Drawn per image.
+  # Gamma on top of brightness and contrast leaves their draws as they were: the same images, raised.
+  adjusted, _ = aug.augment(jax.random.key(7), images, masks, flip=False, brightness_contrast=0.1,
+                            rotate=False, p=1.0)
+  both, _ = aug.augment(jax.random.key(7), images, masks, flip=False, brightness_contrast=0.1,
+                        rotate=False, p=1.0, gamma=0.5)
+  np.testing.assert_allclose(np.asarray(both), np.asarray(adjusted) ** powers.mean(
+      (1, 2, 3), keepdims=True), rtol=1e-4, atol=1e-6)
