@@ -362,8 +362,8 @@ def write_summary(output: Path, part: dict, process: int, processes: int) -> str
   files.atomic_write_json(os.path.join(output, f'summary.{process}.json'), part)
   parts = [os.path.join(output, f'summary.{i}.json') for i in range(processes)]
   if all(os.path.exists(p) for p in parts):
-    fields = {'images': list, 'failed': int, 'skipped': int, 'total': int,
-              'compiles': (int, type(None))}
+    fields = {'images': [{'input': str}], 'failed': files.COUNT, 'skipped': files.COUNT,
+              'total': files.COUNT, 'interrupted': (str, None), 'compiles': (files.COUNT, None)}
     fix = ('delete it and run the same command again with --config.predict.skip_existing=True '
            '(only what is missing is segmented)')
     loaded = [files.read_json(p, fix, PredictError, fields) for p in parts]

@@ -336,17 +336,27 @@ def test_an_image_above_pillows_decompression_limit_is_one_failed_record_and_the
     assert Path(by_name[name]['mask']).exists()
 
 
-def test_a_damaged_summary_part_is_one_line_and_doing_what_it_says_merges(tmp_path):
-  """Every file read back is checked: a part of another process's summary truncated mid-write is
-  named with what to do, never merged silently or shown as a traceback."""
-  part = {'images': [{'input': 'b.png'}], 'failed': 0, 'skipped': 0, 'total': 1,
-          'interrupted': None, 'compiles': 3}
-  (tmp_path / 'summary.1.json').write_text('{"images": [')
+PART = {'images': [{'input': 'b.png'}], 'failed': 0, 'skipped': 0, 'total': 1, 'interrupted': None,
+        'compiles': 3}
+
+
+@pytest.mark.parametrize('content, words', [
+    ('{"images": [', 'Expecting value'),  # Truncated mid-write.
+    (json.dumps(dict(PART, failed='0')), "failed='0' is not valid (a whole number >= 0)"),
+    (json.dumps(dict(PART, total=-1)), 'total=-1 is not valid'),
+    (json.dumps(dict(PART, images=[{'mask': 'b_mask.png'}])), 'images[0].input=(missing)'),
+    (json.dumps({k: v for k, v in PART.items() if k != 'interrupted'}), 'interrupted=(missing)')],
+    ids=['truncated', 'mistyped', 'out-of-range', 'a-record-without-input', 'a-field-missing'])
+def test_a_damaged_summary_part_is_one_line_and_doing_what_it_says_merges(tmp_path, content, words):
+  """Every file read back is checked: a part of another process's summary truncated mid-write, or
+  with a field of another type or out of range, is named with what to do, never merged silently or
+  shown as a traceback."""
+  (tmp_path / 'summary.1.json').write_text(content)
   with pytest.raises(errors.PredictError, match=r'summary.1.json cannot be read .*delete it') as e:
-    predict.write_summary(tmp_path, dict(part, images=[{'input': 'a.png'}]), 0, 2)
-  assert '\n' not in str(e.value)
+    predict.write_summary(tmp_path, dict(PART, images=[{'input': 'a.png'}]), 0, 2)
+  assert '\n' not in str(e.value) and words in str(e.value)
   (tmp_path / 'summary.1.json').unlink()  # What the line says: the rerun writes that part again.
-  predict.write_summary(tmp_path, dict(part, images=[{'input': 'a.png'}]), 0, 2)
-  predict.write_summary(tmp_path, part, 1, 2)
+  predict.write_summary(tmp_path, dict(PART, images=[{'input': 'a.png'}]), 0, 2)
+  predict.write_summary(tmp_path, PART, 1, 2)
   merged = json.loads((tmp_path / 'summary.json').read_text())
   assert [r['input'] for r in merged['images']] == ['a.png', 'b.png'] and merged['total'] == 2
