@@ -589,7 +589,7 @@ class Square:
     return pipeline.eval_batches(examples, self.batch_size)
 
   def _arrays(self, batch):
-    self.padded = self.padded or len(batch['image'])
+    self.padded = max(self.padded or 0, len(batch['image']))  # A first batch short of a skip.
     return (jnp.asarray(pipeline.pad_batch(np.asarray(batch['image']), self.padded)),
             jnp.asarray(pipeline.pad_batch(np.asarray(batch['mask']), self.padded)))
 
