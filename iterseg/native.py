@@ -286,8 +286,8 @@ def check_fits(height: int, width: int, spec: Spec, *, decoded: bool = True,
     raise InputError(
         f'{size} needs about {needed / 2 ** 30:.1f} GB for its {channels}-class probabilities'
         f'{"" if decoded else " and its pixels"}, but {free / 2 ** 30:.1f} GB are free (enough for '
-        f'about {_mpx(fits)} at this width): free memory, or cut the image into parts of at most '
-        f'that many pixels.')
+        f'about {_mpx(fits)}): free memory, or cut the image into parts of at most '
+        f'{fits // width} rows of {width} px.')
 
 
 def _mpx(pixels: int) -> str:

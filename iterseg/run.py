@@ -80,11 +80,13 @@ class Run:
     """CheckpointError unless `current` agrees with the run's settings on what the weights depend
     on (spec.GEOMETRY)."""
     ours, theirs = current.spec.geometry(), (saved or self.settings()).spec.geometry()
-    for field in GEOMETRY:
-      if ours[field] != theirs[field]:
-        raise CheckpointError(
-            f'config.{field}={ours[field]!r} but the networks in {self.workdir} were trained with '
-            f'{theirs[field]!r}: use the training config (or --config.{field}={theirs[field]!r}).')
+    differ = [field for field in GEOMETRY if ours[field] != theirs[field]]
+    if differ:
+      field, more = differ[0], f' ({len(differ) - 1} more fields differ)' if differ[1:] else ''
+      flags = ' '.join(f'--config.{f}={theirs[f]!r}' for f in differ)
+      raise CheckpointError(
+          f'config.{field}={ours[field]!r} but the networks in {self.workdir} were trained with '
+          f'{theirs[field]!r}{more}: use the training config (or {flags}).')
 
   def steps(self, name: str) -> list:
     """The complete checkpoint steps of network `name`, unsorted."""

@@ -35,14 +35,18 @@ def check_batch_size(batch_size: int, num_examples: int, processes: int | None =
   processes = jax.process_count() if processes is None else processes
   devices = jax.local_device_count() if devices is None else devices
   split = processes * devices
+  most = num_examples // split * split  # The largest batch that splits and that the examples fill.
+  where = f'{processes} process(es) x {devices} local device(s)'
+  if not most:
+    raise SettingsError(f'the {num_examples} training examples cannot give each of the {split} '
+                        f'devices ({where}) an image: add training examples.')
   if batch_size < 1 or batch_size % split:
-    low = max(split, batch_size // split * split)
-    raise SettingsError(
-        f'config.train.batch_size={batch_size} does not split evenly over {processes} process(es) '
-        f'x {devices} local device(s): use a multiple of {split} (e.g. {low} or {low + split}).')
+    near = sorted({min(max(split, batch_size // split * split + d), most) for d in (0, split)})
+    raise SettingsError(f'config.train.batch_size={batch_size} does not split evenly over {where}: '
+                        f'use a multiple of {split} (e.g. {" or ".join(map(str, near))}).')
   if batch_size > num_examples:
     raise SettingsError(f'config.train.batch_size={batch_size} is larger than the {num_examples} '
-                        f'training examples: lower it to at most {num_examples}.')
+                        f'training examples: lower it to at most {most}.')
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
