@@ -14,7 +14,6 @@ evaluated on the test split there. The two-stage rows at config.num_patches go i
 """
 
 import dataclasses
-import json
 import os
 import shutil
 
@@ -102,8 +101,7 @@ def run(s: Settings, workdir: str) -> dict:
     from iterseg import plots  # pylint: disable=g-import-not-at-top
     path, results_path = (os.path.join(workdir, f) for f in ('ablation.json', 'results.json'))
     files.atomic_write_json(path, rows)
-    with open(results_path) as f:
-      merged = json.load(f)
+    merged = {k: v for k, v in own_results.items() if k != 'files'}  # What results.json holds.
     files.atomic_write_json(results_path, {**merged, 'ablation': rows})
     out['files'] = [path, results_path,
                     plots.plot_ablation(rows, os.path.join(workdir, 'ablation.png'))]

@@ -20,7 +20,6 @@ device. When the workdir has results.json of the same geometry, its Dice and the
 give tradeoff_latency.png.
 """
 
-import json
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -30,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from iterseg import checkpoints, files, flops, methods, models, plots, report
-from iterseg.errors import Error
+from iterseg.errors import CheckpointError, Error
 from iterseg.models import Networks
 from iterseg.run import Run
 from iterseg.settings import Settings
@@ -173,13 +172,13 @@ def plot_with_dice(rows: Sequence[dict], s: Settings, workdir: str) -> Optional[
   """tradeoff_latency.png: the Dice of <workdir>/results.json (same geometry) against the batch-1
   latency measured here; None when there is no such results.json."""
   try:
-    with open(os.path.join(workdir, 'results.json')) as f:
-      results = json.load(f)
-    if results.get('geometry') != s.spec.geometry():
-      return None
-    dice = {(r['method'], r['num_patches']): r['soft_dice'] for r in results['rows']}
-  except (OSError, ValueError, KeyError, TypeError):
+    results = report.read_results(workdir)
+  except CheckpointError as e:  # Said, and only this plot is left out.
+    print(f'iterseg: warning: {e} The plot of Dice against latency is left out.')
     return None
+  if results is None or results['geometry'] != s.spec.geometry():
+    return None
+  dice = {(r['method'], r['num_patches']): r['soft_dice'] for r in results['rows']}
   joined = [dict(r, soft_dice=dice[(r['method'], r['num_patches'])]) for r in rows
             if r['batch_size'] == 1 and (r['method'], r['num_patches']) in dice]
   return plots.plot_tradeoff(joined, os.path.join(workdir, 'tradeoff_latency.png'), x='latency_ms')

@@ -56,11 +56,15 @@ def seen_in_training(s: Settings, workdir: str) -> bool:
 refine_counts = native.refine_counts
 
 
-def measure(segmenter, examples: Sequence[dict]) -> dict:
+def measure(segmenter, examples: Sequence[dict], skipped: Optional[dict] = None) -> dict:
   """{'soft_dice', 'hard_dice', 'refined_fraction', 'gflops'} of the one method of `segmenter`,
   means over the images as evaluate measures them, and 'latency_ms': the median over the images
-  of the seconds per image, every call compiled before it is timed."""
-  e = evaluate.evaluate(segmenter, examples, progress=False)['methods'][segmenter.keys[0]]
+  of the seconds per image, every call compiled before it is timed. The images it cannot segment
+  are added to `skipped` ({name: reason})."""
+  evaluation = evaluate.evaluate(segmenter, examples, progress=False)
+  if skipped is not None:
+    skipped.update(evaluation['skipped'])
+  e = evaluation['methods'][segmenter.keys[0]]
   return {**{k: e[k] for k in ('soft_dice', 'hard_dice', 'refined_fraction', 'gflops')},
           'latency_ms': float(np.median(e['per_image']['seconds'])) * 1e3}
 
@@ -176,25 +180,34 @@ def run(s: Settings, workdir: str) -> dict:
   if not len(indices):
     raise DataError(f'no training images to calibrate on: the train split of {s.data.name} is '
                     f'empty; check config.data.')
-  held = [source[int(i)] for i in indices]
+  skipped = {}  # {name: reason}: the images that cannot be read or segmented, left out of all.
+  held = list(evaluate.Readable(data.Subset(source, indices), skipped))
   segmenter = native.segmenter(nets, s, batch_size=min(s.eval.batch_size, len(indices)))
   sweep = segmenter.sweep(plan)
   if not sweep:
     raise CheckpointError(f'nothing to sweep: config.calibrate.refine_counts={plan.refine_counts} '
                           f'has no count <= Np*Np for the trained Np {nps}, or '
                           f'calibrate.refine_fractions or calibrate.thresholds is empty.')
+
+  def measured(one) -> dict:
+    nonlocal held
+    result = measure(one, held, skipped)
+    held = [e for e in held if e['name'] not in skipped]  # The next measures go without them.
+    return result
+
   baseline = None
   if nets.baseline is not None:
-    e = measure(segmenter.only('baseline'), held)
+    e = measured(segmenter.only('baseline'))
     baseline = {k: e[k] for k in ('soft_dice', 'gflops', 'latency_ms')}
-  points = [{**point, **measure(segmenter.at(point), held)}
+  points = [{**point, **measured(segmenter.at(point))}
             for point in tqdm(sweep, desc='calibrate', unit='point', disable=not main)]
-  return _finish(s, workdir, plan, baseline, points, len(indices), main)
+  return _finish(s, workdir, plan, baseline, points, len(held), main, skipped)
 
 
 def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, num_images: int,
-            main: bool) -> dict:
-  """The front, the operating point, calibration.{json,csv,png} and the printout."""
+            main: bool, skipped: Optional[dict] = None) -> dict:
+  """The front, the operating point, calibration.{json,csv,png} and the printout; then a DataError
+  if images were `skipped` ({name: reason}: they are named in calibration.json)."""
   front = pareto_front(points)
   chosen = choose(points, None if baseline is None else baseline['soft_dice'], plan)
   result = {
@@ -203,7 +216,7 @@ def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, nu
       'resolution': s.spec.resolution, 'num_images': num_images,
       'holdout': {'fraction': plan.holdout, 'seed': s.seed, 'split': 'train',
                   'seen_in_training': seen_in_training(s, workdir)},
-      'geometry': s.spec.geometry(),
+      'geometry': s.spec.geometry(), 'skipped': skipped or {},
   }
   if main:
     paths = [os.path.join(workdir, f'calibration.{ext}') for ext in ('json', 'csv', 'png')]
@@ -226,4 +239,6 @@ def _finish(s: Settings, workdir: str, plan: CalibratePlan, baseline, points, nu
     print(report.format_table(rows, COLUMNS))
     print(_describe(chosen, baseline, plan))
     print('Wrote ' + ', '.join(paths))
+  evaluate.refuse_skipped(result['skipped'], num_images + len(result['skipped']),
+                          os.path.join(workdir, 'calibration.json'))
   return result

@@ -4,6 +4,7 @@ Imports only `errors` from iterseg and not jax, so any module can use it."""
 import contextlib
 import errno
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -85,23 +86,79 @@ def replaced_folder(folder):
   shutil.rmtree(old, ignore_errors=True)
 
 
+def is_number(v, low=None, high=None, low_open=False, high_open=False, whole=False) -> bool:
+  """Whether `v` is a finite number (an int if `whole`; not a bool) within the bounds given."""
+  if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)):
+    return False
+  return ((whole or math.isfinite(v)) and (low is None or v > low or (v == low and not low_open))
+          and (high is None or v < high or (v == high and not high_open)))
+
+
+def describe_number(low=None, high=None, low_open=False, high_open=False, whole=False) -> str:
+  """What is_number allows, for a message: 'a whole number >= 1', 'a finite number in (0, 1]'."""
+  kind = 'a whole number' if whole else 'a finite number'
+  if low is not None and high is not None:
+    return f'{kind} in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+  if low is not None:
+    return f'{kind} {">" if low_open else ">="} {low}'
+  return kind if high is None else f'{kind} <= {high}'
+
+
+class Rule:
+  """A field of `read_json`'s schema that no type says: `test(value)` holds, as `what` says."""
+
+  def __init__(self, test: Callable[[object], bool], what: str):
+    self.test, self.what = test, what
+
+
+def number(low=None, high=None, **bounds) -> Rule:
+  """The Rule of a finite number in the bounds (`is_number`'s: whole, low_open, high_open)."""
+  return Rule(lambda v: is_number(v, low, high, **bounds), describe_number(low, high, **bounds))
+
+
+_MISSING = object()
+COUNT, ABSENT = number(0, whole=True), Rule(lambda v: v is _MISSING, '')
+MAYBE = (None, ABSENT)  # A rule's alternatives where a field may be null or absent.
+_KINDS = {dict: 'an object', list: 'a list', str: 'a string', int: 'a whole number',
+          bool: 'true or false', float: 'a number', type(None): 'null', object: 'anything'}
+
+
+def invalid(value, rule, name: str = '') -> Optional[str]:
+  """Where `value` breaks `rule`, as 'name=value is not valid (what is)'; None where it holds. A
+  rule is a type, a `Rule`, {field: rule} (an object with these fields, others free), [rule] (a
+  list, each item so), or a tuple of rules (any one: (rule, *MAYBE): null or absent too)."""
+  rules = rule if isinstance(rule, tuple) else (rule,)
+  for one in rules:
+    if isinstance(one, dict) and isinstance(value, dict):
+      parts = [(f'{name}.{k}'.lstrip('.'), value.get(k, _MISSING), r) for k, r in one.items()]
+    elif isinstance(one, list) and isinstance(value, list):
+      parts = [(f'{name}[{i}]', v, one[0]) for i, v in enumerate(value)]
+    elif isinstance(one, Rule):
+      parts = None if one.test(value) else False
+    else:
+      kind = type(None) if one is None else one
+      parts = None if (isinstance(kind, type) and isinstance(value, kind) and
+                       not (type(value) is bool and kind in (int, float))) else False
+    if parts is not False:
+      return next(filter(None, (invalid(v, r, n) for n, v, r in parts or ())), None)
+  what = ' or '.join(r.what if isinstance(r, Rule) else _KINDS[type(r) if isinstance(
+      r, (dict, list)) else r or type(None)] for r in rules if r is not ABSENT)
+  return f'{name}={"(missing)" if value is _MISSING else repr(value)} is not valid ({what})'
+
+
 def read_json(path, fix: str, error=errors.Error, fields: Optional[dict] = None) -> dict:
-  """The JSON object in `path`, its `fields` ({name: type or tuple of types}) checked; `error` (an
-  iterseg.errors class) naming the file, what is wrong and `fix` if it is missing, truncated, not
-  an object, or a field is missing or of another type. The one reader of the JSON iterseg writes."""
+  """The JSON object in `path`, checked against the schema `fields` ({name: rule}, see `invalid`);
+  `error` (an iterseg.errors class), one line naming the file, what is wrong and `fix`, if it is
+  missing, truncated, not an object, or a field breaks its rule. The one reader of the JSON iterseg
+  writes."""
   try:
     with open(path) as f:
       saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError('not a JSON object')
-    for name, kinds in (fields or {}).items():
-      kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-      value = saved.get(name)
-      if name not in saved or not isinstance(value, kinds) or (
-          type(value) is bool and int in kinds):  # True is not a count.
-        raise ValueError(f'{name}={saved.get(name, "(missing)")!r} is not valid')
+    problem = invalid(saved, fields or {}) if isinstance(saved, dict) else 'not a JSON object'
+    if problem:
+      raise ValueError(problem)
   except (OSError, ValueError) as e:
-    raise error(f'{path} cannot be read ({" ".join(str(e).split())[:160]}): {fix}.') from e
+    raise error(f'{path} cannot be read ({" ".join(str(e).split())[:200]}): {fix}.') from e
   return saved
 
 

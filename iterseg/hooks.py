@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from iterseg import checkpoints, files
-from iterseg.errors import TrainingError
+from iterseg.errors import CheckpointError, TrainingError
 from iterseg.run import Run
 
 
@@ -129,20 +129,28 @@ class Profiler:
 
 
 def trim_metrics(workdir: str, name: str, step: int):
-  """Drops the metric lines of `name` after `step` (process 0 only), and any line cut short: a run
-  killed after its last checkpoint logged steps that the resumed run logs again."""
+  """Drops the metric lines of `name` after `step` (process 0 only), and a last line cut short: a
+  run killed after its last checkpoint logged steps that the resumed run logs again. Any other
+  line that is not a record {'network': str, 'step': count, ...} is a CheckpointError naming it."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   with open(path) as f:
     lines = f.readlines()
   keep = []
-  for line in lines:
+  for number, line in enumerate(lines, 1):
     try:
       record = json.loads(line)
-    except ValueError:  # The last line of a killed run may be cut short.
-      continue
-    if not (record.get('network') == name and record.get('step', 0) > step):
+      problem = (files.invalid(record, {'network': str, 'step': files.COUNT})
+                 if isinstance(record, dict) else 'not a JSON object')
+    except ValueError as e:
+      if number == len(lines) and not line.endswith('\n'):  # A killed run's last line, cut short.
+        continue
+      problem = ' '.join(str(e).split())[:160]
+    if problem:
+      raise CheckpointError(f'{path} line {number} cannot be read ({problem}): delete that line '
+                            f'(the log is not needed to resume) and rerun the same command.')
+    if not (record['network'] == name and record['step'] > step):
       keep.append(line if line.endswith('\n') else line + '\n')
   if keep != lines:
     files.atomic_write(path, lambda f: f.writelines(keep))

@@ -251,8 +251,8 @@ def check_fits(height: int, width: int, spec: Spec, *, decoded: bool = True,
     raise InputError(
         f'{size} needs about {needed / 2 ** 30:.1f} GB for its {channels}-class probabilities'
         f'{"" if decoded else " and its pixels"}, but {free / 2 ** 30:.1f} GB are free (enough for '
-        f'about {_mpx(fits)} at this width): free memory, or cut the image into parts of at most '
-        f'that many pixels.')
+        f'about {_mpx(fits)}): free memory, or cut the image into parts of at most '
+        f'{fits // width} rows of {width} px.')
 
 
 def _mpx(pixels: int) -> str:
@@ -665,7 +665,7 @@ class Square:
     return pipeline.eval_batches(examples, self.batch_size)
 
   def _arrays(self, batch):
-    self.padded = self.padded or len(batch['image'])
+    self.padded = max(self.padded or 0, len(batch['image']))  # A first batch short of a skip.
     return (jnp.asarray(pipeline.pad_batch(np.asarray(batch['image']), self.padded)),
             jnp.asarray(pipeline.pad_batch(np.asarray(batch['mask']), self.padded)))
 

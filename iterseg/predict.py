@@ -17,7 +17,7 @@ A folder is read non-recursively (so an output folder inside it is never read); 
 extension Pillow does not know are skipped. Output names never collide (`output_names`): a stem that
 two inputs share (a.png, a.jpg) gives way to the full file name (a_png, a_jpg), and a name still
 taken (by a_png.png, or a file differing only in case) gets a short hash of its file name. Each
-image's outputs take their final names only once all are complete.
+image's outputs are replaced whole or not at all (a full disk leaves its previous set).
 
 Memory stays bounded whatever the number of files: a few batches are read ahead and a few written
 behind. Ctrl-C or SIGTERM stops within about a second (the batch in flight is dropped), writes
@@ -134,8 +134,30 @@ def overlay(image: np.ndarray, mask: np.ndarray, boxes, alpha: float = 0.45) -> 
   return np.asarray(pil)
 
 
-def _tmp(path: Path) -> Path:
-  return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+def _tmp(path: Path, kind: str = 'tmp') -> Path:
+  return path.with_name(f'.{path.name}.{os.getpid()}.{kind}')
+
+
+def _replace_all(moves: dict) -> None:
+  """Renames every complete temporary file onto its path ({tmp: path}) as one: the files there are
+  renamed aside first, and on any failure the new ones are removed and the old ones put back."""
+  aside, placed = {}, []
+  try:
+    for path in moves.values():
+      if path.exists():
+        aside[path] = _tmp(path, 'old')
+        os.replace(path, aside[path])
+    for tmp, path in moves.items():
+      os.replace(tmp, path)
+      placed.append(path)
+  except BaseException:
+    for path in placed:
+      path.unlink()
+    for path, old in aside.items():
+      os.replace(old, path)
+    raise
+  for old in aside.values():
+    old.unlink()
 
 
 def output_paths(output: Path, stem: str, outputs: Sequence[str], binary: bool) -> dict:
@@ -150,9 +172,11 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
                  outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
                  stopped=None) -> Optional[dict]:
   """Writes the selected outputs of one image (result: {'probs', 'mask', 'boxes'}); returns {kind:
-  path}. All of them take their final names together, once every one is complete, so a failure
-  leaves the previous ones as they were. `stopped` is asked before each output: once it holds,
-  nothing is kept and None is returned (the image counts as not done)."""
+  path}. The set is replaced whole or not at all: each output is written to a temporary file, and
+  only once all are complete do they take their final names together (`_replace_all`); on any
+  failure the temporary files are removed and the previous set is left as it was. `stopped` is
+  asked before each output: once it holds, nothing is kept and None is returned (the image counts
+  as not done)."""
   probs, mask = result['probs'], result['mask']
   binary = probs.shape[-1] == 1
   paths = output_paths(output, stem, outputs, binary)
@@ -171,8 +195,7 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
         return None
       with open(tmps[kind], 'wb') as f:
         writers[kind](f)
-    for kind, p in paths.items():  # Only now do complete files take the final names.
-      os.replace(tmps[kind], p)
+    _replace_all({tmps[kind]: p for kind, p in paths.items()})
   finally:
     for t in tmps.values():
       if t.exists():
@@ -438,8 +461,8 @@ def write_summary(output: Path, part: dict, process: int, processes: int) -> str
   files.atomic_write_json(os.path.join(output, f'summary.{process}.json'), part)
   parts = [os.path.join(output, f'summary.{i}.json') for i in range(processes)]
   if all(os.path.exists(p) for p in parts):
-    fields = {'images': list, 'failed': int, 'skipped': int, 'total': int,
-              'compiles': (int, type(None))}
+    fields = {'images': [{'input': str}], 'failed': files.COUNT, 'skipped': files.COUNT,
+              'total': files.COUNT, 'interrupted': (str, None), 'compiles': (files.COUNT, None)}
     fix = ('delete it and run the same command again with --config.predict.skip_existing=True '
            '(only what is missing is segmented)')
     loaded = [files.read_json(p, fix, PredictError, fields) for p in parts]

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from iterseg import files
+from iterseg.errors import CheckpointError
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
@@ -47,6 +48,21 @@ def write_results(results: dict, workdir: str, name: str = 'results') -> list:
   files.atomic_write_json(json_path, results)
   write_csv(csv_path, results['rows'])
   return [json_path, csv_path] + plots.plot_all(results['rows'], workdir)
+
+
+ROW_SCHEMA = {'method': str, 'num_patches': (files.number(1, whole=True), None),
+              'soft_dice': files.number(0, 1)}
+RESULTS_SCHEMA = {'geometry': dict, 'rows': [ROW_SCHEMA]}
+
+
+def read_results(workdir: str) -> Optional[dict]:
+  """<workdir>/results.json as --mode=evaluate wrote it, checked (`RESULTS_SCHEMA`); None if there
+  is none; CheckpointError naming the file, the field and how to mend it if it is damaged."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  return files.read_json(path, 'run --mode=evaluate again to write it anew, or delete it',
+                         CheckpointError, RESULTS_SCHEMA)
 
 
 def find(rows: Sequence[dict], method: str, num_patches: Optional[int] = None) -> Optional[dict]:

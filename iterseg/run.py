@@ -14,20 +14,16 @@ import jax
 from absl import logging
 
 from iterseg import files, models, settings
-from iterseg.errors import CheckpointError
+from iterseg.errors import CheckpointError, SettingsError
 from iterseg.settings import Settings
 from iterseg.spec import GEOMETRY
 
-# The fields of an operating point, and what each may be (settings.is_number's bounds).
-_POINT_BOUNDS = {'num_patches': dict(low=1, whole=True), 'refine_count': dict(low=1, whole=True),
-                 'refine_fraction': dict(low=0, high=1, low_open=True), 'threshold': dict(low=0)}
-POINT_FIELDS = tuple(_POINT_BOUNDS)
-
-
-def _read_json(path: str, fix: str, key: Optional[str] = None):
-  """The JSON object in `path` (or its `key`); CheckpointError naming it and `fix` if unreadable."""
-  saved = files.read_json(path, fix, CheckpointError, {key: object} if key else None)
-  return saved if key is None else saved[key]
+# An operating point, as files.read_json checks it; a field null or absent is the config's.
+POINT_SCHEMA = {'num_patches': files.number(1, whole=True),
+                'refine_count': (files.number(1, whole=True), *files.MAYBE),
+                'refine_fraction': (files.number(0, 1, low_open=True), *files.MAYBE),
+                'threshold': (files.number(0), *files.MAYBE)}
+POINT_FIELDS = tuple(POINT_SCHEMA)
 
 
 class Run:
@@ -51,8 +47,12 @@ class Run:
     if not os.path.exists(path):
       raise CheckpointError(f'{path} not found: {self.workdir} is not a trained workdir (run '
                             f'`python launch.py --mode=train --workdir={self.workdir}` first).')
-    return settings.from_json(_read_json(path, 'restore it from a backup, or delete the workdir '
-                                         'and train again'))
+    fix = 'restore it from a backup, or delete the workdir and train again'
+    saved = files.read_json(path, fix, CheckpointError)
+    try:
+      return settings.from_json(saved)
+    except SettingsError as e:  # A field of another type or out of range: the file is named.
+      raise CheckpointError(f'{path} cannot be read ({e}): {fix}.') from e
 
   def save_settings(self, s: Settings) -> None:
     """config.json (process 0 only)."""
@@ -80,11 +80,13 @@ class Run:
     """CheckpointError unless `current` agrees with the run's settings on what the weights depend
     on (spec.GEOMETRY)."""
     ours, theirs = current.spec.geometry(), (saved or self.settings()).spec.geometry()
-    for field in GEOMETRY:
-      if ours[field] != theirs[field]:
-        raise CheckpointError(
-            f'config.{field}={ours[field]!r} but the networks in {self.workdir} were trained with '
-            f'{theirs[field]!r}: use the training config (or --config.{field}={theirs[field]!r}).')
+    differ = [field for field in GEOMETRY if ours[field] != theirs[field]]
+    if differ:
+      field, more = differ[0], f' ({len(differ) - 1} more fields differ)' if differ[1:] else ''
+      flags = ' '.join(f'--config.{f}={theirs[f]!r}' for f in differ)
+      raise CheckpointError(
+          f'config.{field}={ours[field]!r} but the networks in {self.workdir} were trained with '
+          f'{theirs[field]!r}{more}: use the training config (or {flags}).')
 
   def steps(self, name: str) -> list:
     """The complete checkpoint steps of network `name`, unsorted."""
@@ -119,11 +121,8 @@ class Run:
     if not os.path.exists(plan):
       return step, None
     fix = 'rerun --mode=train with the same config (it writes it again and resumes)'
-    total = _read_json(plan, fix, 'total_steps')
-    if not settings.is_number(total, 0, whole=True):
-      raise CheckpointError(f'{plan} cannot be read (total_steps={total!r} is not a count of '
-                            f'steps): {fix}.')
-    return step, total
+    return step, files.read_json(plan, fix, CheckpointError, {'total_steps': files.COUNT})[
+        'total_steps']
 
   def check_finished(self, names, *, strict: bool) -> list:
     """The networks among `names` whose training stopped before its planned step (or never made a
@@ -153,21 +152,13 @@ class Run:
       return None
     redo = (f"run --mode=calibrate again, or delete {path} to use the config's Np, refine_count "
             f'and threshold')
-    point = _read_json(path, redo, 'operating_point')
+    point = files.read_json(path, redo, CheckpointError,
+                            {'operating_point': (None, POINT_SCHEMA)})['operating_point']
     if point is None:
       return None
-    if not isinstance(point, dict):
-      raise CheckpointError(f'{path}: operating_point is {point!r}, not an object: {redo}.')
-    out = {}
-    for field, bounds in _POINT_BOUNDS.items():
-      value = point.get(field)
-      if value is not None or field == 'num_patches':
-        if not settings.is_number(value, **bounds):
-          raise CheckpointError(f'{path}: operating_point.{field}={value!r} is not valid '
-                                f'({settings.describe_number(**bounds)}): {redo}.')
-        value = int(value) if bounds.get('whole') else float(value)
-      out[field] = value
-    return out
+    out = {k: point.get(k) for k in POINT_FIELDS}
+    return dict(out, **{k: float(out[k]) for k in ('refine_fraction', 'threshold')
+                        if out[k] is not None})
 
   def inference_settings(self, s: Optional[Settings] = None, num_patches: Optional[int] = None,
                          *, fallback: bool = True) -> Settings:

@@ -15,7 +15,6 @@ for its type, its range (as its dataclass field declares: spec.checked) and its 
 import dataclasses
 import difflib
 import functools
-import math
 import os
 from typing import Optional
 
@@ -23,6 +22,7 @@ import ml_collections
 
 from iterseg.configs import default as default_config
 from iterseg.errors import SettingsError
+from iterseg.files import describe_number, is_number
 from iterseg.plans import (NETWORKS, BenchmarkPlan, CalibratePlan, DataSpec, EvalPlan, ExportPlan,
                            PredictPlan, TrainPlan)
 from iterseg.spec import SCORES, Spec, check_spec, config_field, score_range
@@ -138,24 +138,6 @@ def complete(config) -> ml_collections.ConfigDict:
                         f'field).')
   flat.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
   return ml_collections.ConfigDict(_unflatten(flat))
-
-
-def is_number(v, low=None, high=None, low_open=False, high_open=False, whole=False) -> bool:
-  """Whether `v` is a finite number (an int if `whole`; not a bool) within the bounds given."""
-  if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)):
-    return False
-  return ((whole or math.isfinite(v)) and (low is None or v > low or (v == low and not low_open))
-          and (high is None or v < high or (v == high and not high_open)))
-
-
-def describe_number(low=None, high=None, low_open=False, high_open=False, whole=False) -> str:
-  """What is_number allows, for a message: 'a whole number >= 1', 'a finite number in (0, 1]'."""
-  kind = 'a whole number' if whole else 'a finite number'
-  if low is not None and high is not None:
-    return f'{kind} in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
-  if low is not None:
-    return f'{kind} {">" if low_open else ">="} {low}'
-  return kind if high is None else f'{kind} <= {high}'
 
 
 def _fail(field: str, value, valid: str):

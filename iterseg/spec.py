@@ -129,14 +129,23 @@ def score_range(score: str, num_classes: int) -> float:
   return {'entropy': math.log(classes), 'distance': 1.0 - 1.0 / classes}.get(score, 1.0)
 
 
+def _fits(spec: Spec) -> bool:
+  try:
+    return bool(check_spec(spec))
+  except SettingsError:
+    return False
+
+
 def check_spec(spec: Spec) -> Spec:
   """The relations between the geometry fields of one Spec (SettingsError naming the field)."""
   hi, n = spec.hi_size, spec.num_patches
   if hi % n:
-    divisors = [d for d in range(1, min(hi, 64) + 1) if hi % d == 0]
+    fit = [d for d in range(1, min(hi, 64) + 1) if hi % d == 0 and _fits(dataclasses.replace(
+        spec, num_patches=d, refine_count=d if spec.refine_count == n else spec.refine_count))]
     raise SettingsError(
         f'config.hi_size={hi} is not divisible by num_patches (Np)={n}: patches must tile the '
-        f'image. Pick Np among the divisors of {hi} (e.g. {divisors[-6:]}) or change hi_size.')
+        f'image. Pick Np among the divisors of {hi} that fit the other fields (e.g. {fit[-6:]}) or '
+        f'change hi_size.')
   if not 0 < spec.refine_count <= n * n:
     raise SettingsError(f'config.refine_count={spec.refine_count} is not valid: it must be in '
                         f'[1, Np*Np={n * n}] for Np={n}.')

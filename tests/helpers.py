@@ -98,3 +98,23 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
   lines = re.findall(r'^iterseg: error: .*$', result.stderr, re.MULTILINE)
   assert len(lines) == 1, result.stderr[-3000:]
   return lines[0]
+
+
+def unreadable(monkeypatch, bad: int, split: str = 'test'):
+  """Makes data.load_split's example `bad` of `split` fail to read, as a damaged record of a
+  prepared dataset does (data.Examples: a DataError naming it)."""
+  from iterseg import data  # pylint: disable=g-import-not-at-top
+  from iterseg.errors import DataError  # pylint: disable=g-import-not-at-top
+  load_split = data.load_split
+
+  class Damaged(data.Subset):
+    def __getitem__(self, index):
+      if self.indices[index] == bad:
+        raise DataError(f'example {bad} of the prepared dataset cannot be read (zlib error). '
+                        f'Delete that folder and run again: it is prepared anew.')
+      return super().__getitem__(index)
+
+  def damaged(spec, which):
+    source = load_split(spec, which)
+    return Damaged(source, range(len(source))) if which == split else source
+  monkeypatch.setattr(data, 'load_split', damaged)

@@ -1,10 +1,9 @@
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
-
-import shutil
 
 from iterseg import benchmark, evaluate, inference, methods, settings
 from tests.helpers import save_random_networks, tiny
@@ -55,14 +54,23 @@ def test_benchmark_rows_are_consistent(tiny_benchmark):
         'gflops_per_image']
 
 
-def test_the_measured_latency_meets_the_dice_of_results_json(random_workdir, tmp_path):
+def test_the_measured_latency_meets_the_dice_of_results_json(random_workdir, tmp_path, capsys):
   config, workdir = random_workdir
   workdir = shutil.copytree(workdir, tmp_path / 'run')
   s = settings.from_config(config)
-  evaluate.run(s, str(workdir))
   rows = [{'method': 'baseline', 'num_patches': None, 'batch_size': 1, 'latency_ms': 5.0},
           {'method': 'two_stage', 'num_patches': 4, 'batch_size': 1, 'latency_ms': 1.0},
           {'method': 'two_stage', 'num_patches': 4, 'batch_size': 2, 'latency_ms': 0.7}]
+  # A damaged results.json is one line naming the file, the field and how to mend it; the plot
+  # alone is left out.
+  (workdir / 'results.json').write_text(json.dumps(
+      {'geometry': s.spec.geometry(), 'rows': [{'method': 'baseline', 'num_patches': None,
+                                                'soft_dice': 'high'}]}))
+  assert benchmark.plot_with_dice(rows, s, str(workdir)) is None
+  (line,) = capsys.readouterr().out.splitlines()
+  assert (f'iterseg: warning: {workdir / "results.json"} cannot be read (rows[0].soft_dice=\'high\''
+          f' is not valid' in line and 'run --mode=evaluate again' in line)
+  evaluate.run(s, str(workdir))  # What the line says.
   path = benchmark.plot_with_dice(rows, s, str(workdir))
   assert path == str(workdir / 'tradeoff_latency.png')
   assert (workdir / 'tradeoff_latency.png').read_bytes()[:4] == b'\x89PNG'

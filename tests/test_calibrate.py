@@ -87,7 +87,7 @@ def test_operating_point_reads_calibration_json(tmp_path):
     ('{"operating_point": ', 'cannot be read'),  # Truncated mid-write: never silently ignored.
     ('[1, 2]', 'cannot be read'),
     (json.dumps({'operating_point': {'num_patches': 2, 'refine_fraction': 1.5}}),
-     r'operating_point.refine_fraction=1.5 is not valid \(a finite number in \(0, 1\]\)'),
+     r'operating_point.refine_fraction=1.5 is not valid \(a finite number in \(0, 1\] or null\)'),
     (json.dumps({'operating_point': {'num_patches': '4', 'refine_count': 2}}),
      "operating_point.num_patches='4' is not valid"),
     (json.dumps({'operating_point': {'num_patches': 4, 'refine_count': 0}}),

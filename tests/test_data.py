@@ -1,6 +1,7 @@
 """The dataset builders on tiny fixtures in the official layouts: counts, splits, masks, sizes, errors."""
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -116,6 +117,37 @@ def test_a_prepared_dataset_without_its_dataset_info_is_named_and_deleting_it_re
   assert '\n' not in str(e.value) and str(folder) in str(e.value)
   shutil.rmtree(folder)  # Doing what it says works.
   assert len(data.load_split(config, 'train')) + len(data.load_split(config, 'test')) == 4
+
+
+def _edit_json(name, **fields):
+  def edit(folder):
+    path = folder / name
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+  return edit
+
+
+@pytest.mark.parametrize('damage, words', [
+    (lambda folder: (folder / 'dataset_info.json').write_text('{"splits": ['),
+     'dataset_info.json cannot be read (Expecting value'),  # Truncated: a TFDS ParseError before.
+    (_edit_json('metadata.json', fg_percent='17'), "metadata.json cannot be read (fg_percent='17' "
+                                                   'is not valid (a finite number in [0, 100]))'),
+    (_edit_json('metadata.json', fg_percent=-5.0), 'fg_percent=-5.0 is not valid'),
+    (lambda folder: (folder / 'metadata.json').unlink(), 'metadata.json cannot be read ([Errno 2]'),
+    (_edit_json('dataset_info.json', splits=[]), "dataset_info.json cannot be read (no split 'test')"),
+], ids=['info-truncated', 'fg-mistyped', 'fg-out-of-range', 'metadata-missing', 'no-splits'])
+def test_a_damaged_prepared_dataset_names_the_file_and_the_field_and_deleting_it_recovers(
+    tmp_path, damage, words):
+  manual = fixtures.write_ph2(tmp_path / 'raw', num_cases=4)
+  config = fixtures.config(tmp_path / 'tfds', 'ph2', manual)
+  folder = Path(data.prepare(config)['path'])
+  damage(folder)
+  for step in (lambda: data.prepare(config), lambda: data.load_split(config, 'train')):
+    with pytest.raises(data.DataError) as e:
+      step()
+    assert words in str(e.value) and '\n' not in str(e.value)
+    assert f'delete {folder} and run again with config.data.manual_dir set' in str(e.value)
+  shutil.rmtree(folder)  # Doing what it says works.
+  assert data.prepare(config)['train'] + data.prepare(config)['test'] == 4
 
 
 def test_data_prepared_from_another_folder_is_never_read_for_this_one(tmp_path, capsys):

@@ -11,6 +11,7 @@ import shutil
 from iterseg import (checkpoints, errors, evaluate, inference, methods, metrics, native, plots,
                      report, settings)
 from iterseg.run import Run
+from tests import helpers
 from tests.helpers import save_random_networks, tiny
 
 
@@ -269,3 +270,22 @@ def test_field_of_view_metrics_and_error_images_at_each_image_s_size(tmp_path):
                           (pred & truth, 'true_positive')):
       if where.any():
         assert (drawn[where] == report.ERROR_COLOURS[colour]).all()
+
+
+def test_an_example_that_cannot_be_read_is_skipped_named_and_the_others_evaluated(
+    random_workdir, tmp_path, monkeypatch, capsys):
+  """One bad input never stops evaluate: the example is named with its reason in results.json and
+  in a line, the others are evaluated (a first batch one short included), and the exit status says
+  so (a DataError after everything is written)."""
+  config, workdir = random_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  helpers.unreadable(monkeypatch, bad=0)  # The first batch (eval.batch_size 2) is one short.
+  with pytest.raises(errors.DataError, match=r'^1 of 5 images could not be read or segmented and '
+                     r'were skipped \(listed above and in .*results.json\), e.g. example 0: '
+                     r'example 0 of the prepared dataset cannot be read') as e:
+    evaluate.run(settings.from_config(config), str(workdir))
+  assert '\n' not in str(e.value)
+  assert '  skipped example 0: example 0 of the prepared' in capsys.readouterr().out
+  saved = json.loads((workdir / 'results.json').read_text())
+  assert list(saved['skipped']) == ['example 0'] and saved['num_images'] == 4
+  assert len(saved['names']) == 4 and len(saved['per_image']['two_stage_np4']['soft_dice']) == 4

@@ -149,9 +149,12 @@ def test_an_export_that_fails_half_way_leaves_the_previous_one_whole(exported, t
   assert json.loads((folder / 'model.json').read_text())['operating_point']['refine_count'] == 5
   (tmp_path / 'mine').mkdir()
   (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
-  with pytest.raises(errors.SettingsError, match='holds other files .*notes.txt'):
+  with pytest.raises(errors.SettingsError, match='holds other files .*notes.txt.*choose a new or '
+                     'empty folder'):
     export.export(nets, s, str(tmp_path / 'mine'))
   assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep me'
+  export.export(nets, s, str(tmp_path / 'new'))  # What the line says.
+  assert sorted(os.listdir(tmp_path / 'new')) == ['model.json', 'params.npz', 'two_stage.jax']
 
 
 def test_a_native_config_is_not_exported(tmp_path):

@@ -105,3 +105,39 @@ def test_a_replaced_folder_is_the_new_set_or_the_old_one_never_a_mix(tmp_path, m
     with files.replaced_folder(folder) as tmp:
       (pathlib.Path(tmp) / 'c').write_text('3')
   assert sorted(p.name for p in folder.iterdir()) == ['a'] and sorted(os.listdir(tmp_path)) == ['out']
+
+
+SCHEMA = {'total': files.COUNT, 'name': str, 'point': (None, {'fraction': files.number(0, 1)}),
+          'rows': [{'dice': (files.number(0, 1), *files.MAYBE)}]}
+
+
+@pytest.mark.parametrize('content, words', [
+    ('{"total": 3, "name": "a", "point": null, "rows": [{}]}', None),
+    ('{"total": 3, "name": "a", "point": null, "rows": [{"dice": 0.5}]', 'Expecting'),  # Truncated.
+    ('', 'Expecting value'),  # Empty: a write that never began.
+    ('[]', 'not a JSON object'),
+    ('{"total": "3", "name": "a", "point": null, "rows": []}',
+     "total='3' is not valid (a whole number >= 0)"),
+    ('{"total": true, "name": "a", "point": null, "rows": []}', 'total=True is not valid'),
+    ('{"total": -1, "name": "a", "point": null, "rows": []}', 'total=-1 is not valid'),
+    ('{"total": 3, "point": null, "rows": []}', 'name=(missing) is not valid (a string)'),
+    ('{"total": 3, "name": "a", "point": {"fraction": 1.5}, "rows": []}',
+     'point.fraction=1.5 is not valid (a finite number in [0, 1])'),
+    ('{"total": 3, "name": "a", "point": 7, "rows": []}', 'point=7 is not valid (null or an object)'),
+    ('{"total": 3, "name": "a", "point": null, "rows": [{"dice": NaN}]}',
+     'rows[0].dice=nan is not valid (a finite number in [0, 1] or null)'),
+], ids=['valid', 'truncated', 'empty', 'not-an-object', 'mistyped', 'a-bool-for-a-count',
+        'out-of-range', 'missing', 'nested-out-of-range', 'neither-alternative', 'nan-in-a-list'])
+def test_read_json_checks_each_field_against_its_schema_in_one_line(tmp_path, content, words):
+  path = tmp_path / 'plan.json'
+  path.write_text(content)
+  if words is None:
+    assert files.read_json(path, 'rerun it', errors.CheckpointError, SCHEMA)['total'] == 3
+    return
+  with pytest.raises(errors.CheckpointError) as e:
+    files.read_json(path, 'rerun it', errors.CheckpointError, SCHEMA)
+  message = str(e.value)
+  assert message.startswith(f'{path} cannot be read (') and message.endswith('): rerun it.')
+  assert words in message and '\n' not in message
+  with pytest.raises(errors.CheckpointError, match=r'No such file'):  # Missing.
+    files.read_json(tmp_path / 'gone.json', 'rerun it', errors.CheckpointError, SCHEMA)

@@ -112,3 +112,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_keeping_the_last_goo
   assert helpers.complete_steps(tmp_path, 'stage1') == [2]
   steps = [json.loads(line)['step'] for line in open(tmp_path / 'metrics.jsonl')]
   assert max(steps) == 3  # Step 4's line comes after its checkpoint, which failed.
+  assert 'free space or fix the permissions, then rerun the same command to resume' in message
+  monkeypatch.undo()  # Space freed: the same command resumes from step 2 and finishes.
+  train.train_network(s, str(tmp_path), 'stage1', source=source)
+  assert helpers.complete_steps(tmp_path, 'stage1')[-1] == 6
+  steps = [json.loads(line)['step'] for line in open(tmp_path / 'metrics.jsonl')]
+  assert steps == list(range(1, 7))  # Steps 3 logged once: the log was trimmed to step 2.

@@ -150,7 +150,7 @@ def test_evaluate_gives_each_process_its_share_and_writes_the_merged_results_onc
   outputs = finish(start_cluster(flags, subprocess_env), timeout=240)
   merged = json.loads((two / 'results.json').read_text())
   assert merged['num_images'] == one['num_images'] == len(one['names']) and (
-      merged['names'] == one['names'])
+      merged['names'] == one['names']) and merged['skipped'] == one['skipped'] == {}
   for key, values in one['per_image'].items():
     assert len(merged['per_image'][key]['seconds']) == len(values['seconds'])  # Timed: not equal.
     for metric, expected in values.items():

@@ -15,6 +15,7 @@ from PIL import Image
 from iterseg import errors, evaluate, inference, models, native, predict, settings
 from iterseg.data import pipeline, synthetic
 from iterseg.run import Run
+from tests import helpers
 from tests.helpers import save_random_networks, set_fields, tiny
 
 
@@ -396,3 +397,42 @@ def test_a_stop_is_honoured_after_stage_1_between_bands_and_between_chunks(answe
   asked.clear()
   whole = model.two_stage(image, refine_fraction=0.2, stop=lambda: asked.append(1) and False)
   assert whole is not None and len(asked) == 1 + 2 + 4
+
+
+def test_evaluate_skips_an_image_above_max_pixels_and_raising_the_limit_as_said_evaluates_it(
+    native_workdir, tmp_path):
+  """An image the native method refuses (above native.max_pixels) is skipped, named with its reason
+  in results.json, the others are evaluated and the exit status says so; doing what the reason
+  says (raise the limit to the number it names) evaluates every image."""
+  config, workdir = native_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  config = set_fields(config.copy_and_resolve_references(), **{  # Test: 95 x 125 and 106 x 91.
+      'data.num_examples': 8, 'data.data_dir': str(tmp_path / 'tfds'), 'native.max_pixels': 10_000})
+  with pytest.raises(errors.DataError, match=r'^1 of 2 images could not be read or segmented .*'
+                     r'e.g. synthetic/00001: an image of 95 x 125 .* above config.native.max_pixels'
+                     ) as e:
+    evaluate.run(settings.from_config(config), str(workdir))
+  saved = json.loads((workdir / 'results.json').read_text())
+  assert saved['names'] == ['synthetic/00005'] and list(saved['skipped']) == ['synthetic/00001']
+  at_least = int(re.search(r'raise it to at least (\d+)', str(e.value)).group(1))
+  config.native.max_pixels = at_least  # What the line says.
+  results = evaluate.run(settings.from_config(config), str(workdir))
+  assert results['names'] == ['synthetic/00001', 'synthetic/00005'] and not results['skipped']
+
+
+def test_calibrate_leaves_out_an_image_it_cannot_read_or_segment_and_names_both(
+    native_workdir, tmp_path, monkeypatch):
+  from iterseg import calibrate  # pylint: disable=g-import-not-at-top
+  config, workdir = native_workdir
+  workdir = shutil.copytree(workdir, tmp_path / 'run')
+  config = set_fields(config.copy_and_resolve_references(), **{  # Held out: train 3, 4 and 5.
+      'data.num_examples': 8, 'data.data_dir': str(tmp_path / 'tfds'), 'native.max_pixels': 15_000,
+      'calibrate.refine_fractions': (0.25, 1.0), 'calibrate.holdout': 0.5})
+  helpers.unreadable(monkeypatch, bad=5, split='train')
+  with pytest.raises(errors.DataError, match=r'^2 of 3 images could not be read or segmented .*'
+                     r'calibration.json'):
+    calibrate.run(settings.from_config(config), str(workdir))
+  saved = json.loads((workdir / 'calibration.json').read_text())
+  assert sorted(saved['skipped']) == ['example 5', 'synthetic/00004']  # 130 x 139 px.
+  assert 'above config.native.max_pixels=15000' in saved['skipped']['synthetic/00004']
+  assert saved['num_images'] == 1 and len(saved['points']) == 2

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -91,20 +92,73 @@ def test_multiclass_outputs_are_class_ids_and_an_npy_of_probabilities(tmp_path):
   assert paths['probs'].endswith('x_probs.npy')
 
 
-def test_a_failed_write_keeps_the_previous_good_outputs(tmp_path, monkeypatch):
+def _fail_at_the_second(monkeypatch, phase: str):
+  """Makes the second output file of an image fail with a full disk, while it is written (a PNG
+  encoder's write) or while it takes its final name (the rename)."""
+  calls = []
+  disk_full = OSError(errno.ENOSPC, 'No space left on device')
+  if phase == 'writing':
+    real_save = Image.Image.save
+
+    def save(image, fp, *args, **kwargs):
+      calls.append(fp)
+      if len(calls) == 2:
+        raise disk_full
+      return real_save(image, fp, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, 'save', save)
+  else:
+    real_replace = os.replace
+
+    def replace(src, dst):
+      calls.extend([src] if str(src).endswith('.tmp') else [])
+      if len(calls) == 2 and str(src).endswith('.tmp'):
+        raise disk_full
+      return real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', replace)
+
+
+@pytest.mark.parametrize('phase', ['writing', 'renaming'])
+def test_a_failure_at_the_second_output_keeps_the_previous_set_whole(tmp_path, monkeypatch, phase):
+  """One image's outputs are replaced whole or not at all: a failure at its second file, while it
+  is written or while it is renamed into place, leaves the previous set and no temporary file."""
   probs = np.full((6, 6, 1), 0.9, np.float32)
   good = {'probs': probs, 'mask': np.ones((6, 6), np.uint8), 'boxes': [(0, 0, 3, 3)]}
   image = np.zeros((6, 6, 3), np.uint8)
   paths = predict.save_outputs(tmp_path, 'x', image, good)
   before = {k: Path(p).read_bytes() for k, p in paths.items()}
-
-  def broken(*args, **kwargs):
-    raise OSError('disk full')
-  monkeypatch.setattr(predict, 'overlay', broken)
-  with pytest.raises(OSError, match='disk full'):
+  _fail_at_the_second(monkeypatch, phase)
+  with pytest.raises(OSError, match='No space left'):
     predict.save_outputs(tmp_path, 'x', image, dict(good, probs=probs * 0, mask=good['mask'] * 0))
   assert {k: Path(p).read_bytes() for k, p in paths.items()} == before
   assert sorted(os.listdir(tmp_path)) == ['x_mask.png', 'x_overlay.png', 'x_prob.png']
+  monkeypatch.undo()
+  predict.save_outputs(tmp_path, 'x', image, dict(good, probs=probs * 0, mask=good['mask'] * 0))
+  assert all(Path(p).read_bytes() != before[k] for k, p in paths.items())  # Then replaced whole.
+
+
+def test_a_full_disk_at_one_image_is_one_line_and_keeps_its_previous_outputs(trained_tiny, tmp_path,
+                                                                             monkeypatch):
+  config, root = trained_tiny
+  rng = np.random.default_rng(0)
+  for name in ('a.png', 'b.png'):
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+  out = tmp_path / 'out'
+  run_predict(config, root / 'run', input=str(tmp_path), output=str(out))
+  before = {p.name: p.read_bytes() for p in out.glob('b_*')}
+  Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / 'b.png')
+  real_save = Image.Image.save
+
+  def save(image, fp, *args, **kwargs):  # b's second output meets a full disk.
+    if 'b_prob.png' in str(getattr(fp, 'name', fp)):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_save(image, fp, *args, **kwargs)
+  monkeypatch.setattr(Image.Image, 'save', save)
+  with pytest.raises(errors.PredictError) as e:
+    run_predict(config, root / 'run', input=str(tmp_path), output=str(out))
+  assert str(e.value).endswith(f'b.png: cannot write its outputs to {out} (disk full)')
+  assert '\n' not in str(e.value)
+  assert {p.name: p.read_bytes() for p in out.glob('b_*')} == before
+  assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == []
 
 
 def test_a_stop_while_saving_keeps_nothing_half_written(tmp_path):
@@ -336,17 +390,27 @@ def test_an_image_above_pillows_decompression_limit_is_one_failed_record_and_the
     assert Path(by_name[name]['mask']).exists()
 
 
-def test_a_damaged_summary_part_is_one_line_and_doing_what_it_says_merges(tmp_path):
-  """Every file read back is checked: a part of another process's summary truncated mid-write is
-  named with what to do, never merged silently or shown as a traceback."""
-  part = {'images': [{'input': 'b.png'}], 'failed': 0, 'skipped': 0, 'total': 1,
-          'interrupted': None, 'compiles': 3}
-  (tmp_path / 'summary.1.json').write_text('{"images": [')
+PART = {'images': [{'input': 'b.png'}], 'failed': 0, 'skipped': 0, 'total': 1, 'interrupted': None,
+        'compiles': 3}
+
+
+@pytest.mark.parametrize('content, words', [
+    ('{"images": [', 'Expecting value'),  # Truncated mid-write.
+    (json.dumps(dict(PART, failed='0')), "failed='0' is not valid (a whole number >= 0)"),
+    (json.dumps(dict(PART, total=-1)), 'total=-1 is not valid'),
+    (json.dumps(dict(PART, images=[{'mask': 'b_mask.png'}])), 'images[0].input=(missing)'),
+    (json.dumps({k: v for k, v in PART.items() if k != 'interrupted'}), 'interrupted=(missing)')],
+    ids=['truncated', 'mistyped', 'out-of-range', 'a-record-without-input', 'a-field-missing'])
+def test_a_damaged_summary_part_is_one_line_and_doing_what_it_says_merges(tmp_path, content, words):
+  """Every file read back is checked: a part of another process's summary truncated mid-write, or
+  with a field of another type or out of range, is named with what to do, never merged silently or
+  shown as a traceback."""
+  (tmp_path / 'summary.1.json').write_text(content)
   with pytest.raises(errors.PredictError, match=r'summary.1.json cannot be read .*delete it') as e:
-    predict.write_summary(tmp_path, dict(part, images=[{'input': 'a.png'}]), 0, 2)
-  assert '\n' not in str(e.value)
+    predict.write_summary(tmp_path, dict(PART, images=[{'input': 'a.png'}]), 0, 2)
+  assert '\n' not in str(e.value) and words in str(e.value)
   (tmp_path / 'summary.1.json').unlink()  # What the line says: the rerun writes that part again.
-  predict.write_summary(tmp_path, dict(part, images=[{'input': 'a.png'}]), 0, 2)
-  predict.write_summary(tmp_path, part, 1, 2)
+  predict.write_summary(tmp_path, dict(PART, images=[{'input': 'a.png'}]), 0, 2)
+  predict.write_summary(tmp_path, PART, 1, 2)
   merged = json.loads((tmp_path / 'summary.json').read_text())
   assert [r['input'] for r in merged['images']] == ['a.png', 'b.png'] and merged['total'] == 2

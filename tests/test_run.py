@@ -34,3 +34,23 @@ def test_a_run_knows_its_networks_its_settings_and_its_plan(tmp_path):
   assert run.settings() == settings.from_config(config)
   assert run.progress('stage2_np4') == (1, None)  # No plan.json: nothing was planned.
   assert json.loads((tmp_path / 'config.json').read_text())['hi_size'] == 64
+
+
+@pytest.mark.parametrize('damage, words', [
+    (lambda text: text[:len(text) // 2], 'cannot be read (Expecting'),  # Truncated mid-write.
+    (lambda text: text.replace('"width": 4', '"width": "4"'), "config.model.width='4' is not valid"),
+    (lambda text: text.replace('"hi_size": 64', '"hi_size": -64'), 'config.hi_size=-64 is not valid')],
+                         ids=['truncated', 'mistyped', 'out-of-range'])
+def test_a_damaged_config_json_names_the_file_and_the_field_and_its_backup_mends_it(tmp_path, damage,
+                                                                                    words):
+  run = Run(tmp_path)
+  run.save_settings(settings.from_config(tiny()))
+  backup = (tmp_path / 'config.json').read_text()
+  (tmp_path / 'config.json').write_text(damage(backup))
+  with pytest.raises(errors.CheckpointError, match='restore it from a backup') as e:
+    run.settings()
+  message = str(e.value)
+  assert message.startswith(f'{tmp_path / "config.json"} cannot be read (') and words in message
+  assert '\n' not in message
+  (tmp_path / 'config.json').write_text(backup)  # What the line says.
+  assert run.settings() == settings.from_config(tiny())

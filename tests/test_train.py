@@ -123,3 +123,25 @@ def test_a_rerun_resumes_at_the_saved_step(tmp_path, source):
   assert steps_logged(workdir, 'stage1') == [1, 2, 3, 4]
   jax.tree.map(np.testing.assert_array_equal, params, again)
   assert sorted(os.listdir(Run(workdir).network_dir('stage1'))) == ['2', '4', 'plan.json']
+
+
+@pytest.mark.parametrize('bad', ['{"network": "stage1", "st', '[1]',
+                                 '{"network": "stage1", "step": "3"}'],
+                         ids=['cut-short', 'not-a-record', 'mistyped-step'])
+def test_a_damaged_line_of_the_log_is_named_and_deleting_it_trims_the_log(tmp_path, bad):
+  """metrics.jsonl is read back when training resumes (its steps after the checkpoint dropped): a
+  damaged line is named, never dropped silently nor a traceback, except a killed run's last line."""
+  from iterseg import errors, hooks  # pylint: disable=g-import-not-at-top
+  good = [json.dumps({'network': 'stage1', 'step': i, 'loss': 1.0}) + '\n' for i in (1, 2, 3)]
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(good[0] + bad + '\n' + good[1] + good[2])
+  with pytest.raises(errors.CheckpointError, match=r'metrics.jsonl line 2 cannot be read \(.*\): '
+                     r'delete that line') as e:
+    hooks.trim_metrics(str(tmp_path), 'stage1', 2)
+  assert '\n' not in str(e.value)
+  path.write_text(good[0] + good[1] + good[2])  # What the line says.
+  hooks.trim_metrics(str(tmp_path), 'stage1', 2)
+  assert path.read_text() == good[0] + good[1]
+  path.write_text(good[0] + good[1][:12])  # A run killed while writing its last line.
+  hooks.trim_metrics(str(tmp_path), 'stage1', 2)
+  assert path.read_text() == good[0]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from iterseg import lock
+from iterseg import files, lock
 from iterseg.errors import DataError
 from iterseg.plans import DATASETS
 
@@ -44,12 +44,40 @@ def make_builder(spec):
   kwargs = dict(data_dir=_expand(spec.data_dir), file_format='array_record',
                 manual_dir=spec.manual_dir)
   config = cls.config_from(spec)
-  builder = cls(config=config, **kwargs)
+  builder = _opened(cls, config, kwargs, spec)
   if not cls.SOURCE_FILES:
     return builder
   name = (f'{config.name}_src{builder.source_fingerprint()}' if spec.manual_dir
           else _the_prepared_one(builder))
-  return cls(config=dataclasses.replace(config, name=name), **kwargs)
+  return _opened(cls, dataclasses.replace(config, name=name), kwargs, spec)
+
+
+_COUNT = (files.COUNT, files.Rule(lambda v: isinstance(v, str) and v.isdecimal(), 'digits'))
+_INFO_SCHEMA = {'splits': [{'name': str, 'shardLengths': [_COUNT]}]}  # TFDS's JSON of a proto.
+_METADATA_SCHEMA = {'fg_percent': files.number(0, 100),
+                    'ambiguous_mask_pixels': (files.COUNT, *files.MAYBE),
+                    'bad_cases': ({}, *files.MAYBE)}  # {name: reason}
+
+
+def _opened(cls, config, kwargs: dict, spec):
+  """cls(config=config, **kwargs), its prepared dataset's dataset_info.json and metadata.json (TFDS
+  reads them as the builder starts) checked first: DataError naming the file, the field and how
+  to recover."""
+  folder = os.path.join(kwargs['data_dir'], cls.name, config.name, str(cls.VERSION))
+  if os.path.isfile(os.path.join(folder, 'dataset_info.json')):  # Prepared (TFDS writes it last).
+    fix = _recover(spec, folder)
+    info = files.read_json(os.path.join(folder, 'dataset_info.json'), fix, DataError, _INFO_SCHEMA)
+    missing = sorted(set(SPLITS) - {split['name'] for split in info['splits']})
+    if missing:
+      raise DataError(f'{folder}/dataset_info.json cannot be read (no split {missing[0]!r}): '
+                      f'{fix}.')
+    files.read_json(os.path.join(folder, 'metadata.json'), fix, DataError, _METADATA_SCHEMA)
+  return cls(config=config, **kwargs)
+
+
+def _recover(spec, folder: str) -> str:
+  how = '' if spec.name == 'synthetic' else ' with config.data.manual_dir set to the raw files'
+  return f'delete {folder} and run again{how}: it is prepared anew'
 
 
 def _sources(root: str, name: str) -> list[str]:
@@ -151,8 +179,7 @@ def load_split(spec, split: str) -> Examples:
     prepare(spec)
     builder = make_builder(spec)
   folder = str(builder.data_dir)
-  how = '' if spec.name == 'synthetic' else ' with config.data.manual_dir set to the raw files'
-  recover = f'Delete that folder and run again{how}: it is prepared anew.'
+  recover = _recover(spec, 'that folder').capitalize() + '.'
   for path in builder.info.splits[split].filepaths:
     if not os.path.isfile(path) or not os.path.getsize(path):
       raise DataError(f'the prepared dataset {folder} is incomplete: {path} is missing or empty. '

@@ -59,9 +59,20 @@ def open_image(path: Path) -> Image.Image:
   path = Path(path)
   with _reading(path):
     gzipped = path.suffix.lower() == '.gz'
-    image = Image.open(io.BytesIO(gzip.decompress(path.read_bytes())) if gzipped else path)
+    data = gzip.decompress(path.read_bytes()) if gzipped else None
+    image = Image.open(io.BytesIO(data) if gzipped else path)
+    _check_declared(image, len(data) if gzipped else path.stat().st_size)
     image.load()  # Pillow decodes lazily: force it here so a truncated file fails with its name.
   return image
+
+
+def _check_declared(image: Image.Image, size: int) -> None:
+  """ValueError if a PNG's header declares more than its `size` bytes can hold (each row a filter
+  byte and at least a bit a pixel, deflated at most 1032:1): Pillow would allocate the declared
+  size (a 60-byte file can claim 65 M rows: 0.5 GB of row pointers) before finding data missing."""
+  if image.format == 'PNG' and image.height * (1 + -(-image.width // 8)) > 1032 * size:
+    raise ValueError(f'its header declares {image.width} x {image.height} pixels, more than its '
+                     f'{size} bytes can hold: it is truncated or forged')
 
 
 def orientation(image: Image.Image) -> int:

@@ -35,14 +35,18 @@ def check_batch_size(batch_size: int, num_examples: int, processes: int | None =
   processes = jax.process_count() if processes is None else processes
   devices = jax.local_device_count() if devices is None else devices
   split = processes * devices
+  most = num_examples // split * split  # The largest batch that splits and that the examples fill.
+  where = f'{processes} process(es) x {devices} local device(s)'
+  if not most:
+    raise SettingsError(f'the {num_examples} training examples cannot give each of the {split} '
+                        f'devices ({where}) an image: add training examples.')
   if batch_size < 1 or batch_size % split:
-    low = max(split, batch_size // split * split)
-    raise SettingsError(
-        f'config.train.batch_size={batch_size} does not split evenly over {processes} process(es) '
-        f'x {devices} local device(s): use a multiple of {split} (e.g. {low} or {low + split}).')
+    near = sorted({min(max(split, batch_size // split * split + d), most) for d in (0, split)})
+    raise SettingsError(f'config.train.batch_size={batch_size} does not split evenly over {where}: '
+                        f'use a multiple of {split} (e.g. {" or ".join(map(str, near))}).')
   if batch_size > num_examples:
     raise SettingsError(f'config.train.batch_size={batch_size} is larger than the {num_examples} '
-                        f'training examples: lower it to at most {num_examples}.')
+                        f'training examples: lower it to at most {most}.')
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -185,7 +189,10 @@ def _stack(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {key: np.stack([e[key] for e in examples]) for key in ('image', 'mask')}
 
 
-def _stack_eval(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+def _stack_eval(examples: Sequence[dict[str, Any] | None]) -> dict[str, np.ndarray] | None:
+  examples = [e for e in examples if e is not None]  # None: an example that could not be read.
+  if not examples:
+    return None  # grain drops it.
   return dict(_stack(examples),
               original_size=np.stack([np.asarray(e['original_size'], np.int32) for e in examples]),
               name=np.array([str(e['name']) for e in examples]))
@@ -195,7 +202,8 @@ def eval_batches(source: Sequence[dict[str, Any]], batch_size: int, *, prefetch:
                  num_workers: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """All examples in source order, no shuffling, last partial batch kept, no device axis (one host).
   Each item: {'image': uint8 [b, H, W, 3], 'mask': uint8 [b, H, W], 'original_size': int32 [b, 2]
-  (height, width), 'name': str array [b]}, b <= batch_size; read ahead as in `batches`."""
+  (height, width), 'name': str array [b]}, b <= batch_size (less the examples that are None: a
+  source's way to say one could not be read); read ahead as in `batches`."""
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False, batch_fn=_stack_eval)
