@@ -14,7 +14,6 @@ test_predict.py::test_outputs_have_the_size_of_each_input_whatever_its_mode).
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image

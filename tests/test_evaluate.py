@@ -223,7 +223,6 @@ def test_a_corrupt_config_json_is_named(tmp_path):
 
 
 def test_evaluate_refuses_an_unwritable_workdir_before_computing(tmp_path):
-  from iterseg import files  # pylint: disable=g-import-not-at-top
   (tmp_path / 'file').write_text('not a folder')
   with pytest.raises(errors.WriteError, match='cannot write to'):
     evaluate.run(settings.from_config(tiny()), str(tmp_path / 'file' / 'run'))

@@ -293,7 +293,6 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(trained_tiny, tm
   config, root = trained_tiny
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'a.png')
   (tmp_path / 'file').write_text('a file, not a folder')
-  from iterseg import files  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.WriteError, match='cannot write to .*file'):
     run_predict(config, root / 'run', input=str(tmp_path), output=str(tmp_path / 'file' / 'out'))
 

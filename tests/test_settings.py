@@ -158,7 +158,8 @@ def test_every_field_survives_the_round_trip_with_a_value_other_than_its_default
       'calibrate.holdout': 0.3, 'calibrate.refine_counts': (1, 2), 'calibrate.thresholds': (0.1,),
       'calibrate.target': 'latency', 'calibrate.max_dice_drop': 0.02,
       'calibrate.latency_budget_ms': 5.0, 'calibrate.refine_fractions': (0.1, 0.4),
-      'benchmark.native_sides': (128, 256), 'ablation.features': ('halo',),
+      'benchmark.native_sides': (128, 256), 'benchmark.slide_sides': (512,), 'train.gamma': 0.3,
+      'ablation.features': ('halo',),
       'export.batch_size': 2, 'export.platforms': ('cuda',), 'export.output': '/x',
       'benchmark.peak_tflops': 100.0, 'benchmark.train': True}
   defaults = settings.known_fields()
