@@ -62,7 +62,8 @@ def test_no_module_imports_one_above_it():
     for other in iterseg_imports(path) - {module}:
       assert RANK.get(other, -1) < RANK[module], f'{module} imports {other}, which is not below it'
   for path in sorted((package / 'data').glob('*.py')):
-    assert iterseg_imports(path) <= {'data', 'plans', 'spec', 'settings', 'errors', 'lock', 'files'}, path
+    assert iterseg_imports(path) <= {'data', 'plans', 'spec', 'settings', 'errors', 'lock',
+                                     'files'}, path
 
 
 def test_every_imported_package_is_declared():
