@@ -46,7 +46,7 @@ def listed(message: str, after: str) -> list:
   return list(ast.literal_eval(literal.group(0) if literal else f'({rest.rstrip(".")},)'))
 
 
-# --- The config ------------------------------------------------------------------------------------
+# --- The config -----------------------------------------------------------------------------------
 
 
 def test_choose_one_of_the_configs_modes_and_datasets_listed():
@@ -117,7 +117,7 @@ def test_the_batch_sizes_it_suggests_split_over_the_devices_and_fit_the_examples
     pipeline.check_batch_size(int(suggested), examples, 1, devices)
 
 
-# --- Inference --------------------------------------------------------------------------------------
+# --- Inference ------------------------------------------------------------------------------------
 
 
 def test_the_statistics_of_the_trained_run_from_load_and_a_trained_np(tmp_path):
@@ -166,7 +166,7 @@ def test_native_num_patches_left_out_and_an_image_cut_into_the_rows_that_fit(mon
     native.check_fits(len(image[top:top + rows]), 100, s.spec)
 
 
-# --- Files and folders ------------------------------------------------------------------------------
+# --- Files and folders ----------------------------------------------------------------------------
 
 
 def test_another_folder_when_one_cannot_be_written_or_replaced(tmp_path, monkeypatch):
@@ -210,7 +210,7 @@ def test_predict_input_set_to_a_file_or_a_folder_of_images(tmp_path):
   assert predict.list_inputs(str(image.parent)) == predict.list_inputs(str(image)) == [image]
 
 
-# --- Data -------------------------------------------------------------------------------------------
+# --- Data -----------------------------------------------------------------------------------------
 
 
 def test_a_damaged_split_deleted_as_said_is_prepared_anew(data_dir, tmp_path):
@@ -240,7 +240,7 @@ def test_the_raw_files_set_as_manual_dir_prepare_a_dataset(tmp_path):
   assert stats['train'] + stats['test'] == 4
 
 
-# --- A workdir --------------------------------------------------------------------------------------
+# --- A workdir ------------------------------------------------------------------------------------
 
 
 def test_training_as_the_messages_say_mends_a_workdir(trained, data_dir, capsys):
@@ -259,7 +259,8 @@ def test_training_as_the_messages_say_mends_a_workdir(trained, data_dir, capsys)
   assert checkpoints.load_network(str(trained), 'stage1', settings.from_config(config))
   shutil.rmtree(trained / 'checkpoints' / 'stage1')
   message = advice(errors.CheckpointError, lambda: iterseg.load(str(trained)))
-  for folder in re.search(r'delete (.*) too and rerun `--mode=train`', message).group(1).split(', '):
+  named = re.search(r'delete (.*) too and rerun `--mode=train`', message).group(1)
+  for folder in named.split(', '):
     shutil.rmtree(folder)
   cli.run('train', config, str(trained))
   params, _ = iterseg.load(str(trained))

@@ -133,7 +133,8 @@ def _edit_json(name, **fields):
                                                    'is not valid (a finite number in [0, 100]))'),
     (_edit_json('metadata.json', fg_percent=-5.0), 'fg_percent=-5.0 is not valid'),
     (lambda folder: (folder / 'metadata.json').unlink(), 'metadata.json cannot be read ([Errno 2]'),
-    (_edit_json('dataset_info.json', splits=[]), "dataset_info.json cannot be read (no split 'test')"),
+    (_edit_json('dataset_info.json', splits=[]),
+     "dataset_info.json cannot be read (no split 'test')"),
 ], ids=['info-truncated', 'fg-mistyped', 'fg-out-of-range', 'metadata-missing', 'no-splits'])
 def test_a_damaged_prepared_dataset_names_the_file_and_the_field_and_deleting_it_recovers(
     tmp_path, damage, words):
