@@ -248,7 +248,8 @@ def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[
 
 def _slide_overlay(path: Path, pred, mask_path: str, spec) -> None:
   """The overlay of a slide at 1 / d (d = f * preview_step): the stage-1 thumbnail, the mask's
-  pyramid level at d (strided, as the levels are), the refined tiles outlined."""
+  pyramid level at d (strided, as the levels are), the refined tiles outlined where they are at
+  least 4 px."""
   import tifffile  # pylint: disable=g-import-not-at-top
   image, d = pred.preview, spec.downscale * pred.stats['preview_step']
   with tifffile.TiffFile(mask_path) as tif:
@@ -256,9 +257,9 @@ def _slide_overlay(path: Path, pred, mask_path: str, spec) -> None:
     mask = levels[min(round(math.log2(d)), len(levels) - 1)].asarray()
   h, w = min(len(image), len(mask)), min(image.shape[1], mask.shape[1])
   mask = (mask[:h, :w] > 0).astype(np.uint8) if spec.num_classes == 1 else mask[:h, :w]
-  t = spec.patch_size / d
+  t = spec.patch_size / d  # Tiles under 4 px at this scale would hide the image: not outlined.
   boxes = [(int(r * t), int(c * t), int((r + 1) * t), int((c + 1) * t))
-           for r, c in zip(*np.nonzero(pred.refined))]
+           for r, c in zip(*np.nonzero(pred.refined))] if t >= 4 else []
   files.atomic_write(path, lambda f: Image.fromarray(overlay(image[:h, :w], mask, boxes)).save(
       f, format='PNG'), 'wb')
 
