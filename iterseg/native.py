@@ -365,7 +365,9 @@ class NativeModel:
       (low, scores, order), flops = self.stage1(self.nets.stage1, jnp.asarray(padded), size)
     else:
       probs, flops = self._windows(source, h, w, bh, bw)
-      (low, scores, order), rank_flops = self.rank(jnp.asarray(probs), size)
+      probs = jnp.asarray(probs)  # The host copy is let go before ranking makes `low`.
+      (low, scores, order), rank_flops = self.rank(probs, size)
+      del probs
       flops += rank_flops
     low = np.asarray(low)  # Small: the image / f^2.
     return low, (scores, order), h, w, time.perf_counter() - start, flops
