@@ -12,11 +12,10 @@ import shutil
 import sys
 import tempfile
 
-# Tiny networks make the suite compile-bound: LLVM's optimisation level 0 compiles ~25 % faster (the
-# XLA graph and its numerics are the same; only the machine code is less optimised).
+from tests.launch_runs import COMPILE_FLAGS  # noqa: E402  (imports nothing that reads them)
+
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4'
-                           ' --xla_backend_optimization_level=0').strip()
+                           f' --xla_force_host_platform_device_count=4 {COMPILE_FLAGS}').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The CPU client runs each device's part of a pmapped step, and the launches of the next steps, on one
 # pool of max(cores, devices) threads: one per device on a machine of <= 4 cores. When the host is 32
