@@ -40,6 +40,18 @@ from tests import helpers, launch_runs  # noqa: E402
 _WORKER = 'PYTEST_XDIST_WORKER' in os.environ
 
 
+def pytest_collection_modifyitems(config, items):
+  """The tests of the session's trained `reference` run first, then those of `random_workdir`, each
+  group in collection order. `--dist worksteal` (pyproject.toml) gives each worker a contiguous
+  half of this order and steals from the end of a queue, so each group runs on one worker, which
+  makes its fixture once (the reference training is ~10 s of CPU)."""
+  del config
+  def group(item):
+    names = getattr(item, 'fixturenames', ())
+    return 0 if 'reference' in names else 1 if 'random_workdir' in names else 2
+  items[:] = sorted(items, key=group)  # Stable: the collection order within each group.
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
