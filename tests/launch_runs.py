@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# XLA flags of every process the suite starts (tests/conftest.py adds the fake devices). Tiny networks
-# make the suite compile-bound, and these only change how fast XLA's CPU compiler works: LLVM at
-# optimisation level 0 (~25 % faster) and XLA's elemental fusion emitters instead of its newer MLIR
-# ones (~45 % faster: 28.6 -> 14.9 s of compiling for test_models.py and test_inference.py). The
-# graph is the same; a process with other flags may differ in the last bits, so processes whose
-# results are compared with each other take these.
+# XLA flags of every process the suite starts (tests/conftest.py adds the fake devices). Tiny
+# networks make the suite compile-bound, and these only change how fast XLA's CPU compiler works:
+# LLVM at optimisation level 0 (~25 % faster) and XLA's elemental fusion emitters instead of its
+# newer MLIR ones (~45 % faster: 28.6 -> 14.9 s of compiling for test_models.py and
+# test_inference.py). The graph is the same; a process with other flags may differ in the last
+# bits, so processes whose results are compared with each other take these.
 COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 STAGE1_STEPS, STAGE2_STEPS = 4, 6  # 11 training images, global batch 4: 2 steps per epoch.
 TINY_RUN = {
