@@ -5,15 +5,17 @@ launch.py subprocesses), one prepared synthetic dataset, one tiny trained workdi
 one workdir of random networks. Tests that change a workdir copy it first (`trained`).
 """
 
+import atexit
+import gc
 import os
 import shutil
+import sys
 import tempfile
 
-# Tiny networks make the suite compile-bound: LLVM's optimisation level 0 compiles ~25 % faster (the
-# XLA graph and its numerics are the same; only the machine code is less optimised).
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4'
-                           ' --xla_backend_optimization_level=0').strip()
+from tests import launch_runs  # noqa: E402  (imports nothing that reads the variables below)
+
+_FLAGS = f'--xla_force_host_platform_device_count=4 {launch_runs.COMPILE_FLAGS}'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAGS}".strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The CPU client runs each device's part of a pmapped step, and the launches of the next steps, on one
 # pool of max(cores, devices) threads: one per device on a machine of <= 4 cores. When the host is 32
@@ -32,17 +34,55 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402  (after XLA_FLAGS, before anything imports jax)
 
-from tests import helpers, launch_runs  # noqa: E402
+# tests.helpers (jax, orbax) is imported where a fixture needs it: an xdist controller runs no test,
+# and importing it there delayed the workers' start by ~3 s.
 
 
+_WORKER = 'PYTEST_XDIST_WORKER' in os.environ
+
+
+def pytest_collection_modifyitems(config, items):
+  """The tests of the session's trained `reference` run first, then those of `random_workdir`, each
+  group in collection order. `--dist worksteal` (pyproject.toml) gives each worker a contiguous
+  half of this order and steals from the end of a queue, so each group runs on one worker, which
+  makes its fixture once (the reference training is ~10 s of CPU)."""
+  del config
+  def group(item):
+    names = getattr(item, 'fixturenames', ())
+    return 0 if 'reference' in names else 1 if 'random_workdir' in names else 2
+  items[:] = sorted(items, key=group)  # Stable: the collection order within each group.
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  if 'PYTEST_XDIST_WORKER' not in os.environ:  # The controller (or a run without xdist).
+  if _WORKER:
+    # What runs after the last test (the terminal summary's imports, pytest's final gc pass) no
+    # longer walks the hundreds of thousands of objects that compiling left: 1-3 s per worker.
+    gc.freeze()
+  else:  # The controller (or a run without xdist).
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+  """An xdist worker ends without JAX's exit handler (it clears every compiled function: 2-5 s on
+  a worker, which the controller waits for). Registered last, it runs first, once the worker has
+  reported everything; a worker's exit status is not read (the controller reads its reports)."""
+  del config
+  if _WORKER:
+    atexit.register(_exit_now)
+
+
+def _exit_now():
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 @pytest.fixture
 def tiny_config():
+  from tests import helpers  # pylint: disable=g-import-not-at-top
   return helpers.tiny()
 
 
@@ -80,6 +120,7 @@ def trained(reference, tmp_path):
 def random_workdir(tmp_path_factory, data_dir):
   """A workdir of random networks as training leaves them: tiny(), stage 2 at Np 2 and 4, the
   baseline; data in the session's data_dir (16 synthetic images). Read only."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
   config = helpers.tiny(**{'data.num_examples': 16, 'data.data_dir': str(data_dir),
                            'eval.batch_size': 2})
   return config, helpers.save_random_networks(config, tmp_path_factory.mktemp('random') / 'run')

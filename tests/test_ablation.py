@@ -4,7 +4,6 @@ folder from copies of the networks it does not touch, all evaluated on the same 
 import json
 
 import numpy as np
-import pytest
 
 from iterseg import ablation, settings
 from iterseg.data.synthetic import make_synthetic_example
@@ -32,7 +31,6 @@ def test_ablation_reports_an_inference_feature_off_and_on_without_training(data_
               'plan.json').exists()  # Inference only: nothing trained.
 
 
-@pytest.mark.slow  # Retrains stage 2: beyond the suite's time budget.
 def test_ablation_retrains_what_a_training_feature_changes(data_dir, tmp_path):
   workdir, rows = _ablate(data_dir, tmp_path, ('stage2_init',))
   assert rows[('stage2_init', 'off')]['workdir'] == str(workdir)  # The configured variant.

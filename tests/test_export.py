@@ -15,6 +15,7 @@ import pytest
 import iterseg
 from iterseg import benchmark, cli, errors, export, models, settings, state, train
 from tests.helpers import save_random_networks, set_fields, tiny
+from tests.launch_runs import COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +103,8 @@ def test_the_readme_serving_example_needs_only_jax_and_numpy_and_gives_infer_s_p
              'exec(open("serve.py").read())\n')
   result = subprocess.run([sys.executable, '-c', wrapper], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH='', JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+                          env=dict(os.environ, PYTHONPATH='', JAX_PLATFORMS='cpu',
+                                   XLA_FLAGS=COMPILE_FLAGS))  # One device.
   assert result.returncode == 0, result.stderr[-3000:]
   images = np.zeros((2, 64, 64, 3), np.uint8)  # What the example feeds.
   params, _ = iterseg.load(str(root / 'run'))

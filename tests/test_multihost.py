@@ -31,7 +31,7 @@ def start_cluster(flags, subprocess_env) -> list:
   process_allgather, the pmapped step); compiled afresh they pass (jax 0.10.2 passed either way).
   """
   env = dict(subprocess_env, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-                                          '--xla_backend_optimization_level=0',
+                                          + launch_runs.COMPILE_FLAGS,
              JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', JAX_ENABLE_COMPILATION_CACHE='false')
   return [subprocess.Popen(launch_runs.command(*flags, f'--process_id={i}'), cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from tests.launch_runs import COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 # The dependency line, bottom first (README "How the code is laid out"): a module may import only
@@ -126,7 +127,7 @@ def test_the_readme_library_example_runs_from_an_empty_folder_after_a_wheel_inst
       'iterseg.get_config = small',
       'runpy.run_path("example.py", run_name="__main__")'])
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  env.update(PYTHONPATH=str(site), JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env.update(PYTHONPATH=str(site), JAX_PLATFORMS='cpu', XLA_FLAGS=COMPILE_FLAGS)  # One device.
   result = subprocess.run([sys.executable, '-c', check], cwd=empty, env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

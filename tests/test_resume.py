@@ -14,8 +14,7 @@ from tests.launch_runs import STAGE1_STEPS, STAGE2_STEPS
 
 
 @pytest.mark.parametrize('kill_at, survivors', [
-    pytest.param('stage1:3', {'stage1': [[], [2]], 'stage2_np4': [[]]},  # Step 2 may still be
-                 marks=pytest.mark.slow),  # being written. (Slow: the suite's time budget.)
+    ('stage1:3', {'stage1': [[], [2]], 'stage2_np4': [[]]}),  # Step 2 may still be being written.
     ('stage2_np4:4', {'stage1': [[2, 4]], 'stage2_np4': [[2], [2, 4]]}),  # While step 4 is written.
 ])
 def test_a_killed_training_resumes_to_the_bits_of_an_uninterrupted_one(
