@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 
-from tests import launch_runs  # noqa: E402  (imports nothing that reads the variables below)
+from tests import launch_runs  # Imports no jax: the variables below are set before jax reads them.
 
 _FLAGS = f'--xla_force_host_platform_device_count=4 {launch_runs.COMPILE_FLAGS}'
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAGS}".strip()
