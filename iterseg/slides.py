@@ -26,6 +26,7 @@ from pathlib import Path
 import shutil
 import threading
 from typing import Iterator, Optional
+import zlib
 
 import numpy as np
 
@@ -177,7 +178,7 @@ class TiffSource:
     data = os.pread(self.fd, count, offset) if count else None
     try:
       segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-    except (ValueError, NotImplementedError, RuntimeError) as e:
+    except (ValueError, NotImplementedError, RuntimeError, zlib.error) as e:  # Codecs' errors.
       raise DataError(f'cannot decode {self.path} (tile {index} of level {level}): {e}') from e
     segment = (np.zeros((sh, sw, 3), np.uint8) if segment is None else
                np.asarray(segment).reshape(shape[1], shape[2], -1))
@@ -279,7 +280,6 @@ def _encode(tiles, compression: str, workers: int = 2) -> list:
   """Each uint8 tile [T, T(, S)] encoded as TIFF segment bytes (zlib: deflate; jpeg: quality 90);
   a tile of zeros (a mask's background) is encoded once."""
   if compression == 'zlib':
-    import zlib  # pylint: disable=g-import-not-at-top
     fn = lambda t: zlib.compress(np.ascontiguousarray(t).tobytes(), 1)
   else:
     import imagecodecs  # pylint: disable=g-import-not-at-top
