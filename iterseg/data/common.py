@@ -42,16 +42,18 @@ def _reading(path: Path):
   """DataError naming `path` when it is missing, or when reading it in the block fails."""
   if not Path(path).is_file():
     raise DataError(f'missing file: {path}')
+  message = None
   try:
     yield
-  except Image.DecompressionBombError as e:
-    raise DataError(
-        f'cannot read image {path}: it is above Pillow\'s limit against decompression bombs '
-        f'({Image.MAX_IMAGE_PIXELS} pixels; Pillow decodes a whole image at once). Convert it to a tiled pyramidal TIFF, which '
-        f'resolution=native reads a tile at a time (e.g. `vips tiffsave {path} out.tif --tile '
-        f'--pyramid --compression=jpeg --bigtiff`).') from e
+  except Image.DecompressionBombError:
+    message = (f'it is above Pillow\'s limit against decompression bombs ({Image.MAX_IMAGE_PIXELS} '
+               f'pixels; Pillow decodes a whole image at once). Convert it to a tiled pyramidal '
+               f'TIFF, which resolution=native reads a tile at a time (e.g. `vips tiffsave {path} '
+               f'out.tif --tile --pyramid --compression=jpeg --bigtiff`).')
   except (OSError, ValueError, EOFError, SyntaxError) as e:
-    raise DataError(f'cannot read image {path}: {e}') from e
+    message = str(e)
+  if message is not None:  # Raised here, not in the handler: the failed decode (its frames and
+    raise DataError(f'cannot read image {path}: {message}')  # buffers) is let go at once.
 
 
 def open_image(path: Path) -> Image.Image:
