@@ -935,8 +935,7 @@ def slide_cases(model: NativeModel, sides, folder: Optional[str] = None) -> list
     def run(method):
       source = slides.TiffSource(path)
       out = Path(folder) / f'slide_{side}_{method}_mask.ome.tif'
-      sink = slides.SlideSink(out, side, side, {'method': method}, rows=model.band_rows)
-      shutil.rmtree(sink.partial)  # Afresh: never resumed.
+      shutil.rmtree(out.with_name(out.name + '.partial'), ignore_errors=True)  # Never resumed.
       sink = slides.SlideSink(out, side, side, {'method': method}, rows=model.band_rows)
       pred = model.run(method, source, sink)
       sink.close()

@@ -19,6 +19,7 @@ benchmark are written with it, never held in RAM).
 
 import collections
 from concurrent import futures
+import itertools
 import json
 import math
 import os
@@ -377,17 +378,12 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
     with tifffile.TiffWriter(f, bigtiff=True, ome=True) as tif:
       options = dict(tile=(tile, tile), dtype=np.uint8, compression=compression,
                      photometric='rgb' if channels[0] else 'minisblack')
-      tif.write(_chain(head, tiles), shape=shape(0), subifds=levels, metadata=metadata, **options)
+      tif.write(itertools.chain([head], tiles), shape=shape(0), subifds=levels, metadata=metadata, **options)
       for level in range(1, levels + 1):
         tif.write(iter(lower[level - 1]), shape=shape(level), subfiletype=1, metadata=None,
                   **options)
 
   files.atomic_write(path, write, 'wb')
-
-
-def _chain(head, rest):
-  yield head
-  yield from rest
 
 
 class MemorySink:
