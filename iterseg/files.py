@@ -7,7 +7,9 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
+import socket
 from typing import Callable, IO, Optional
 
 from iterseg import errors
@@ -22,8 +24,7 @@ def atomic_write(path, write: Callable[[IO], None], mode: str = 'w', *, fsync: b
   if mode not in ('w', 'wb'):
     raise ValueError(f"atomic_write: mode must be 'w' or 'wb', not {mode!r}")
   path = os.fspath(path)
-  folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+  folder, tmp = os.path.dirname(path), temporary(path)
   text = {} if mode == 'wb' else {'encoding': 'utf-8', 'newline': ''}
   try:
     with open(tmp, mode, **text) as f:
@@ -55,35 +56,100 @@ def atomic_write_json(path, obj, indent: Optional[int] = 1, *, fsync: bool = Fal
   atomic_write_text(path, json.dumps(obj, indent=indent) + '\n', fsync=fsync)
 
 
+def temporary(path, kind: str = 'tmp') -> str:
+  """A hidden sibling name for `path` owned by this process: `.<name>.<host>-<pid>.<kind>`."""
+  folder, name = os.path.split(os.fspath(path))
+  return os.path.join(folder, f'.{name}.{_OWNER}.{kind}')
+
+
+_OWNER = f'{socket.gethostname().replace(".", "_")}-{os.getpid()}'
+_LEFT = re.compile(r'^\.(.+)\.([^.]+)-(\d+)\.(tmp|old|journal)$')  # What `temporary` names.
+
+
+def replace_all(moves: dict) -> None:
+  """Renames each complete temporary (a file or a folder) onto its path ({tmp: path}), as one set:
+  the paths there are renamed aside first and deleted at the end. A journal naming the moves is
+  written before the first rename, so a set that a kill cut in two is completed by `recover` (the
+  next write into the folder); any other failure puts the previous set back and re-raises."""
+  moves = {os.fspath(t): os.fspath(p) for t, p in moves.items()}
+  first = next(iter(moves.values()))
+  journal = temporary(first, 'journal')
+  atomic_write_json(journal, [[t, p, temporary(p, 'old')] for t, p in moves.items()], fsync=True)
+  placed = []
+  try:
+    for tmp, path in moves.items():
+      if os.path.lexists(path):
+        os.replace(path, temporary(path, 'old'))
+      os.replace(tmp, path)
+      placed.append(path)
+  except BaseException:
+    for path in placed:
+      _remove(path)
+    for path in moves.values():
+      if os.path.lexists(temporary(path, 'old')):
+        os.replace(temporary(path, 'old'), path)
+    os.unlink(journal)
+    raise
+  for path in moves.values():
+    _remove(temporary(path, 'old'))
+  os.unlink(journal)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.unlink(path)
+
+
+def recover(folder) -> None:
+  """Finishes in `folder` what processes of this host that died (`kill -9`) left: each journal's
+  set is completed (`replace_all`), and their temporaries are deleted. A live process's are left."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  host = _OWNER.rsplit('-', 1)[0]
+  try:
+    names = sorted(os.listdir(folder), key=lambda n: not n.endswith('.journal'))
+  except FileNotFoundError:
+    return
+  for name in names:
+    m = _LEFT.match(name)
+    if not m or m[2] != host or psutil.pid_exists(int(m[3])):
+      continue
+    path = os.path.join(folder, name)
+    if m[4] == 'journal' and os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        moves = json.load(f)
+      for tmp, target, old in moves:
+        if os.path.lexists(tmp):
+          if os.path.lexists(target) and not os.path.lexists(old):
+            os.replace(target, old)
+          os.replace(tmp, target)
+      for _, _, old in moves:
+        _remove(old)
+    _remove(path)
+
+
 @contextlib.contextmanager
 def replaced_folder(folder):
   """A result of several files written whole or not at all: yields a sibling temporary folder to
-  write them into; once the block ends without error, it takes `folder`'s place (the previous one
-  is renamed aside, then deleted). On any error the temporary folder is deleted and `folder` is
-  left as it was: the previous complete set, never a mix."""
+  write them into; once the block ends without error, it takes `folder`'s place (`replace_all`).
+  On any error the temporary folder is deleted and `folder` is left as it was: the previous
+  complete set, never a mix, even after a kill (what it left is completed on the next call)."""
   folder = os.path.abspath(os.fspath(folder))
-  parent, name = os.path.split(folder)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.{name}.{os.getpid()}.tmp')
-  old = os.path.join(parent, f'.{name}.{os.getpid()}.old')
-  for leftover in (tmp, old):
-    shutil.rmtree(leftover, ignore_errors=True)
+  os.makedirs(os.path.dirname(folder), exist_ok=True)
+  recover(os.path.dirname(folder))
+  tmp = temporary(folder)
+  _remove(tmp)
   os.makedirs(tmp)
   try:
     yield tmp
     try:
-      if os.path.exists(folder):
-        os.rename(folder, old)
-      os.rename(tmp, folder)
+      replace_all({tmp: folder})
     except OSError as e:  # A mount point or a busy folder cannot be renamed.
       raise WriteError(f'cannot replace {folder} with the new files ({describe_os_error(e)}): '
                        f'choose a folder inside it, or one that is not a mount point.') from e
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.exists(old) and not os.path.exists(folder):
-      os.rename(old, folder)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
+  finally:
+    _remove(tmp)
 
 
 def is_number(v, low=None, high=None, low_open=False, high_open=False, whole=False) -> bool:

@@ -32,10 +32,12 @@ import zlib
 import numpy as np
 
 from iterseg import files
+from iterseg.data import common
 from iterseg.errors import DataError
 
 TIFF_SUFFIXES = ('.tif', '.tiff', '.btf', '.tf8', '.svs')
 TILE = 512  # Side of the tiles iterseg writes.
+SEGMENT_BYTES = 2 ** 28  # The largest file tile or strip read (as RGB): 256 MB.
 
 
 def thumbnail(image: np.ndarray, factor: int) -> np.ndarray:
@@ -137,13 +139,18 @@ class TiffSource:
       raise DataError(f'cannot read TIFF {path}: {e}') from e
     page = self.levels[0]
     self.height, self.width = int(page.imagelength), int(page.imagewidth)
-    for level in self.levels:
+    for i, level in enumerate(self.levels):
       if level.dtype != np.uint8 or level.samplesperpixel not in (1, 3, 4) or (
           level.samplesperpixel > 1 and level.planarconfig != 1) or level.imagedepth != 1:
         raise DataError(f'cannot read TIFF {path}: iterseg reads 8-bit grey, RGB or RGBA images '
                         f'with interleaved samples; this one has dtype {level.dtype}, '
                         f'{level.samplesperpixel} samples, planar config {level.planarconfig}. '
                         f'Convert it, e.g. with tifffile or vips.')
+      sh, sw, _ = self._grid(i)
+      if min(sh, level.imagelength) * min(sw, level.imagewidth) * 3 > SEGMENT_BYTES:
+        raise DataError(f'cannot read TIFF {path}: its tiles (or strips) of {sw} x {sh} pixels '
+                        f'are too large to read a part at a time. Re-tile it, e.g. '
+                        f'`vips tiffsave {path} out.tif --tile --pyramid --bigtiff`.')
     self.resolution = _resolution(page, self.tif)
     self.fd = os.open(self.path, os.O_RDONLY)
     self.cache, self.lock, self.decoded = collections.OrderedDict(), threading.Lock(), 0
@@ -178,6 +185,10 @@ class TiffSource:
     offset, count = page.dataoffsets[index], page.databytecounts[index]
     data = os.pread(self.fd, count, offset) if count else None
     try:
+      if count:  # The last strip may be shorter; edge tiles are whole.
+        rows = sh if page.is_tiled else min(sh, page.imagelength - index * sh)
+        common.check_declared(rows * sw * page.samplesperpixel, len(data),
+                              common.TIFF_RATIO.get(int(page.compression)), f'a {sw} x {sh} tile')
       segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
     except (ValueError, NotImplementedError, RuntimeError, zlib.error) as e:  # Codecs' errors.
       raise DataError(f'cannot decode {self.path} (tile {index} of level {level}): {e}') from e

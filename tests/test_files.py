@@ -94,17 +94,77 @@ def test_a_replaced_folder_is_the_new_set_or_the_old_one_never_a_mix(tmp_path, m
       (pathlib.Path(tmp) / 'b').write_text('2')
       raise RuntimeError('disk full')
   assert sorted(p.name for p in folder.iterdir()) == ['a'] and sorted(os.listdir(tmp_path)) == ['out']
-  real = os.rename
+  real = os.replace
 
   def busy(src, dst):
     if os.path.basename(src) == 'out':
       raise OSError(errno.EBUSY, 'Device or resource busy')
     return real(src, dst)
-  monkeypatch.setattr(os, 'rename', busy)  # A mount point cannot be renamed.
+  monkeypatch.setattr(os, 'replace', busy)  # A mount point cannot be renamed.
   with pytest.raises(errors.WriteError, match='cannot replace .*not a mount point'):
     with files.replaced_folder(folder) as tmp:
       (pathlib.Path(tmp) / 'c').write_text('3')
   assert sorted(p.name for p in folder.iterdir()) == ['a'] and sorted(os.listdir(tmp_path)) == ['out']
+
+
+_KILLED = """
+import os, signal, sys
+from iterseg import files
+folder, at = sys.argv[1], int(sys.argv[2])
+for name, text in (('a', 'new a'), ('b', 'new b')):
+  with open(files.temporary(os.path.join(folder, name)), 'w') as f:
+    f.write(text)
+renames, real = [], os.replace
+def replace(src, dst):  # SIGKILL at the rename number `at` (0: the journal's own write).
+  if len(renames) == at:
+    os.kill(os.getpid(), signal.SIGKILL)
+  renames.append(src)
+  return real(src, dst)
+os.replace = os.rename = replace
+files.replace_all({files.temporary(os.path.join(folder, n)): os.path.join(folder, n) for n in 'ab'})
+"""
+
+
+@pytest.mark.parametrize('at', [0, 1, 2, 3, 4])
+def test_a_set_a_kill_cut_in_two_is_completed_or_left_whole_by_recover(tmp_path, at):
+  """SIGKILL at each rename of replace_all (the journal, a aside, a in, b aside, b in), then the
+  next writer's `recover`: the old set whole before the journal, else the new set whole; nothing
+  of the dead process left."""
+  for name in 'ab':
+    (tmp_path / name).write_text(f'old {name}')
+  run = subprocess.run([sys.executable, '-c', _KILLED, str(tmp_path), str(at)], cwd=ROOT)
+  assert run.returncode == -9
+  if at:  # Cut in two, with its journal.
+    assert any(n.endswith('.journal') for n in os.listdir(tmp_path))
+  files.recover(tmp_path)
+  state = {p.name: p.read_text() for p in tmp_path.iterdir()}
+  assert state == ({'a': 'old a', 'b': 'old b'} if at == 0 else {'a': 'new a', 'b': 'new b'})
+
+
+def test_recover_leaves_what_a_live_process_is_writing(tmp_path):
+  tmp = files.temporary(tmp_path / 'a')
+  pathlib.Path(tmp).write_text('being written')
+  files.recover(tmp_path)
+  assert os.listdir(tmp_path) == [os.path.basename(tmp)]
+
+
+def test_a_folder_replaced_by_a_killed_process_is_whole_at_the_next_write(tmp_path):
+  """replaced_folder killed between renaming the old folder aside and the new one in: the next
+  replaced_folder first completes it (the new set), then writes its own."""
+  code = ('import os, signal, sys\nfrom iterseg import files\nreal = os.replace\n'
+          'def replace(src, dst):\n  real(src, dst)\n  if dst.endswith(".old"): '
+          'os.kill(os.getpid(), signal.SIGKILL)\nos.replace = replace\n'
+          'with files.replaced_folder(sys.argv[1]) as tmp:\n'
+          '  open(os.path.join(tmp, "b"), "w").write("2")\n')
+  folder = tmp_path / 'out'
+  with files.replaced_folder(folder) as tmp:
+    (pathlib.Path(tmp) / 'a').write_text('1')
+  assert subprocess.run([sys.executable, '-c', code, str(folder)], cwd=ROOT).returncode == -9
+  assert not folder.exists()  # Cut between its renames.
+  with files.replaced_folder(folder) as tmp:
+    assert sorted(p.name for p in folder.iterdir()) == ['b']  # Completed first.
+    (pathlib.Path(tmp) / 'c').write_text('3')
+  assert sorted(os.listdir(tmp_path)) == ['out'] and os.listdir(folder) == ['c']
 
 
 SCHEMA = {'total': files.COUNT, 'name': str, 'point': (None, {'fraction': files.number(0, 1)}),

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 from PIL import Image
+import tifffile
 
 import iterseg
 from iterseg import errors, inference, settings
-from iterseg.data import common
+from tests.fuzz_readers import READERS
 from tests.helpers import tiny
 
 EXAMPLES = int(os.environ.get('ITERSEG_FUZZ_EXAMPLES', 12))
@@ -81,6 +82,34 @@ def _forged_png(width: int, height: int, body: bytes) -> bytes:
           _png_chunk(b'IDAT', zlib.compress(body)) + _png_chunk(b'IEND', b''))
 
 
+def _forged_jpeg(width: int, height: int, progressive: bool) -> bytes:
+  """A 16 x 16 JPEG whose frame header (SOF) declares width x height (each 1 to 65535)."""
+  buffer = io.BytesIO()
+  Image.new('RGB', (16, 16), (9, 99, 200)).save(buffer, 'JPEG', progressive=progressive)
+  data = bytearray(buffer.getvalue())
+  struct.pack_into('>HH', data, data.find(b'\xff\xc2' if progressive else b'\xff\xc0') + 5,
+                   height, width)
+  return bytes(data)
+
+
+def _forged_tiff(width: int, height: int, compression: str, tile: bool) -> bytes:
+  """A 16 x 16 TIFF (in strips, or one tile) whose tags declare width x height (and as large a
+  tile or strip)."""
+  buffer = io.BytesIO()
+  tifffile.imwrite(buffer, np.full((16, 16, 3), 99, np.uint8), compression=compression,
+                   tile=(16, 16) if tile else None, rowsperstrip=None if tile else 16)
+  data = bytearray(buffer.getvalue())
+  offset = struct.unpack_from('<I', data, 4)[0]
+  for i in range(struct.unpack_from('<H', data, offset)[0]):
+    entry = offset + 2 + 12 * i
+    tag, kind = struct.unpack_from('<HH', data, entry)
+    if tag in (256, 257, 278, 322, 323):  # Width, length, rows per strip, tile width, length.
+      value = width if tag in (256, 322) else height
+      struct.pack_into('<H' if kind == 3 else '<I', data, entry + 8, min(value, 65535)
+                       if kind == 3 else value)
+  return bytes(data)
+
+
 def _valid(fmt: str, side: int) -> bytes:
   buffer = io.BytesIO()
   image = np.random.default_rng(side).integers(0, 256, (side, side + 3, 3), np.uint8)
@@ -95,7 +124,13 @@ FILES = st.one_of(
                                                                        * t[2])]),  # Truncated.
     st.tuples(st.integers(1, 2 ** 31 - 1), st.integers(1, 2 ** 31 - 1),
               st.binary(max_size=256)).map(lambda t: _forged_png(*t)),  # Header-forged.
+    st.tuples(st.integers(1, 65535), st.integers(1, 65535), st.booleans()).map(
+        lambda t: _forged_jpeg(*t)),
+    st.tuples(st.integers(1, 2 ** 20), st.integers(1, 2 ** 20),
+              st.sampled_from([None, 'zlib', 'lzw', 'packbits']), st.booleans()).map(
+                  lambda t: _forged_tiff(*t)),
 )
+
 
 
 # Reads files in a child process forked for each (from a small server process that imports only the
@@ -106,7 +141,7 @@ READER = r"""
 import os, sys
 import numpy as np
 from iterseg import errors
-from iterseg.data import common
+from tests.fuzz_readers import READERS
 
 
 def child(path):
@@ -115,7 +150,7 @@ def child(path):
     if path.startswith('allocate '):  # What a reader that blew up would do: the check sees it.
       np.ones(int(path.split()[1]), np.uint8)
     elif path:  # (None: the child that does nothing.)
-      for read in (common.read_image, common.header_size, common.read_binary_mask):
+      for read in READERS:
         try:
           read(path)
         except errors.DataError:
@@ -159,11 +194,15 @@ def test_the_memory_check_sees_a_read_that_takes_memory(peak_memory, tmp_path):
 @given(FILES, st.sampled_from(['.png', '.jpg', '.tif', '.bmp']))
 @example(_forged_png(1, 65_000_000, b''), '.png')  # Found: 0.5 GB of row pointers for 60 bytes.
 @example(_forged_png(65_000_000, 1, b''), '.png')  # Found: 0.2 GB of row buffers.
+@example(_forged_jpeg(12000, 12000, False), '.jpg')  # Found: 0.6 GB, read as grey (633 bytes).
+@example(_forged_jpeg(12000, 12000, True), '.jpg')  # Found: 1.0 GB, read as grey.
+@example(_forged_tiff(12000, 12000, 'zlib', False), '.tif')  # Found: 0.4 GB for 158 bytes.
+@example(_forged_tiff(60000, 60000, None, True), '.tif')  # One 60000² tile: 10 GB as a slide.
 def test_any_image_file_reads_or_is_one_line_in_bounded_memory(tmp_path_factory, peak_memory,
                                                               content, extension):
   path = tmp_path_factory.mktemp('fuzz') / f'input{extension}'
   path.write_bytes(content)
-  for read in (common.read_image, common.header_size, common.read_binary_mask):
+  for read in READERS:
     try:
       out = read(path)
     except errors.DataError as e:

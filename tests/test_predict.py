@@ -2,6 +2,8 @@ import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ import iterseg
 from iterseg import errors, predict, settings
 from tests.helpers import set_fields, tiny
 from tests.helpers import save_random_networks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INPUTS = {  # file name: (mode, height, width)
     'odd.png': ('RGB', 37, 53),
@@ -110,11 +114,13 @@ def _fail_at_the_second(monkeypatch, phase: str):
     real_replace = os.replace
 
     def replace(src, dst):
-      calls.extend([src] if str(src).endswith('.tmp') else [])
-      if len(calls) == 2 and str(src).endswith('.tmp'):
+      output = str(src).endswith('.tmp') and not str(dst).endswith('.journal')
+      calls.extend([src] if output else [])
+      if len(calls) == 2 and output:
         raise disk_full
       return real_replace(src, dst)
     monkeypatch.setattr(os, 'replace', replace)
+    monkeypatch.setattr(os, 'rename', replace)
 
 
 @pytest.mark.parametrize('phase', ['writing', 'renaming'])
@@ -134,6 +140,43 @@ def test_a_failure_at_the_second_output_keeps_the_previous_set_whole(tmp_path, m
   monkeypatch.undo()
   predict.save_outputs(tmp_path, 'x', image, dict(good, probs=probs * 0, mask=good['mask'] * 0))
   assert all(Path(p).read_bytes() != before[k] for k, p in paths.items())  # Then replaced whole.
+
+
+_KILL_MID_SET = """
+import os, signal, sys
+import numpy as np
+from pathlib import Path
+from iterseg import predict
+real, moved = os.replace, []
+def replace(src, dst):  # SIGKILL once the first output has its new name, before the others.
+  if len(moved) == 3:
+    os.kill(os.getpid(), signal.SIGKILL)
+  moved.append(src)
+  return real(src, dst)
+os.replace = replace
+predict.save_outputs(Path(sys.argv[1]), 'x', np.zeros((6, 6, 3), np.uint8),
+                     {'probs': np.zeros((6, 6, 1), np.float32), 'mask': np.zeros((6, 6), np.uint8),
+                      'boxes': []})
+"""
+
+
+def test_a_set_killed_between_its_renames_is_completed_by_the_next_predict(trained_tiny, tmp_path):
+  """SIGKILL after an image's first output took its new name: the next predict into that folder
+  completes the set (all new), and no temporary file is left."""
+  config, root = trained_tiny
+  out = tmp_path / 'out'
+  out.mkdir()
+  old = predict.save_outputs(out, 'x', np.zeros((6, 6, 3), np.uint8), {
+      'probs': np.ones((6, 6, 1), np.float32), 'mask': np.ones((6, 6), np.uint8), 'boxes': []})
+  before = {k: Path(p).read_bytes() for k, p in old.items()}
+  killed = subprocess.run([sys.executable, '-c', _KILL_MID_SET, str(out)], cwd=ROOT)
+  assert killed.returncode == -signal.SIGKILL
+  mixed = [k for k, p in old.items() if Path(p).exists() and Path(p).read_bytes() != before[k]]
+  assert mixed == ['mask']  # Cut in two: the new mask beside the old others.
+  Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / 'a.png')
+  run_predict(config, root / 'run', input=str(tmp_path / 'a.png'), output=str(out))
+  assert all(Path(p).read_bytes() != before[k] for k, p in old.items())  # x: the new set, whole.
+  assert not [p.name for p in out.iterdir() if p.name.startswith('.')]
 
 
 def test_a_full_disk_at_one_image_is_one_line_and_keeps_its_previous_outputs(trained_tiny, tmp_path,

@@ -68,13 +68,35 @@ def open_image(path: Path) -> Image.Image:
   return image
 
 
+# At most how many bytes one byte of a file decodes to, by TIFF compression (tag 259): none 1, LZW
+# 2048 (12-bit codes reach ~1300), deflate 1032 (its limit), PackBits 64, JPEG 2048 (at least a bit
+# per 8x8 block: 512 pixels a byte, of at most 4 samples). Other codecs (CCITT, zstd...): no bound.
+TIFF_RATIO = {1: 1, 5: 2048, 7: 2048, 8: 1032, 32946: 1032, 32773: 64}
+
+
+def check_declared(declared: int, size: int, ratio, what: str) -> None:
+  """ValueError if `declared` decoded bytes are more than `size` bytes can hold at `ratio` (None:
+  no bound): a decoder would allocate them before finding the data missing."""
+  if ratio and declared > ratio * size:
+    raise ValueError(f'its header declares {what}, more than its {size} bytes can hold: it is '
+                     f'truncated or forged')
+
+
 def _check_declared(image: Image.Image, size: int) -> None:
-  """ValueError if a PNG's header declares more than its `size` bytes can hold (each row a filter
-  byte and at least a bit a pixel, deflated at most 1032:1): Pillow would allocate the declared
-  size (a 60-byte file can claim 65 M rows: 0.5 GB of row pointers) before finding data missing."""
-  if image.format == 'PNG' and image.height * (1 + -(-image.width // 8)) > 1032 * size:
-    raise ValueError(f'its header declares {image.width} x {image.height} pixels, more than its '
-                     f'{size} bytes can hold: it is truncated or forged')
+  """check_declared for a PNG (each row a filter byte and at least a bit a pixel, deflated at most
+  1032:1; a 60-byte file can claim 65 M rows: 0.5 GB of row pointers), a JPEG (512 pixels a byte at
+  most) or a TIFF (TIFF_RATIO), before Pillow allocates the image."""
+  w, h = image.size
+  if image.format == 'PNG':
+    declared, ratio = h * (1 + -(-w // 8)), 1032
+  elif image.format == 'JPEG':
+    declared, ratio = w * h, 512
+  elif image.format == 'TIFF':
+    bits = sum(np.ravel(image.tag_v2.get(258, 8)).tolist()) if hasattr(image, 'tag_v2') else 8
+    declared, ratio = w * h * bits // 8, TIFF_RATIO.get(int(image.tag_v2.get(259, 1)))
+  else:
+    return
+  check_declared(declared, size, ratio, f'{w} x {h} pixels')
 
 
 def orientation(image: Image.Image) -> int:
