@@ -428,20 +428,22 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
 
 def write_summary(output: Path, part: dict, process: int, processes: int) -> str:
   """Writes summary.json; under several processes, this process's part summary.<process>.json,
-  and whichever process finds every part written last merges them into summary.json (no process
-  waits for another: one interrupted or failed never holds the others). Returns summary.json."""
+  and whichever process finds every part of this run (`part['run']`) written last merges them into
+  summary.json (no process waits for another: one interrupted or failed never holds the others; a
+  part an earlier run left is never merged). Returns summary.json."""
   summary = os.path.join(output, 'summary.json')
   if processes == 1:
     files.atomic_write_json(summary, part)
     return summary
   files.atomic_write_json(os.path.join(output, f'summary.{process}.json'), part)
   parts = [os.path.join(output, f'summary.{i}.json') for i in range(processes)]
-  if all(os.path.exists(p) for p in parts):
-    fields = {'images': [{'input': str}], 'failed': files.COUNT, 'skipped': files.COUNT,
-              'total': files.COUNT, 'interrupted': (str, None), 'compiles': (files.COUNT, None)}
-    fix = ('delete it and run the same command again with --config.predict.skip_existing=True '
-           '(only what is missing is segmented)')
-    loaded = [files.read_json(p, fix, PredictError, fields) for p in parts]
+  fields = {'images': [{'input': str}], 'failed': files.COUNT, 'skipped': files.COUNT,
+            'total': files.COUNT, 'interrupted': (str, None), 'compiles': (files.COUNT, None),
+            'run': files.COUNT}
+  fix = ('delete it and run the same command again with --config.predict.skip_existing=True '
+         '(only what is missing is segmented)')
+  loaded = [files.read_json(p, fix, PredictError, fields) for p in parts if os.path.exists(p)]
+  if len(loaded) == processes and all(one['run'] == part['run'] for one in loaded):
     merged = dict(loaded[0], processes=processes)
     merged['images'] = sorted((r for one in loaded for r in one['images']), key=lambda r: r['input'])
     for key in ('failed', 'skipped', 'total'):
@@ -478,6 +480,10 @@ def run(s: Settings, workdir: str) -> dict:
                      compression=s.predict.png_compression, progress=jax.process_index() == 0,
                      skip_existing=s.predict.skip_existing)
   segment = native.image_files(nets, s, s.predict.batch_size)
+  run_id = time.time_ns() % 2 ** 31  # Names this run's summary parts (process 0's).
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    run_id = int(multihost_utils.broadcast_one_to_all(np.int32(run_id)))
   with hooks.StopSignals() as stop:
     records, interrupted = predict_files(segment, mine, output, stop=stop, **common_args)
   compiles = segment.compiles
@@ -487,7 +493,8 @@ def run(s: Settings, workdir: str) -> dict:
   summary = write_summary(output, {
       'num_patches': s.spec.num_patches, 'outputs': s.predict.outputs, 'images': records,
       'failed': len(failed), 'skipped': len(skipped), 'total': len(mine),
-      'interrupted': interrupted, 'resolution': s.spec.resolution, 'compiles': compiles},
+      'interrupted': interrupted, 'resolution': s.spec.resolution, 'compiles': compiles,
+      'run': run_id},
                           jax.process_index(), jax.process_count())
   done = len(records) - len(failed)
   if interrupted:

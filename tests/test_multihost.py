@@ -108,6 +108,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(subprocess_env
 
 def test_predict_splits_a_folder_over_two_processes_and_writes_one_merged_summary(
     subprocess_env, tmp_path):
+  """Every other file each; a broken file in process 1's share is skipped with its reason (that
+  process exits 1, the other 0); a summary part an earlier run left is replaced."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   config = helpers.tiny(num_patches=4, **{'train.num_patches_list': (4,)})
   helpers.save_random_networks(config, tmp_path / 'run')
@@ -116,20 +118,29 @@ def test_predict_splits_a_folder_over_two_processes_and_writes_one_merged_summar
   for i in range(5):
     Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(
         tmp_path / 'in' / f'{i}.png')
+  (tmp_path / 'in' / '3.png').write_bytes((tmp_path / 'in' / '3.png').read_bytes()[:100])
+  out = tmp_path / 'run' / 'predictions'
+  out.mkdir()
+  (out / 'summary.1.json').write_text(json.dumps({  # From an earlier run.
+      'images': [], 'failed': 0, 'skipped': 0, 'total': 0, 'interrupted': None, 'compiles': None,
+      'run': 7}))
   flags = ['--config=configs/default.py', f'--workdir={tmp_path / "run"}', '--mode=predict',
            *(f'--config.{k}={v}' for k, v in {
                'hi_size': 64, 'num_patches': 4, 'model.width': 4, 'model.depth': 3,
                'train.num_patches_list': (4,), 'predict.input': tmp_path / 'in',
                'predict.batch_size': 2}.items()),
            f'--coordinator_address=localhost:{free_port()}', '--num_processes=2']
-  finish(start_cluster(flags, subprocess_env), timeout=240)
-  out = tmp_path / 'run' / 'predictions'
+  processes = start_cluster(flags, subprocess_env)
+  outputs = [p.communicate(timeout=240) for p in processes]
+  assert [p.returncode for p in processes] == [0, 1], outputs[1][1][-2000:]
+  assert 'iterseg: error: 1 of 2 image(s) failed' in outputs[1][1] and '3.png' in outputs[1][1]
   parts = [json.loads((out / f'summary.{i}.json').read_text()) for i in range(2)]
   assert [part['total'] for part in parts] == [3, 2]  # Every other file each.
   merged = json.loads((out / 'summary.json').read_text())
-  assert merged['total'] == 5 and merged['failed'] == 0 and merged['processes'] == 2
+  assert merged['total'] == 5 and merged['failed'] == 1 and merged['processes'] == 2
   assert [r['input'].rsplit('/', 1)[1] for r in merged['images']] == [f'{i}.png' for i in range(5)]
-  assert all((out / f'{i}_mask.png').exists() for i in range(5))
+  assert 'error' in merged['images'][3] and '3.png' in merged['images'][3]['error']
+  assert all((out / f'{i}_mask.png').exists() == (i != 3) for i in range(5))
 
 
 def test_evaluate_gives_each_process_its_share_and_writes_the_merged_results_once(

@@ -179,6 +179,17 @@ def test_a_set_killed_between_its_renames_is_completed_by_the_next_predict(train
   assert not [p.name for p in out.iterdir() if p.name.startswith('.')]
 
 
+def test_summary_parts_merge_only_when_every_process_of_this_run_wrote_its_own(tmp_path):
+  part = lambda run, n: {'images': [{'input': f'{run}-{i}'} for i in range(n)], 'failed': 0,
+                         'skipped': 0, 'total': n, 'interrupted': None, 'compiles': None, 'run': run}
+  predict.write_summary(tmp_path, part(7, 1), 1, 2)  # An earlier run's process 1.
+  predict.write_summary(tmp_path, part(8, 2), 0, 2)  # This run's process 0: 1 is not done yet.
+  assert not (tmp_path / 'summary.json').exists()
+  predict.write_summary(tmp_path, part(8, 3), 1, 2)
+  merged = json.loads((tmp_path / 'summary.json').read_text())
+  assert merged['total'] == 5 and {r['input'][0] for r in merged['images']} == {'8'}
+
+
 def test_a_full_disk_at_one_image_is_one_line_and_keeps_its_previous_outputs(trained_tiny, tmp_path,
                                                                              monkeypatch):
   config, root = trained_tiny
@@ -433,7 +444,7 @@ def test_an_image_above_pillows_decompression_limit_is_one_failed_record_and_the
 
 
 PART = {'images': [{'input': 'b.png'}], 'failed': 0, 'skipped': 0, 'total': 1, 'interrupted': None,
-        'compiles': 3}
+        'compiles': 3, 'run': 1}
 
 
 @pytest.mark.parametrize('content, words', [
