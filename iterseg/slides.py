@@ -121,37 +121,26 @@ class ArraySource:
     pass
 
 
-class TiffSource:
-  """A TIFF read a file tile (or strip) at a time: uint8, 1, 3 or 4 samples (grey is repeated,
-  alpha dropped). `decoded`: full-resolution pixels decoded so far (each file tile once while it
-  stays in the cache of `cache_mb`), `thumbnail_decoded` those of them the thumbnail read."""
+class FileSource:
+  """What the file sources share: an image read a segment (a tile, strip or chunk of the file) at a
+  time, through an LRU cache of `cache_mb`; regions cut from the segments under them; the thumbnail
+  from the pyramid level whose downsample divides the factor, else one streaming pass of bands.
 
-  def __init__(self, path, cache_mb: int = 192):
-    import tifffile  # pylint: disable=g-import-not-at-top
-    self.path = Path(path)
-    try:
-      self.tif = tifffile.TiffFile(self.path)
-      series = self.tif.series[0]
-      self.levels = [level.keyframe for level in series.levels]
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as e:
-      raise DataError(f'cannot read TIFF {path}: {e}') from e
-    page = self.levels[0]
-    self.height, self.width = int(page.imagelength), int(page.imagewidth)
-    for level in self.levels:
-      if level.dtype != np.uint8 or level.samplesperpixel not in (1, 3, 4) or (
-          level.samplesperpixel > 1 and level.planarconfig != 1) or level.imagedepth != 1:
-        raise DataError(f'cannot read TIFF {path}: iterseg reads 8-bit grey, RGB or RGBA images '
-                        f'with interleaved samples; this one has dtype {level.dtype}, '
-                        f'{level.samplesperpixel} samples, planar config {level.planarconfig}. '
-                        f'Convert it, e.g. with tifffile or vips.')
-    self.resolution = _resolution(page, self.tif)
-    self.fd = os.open(self.path, os.O_RDONLY)
+  A subclass gives `sizes`, the (h, w) of the image and of each pyramid level, `_grid(level)` (the
+  segments' height and width) and `_load(level, r, c)` (uint8 [<= sh, <= sw, 3], the segment at row
+  r, column c). `decoded`: full-resolution pixels decoded so far (each segment once while it stays
+  cached), `thumbnail_decoded` those of them the thumbnail read; `resolution`: the physical pixel
+  size {'x', 'y', 'unit'}, or None."""
+  errors = (ValueError, RuntimeError, OSError, zlib.error)  # What codecs raise on damaged data.
+
+  def __init__(self, path, sizes: list, resolution: Optional[dict], cache_mb: int):
+    self.path, self.sizes, self.resolution = Path(path), sizes, resolution
+    self.height, self.width = sizes[0]
     self.cache, self.lock, self.decoded = collections.OrderedDict(), threading.Lock(), 0
     self.cache_bytes, self.cached, self.thumbnail_decoded = cache_mb * 2 ** 20, 0, 0
 
   def close(self) -> None:
-    self.tif.close()
-    os.close(self.fd)
+    pass
 
   def __enter__(self):
     return self
@@ -159,36 +148,21 @@ class TiffSource:
   def __exit__(self, *exc):
     self.close()
 
-  def _grid(self, level: int):
-    """(segment height, segment width, segments per row) of a level: tiles, or strips."""
-    page = self.levels[level]
-    if page.is_tiled:
-      return page.tilelength, page.tilewidth, -(-page.imagewidth // page.tilewidth)
-    return page.rowsperstrip, page.imagewidth, 1
-
-  def _segment(self, level: int, index: int) -> np.ndarray:
-    """uint8 [sh, sw, 3] of segment `index` (cached)."""
-    key = (level, index)
+  def _segment(self, level: int, r: int, c: int) -> np.ndarray:
+    """uint8 [<= sh, <= sw, 3] of a segment (cached)."""
+    key = (level, r, c)
     with self.lock:
       if key in self.cache:
         self.cache.move_to_end(key)
         return self.cache[key]
-    page = self.levels[level]
-    sh, sw, per_row = self._grid(level)
-    offset, count = page.dataoffsets[index], page.databytecounts[index]
-    data = os.pread(self.fd, count, offset) if count else None
     try:
-      segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-    except (ValueError, NotImplementedError, RuntimeError, zlib.error) as e:  # Codecs' errors.
-      raise DataError(f'cannot decode {self.path} (tile {index} of level {level}): {e}') from e
-    segment = (np.zeros((sh, sw, 3), np.uint8) if segment is None else
-               np.asarray(segment).reshape(shape[1], shape[2], -1))
-    samples = segment.shape[-1]
-    segment = np.repeat(segment, 3, -1) if samples == 1 else segment[..., :3]
+      segment = self._load(level, r, c)
+    except self.errors as e:
+      raise DataError(f'cannot decode {self.path} (tile {r}, {c} of level {level}): {e}') from e
     with self.lock:
       if level == 0:  # The segment's pixels inside the image.
-        ty, tx = index // per_row * sh, index % per_row * sw
-        self.decoded += (min(sh, self.height - ty) * min(sw, self.width - tx))
+        sh, sw = self._grid(0)
+        self.decoded += min(sh, self.height - r * sh) * min(sw, self.width - c * sw)
       self.cache[key] = segment
       self.cached += segment.nbytes
       while self.cached > self.cache_bytes and len(self.cache) > 1:
@@ -197,15 +171,14 @@ class TiffSource:
 
   def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
     """uint8 [y1 - y0, x1 - x0, 3] of a level, inside its image: only the segments under it."""
-    page = self.levels[level]
-    sh, sw, per_row = self._grid(level)
+    (h, w), (sh, sw) = self.sizes[level], self._grid(level)
     out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
     for r in range(y0 // sh, -(-y1 // sh)):
       for c in range(x0 // sw, -(-x1 // sw)):
-        segment = self._segment(level, r * per_row + c)
+        segment = self._segment(level, r, c)
         ty, tx = r * sh, c * sw
-        a0, a1 = max(y0, ty), min(y1, ty + sh, page.imagelength)
-        b0, b1 = max(x0, tx), min(x1, tx + sw, page.imagewidth)
+        a0, a1 = max(y0, ty), min(y1, ty + sh, h)
+        b0, b1 = max(x0, tx), min(x1, tx + sw, w)
         out[a0 - y0:a1 - y0, b0 - x0:b1 - x0] = segment[a0 - ty:a1 - ty, b0 - tx:b1 - tx]
     return out
 
@@ -213,18 +186,17 @@ class TiffSource:
     return _cut(self.read, self.height, self.width, y, x, side)
 
   def thumbnail(self, factor: int, rows=None) -> np.ndarray:
-    """float32 [ceil(H/f), ceil(W/f), 3] (or its rows (a, b)): block means of the finest level
-    whose downsample d divides f (a pyramid level, or the image itself), read in bands of 64 f / d
-    rows."""
+    """float32 [ceil(H/f), ceil(W/f), 3] (or its rows (a, b)): block means of the coarsest level
+    whose downsample d divides f (a pyramid level, or the image itself; never one coarser than f),
+    read in bands of 64 f / d rows."""
     level, d = 0, 1
-    for i, page in enumerate(self.levels[1:], 1):
-      ratio = self.width / page.imagewidth
+    for i, (lh, lw) in enumerate(self.sizes[1:], 1):
+      ratio = self.width / lw
       near = round(ratio)
       if (abs(ratio - near) < 1e-6 and factor % near == 0 and
-          page.imagelength == -(-self.height // near) and page.imagewidth == -(-self.width // near)):
+          (lh, lw) == (-(-self.height // near), -(-self.width // near))):
         level, d = i, near
-    f, page = factor // d, self.levels[level]
-    h, w = page.imagelength, page.imagewidth
+    f, (h, w) = factor // d, self.sizes[level]
     a, b = rows or (0, -(-h // f))
     out = np.empty((b - a, -(-w // f), 3), np.float32)
     step, before = 64 * f, self.decoded
@@ -235,6 +207,57 @@ class TiffSource:
     self.cache.clear()  # Stage 2 reads other tiles (or this level's are no use to it).
     self.cached = 0
     return out
+
+
+def _rgb(pixels: np.ndarray) -> np.ndarray:
+  """uint8 [h, w, 3] of [h, w, S], S in (1, 3, 4): grey repeated, alpha dropped."""
+  return np.repeat(pixels, 3, -1) if pixels.shape[-1] == 1 else pixels[..., :3]
+
+
+def _unsupported(path, kind: str, has: str) -> DataError:
+  return DataError(f'cannot read {kind} {path}: iterseg reads 8-bit grey, RGB or RGBA images; this '
+                   f'one has {has}. Convert it, e.g. with tifffile or vips.')
+
+
+class TiffSource(FileSource):
+  """A TIFF, BigTIFF or OME-TIFF (tiled or in strips, pyramidal or not) read a file tile (or strip)
+  at a time through tifffile: uint8, 1, 3 or 4 interleaved samples."""
+
+  def __init__(self, path, cache_mb: int = 192):
+    import tifffile  # pylint: disable=g-import-not-at-top
+    try:
+      self.tif = tifffile.TiffFile(path)
+      self.levels = [level.keyframe for level in self.tif.series[0].levels]
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as e:
+      raise DataError(f'cannot read TIFF {path}: {e}') from e
+    for page in self.levels:
+      if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4) or (
+          page.samplesperpixel > 1 and page.planarconfig != 1) or page.imagedepth != 1:
+        raise _unsupported(path, 'TIFF', f'dtype {page.dtype}, {page.samplesperpixel} samples, '
+                           f'planar config {page.planarconfig} (1: interleaved)')
+    super().__init__(path, [(int(p.imagelength), int(p.imagewidth)) for p in self.levels],
+                     _resolution(self.levels[0], self.tif), cache_mb)
+    self.fd = os.open(self.path, os.O_RDONLY)
+
+  def close(self) -> None:
+    self.tif.close()
+    os.close(self.fd)
+
+  def _grid(self, level: int) -> tuple:
+    """(segment height, segment width) of a level: tiles, or strips."""
+    page = self.levels[level]
+    return (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip,
+                                                                     page.imagewidth)
+
+  def _load(self, level: int, r: int, c: int) -> np.ndarray:
+    page, (sh, sw) = self.levels[level], self._grid(level)
+    index = r * -(-page.imagewidth // sw) + c
+    offset, count = page.dataoffsets[index], page.databytecounts[index]
+    data = os.pread(self.fd, count, offset) if count else None
+    segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+    if segment is None:  # A tile the file leaves out.
+      return np.zeros((sh, sw, 3), np.uint8)
+    return _rgb(np.asarray(segment).reshape(shape[1], shape[2], -1))
 
 
 def _resolution(page, tif) -> Optional[dict]:
