@@ -56,7 +56,8 @@ OUTLINE = (255, 255, 0)
 
 
 def list_inputs(path, exclude: Optional[str] = None) -> list:
-  """The image files at `path` (a file, or a folder's image files sorted by name); InputError if none.
+  """The image files at `path` (a file or Zarr store, or a folder's image files and Zarr stores
+  sorted by name); InputError if none.
 
   Files inside `exclude` (the output folder) are never inputs.
   """
@@ -67,13 +68,14 @@ def list_inputs(path, exclude: Optional[str] = None) -> list:
   if not path.exists():
     raise InputError(f'config.predict.input={path} does not exist: point it at an image file or a '
                      f'folder of images.')
-  if path.is_file():
+  if path.is_file() or slides.is_zarr(path):
     return [path]
-  extensions = {ext.lower() for ext in Image.registered_extensions()} | set(slides.TIFF_SUFFIXES)
+  extensions = ({ext.lower() for ext in Image.registered_extensions()} | set(slides.TIFF_SUFFIXES) |
+                set(slides.OPENSLIDE_SUFFIXES))
   outside = lambda p: exclude is None or Path(os.path.realpath(p)).parent != Path(
       os.path.realpath(exclude))
-  found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith('.') and
-                 p.suffix.lower() in extensions and outside(p))
+  found = sorted(p for p in path.iterdir() if not p.name.startswith('.') and outside(p) and (
+      (p.is_file() and p.suffix.lower() in extensions) or slides.is_zarr(p)))
   if not found:
     raise InputError(f'no image files in folder {path} (looked for extensions Pillow reads, e.g. '
                      f'.png .jpg .tif .bmp): put images there or point config.predict.input at a file.')
@@ -86,8 +88,7 @@ def output_names(paths: Sequence[Path]) -> list:
   still taken, the full name and 8 hex digits of its hash (a_png-1f3a...)."""
   def key(name):
     return name.casefold()
-  names = [p.name[:-len('.ome.tif')] if p.name.lower().endswith('.ome.tif') else p.stem
-           for p in paths]
+  names = [p.stem[:-4] if p.stem.lower().endswith('.ome') else p.stem for p in paths]  # a.ome.tif
   for _ in range(2):  # Stems, then full names, for every name that is not unique yet.
     counts = collections.Counter(map(key, names))
     names = [p.name.replace('.', '_') if counts[key(n)] > 1 else n for p, n in zip(paths, names)]
@@ -212,11 +213,12 @@ def slide_paths(output: Path, stem: str, outputs: Sequence[str]) -> dict:
 
 def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[str], stopped,
                   progress: bool = True) -> Optional[dict]:
-  """Native two-stage on a slide (`slides.is_slide`), out of core: read a file tile at a time, the
-  mask (and the probabilities) written by bands (`slides.SlideSink`), and an overlay PNG of at most
-  1024 px a side. A stopped job keeps its finished bands and returns None; the same command then
-  resumes from them. Returns the record, or raises DataError / InputError naming the file."""
-  source = slides.TiffSource(path)
+  """Native two-stage on a slide (`slides.is_slide`), out of core: read a file tile at a time
+  (`slides.open_source`), the mask (and the probabilities) written by bands (`slides.SlideSink`),
+  and an overlay PNG of at most 1024 px a side. A stopped job keeps its finished bands and returns
+  None; the same command then resumes from them. Returns the record, or raises DataError /
+  InputError naming the file."""
+  source = slides.open_source(path)
   try:
     paths = slide_paths(output, stem, outputs)
     stat = path.stat()
@@ -250,11 +252,11 @@ def _slide_overlay(path: Path, pred, mask_path: str, spec) -> None:
   """The overlay of a slide at 1 / d (d = f * preview_step): the stage-1 thumbnail, the mask's
   pyramid level at d (strided, as the levels are), the refined tiles outlined where they are at
   least 4 px."""
-  import tifffile  # pylint: disable=g-import-not-at-top
   image, d = pred.preview, spec.downscale * pred.stats['preview_step']
-  with tifffile.TiffFile(mask_path) as tif:
-    levels = tif.series[0].levels
-    mask = levels[min(round(math.log2(d)), len(levels) - 1)].asarray()
+  with slides.open_source(mask_path) as written:
+    level = min(round(math.log2(d)), len(written.sizes) - 1)
+    h, w = written.sizes[level]
+    mask = written.read(0, h, 0, w, level)[..., 0]
   h, w = min(len(image), len(mask)), min(image.shape[1], mask.shape[1])
   mask = (mask[:h, :w] > 0).astype(np.uint8) if spec.num_classes == 1 else mask[:h, :w]
   t = spec.patch_size / d  # Tiles under 4 px at this scale would hide the image: not outlined.

@@ -1,19 +1,23 @@
 """Where native inference reads pixels from and writes them to, in bounded memory.
 
 A source gives an image's size, its block-mean thumbnail and any region of it:
-  `ArraySource`  an image in RAM (uint8 [H, W, 3]);
-  `TiffSource`   a TIFF, BigTIFF or OME-TIFF (tiled or in strips, pyramidal or not) through tifffile:
-                 only the file's tiles under a region are decoded (an LRU cache keeps the recent ones,
-                 `decoded` counts them), and the thumbnail comes from the pyramid level whose
-                 downsample divides the factor (block means of it; never a coarser level), else from
-                 one streaming pass of bands.
+  `ArraySource`     an image in RAM (uint8 [H, W, 3]);
+  `FileSource`      a file read a segment (tile, strip or chunk) at a time: only the segments under a
+                    region are decoded (an LRU cache keeps the recent ones, `decoded` counts them),
+                    and the thumbnail comes from the pyramid level whose downsample divides the
+                    factor (block means of it; never a coarser level), else from one streaming pass
+                    of bands. `open_source` picks one of:
+    `TiffSource`      a TIFF, BigTIFF, OME-TIFF or SVS (tiled or in strips) through tifffile;
+    `ZarrSource`      a Zarr array or OME-Zarr image (v2 or v3) through zarr;
+    `OpenSlideSource` the other whole-slide formats (.ndpi, .mrxs, .scn, ...) through OpenSlide.
 A sink takes the output in bands of rows, top to bottom:
   `MemorySink`   the probabilities [H, W, C] in RAM, written in place as one band (`rows` None);
   `SlideSink`    a mask (and optionally uint8 probabilities) written as a tiled, compressed
-                 pyramidal OME-TIFF: each finished band's tiles are encoded and saved under
-                 `<output>.partial/` (so a killed job resumes from the bands already there), and the
-                 file is assembled from them at the end, the pixel size of the input carried over.
-`write_pyramid` writes any image given in bands as such a TIFF (the synthetic slides of the
+                 pyramidal OME-TIFF: each finished band's tiles are encoded and saved
+                 under `<output>.partial/` (so a killed job resumes from the bands already there),
+                 and the output is assembled from them at the end, the input's pixel size carried
+                 over.
+`write_pyramid` writes any image given in bands as such a file (the synthetic slides of the
 benchmark are written with it, never held in RAM).
 """
 
@@ -34,7 +38,11 @@ import numpy as np
 from iterseg import files
 from iterseg.errors import DataError
 
-TIFF_SUFFIXES = ('.tif', '.tiff', '.btf', '.tf8', '.svs')
+TIFF_SUFFIXES = ('.tif', '.tiff', '.btf', '.tf8', '.svs')  # Read with tifffile.
+OPENSLIDE_SUFFIXES = ('.ndpi', '.mrxs', '.scn', '.vms', '.vmu', '.svslide', '.bif', '.czi')
+UNITS = {'µm': 'micrometer', 'nm': 'nanometer', 'mm': 'millimeter', 'cm': 'centimeter',
+         'm': 'meter'}  # The pixel size's units: OME-TIFF's symbols, NGFF's names.
+SYMBOLS = {name: symbol for symbol, name in UNITS.items()}
 TILE = 512  # Side of the tiles iterseg writes.
 
 
@@ -260,6 +268,108 @@ class TiffSource(FileSource):
     return _rgb(np.asarray(segment).reshape(shape[1], shape[2], -1))
 
 
+class ZarrSource(FileSource):
+  """A Zarr array (uint8 [H, W] or [H, W, C]) or an OME-Zarr image (NGFF 0.4 or 0.5 multiscales:
+  its datasets are the pyramid; axes such as yx, cyx or tczyx, read at t = z = 0, channels last),
+  Zarr v2 or v3, read a chunk at a time through zarr; 1, 3 or 4 channels."""
+
+  def __init__(self, path, cache_mb: int = 192):
+    import zarr  # pylint: disable=g-import-not-at-top
+    try:
+      node, resolution = zarr.open(str(path), mode='r'), None
+      if isinstance(node, zarr.Array):
+        self.arrays, self.axes = [node], ['y', 'x', 'c'][:node.ndim]
+      else:
+        image = node.attrs.asdict()
+        image = image.get('ome', image)  # NGFF 0.5 nests its metadata under 'ome'.
+        if 'multiscales' not in image:
+          raise LookupError('a group without OME-Zarr multiscales metadata')
+        image = image['multiscales'][0]
+        self.axes = [a if isinstance(a, str) else a['name'] for a in image['axes']]
+        self.arrays = [node[d['path']] for d in image['datasets']]
+        resolution = _ngff_resolution(image, self.axes)
+    except (OSError, ValueError, LookupError, TypeError) as e:
+      raise DataError(f'cannot read Zarr {path}: {e}') from e
+    array = self.arrays[0]
+    if not {'y', 'x'} <= set(self.axes) or any(a.ndim != len(self.axes) for a in self.arrays):
+      raise DataError(f'cannot read Zarr {path}: its axes {self.axes} do not match its arrays '
+                      f'{[a.shape for a in self.arrays]}: it needs y and x axes.')
+    channels = array.shape[self.axes.index('c')] if 'c' in self.axes else 1
+    if array.dtype != np.uint8 or channels not in (1, 3, 4):
+      raise _unsupported(path, 'Zarr', f'dtype {array.dtype}, {channels} channels')
+    iy, ix = self.axes.index('y'), self.axes.index('x')
+    self.kept = [a for a in self.axes if a in ('y', 'x', 'c')]
+    super().__init__(path, [(a.shape[iy], a.shape[ix]) for a in self.arrays], resolution,
+                     cache_mb)
+
+  def _grid(self, level: int) -> tuple:
+    chunks = self.arrays[level].chunks
+    return chunks[self.axes.index('y')], chunks[self.axes.index('x')]
+
+  def _load(self, level: int, r: int, c: int) -> np.ndarray:
+    (sh, sw), take = self._grid(level), {'c': slice(0, 3)}
+    take.update(y=slice(r * sh, (r + 1) * sh), x=slice(c * sw, (c + 1) * sw))
+    pixels = self.arrays[level][tuple(take.get(a, 0) for a in self.axes)]
+    pixels = pixels.transpose([self.kept.index(a) for a in ('y', 'x', 'c') if a in self.kept])
+    return _rgb(pixels if pixels.ndim == 3 else pixels[..., None])
+
+
+class OpenSlideSource(FileSource):
+  """A whole-slide image OpenSlide reads (.svs, .ndpi, .mrxs, .scn, ...; `pip install
+  'iterseg[slides]'`), by `read_region` a file tile at a time (its tile size, else 512); pixels
+  outside the scanned area (alpha 0) are white. Pyramid levels whose downsample is not a whole
+  number are not used."""
+
+  def __init__(self, path, cache_mb: int = 192):
+    try:
+      import openslide  # pylint: disable=g-import-not-at-top
+    except ImportError as e:  # openslide-python, or its library (openslide-bin), is missing.
+      raise DataError(f"cannot read {path}: its format needs OpenSlide: pip install "
+                      f"'iterseg[slides]' ({e})") from e
+    self.errors = FileSource.errors + (openslide.OpenSlideError,)
+    try:
+      self.slide = openslide.OpenSlide(path)
+    except (OSError, openslide.OpenSlideError) as e:
+      raise DataError(f'cannot read {path} with OpenSlide: {e}') from e
+    self.index = [i for i, d in enumerate(self.slide.level_downsamples) if d == round(d)]
+    props = self.slide.properties
+    mpp = [props.get(f'openslide.mpp-{k}') for k in ('x', 'y')]
+    super().__init__(path, [self.slide.level_dimensions[i][::-1] for i in self.index],
+                     None if None in mpp else {'x': float(mpp[0]), 'y': float(mpp[1]),
+                                               'unit': 'µm'}, cache_mb)
+
+  def close(self) -> None:
+    self.slide.close()
+
+  def _grid(self, level: int) -> tuple:
+    props = self.slide.properties
+    return tuple(int(props.get(f'openslide.level[{self.index[level]}].tile-{k}', TILE))
+                 for k in ('height', 'width'))
+
+  def _load(self, level: int, r: int, c: int) -> np.ndarray:
+    (h, w), (sh, sw) = self.sizes[level], self._grid(level)
+    i, y, x = self.index[level], r * sh, c * sw
+    d = round(self.slide.level_downsamples[i])  # read_region takes level-0 coordinates.
+    rgba = np.array(self.slide.read_region((x * d, y * d), i, (min(sw, w - x), min(sh, h - y))))
+    rgba[rgba[..., 3] == 0] = 255
+    return rgba[..., :3]
+
+
+def _ngff_resolution(image: dict, axes: list) -> Optional[dict]:
+  """The pixel size {'x', 'y', 'unit'} of an NGFF multiscales image: its first dataset's scale
+  (times the image's own), where its y and x axes name the same length unit; else None."""
+  scale = np.ones(len(axes))
+  for t in (image['datasets'][0].get('coordinateTransformations', []) +
+            image.get('coordinateTransformations', [])):
+    if t.get('type') == 'scale' and 'scale' in t:
+      scale *= t['scale']
+  units = {a['name']: a.get('unit') for a in image['axes'] if isinstance(a, dict)}
+  unit = SYMBOLS.get(units.get('x'))
+  if unit is None or units.get('y') != units.get('x'):
+    return None
+  return {'x': float(scale[axes.index('x')]), 'y': float(scale[axes.index('y')]), 'unit': unit}
+
+
 def _resolution(page, tif) -> Optional[dict]:
   """The physical pixel size {'x', 'y', 'unit'} of a TIFF (OME's PhysicalSize, else the resolution
   tags), or None."""
@@ -280,10 +390,19 @@ def _resolution(page, tif) -> Optional[dict]:
   return None
 
 
+def is_zarr(path) -> bool:
+  """Whether `path` is a Zarr store: a folder named *.zarr (*.ome.zarr)."""
+  return Path(path).suffix.lower() == '.zarr' and Path(path).is_dir()
+
+
 def is_slide(path) -> bool:
-  """Whether native predict reads `path` through TiffSource: a TIFF that is tiled, pyramidal, or
-  above Pillow's decompression-bomb limit (a plain small TIFF is read whole, as any image)."""
-  if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+  """Whether native predict reads `path` out of core (`open_source`): a Zarr store, a file of an
+  OpenSlide format, or a TIFF that is tiled, pyramidal, or above Pillow's decompression-bomb limit
+  (a plain small TIFF is read whole, as any image)."""
+  suffix = Path(path).suffix.lower()
+  if is_zarr(path) or suffix in OPENSLIDE_SUFFIXES:
+    return True
+  if suffix not in TIFF_SUFFIXES:
     return False
   import tifffile  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -295,6 +414,16 @@ def is_slide(path) -> bool:
                   page.imagelength * page.imagewidth > (Image.MAX_IMAGE_PIXELS or math.inf))
   except (OSError, ValueError, IndexError, tifffile.TiffFileError):
     return False  # Read as any image: its error then names the file.
+
+
+def open_source(path, cache_mb: int = 192) -> FileSource:
+  """The source of a slide: a Zarr store through zarr, a TIFF (.svs included) through tifffile,
+  the other whole-slide formats through OpenSlide. DataError (one line) if it cannot be read."""
+  if is_zarr(path):
+    return ZarrSource(path, cache_mb)
+  if Path(path).suffix.lower() in OPENSLIDE_SUFFIXES:
+    return OpenSlideSource(path, cache_mb)
+  return TiffSource(path, cache_mb)
 
 
 # --- Writing --------------------------------------------------------------------------------------
@@ -391,7 +520,7 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
   shape = lambda level: ((-(-height // 2 ** level), -(-width // 2 ** level)) +
                          ((3,) if channels[0] else ()))
   tiles = first()
-  head = next(tiles)  # The first band tells the channels.
+  tiles = itertools.chain([next(tiles)], tiles)  # The first band tells the channels.
   metadata = {'axes': 'YXS' if channels[0] else 'YX'}
   if resolution:
     metadata.update(PhysicalSizeX=resolution['x'], PhysicalSizeY=resolution['y'],
@@ -401,7 +530,7 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
     with tifffile.TiffWriter(f, bigtiff=True, ome=True) as tif:
       options = dict(tile=(tile, tile), dtype=np.uint8, compression=compression,
                      photometric='rgb' if channels[0] else 'minisblack')
-      tif.write(itertools.chain([head], tiles), shape=shape(0), subifds=levels, metadata=metadata, **options)
+      tif.write(tiles, shape=shape(0), subifds=levels, metadata=metadata, **options)
       for level in range(1, levels + 1):
         tif.write(iter(lower[level - 1]), shape=shape(level), subfiletype=1, metadata=None,
                   **options)
@@ -504,7 +633,7 @@ class SlideSink:
     return paths
 
   def close(self) -> dict:
-    """Assembles the OME-TIFF(s) from the finished bands; {kind: path}."""
+    """Assembles the output(s) from the finished bands; {kind: path}."""
     self.wait()
     self.pool.shutdown()
     paths = self.outputs()
