@@ -13,7 +13,7 @@ A source gives an image's size, its block-mean thumbnail and any region of it:
 A sink takes the output in bands of rows, top to bottom:
   `MemorySink`   the probabilities [H, W, C] in RAM, written in place as one band (`rows` None);
   `SlideSink`    a mask (and optionally uint8 probabilities) written as a tiled, compressed
-                 pyramidal OME-TIFF: each finished band's tiles are encoded and saved
+                 pyramidal OME-TIFF, or OME-Zarr: each finished band's tiles are encoded and saved
                  under `<output>.partial/` (so a killed job resumes from the bands already there),
                  and the output is assembled from them at the end, the input's pixel size carried
                  over.
@@ -467,7 +467,8 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
                   compression: str = 'zlib', tile: int = TILE, resolution=None,
                   levels: Optional[int] = None) -> None:
   """Writes an image given as bands of `tile` rows (uint8 [tile, W(, 3)], the last one shorter)
-  as a tiled pyramidal OME-TIFF (BigTIFF), holding only a band and the lower levels' encoded tiles:
+  as a tiled pyramidal OME-TIFF (BigTIFF), or an OME-Zarr if `path` ends in .zarr (zlib only),
+  holding only a band and the lower levels' encoded tiles:
   each level is the one above it with every other row and column (masks keep their labels),
   or its 2 x 2 means for RGB. `bands` may also yield encoded level-0 tiles with the band's rows:
   (list of bytes, rows [r, W(, 3)] at level 1 or None)."""
@@ -521,6 +522,11 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
                          ((3,) if channels[0] else ()))
   tiles = first()
   tiles = itertools.chain([next(tiles)], tiles)  # The first band tells the channels.
+  if Path(path).suffix.lower() == '.zarr':
+    if compression != 'zlib':
+      raise ValueError(f'OME-Zarr is written with zlib chunks, not {compression}')
+    return _write_zarr(path, [shape(level) for level in range(levels + 1)], [tiles] + lower, tile,
+                       resolution)
   metadata = {'axes': 'YXS' if channels[0] else 'YX'}
   if resolution:
     metadata.update(PhysicalSizeX=resolution['x'], PhysicalSizeY=resolution['y'],
@@ -536,6 +542,42 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
                   **options)
 
   files.atomic_write(path, write, 'wb')
+
+
+def _write_zarr(path, shapes: list, levels: list, tile: int, resolution=None) -> None:
+  """An OME-Zarr (NGFF 0.4, Zarr v2) of each level's encoded tiles (zlib, row by row; level 0's
+  may be an iterator that fills the others' lists), replaced whole: chunks of `tile`, channels
+  first (as NGFF orders the axes), tiles of zeros left out (zarr fills them)."""
+  channels = len(shapes[0]) == 3
+  zeros = zlib.compress(bytes(tile * tile * (3 if channels else 1)), 1)
+  unit = {'unit': UNITS[resolution['unit']]} if resolution and resolution['unit'] in UNITS else {}
+  size = (resolution['y'], resolution['x']) if resolution else (1, 1)
+  datasets = []
+  with files.replaced_folder(path) as folder:
+    for level, encoded in enumerate(levels):
+      (h, w), per_row = shapes[level][:2], -(-shapes[level][1] // tile)
+      for i, data in enumerate(encoded):
+        if data == zeros:
+          continue
+        if channels:  # [T, T, 3] -> [3, T, T].
+          data = zlib.compress(np.frombuffer(zlib.decompress(data), np.uint8).reshape(
+              tile, tile, 3).transpose(2, 0, 1).tobytes(), 1)
+        chunk = Path(folder, str(level), *(['0'] if channels else []), str(i // per_row),
+                     str(i % per_row))
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        chunk.write_bytes(data)
+      Path(folder, str(level)).mkdir(exist_ok=True)
+      Path(folder, str(level), '.zarray').write_text(json.dumps({
+          'zarr_format': 2, 'shape': [3] * channels + [h, w], 'chunks': [3] * channels + [tile] * 2,
+          'dtype': '|u1', 'compressor': {'id': 'zlib', 'level': 1}, 'fill_value': 0,
+          'order': 'C', 'filters': None, 'dimension_separator': '/'}))
+      datasets.append({'path': str(level), 'coordinateTransformations': [
+          {'type': 'scale', 'scale': [1] * channels + [s * 2 ** level for s in size]}]})
+    axes = [{'name': 'c', 'type': 'channel'}] * channels + [
+        dict(name=name, type='space', **unit) for name in ('y', 'x')]
+    Path(folder, '.zgroup').write_text(json.dumps({'zarr_format': 2}))
+    Path(folder, '.zattrs').write_text(json.dumps({'multiscales': [
+        {'version': '0.4', 'axes': axes, 'datasets': datasets}]}))
 
 
 class MemorySink:
@@ -556,8 +598,9 @@ class MemorySink:
 
 class SlideSink:
   """The mask of an image of height x width, written by bands of `rows` (a multiple of the tile)
-  into a tiled pyramidal OME-TIFF at `path` (uint8: 0 / 255 for one class, else class ids), with
-  `probabilities` also the foreground's (or each class's) probability x 255 at `<stem>_prob...`.
+  into a tiled pyramidal OME-TIFF at `path`, or an OME-Zarr if it ends in .zarr (uint8: 0 / 255
+  for one class, else class ids), with `probabilities` also the foreground's (or each class's)
+  probability x 255 at `<stem>_prob...`.
 
   Finished bands are kept under `<path>.partial/` with a manifest of `key` (what made them: the
   input, the method, the settings): a later run with the same key resumes from them, another key

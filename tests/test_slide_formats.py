@@ -1,15 +1,17 @@
 """Slides in other formats behind the same source: Zarr and OME-Zarr read a chunk at a time (and
 written as the output), OpenSlide's formats read a file tile at a time; one factory picks."""
 
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
 
-from iterseg import errors, predict, slides
-from tests.test_native import images
+from iterseg import checkpoints, errors, native, predict, settings, slides
+from tests.test_native import images, native_workdir  # noqa: F401 (a fixture)
 from tests.test_slides import Bands, model, pixels_under  # noqa: F401 (a fixture)
 
 PIXEL = {'x': 0.25, 'y': 0.5, 'unit': 'µm'}
@@ -85,6 +87,34 @@ def test_two_stage_on_a_zarr_source_equals_two_stage_in_ram(model, tmp_path):  #
   assert source.decoded - source.thumbnail_decoded == pixels_under(pred.refined, 1100, 700)
 
 
+def test_predict_writes_an_ome_zarr_mask_of_a_zarr_slide_with_its_pixel_size(
+    native_workdir, tmp_path):  # noqa: F811
+  from tests.helpers import set_fields  # pylint: disable=g-import-not-at-top
+  config, workdir = native_workdir
+  (image,) = images((600, 400), seed=5)
+  folder = tmp_path / 'in'
+  slides.write_pyramid(folder / 'slide.ome.zarr', 600, 400,
+                       (image[y:y + 128] for y in range(0, 600, 128)), tile=128, levels=0,
+                       resolution=PIXEL)  # RGB: written channels first (NGFF's order).
+  assert predict.list_inputs(folder) == [folder / 'slide.ome.zarr']  # A folder that is one input.
+  config = set_fields(config.copy_and_resolve_references(), **{
+      'predict.input': str(folder), 'predict.output': str(tmp_path / 'out'),
+      'predict.slide_format': 'zarr'})
+  s = settings.from_config(config)
+  (record,) = predict.run(s, str(workdir))['images']
+  assert record['mask'] == str(tmp_path / 'out' / 'slide_mask.ome.zarr')
+  trained = native.NativeModel(checkpoints.load_networks(str(workdir), s, num_patches=[2]), s.spec)
+  expected = ((trained.two_stage(image).probs[..., 0] > 0.5) * 255).astype(np.uint8)
+  written = zarr.open_group(record['mask'], mode='r')
+  np.testing.assert_array_equal(written['0'][:], expected)
+  np.testing.assert_array_equal(written['1'][:], expected[::2, ::2])
+  assert written.attrs['multiscales'][0]['version'] == '0.4'
+  with slides.open_source(record['mask']) as mask:
+    assert mask.resolution == PIXEL and mask.sizes == [(600, 400), (300, 200)]
+  assert zarr.open(record['probs'], mode='r')['0'].shape == (600, 400)
+  assert Path(record['overlay']).exists() and not list((tmp_path / 'out').glob('.*'))
+
+
 def test_a_damaged_or_unsupported_zarr_store_is_one_line_naming_it(tmp_path):
   (image,) = images((100, 100))
   path = tmp_path / 'a.zarr'
@@ -144,3 +174,13 @@ def test_openslide_reads_a_generic_tiled_tiff_a_tile_at_a_time(tmp_path):
   assert source.decoded == 64 * 44  # The thumbnail came from the level at 1/2.
   source.close()
 
+
+def test_a_zarr_output_replaces_the_previous_one_whole(tmp_path):
+  path = tmp_path / 'm.ome.zarr'
+  for value in (255, 0):
+    mask = np.full((70, 50), value, np.uint8)
+    slides.write_pyramid(path, 70, 50, iter([mask[:64], mask[64:]]), tile=64)
+    np.testing.assert_array_equal(zarr.open_group(path, mode='r')['0'][:], mask)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['m.ome.zarr']
+  assert json.loads((path / '0' / '.zarray').read_text())['chunks'] == [64, 64]
+  assert not list((path / '0').glob('[0-9]*'))  # Tiles of zeros are left to zarr's fill value.
