@@ -136,6 +136,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.png_compression = 0  # zlib level 0-9 of the probability and overlay PNGs: 0 (stored)
   # writes them 2x faster than 1, 1.5-1.7x larger (masks always use at least 1: 3 KiB, 2 ms).
   c.predict.skip_existing = False  # Skip inputs whose outputs all exist (go on after Ctrl-C).
+  c.predict.slide_format = 'tiff'  # A slide's mask and probabilities (resolution='native'):
+  # 'tiff' (pyramidal OME-TIFFs, <stem>_mask.ome.tif) or 'zarr' (OME-Zarr 0.4, <stem>_mask.ome.zarr).
 
   # --- Calibration (--mode=calibrate: the operating point of k and threshold per Np) ------------
   c.calibrate = ml_collections.ConfigDict()

@@ -12,6 +12,7 @@ NETWORKS = ('stage1', 'stage2', 'baseline')
 SAMPLING = ('random', 'entropy_weighted', 'top')
 DATASETS = ('ph2', 'retina', 'kitti', 'folder', 'synthetic')  # Modules of iterseg.data.
 PREDICT_OUTPUTS = ('mask', 'probs', 'overlay')
+SLIDE_FORMATS = ('tiff', 'zarr')
 CALIBRATE_TARGETS = ('dice_drop', 'latency')
 
 
@@ -104,6 +105,7 @@ class PredictPlan:
   outputs: tuple = checked('names', PREDICT_OUTPUTS)
   png_compression: int = checked('int', 0, 9)
   skip_existing: bool = checked('bool')  # Skip inputs whose outputs all exist (go on after Ctrl-C).
+  slide_format: str = checked('choice', SLIDE_FORMATS)  # A slide's outputs: OME-TIFF or OME-Zarr.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,9 @@ predict.outputs selects:
   <stem>_prob.png     binary: the foreground probability as a 16-bit grey PNG, value = round(p * 65535).
   <stem>_probs.npy    num_classes > 1 (instead of _prob.png): float32 [h, w, C] class probabilities.
   <stem>_overlay.png  the image with the mask tinted and the patches stage 2 refined outlined (yellow).
+At resolution='native', a slide (`slides.is_slide`: a tiled or pyramidal TIFF, a Zarr store, an
+OpenSlide format) is read and written out of core (`predict_slide`): `<stem>_mask.ome.tif` (or
+.ome.zarr, predict.slide_format), `<stem>_prob.ome.tif` and a small `<stem>_overlay.png`.
 A folder is read non-recursively (so an output folder inside it is never read); files whose
 extension Pillow does not know are skipped. Output names never collide (`output_names`): a stem that
 two inputs share (a.png, a.jpg) gives way to the full file name (a_png, a_jpg), and a name still
@@ -50,13 +53,15 @@ from iterseg.settings import Settings
 TINTS = np.array([(0, 255, 0), (0, 160, 255), (255, 0, 0), (255, 0, 255), (255, 128, 0),
                   (0, 255, 255), (128, 0, 255), (255, 255, 255)], np.float32)
 OUTLINE = (255, 255, 0)
+SLIDE_SUFFIXES = {'tiff': '.ome.tif', 'zarr': '.ome.zarr'}  # predict.slide_format: the outputs'.
 
 
 # --- Inputs -------------------------------------------------------------------------------------------
 
 
 def list_inputs(path, exclude: Optional[str] = None) -> list:
-  """The image files at `path` (a file, or a folder's image files sorted by name); InputError if none.
+  """The image files at `path` (a file or Zarr store, or a folder's image files and Zarr stores
+  sorted by name); InputError if none.
 
   Files inside `exclude` (the output folder) are never inputs.
   """
@@ -67,13 +72,14 @@ def list_inputs(path, exclude: Optional[str] = None) -> list:
   if not path.exists():
     raise InputError(f'config.predict.input={path} does not exist: point it at an image file or a '
                      f'folder of images.')
-  if path.is_file():
+  if path.is_file() or slides.is_zarr(path):
     return [path]
-  extensions = {ext.lower() for ext in Image.registered_extensions()} | set(slides.TIFF_SUFFIXES)
+  extensions = ({ext.lower() for ext in Image.registered_extensions()} | set(slides.TIFF_SUFFIXES) |
+                set(slides.OPENSLIDE_SUFFIXES))
   outside = lambda p: exclude is None or Path(os.path.realpath(p)).parent != Path(
       os.path.realpath(exclude))
-  found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith('.') and
-                 p.suffix.lower() in extensions and outside(p))
+  found = sorted(p for p in path.iterdir() if not p.name.startswith('.') and outside(p) and (
+      (p.is_file() and p.suffix.lower() in extensions) or slides.is_zarr(p)))
   if not found:
     raise InputError(f'no image files in folder {path} (looked for extensions Pillow reads, e.g. '
                      f'.png .jpg .tif .bmp): put images there or point config.predict.input at a file.')
@@ -86,8 +92,7 @@ def output_names(paths: Sequence[Path]) -> list:
   still taken, the full name and 8 hex digits of its hash (a_png-1f3a...)."""
   def key(name):
     return name.casefold()
-  names = [p.name[:-len('.ome.tif')] if p.name.lower().endswith('.ome.tif') else p.stem
-           for p in paths]
+  names = [p.stem[:-4] if p.stem.lower().endswith('.ome') else p.stem for p in paths]  # a.ome.tif
   for _ in range(2):  # Stems, then full names, for every name that is not unique yet.
     counts = collections.Counter(map(key, names))
     names = [p.name.replace('.', '_') if counts[key(n)] > 1 else n for p, n in zip(paths, names)]
@@ -177,26 +182,30 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
   return {kind: str(p) for kind, p in paths.items()}
 
 
-def slide_paths(output: Path, stem: str, outputs: Sequence[str]) -> dict:
-  """{kind: path} of a slide's outputs: pyramidal OME-TIFFs and a small overlay PNG."""
-  paths = {'mask': output / f'{stem}_mask.ome.tif', 'probs': output / f'{stem}_prob.ome.tif',
+def slide_paths(output: Path, stem: str, outputs: Sequence[str], slide_format: str = 'tiff') -> dict:
+  """{kind: path} of a slide's outputs: pyramidal OME-TIFFs or OME-Zarrs (predict.slide_format)
+  and a small overlay PNG."""
+  suffix = SLIDE_SUFFIXES[slide_format]
+  paths = {'mask': output / f'{stem}_mask{suffix}', 'probs': output / f'{stem}_prob{suffix}',
            'overlay': output / f'{stem}_overlay.png'}
   return {kind: p for kind, p in paths.items() if kind in outputs}
 
 
 def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[str], stopped,
-                  progress: bool = True) -> Optional[dict]:
-  """Native two-stage on a slide (`slides.is_slide`), out of core: read a file tile at a time, the
-  mask (and the probabilities) written by bands (`slides.SlideSink`), and an overlay PNG of at most
-  1024 px a side. A stopped job keeps its finished bands and returns None; the same command then
-  resumes from them. Returns the record, or raises DataError / InputError naming the file."""
-  source = slides.TiffSource(path)
+                  progress: bool = True, slide_format: str = 'tiff') -> Optional[dict]:
+  """Native two-stage on a slide (`slides.is_slide`), out of core: read a file tile at a time
+  (`slides.open_source`), the mask (and the probabilities) written by bands (`slides.SlideSink`),
+  and an overlay PNG of at most 1024 px a side. A stopped job keeps its finished bands and returns
+  None; the same command then resumes from them. Returns the record, or raises DataError /
+  InputError naming the file."""
+  source = slides.open_source(path)
   try:
-    paths = slide_paths(output, stem, outputs)
+    paths = slide_paths(output, stem, outputs, slide_format)
     stat = path.stat()
     key = {'input': str(path.resolve()), 'bytes': stat.st_size, 'mtime': stat.st_mtime,
            'spec': repr(model.spec)}
-    sink = slides.SlideSink(output / f'{stem}_mask.ome.tif', source.height, source.width, key,
+    sink = slides.SlideSink(output / f'{stem}_mask{SLIDE_SUFFIXES[slide_format]}', source.height,
+                            source.width, key,
                             rows=model.band_rows, probabilities='probs' in outputs,
                             resolution=source.resolution)
     if sink.resumed:
@@ -224,11 +233,11 @@ def _slide_overlay(path: Path, pred, mask_path: str, spec) -> None:
   """The overlay of a slide at 1 / d (d = f * preview_step): the stage-1 thumbnail, the mask's
   pyramid level at d (strided, as the levels are), the refined tiles outlined where they are at
   least 4 px."""
-  import tifffile  # pylint: disable=g-import-not-at-top
   image, d = pred.preview, spec.downscale * pred.stats['preview_step']
-  with tifffile.TiffFile(mask_path) as tif:
-    levels = tif.series[0].levels
-    mask = levels[min(round(math.log2(d)), len(levels) - 1)].asarray()
+  with slides.open_source(mask_path) as written:
+    level = min(round(math.log2(d)), len(written.sizes) - 1)
+    h, w = written.sizes[level]
+    mask = written.read(0, h, 0, w, level)[..., 0]
   h, w = min(len(image), len(mask)), min(image.shape[1], mask.shape[1])
   mask = (mask[:h, :w] > 0).astype(np.uint8) if spec.num_classes == 1 else mask[:h, :w]
   t = spec.patch_size / d  # Tiles under 4 px at this scale would hide the image: not outlined.
@@ -257,7 +266,7 @@ def read_input(path: Path, segment):
 def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Sequence[str]] = None,
                   outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
                   workers: Optional[int] = None, progress: bool = True, stop=None,
-                  skip_existing: bool = False, ahead: int = 2) -> tuple:
+                  skip_existing: bool = False, ahead: int = 2, slide_format: str = 'tiff') -> tuple:
   """Segments every file with `segment` (native.image_files: the paper's square protocol in
   batches, or native resolution an image at a time) and writes its outputs, at the file's size,
   into `output`: (records, interrupted).
@@ -298,7 +307,7 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
 
   large = {p for p in paths if segment.slide(p)}  # Read and written out of core, one at a time.
   todo = _to_do(paths, output, stems, outputs, segment.num_classes == 1, skip_existing, records,
-                large)
+                large, slide_format)
   bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
              disable=not progress, dynamic_ncols=True)
   chunks = iter(list(_chunks([p for p in todo if p not in large], batch_size)))
@@ -354,7 +363,8 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
     if stopped():
       break
     try:
-      record = predict_slide(segment.model, path, output, stems[path], outputs, stopped, progress)
+      record = predict_slide(segment.model, path, output, stems[path], outputs, stopped, progress,
+                             slide_format)
     except (ValueError, OSError) as e:  # DataError, InputError: the file, and why.
       record = {'input': str(path), 'error': ' '.join(str(e).split())}
     if record is None:
@@ -366,12 +376,12 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
 
 
 def _to_do(paths, output: Path, stems: dict, outputs, binary: bool, skip_existing: bool,
-           records: dict, large=()) -> list:
+           records: dict, large=(), slide_format: str = 'tiff') -> list:
   """The paths to segment; with skip_existing, those whose outputs all exist get a 'skipped'
   record in `records` instead (`large`: the slides among them)."""
   todo = []
   for path in paths:
-    existing = (slide_paths(output, stems[path], outputs) if path in large else
+    existing = (slide_paths(output, stems[path], outputs, slide_format) if path in large else
                 output_paths(output, stems[path], outputs, binary))
     if skip_existing and all(p.exists() for p in existing.values()):
       records[path] = {'input': str(path), 'skipped': 'its outputs exist',
@@ -478,7 +488,7 @@ def run(s: Settings, workdir: str) -> dict:
   start = time.perf_counter()
   common_args = dict(names=[names[p] for p in mine], outputs=s.predict.outputs,
                      compression=s.predict.png_compression, progress=jax.process_index() == 0,
-                     skip_existing=s.predict.skip_existing)
+                     skip_existing=s.predict.skip_existing, slide_format=s.predict.slide_format)
   segment = native.image_files(nets, s, s.predict.batch_size)
   run_id = time.time_ns() % 2 ** 31  # Names this run's summary parts (process 0's).
   if jax.process_count() > 1:

@@ -1,19 +1,23 @@
 """Where native inference reads pixels from and writes them to, in bounded memory.
 
 A source gives an image's size, its block-mean thumbnail and any region of it:
-  `ArraySource`  an image in RAM (uint8 [H, W, 3]);
-  `TiffSource`   a TIFF, BigTIFF or OME-TIFF (tiled or in strips, pyramidal or not) through tifffile:
-                 only the file's tiles under a region are decoded (an LRU cache keeps the recent ones,
-                 `decoded` counts them), and the thumbnail comes from the pyramid level whose
-                 downsample divides the factor (block means of it; never a coarser level), else from
-                 one streaming pass of bands.
+  `ArraySource`     an image in RAM (uint8 [H, W, 3]);
+  `FileSource`      a file read a segment (tile, strip or chunk) at a time: only the segments under a
+                    region are decoded (an LRU cache keeps the recent ones, `decoded` counts them),
+                    and the thumbnail comes from the pyramid level whose downsample divides the
+                    factor (block means of it; never a coarser level), else from one streaming pass
+                    of bands. `open_source` picks one of:
+    `TiffSource`      a TIFF, BigTIFF, OME-TIFF or SVS (tiled or in strips) through tifffile;
+    `ZarrSource`      a Zarr array or OME-Zarr image (v2 or v3) through zarr;
+    `OpenSlideSource` the other whole-slide formats (.ndpi, .mrxs, .scn, ...) through OpenSlide.
 A sink takes the output in bands of rows, top to bottom:
   `MemorySink`   the probabilities [H, W, C] in RAM, written in place as one band (`rows` None);
   `SlideSink`    a mask (and optionally uint8 probabilities) written as a tiled, compressed
-                 pyramidal OME-TIFF: each finished band's tiles are encoded and saved under
-                 `<output>.partial/` (so a killed job resumes from the bands already there), and the
-                 file is assembled from them at the end, the pixel size of the input carried over.
-`write_pyramid` writes any image given in bands as such a TIFF (the synthetic slides of the
+                 pyramidal OME-TIFF, or OME-Zarr: each finished band's tiles are encoded and saved
+                 under `<output>.partial/` (so a killed job resumes from the bands already there),
+                 and the output is assembled from them at the end, the input's pixel size carried
+                 over.
+`write_pyramid` writes any image given in bands as such a file (the synthetic slides of the
 benchmark are written with it, never held in RAM).
 """
 
@@ -35,7 +39,11 @@ from iterseg import files
 from iterseg.data import common
 from iterseg.errors import DataError
 
-TIFF_SUFFIXES = ('.tif', '.tiff', '.btf', '.tf8', '.svs')
+TIFF_SUFFIXES = ('.tif', '.tiff', '.btf', '.tf8', '.svs')  # Read with tifffile.
+OPENSLIDE_SUFFIXES = ('.ndpi', '.mrxs', '.scn', '.vms', '.vmu', '.svslide', '.bif', '.czi')
+UNITS = {'µm': 'micrometer', 'nm': 'nanometer', 'mm': 'millimeter', 'cm': 'centimeter',
+         'm': 'meter'}  # The pixel size's units: OME-TIFF's symbols, NGFF's names.
+SYMBOLS = {name: symbol for symbol, name in UNITS.items()}
 TILE = 512  # Side of the tiles iterseg writes.
 SEGMENT_BYTES = 2 ** 28  # The largest file tile or strip read (as RGB): 256 MB.
 
@@ -123,42 +131,32 @@ class ArraySource:
     pass
 
 
-class TiffSource:
-  """A TIFF read a file tile (or strip) at a time: uint8, 1, 3 or 4 samples (grey is repeated,
-  alpha dropped). `decoded`: full-resolution pixels decoded so far (each file tile once while it
-  stays in the cache of `cache_mb`), `thumbnail_decoded` those of them the thumbnail read."""
+class FileSource:
+  """What the file sources share: an image read a segment (a tile, strip or chunk of the file) at a
+  time, through an LRU cache of `cache_mb`; regions cut from the segments under them; the thumbnail
+  from the pyramid level whose downsample divides the factor, else one streaming pass of bands.
 
-  def __init__(self, path, cache_mb: int = 192):
-    import tifffile  # pylint: disable=g-import-not-at-top
-    self.path = Path(path)
-    try:
-      self.tif = tifffile.TiffFile(self.path)
-      series = self.tif.series[0]
-      self.levels = [level.keyframe for level in series.levels]
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as e:
-      raise DataError(f'cannot read TIFF {path}: {e}') from e
-    page = self.levels[0]
-    self.height, self.width = int(page.imagelength), int(page.imagewidth)
-    for i, level in enumerate(self.levels):
-      if level.dtype != np.uint8 or level.samplesperpixel not in (1, 3, 4) or (
-          level.samplesperpixel > 1 and level.planarconfig != 1) or level.imagedepth != 1:
-        raise DataError(f'cannot read TIFF {path}: iterseg reads 8-bit grey, RGB or RGBA images '
-                        f'with interleaved samples; this one has dtype {level.dtype}, '
-                        f'{level.samplesperpixel} samples, planar config {level.planarconfig}. '
-                        f'Convert it, e.g. with tifffile or vips.')
-      sh, sw, _ = self._grid(i)
-      if min(sh, level.imagelength) * min(sw, level.imagewidth) * 3 > SEGMENT_BYTES:
-        raise DataError(f'cannot read TIFF {path}: its tiles (or strips) of {sw} x {sh} pixels '
-                        f'are too large to read a part at a time. Re-tile it, e.g. '
-                        f'`vips tiffsave {path} out.tif --tile --pyramid --bigtiff`.')
-    self.resolution = _resolution(page, self.tif)
-    self.fd = os.open(self.path, os.O_RDONLY)
+  A subclass gives `sizes`, the (h, w) of the image and of each pyramid level, `_grid(level)` (the
+  segments' height and width) and `_load(level, r, c)` (uint8 [<= sh, <= sw, 3], the segment at row
+  r, column c). `decoded`: full-resolution pixels decoded so far (each segment once while it stays
+  cached), `thumbnail_decoded` those of them the thumbnail read; `resolution`: the physical pixel
+  size {'x', 'y', 'unit'}, or None."""
+  errors = (ValueError, RuntimeError, OSError, zlib.error)  # What codecs raise on damaged data.
+
+  def __init__(self, path, sizes: list, resolution: Optional[dict], cache_mb: int):
+    self.path, self.sizes, self.resolution = Path(path), sizes, resolution
+    self.height, self.width = sizes[0]
+    for level, (h, w) in enumerate(sizes):
+      sh, sw = self._grid(level)
+      if min(sh, h) * min(sw, w) * 3 > SEGMENT_BYTES:
+        raise DataError(f'cannot read {path}: its tiles (or strips, or chunks) of {sw} x {sh} '
+                        f'pixels are too large to read a part at a time. Re-tile it, e.g. `vips '
+                        f'tiffsave {path} out.tif --tile --pyramid --bigtiff`.')
     self.cache, self.lock, self.decoded = collections.OrderedDict(), threading.Lock(), 0
     self.cache_bytes, self.cached, self.thumbnail_decoded = cache_mb * 2 ** 20, 0, 0
 
   def close(self) -> None:
-    self.tif.close()
-    os.close(self.fd)
+    pass
 
   def __enter__(self):
     return self
@@ -166,40 +164,21 @@ class TiffSource:
   def __exit__(self, *exc):
     self.close()
 
-  def _grid(self, level: int):
-    """(segment height, segment width, segments per row) of a level: tiles, or strips."""
-    page = self.levels[level]
-    if page.is_tiled:
-      return page.tilelength, page.tilewidth, -(-page.imagewidth // page.tilewidth)
-    return page.rowsperstrip, page.imagewidth, 1
-
-  def _segment(self, level: int, index: int) -> np.ndarray:
-    """uint8 [sh, sw, 3] of segment `index` (cached)."""
-    key = (level, index)
+  def _segment(self, level: int, r: int, c: int) -> np.ndarray:
+    """uint8 [<= sh, <= sw, 3] of a segment (cached)."""
+    key = (level, r, c)
     with self.lock:
       if key in self.cache:
         self.cache.move_to_end(key)
         return self.cache[key]
-    page = self.levels[level]
-    sh, sw, per_row = self._grid(level)
-    offset, count = page.dataoffsets[index], page.databytecounts[index]
-    data = os.pread(self.fd, count, offset) if count else None
     try:
-      if count:  # The last strip may be shorter; edge tiles are whole.
-        rows = sh if page.is_tiled else min(sh, page.imagelength - index * sh)
-        common.check_declared(rows * sw * page.samplesperpixel, len(data),
-                              common.TIFF_RATIO.get(int(page.compression)), f'a {sw} x {sh} tile')
-      segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-    except (ValueError, NotImplementedError, RuntimeError, zlib.error) as e:  # Codecs' errors.
-      raise DataError(f'cannot decode {self.path} (tile {index} of level {level}): {e}') from e
-    segment = (np.zeros((sh, sw, 3), np.uint8) if segment is None else
-               np.asarray(segment).reshape(shape[1], shape[2], -1))
-    samples = segment.shape[-1]
-    segment = np.repeat(segment, 3, -1) if samples == 1 else segment[..., :3]
+      segment = self._load(level, r, c)
+    except self.errors as e:
+      raise DataError(f'cannot decode {self.path} (tile {r}, {c} of level {level}): {e}') from e
     with self.lock:
       if level == 0:  # The segment's pixels inside the image.
-        ty, tx = index // per_row * sh, index % per_row * sw
-        self.decoded += (min(sh, self.height - ty) * min(sw, self.width - tx))
+        sh, sw = self._grid(0)
+        self.decoded += min(sh, self.height - r * sh) * min(sw, self.width - c * sw)
       self.cache[key] = segment
       self.cached += segment.nbytes
       while self.cached > self.cache_bytes and len(self.cache) > 1:
@@ -208,15 +187,14 @@ class TiffSource:
 
   def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
     """uint8 [y1 - y0, x1 - x0, 3] of a level, inside its image: only the segments under it."""
-    page = self.levels[level]
-    sh, sw, per_row = self._grid(level)
+    (h, w), (sh, sw) = self.sizes[level], self._grid(level)
     out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
     for r in range(y0 // sh, -(-y1 // sh)):
       for c in range(x0 // sw, -(-x1 // sw)):
-        segment = self._segment(level, r * per_row + c)
+        segment = self._segment(level, r, c)
         ty, tx = r * sh, c * sw
-        a0, a1 = max(y0, ty), min(y1, ty + sh, page.imagelength)
-        b0, b1 = max(x0, tx), min(x1, tx + sw, page.imagewidth)
+        a0, a1 = max(y0, ty), min(y1, ty + sh, h)
+        b0, b1 = max(x0, tx), min(x1, tx + sw, w)
         out[a0 - y0:a1 - y0, b0 - x0:b1 - x0] = segment[a0 - ty:a1 - ty, b0 - tx:b1 - tx]
     return out
 
@@ -224,18 +202,17 @@ class TiffSource:
     return _cut(self.read, self.height, self.width, y, x, side)
 
   def thumbnail(self, factor: int, rows=None) -> np.ndarray:
-    """float32 [ceil(H/f), ceil(W/f), 3] (or its rows (a, b)): block means of the finest level
-    whose downsample d divides f (a pyramid level, or the image itself), read in bands of 64 f / d
-    rows."""
+    """float32 [ceil(H/f), ceil(W/f), 3] (or its rows (a, b)): block means of the coarsest level
+    whose downsample d divides f (a pyramid level, or the image itself; never one coarser than f),
+    read in bands of 64 f / d rows."""
     level, d = 0, 1
-    for i, page in enumerate(self.levels[1:], 1):
-      ratio = self.width / page.imagewidth
+    for i, (lh, lw) in enumerate(self.sizes[1:], 1):
+      ratio = self.width / lw
       near = round(ratio)
       if (abs(ratio - near) < 1e-6 and factor % near == 0 and
-          page.imagelength == -(-self.height // near) and page.imagewidth == -(-self.width // near)):
+          (lh, lw) == (-(-self.height // near), -(-self.width // near))):
         level, d = i, near
-    f, page = factor // d, self.levels[level]
-    h, w = page.imagelength, page.imagewidth
+    f, (h, w) = factor // d, self.sizes[level]
     a, b = rows or (0, -(-h // f))
     out = np.empty((b - a, -(-w // f), 3), np.float32)
     step, before = 64 * f, self.decoded
@@ -246,6 +223,163 @@ class TiffSource:
     self.cache.clear()  # Stage 2 reads other tiles (or this level's are no use to it).
     self.cached = 0
     return out
+
+
+def _rgb(pixels: np.ndarray) -> np.ndarray:
+  """uint8 [h, w, 3] of [h, w, S], S in (1, 3, 4): grey repeated, alpha dropped."""
+  return np.repeat(pixels, 3, -1) if pixels.shape[-1] == 1 else pixels[..., :3]
+
+
+def _unsupported(path, kind: str, has: str) -> DataError:
+  return DataError(f'cannot read {kind} {path}: iterseg reads 8-bit grey, RGB or RGBA images; this '
+                   f'one has {has}. Convert it, e.g. with tifffile or vips.')
+
+
+class TiffSource(FileSource):
+  """A TIFF, BigTIFF or OME-TIFF (tiled or in strips, pyramidal or not) read a file tile (or strip)
+  at a time through tifffile: uint8, 1, 3 or 4 interleaved samples."""
+
+  def __init__(self, path, cache_mb: int = 192):
+    import tifffile  # pylint: disable=g-import-not-at-top
+    try:
+      self.tif = tifffile.TiffFile(path)
+      self.levels = [level.keyframe for level in self.tif.series[0].levels]
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as e:
+      raise DataError(f'cannot read TIFF {path}: {e}') from e
+    for page in self.levels:
+      if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4) or (
+          page.samplesperpixel > 1 and page.planarconfig != 1) or page.imagedepth != 1:
+        raise _unsupported(path, 'TIFF', f'dtype {page.dtype}, {page.samplesperpixel} samples, '
+                           f'planar config {page.planarconfig} (1: interleaved)')
+    super().__init__(path, [(int(p.imagelength), int(p.imagewidth)) for p in self.levels],
+                     _resolution(self.levels[0], self.tif), cache_mb)
+    self.fd = os.open(self.path, os.O_RDONLY)
+
+  def close(self) -> None:
+    self.tif.close()
+    os.close(self.fd)
+
+  def _grid(self, level: int) -> tuple:
+    """(segment height, segment width) of a level: tiles, or strips."""
+    page = self.levels[level]
+    return (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip,
+                                                                     page.imagewidth)
+
+  def _load(self, level: int, r: int, c: int) -> np.ndarray:
+    page, (sh, sw) = self.levels[level], self._grid(level)
+    index = r * -(-page.imagewidth // sw) + c
+    offset, count = page.dataoffsets[index], page.databytecounts[index]
+    data = os.pread(self.fd, count, offset) if count else None
+    if count:  # Bounded before decoding; the last strip may be shorter, edge tiles are whole.
+      rows = sh if page.is_tiled else min(sh, page.imagelength - index * sh)
+      common.check_declared(rows * sw * page.samplesperpixel, len(data),
+                            common.TIFF_RATIO.get(int(page.compression)), f'a {sw} x {sh} tile')
+    segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+    if segment is None:  # A tile the file leaves out.
+      return np.zeros((sh, sw, 3), np.uint8)
+    return _rgb(np.asarray(segment).reshape(shape[1], shape[2], -1))
+
+
+class ZarrSource(FileSource):
+  """A Zarr array (uint8 [H, W] or [H, W, C]) or an OME-Zarr image (NGFF 0.4 or 0.5 multiscales:
+  its datasets are the pyramid; axes such as yx, cyx or tczyx, read at t = z = 0, channels last),
+  Zarr v2 or v3, read a chunk at a time through zarr; 1, 3 or 4 channels."""
+
+  def __init__(self, path, cache_mb: int = 192):
+    import zarr  # pylint: disable=g-import-not-at-top
+    try:
+      node, resolution = zarr.open(str(path), mode='r'), None
+      if isinstance(node, zarr.Array):
+        self.arrays, self.axes = [node], ['y', 'x', 'c'][:node.ndim]
+      else:
+        image = node.attrs.asdict()
+        image = image.get('ome', image)  # NGFF 0.5 nests its metadata under 'ome'.
+        if 'multiscales' not in image:
+          raise LookupError('a group without OME-Zarr multiscales metadata')
+        image = image['multiscales'][0]
+        self.axes = [a if isinstance(a, str) else a['name'] for a in image['axes']]
+        self.arrays = [node[d['path']] for d in image['datasets']]
+        resolution = _ngff_resolution(image, self.axes)
+    except (OSError, ValueError, LookupError, TypeError) as e:
+      raise DataError(f'cannot read Zarr {path}: {e}') from e
+    array = self.arrays[0]
+    if not {'y', 'x'} <= set(self.axes) or any(a.ndim != len(self.axes) for a in self.arrays):
+      raise DataError(f'cannot read Zarr {path}: its axes {self.axes} do not match its arrays '
+                      f'{[a.shape for a in self.arrays]}: it needs y and x axes.')
+    channels = array.shape[self.axes.index('c')] if 'c' in self.axes else 1
+    if array.dtype != np.uint8 or channels not in (1, 3, 4):
+      raise _unsupported(path, 'Zarr', f'dtype {array.dtype}, {channels} channels')
+    iy, ix = self.axes.index('y'), self.axes.index('x')
+    self.kept = [a for a in self.axes if a in ('y', 'x', 'c')]
+    super().__init__(path, [(a.shape[iy], a.shape[ix]) for a in self.arrays], resolution,
+                     cache_mb)
+
+  def _grid(self, level: int) -> tuple:
+    chunks = self.arrays[level].chunks
+    return chunks[self.axes.index('y')], chunks[self.axes.index('x')]
+
+  def _load(self, level: int, r: int, c: int) -> np.ndarray:
+    (sh, sw), take = self._grid(level), {'c': slice(0, 3)}
+    take.update(y=slice(r * sh, (r + 1) * sh), x=slice(c * sw, (c + 1) * sw))
+    pixels = self.arrays[level][tuple(take.get(a, 0) for a in self.axes)]
+    pixels = pixels.transpose([self.kept.index(a) for a in ('y', 'x', 'c') if a in self.kept])
+    return _rgb(pixels if pixels.ndim == 3 else pixels[..., None])
+
+
+class OpenSlideSource(FileSource):
+  """A whole-slide image OpenSlide reads (.svs, .ndpi, .mrxs, .scn, ...; `pip install
+  'iterseg[slides]'`), by `read_region` a file tile at a time (its tile size, else 512); pixels
+  outside the scanned area (alpha 0) are white. Pyramid levels whose downsample is not a whole
+  number are not used."""
+
+  def __init__(self, path, cache_mb: int = 192):
+    try:
+      import openslide  # pylint: disable=g-import-not-at-top
+    except ImportError as e:  # openslide-python, or its library (openslide-bin), is missing.
+      raise DataError(f"cannot read {path}: its format needs OpenSlide: pip install "
+                      f"'iterseg[slides]' ({e})") from e
+    self.errors = FileSource.errors + (openslide.OpenSlideError,)
+    try:
+      self.slide = openslide.OpenSlide(path)
+    except (OSError, openslide.OpenSlideError) as e:
+      raise DataError(f'cannot read {path} with OpenSlide: {e}') from e
+    self.index = [i for i, d in enumerate(self.slide.level_downsamples) if d == round(d)]
+    props = self.slide.properties
+    mpp = [props.get(f'openslide.mpp-{k}') for k in ('x', 'y')]
+    super().__init__(path, [self.slide.level_dimensions[i][::-1] for i in self.index],
+                     None if None in mpp else {'x': float(mpp[0]), 'y': float(mpp[1]),
+                                               'unit': 'µm'}, cache_mb)
+
+  def close(self) -> None:
+    self.slide.close()
+
+  def _grid(self, level: int) -> tuple:
+    props = self.slide.properties
+    return tuple(int(props.get(f'openslide.level[{self.index[level]}].tile-{k}', TILE))
+                 for k in ('height', 'width'))
+
+  def _load(self, level: int, r: int, c: int) -> np.ndarray:
+    (h, w), (sh, sw) = self.sizes[level], self._grid(level)
+    i, y, x = self.index[level], r * sh, c * sw
+    d = round(self.slide.level_downsamples[i])  # read_region takes level-0 coordinates.
+    rgba = np.array(self.slide.read_region((x * d, y * d), i, (min(sw, w - x), min(sh, h - y))))
+    rgba[rgba[..., 3] == 0] = 255
+    return rgba[..., :3]
+
+
+def _ngff_resolution(image: dict, axes: list) -> Optional[dict]:
+  """The pixel size {'x', 'y', 'unit'} of an NGFF multiscales image: its first dataset's scale
+  (times the image's own), where its y and x axes name the same length unit; else None."""
+  scale = np.ones(len(axes))
+  for t in (image['datasets'][0].get('coordinateTransformations', []) +
+            image.get('coordinateTransformations', [])):
+    if t.get('type') == 'scale' and 'scale' in t:
+      scale *= t['scale']
+  units = {a['name']: a.get('unit') for a in image['axes'] if isinstance(a, dict)}
+  unit = SYMBOLS.get(units.get('x'))
+  if unit is None or units.get('y') != units.get('x'):
+    return None
+  return {'x': float(scale[axes.index('x')]), 'y': float(scale[axes.index('y')]), 'unit': unit}
 
 
 def _resolution(page, tif) -> Optional[dict]:
@@ -268,10 +402,19 @@ def _resolution(page, tif) -> Optional[dict]:
   return None
 
 
+def is_zarr(path) -> bool:
+  """Whether `path` is a Zarr store: a folder named *.zarr (*.ome.zarr)."""
+  return Path(path).suffix.lower() == '.zarr' and Path(path).is_dir()
+
+
 def is_slide(path) -> bool:
-  """Whether native predict reads `path` through TiffSource: a TIFF that is tiled, pyramidal, or
-  above Pillow's decompression-bomb limit (a plain small TIFF is read whole, as any image)."""
-  if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+  """Whether native predict reads `path` out of core (`open_source`): a Zarr store, a file of an
+  OpenSlide format, or a TIFF that is tiled, pyramidal, or above Pillow's decompression-bomb limit
+  (a plain small TIFF is read whole, as any image)."""
+  suffix = Path(path).suffix.lower()
+  if is_zarr(path) or suffix in OPENSLIDE_SUFFIXES:
+    return True
+  if suffix not in TIFF_SUFFIXES:
     return False
   import tifffile  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -283,6 +426,16 @@ def is_slide(path) -> bool:
                   page.imagelength * page.imagewidth > (Image.MAX_IMAGE_PIXELS or math.inf))
   except (OSError, ValueError, IndexError, tifffile.TiffFileError):
     return False  # Read as any image: its error then names the file.
+
+
+def open_source(path, cache_mb: int = 192) -> FileSource:
+  """The source of a slide: a Zarr store through zarr, a TIFF (.svs included) through tifffile,
+  the other whole-slide formats through OpenSlide. DataError (one line) if it cannot be read."""
+  if is_zarr(path):
+    return ZarrSource(path, cache_mb)
+  if Path(path).suffix.lower() in OPENSLIDE_SUFFIXES:
+    return OpenSlideSource(path, cache_mb)
+  return TiffSource(path, cache_mb)
 
 
 # --- Writing --------------------------------------------------------------------------------------
@@ -326,7 +479,8 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
                   compression: str = 'zlib', tile: int = TILE, resolution=None,
                   levels: Optional[int] = None) -> None:
   """Writes an image given as bands of `tile` rows (uint8 [tile, W(, 3)], the last one shorter)
-  as a tiled pyramidal OME-TIFF (BigTIFF), holding only a band and the lower levels' encoded tiles:
+  as a tiled pyramidal OME-TIFF (BigTIFF), or an OME-Zarr if `path` ends in .zarr (zlib only),
+  holding only a band and the lower levels' encoded tiles:
   each level is the one above it with every other row and column (masks keep their labels),
   or its 2 x 2 means for RGB. `bands` may also yield encoded level-0 tiles with the band's rows:
   (list of bytes, rows [r, W(, 3)] at level 1 or None)."""
@@ -379,7 +533,12 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
   shape = lambda level: ((-(-height // 2 ** level), -(-width // 2 ** level)) +
                          ((3,) if channels[0] else ()))
   tiles = first()
-  head = next(tiles)  # The first band tells the channels.
+  tiles = itertools.chain([next(tiles)], tiles)  # The first band tells the channels.
+  if Path(path).suffix.lower() == '.zarr':
+    if compression != 'zlib':
+      raise ValueError(f'OME-Zarr is written with zlib chunks, not {compression}')
+    return _write_zarr(path, [shape(level) for level in range(levels + 1)], [tiles] + lower, tile,
+                       resolution)
   metadata = {'axes': 'YXS' if channels[0] else 'YX'}
   if resolution:
     metadata.update(PhysicalSizeX=resolution['x'], PhysicalSizeY=resolution['y'],
@@ -389,12 +548,48 @@ def write_pyramid(path, height: int, width: int, bands: Iterator[np.ndarray], *,
     with tifffile.TiffWriter(f, bigtiff=True, ome=True) as tif:
       options = dict(tile=(tile, tile), dtype=np.uint8, compression=compression,
                      photometric='rgb' if channels[0] else 'minisblack')
-      tif.write(itertools.chain([head], tiles), shape=shape(0), subifds=levels, metadata=metadata, **options)
+      tif.write(tiles, shape=shape(0), subifds=levels, metadata=metadata, **options)
       for level in range(1, levels + 1):
         tif.write(iter(lower[level - 1]), shape=shape(level), subfiletype=1, metadata=None,
                   **options)
 
   files.atomic_write(path, write, 'wb')
+
+
+def _write_zarr(path, shapes: list, levels: list, tile: int, resolution=None) -> None:
+  """An OME-Zarr (NGFF 0.4, Zarr v2) of each level's encoded tiles (zlib, row by row; level 0's
+  may be an iterator that fills the others' lists), replaced whole: chunks of `tile`, channels
+  first (as NGFF orders the axes), tiles of zeros left out (zarr fills them)."""
+  channels = len(shapes[0]) == 3
+  zeros = zlib.compress(bytes(tile * tile * (3 if channels else 1)), 1)
+  unit = {'unit': UNITS[resolution['unit']]} if resolution and resolution['unit'] in UNITS else {}
+  size = (resolution['y'], resolution['x']) if resolution else (1, 1)
+  datasets = []
+  with files.replaced_folder(path) as folder:
+    for level, encoded in enumerate(levels):
+      (h, w), per_row = shapes[level][:2], -(-shapes[level][1] // tile)
+      for i, data in enumerate(encoded):
+        if data == zeros:
+          continue
+        if channels:  # [T, T, 3] -> [3, T, T].
+          data = zlib.compress(np.frombuffer(zlib.decompress(data), np.uint8).reshape(
+              tile, tile, 3).transpose(2, 0, 1).tobytes(), 1)
+        chunk = Path(folder, str(level), *(['0'] if channels else []), str(i // per_row),
+                     str(i % per_row))
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        chunk.write_bytes(data)
+      Path(folder, str(level)).mkdir(exist_ok=True)
+      Path(folder, str(level), '.zarray').write_text(json.dumps({
+          'zarr_format': 2, 'shape': [3] * channels + [h, w], 'chunks': [3] * channels + [tile] * 2,
+          'dtype': '|u1', 'compressor': {'id': 'zlib', 'level': 1}, 'fill_value': 0,
+          'order': 'C', 'filters': None, 'dimension_separator': '/'}))
+      datasets.append({'path': str(level), 'coordinateTransformations': [
+          {'type': 'scale', 'scale': [1] * channels + [s * 2 ** level for s in size]}]})
+    axes = [{'name': 'c', 'type': 'channel'}] * channels + [
+        dict(name=name, type='space', **unit) for name in ('y', 'x')]
+    Path(folder, '.zgroup').write_text(json.dumps({'zarr_format': 2}))
+    Path(folder, '.zattrs').write_text(json.dumps({'multiscales': [
+        {'version': '0.4', 'axes': axes, 'datasets': datasets}]}))
 
 
 class MemorySink:
@@ -415,8 +610,9 @@ class MemorySink:
 
 class SlideSink:
   """The mask of an image of height x width, written by bands of `rows` (a multiple of the tile)
-  into a tiled pyramidal OME-TIFF at `path` (uint8: 0 / 255 for one class, else class ids), with
-  `probabilities` also the foreground's (or each class's) probability x 255 at `<stem>_prob...`.
+  into a tiled pyramidal OME-TIFF at `path`, or an OME-Zarr if it ends in .zarr (uint8: 0 / 255
+  for one class, else class ids), with `probabilities` also the foreground's (or each class's)
+  probability x 255 at `<stem>_prob...`.
 
   Finished bands are kept under `<path>.partial/` with a manifest of `key` (what made them: the
   input, the method, the settings): a later run with the same key resumes from them, another key
@@ -492,7 +688,7 @@ class SlideSink:
     return paths
 
   def close(self) -> dict:
-    """Assembles the OME-TIFF(s) from the finished bands; {kind: path}."""
+    """Assembles the output(s) from the finished bands; {kind: path}."""
     self.wait()
     self.pool.shutdown()
     paths = self.outputs()

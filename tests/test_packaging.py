@@ -34,7 +34,7 @@ RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 # Import name -> distribution name in pyproject.toml.
 DISTRIBUTIONS = {'PIL': 'pillow', 'absl': 'absl-py', 'ml_collections': 'ml-collections',
                  'tensorflow_datasets': 'tensorflow-datasets', 'orbax': 'orbax-checkpoint',
-                 'array_record': 'array-record'}
+                 'array_record': 'array-record', 'openslide': 'openslide-python'}
 
 
 def iterseg_imports(path: Path) -> set:
@@ -70,7 +70,7 @@ def test_no_module_imports_one_above_it():
 def test_every_imported_package_is_declared():
   with open(ROOT / 'pyproject.toml', 'rb') as f:
     project = tomllib.load(f)['project']
-  # The core, and the extras that iterseg imports only where present (slides: JPEG tile codecs).
+  # The core, and the extras that iterseg imports only where present (slides: tile codecs, OpenSlide).
   dependencies = project['dependencies'] + project['optional-dependencies']['slides']
   declared = {re.match(r'[A-Za-z0-9_.-]+', d).group(0).lower() for d in dependencies}
   stdlib = set(sys.stdlib_module_names)

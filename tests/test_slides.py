@@ -85,13 +85,20 @@ def test_out_of_core_two_stage_gives_the_in_ram_probabilities(model, slide):
   assert pred.stats['refined'] == in_ram.stats['refined']
   source.close()
   assert source.thumbnail_decoded == image.shape[0] * image.shape[1]  # No pyramid: one pass.
-  under = set()  # The file tiles (128 px) under each refined tile (32 px) and its halo (4 px).
-  for r, c in zip(*np.nonzero(pred.refined)):
-    y0, x0 = max(r * 32 - 4, 0), max(c * 32 - 4, 0)
-    y1, x1 = min(r * 32 + 36, 1100) - 1, min(c * 32 + 36, 700) - 1
-    under |= {(i, j) for i in range(y0 // 128, y1 // 128 + 1) for j in range(x0 // 128, x1 // 128 + 1)}
-  pixels = sum(min(128, 1100 - i * 128) * min(128, 700 - j * 128) for i, j in under)
-  assert source.decoded - source.thumbnail_decoded == pixels  # Each once, none other.
+  assert source.decoded - source.thumbnail_decoded == pixels_under(pred.refined, *image.shape[:2])
+
+
+def pixels_under(refined, height, width, file_tile=128, tile=32, halo=4):
+  """The pixels of the file tiles under each refined tile and its halo, each file tile once: what
+  stage 2 must decode, and all it may."""
+  under = set()
+  for r, c in zip(*np.nonzero(refined)):
+    y0, x0 = max(r * tile - halo, 0), max(c * tile - halo, 0)
+    y1, x1 = min((r + 1) * tile + halo, height) - 1, min((c + 1) * tile + halo, width) - 1
+    under |= {(i, j) for i in range(y0 // file_tile, y1 // file_tile + 1)
+              for j in range(x0 // file_tile, x1 // file_tile + 1)}
+  return sum(min(file_tile, height - i * file_tile) * min(file_tile, width - j * file_tile)
+             for i, j in under)
 
 
 def test_out_of_core_sliding_window_gives_the_in_ram_probabilities(model, slide):
