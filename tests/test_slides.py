@@ -103,6 +103,35 @@ def test_out_of_core_sliding_window_gives_the_in_ram_probabilities(model, slide)
                              atol=1e-6)
 
 
+def test_the_dense_reference_out_of_core_resumes_without_running_the_saved_bands_again(
+    model, slide, tmp_path):
+  """Stopped after its first band, the rerun runs only the windows that reach the bands not saved
+  (those over the saved rows too, for their sums below) and writes the uninterrupted files."""
+  image, path = slide
+  out = tmp_path / 'dense_mask.ome.tif'
+  make = lambda: slides.SlideSink(out, *image.shape[:2], {'method': 'baseline'},
+                                  rows=model.band_rows, probabilities=True)
+  read = lambda: [tifffile.imread(p) for p in (out, tmp_path / 'dense_prob.ome.tif')]
+  with slides.TiffSource(path) as source:
+    sink = make()
+    whole = model.sliding_window(source, sink=sink)
+    sink.close()
+    expected = read()
+    sink = make()
+    assert model.sliding_window(source, sink=sink, stop=lambda: sink.made) is None  # Killed.
+    sink.wait()
+    again = make()
+    assert again.resumed == 1
+    pred = model.sliding_window(source, sink=again)
+    again.close()
+  for a, b in zip(read(), expected):
+    np.testing.assert_array_equal(a, b)
+  rows = native._starts(len(image), model.spec.window_side, model.spec.overlap)
+  reaching = [y for y in rows if y + model.spec.window_side > model.band_rows]
+  assert pred.stats['windows'] == whole.stats['windows'] * len(reaching) // len(rows) < (
+      whole.stats['windows'])
+
+
 def test_the_mask_is_written_as_a_pyramidal_ome_tiff_and_a_killed_job_resumes(model, slide,
                                                                                tmp_path):
   image, path = slide
