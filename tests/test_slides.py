@@ -162,6 +162,32 @@ def test_the_mask_is_written_as_a_pyramidal_ome_tiff_and_a_killed_job_resumes(mo
   assert other.resumed == 0  # Bands of another method are never reused.
 
 
+def test_processes_sharing_a_slide_make_alternate_bands_of_the_one_file(model, slide, tmp_path):
+  """The sinks of two processes (in turn here) on one output: process i makes bands i, i + 2, ...
+  (the dense reference only the windows reaching them), a rerun only those not saved; process 0
+  assembles the file one process makes."""
+  image, path = slide
+  for method in (model.two_stage, model.sliding_window):
+    make = lambda share: slides.SlideSink(tmp_path / 'slide_mask.ome.tif', *image.shape[:2],
+                                          {'method': method.__name__}, rows=model.band_rows,
+                                          share=share)
+    with slides.TiffSource(path) as source:
+      sink = make((0, 1))
+      whole = method(source, sink=sink)
+      expected = tifffile.imread(sink.close()['mask'])
+      sinks = [make((i, 2)) for i in range(2)]
+      zero = method(source, sink=sinks[0])
+      sinks[0].wait()
+      assert sinks[0].made == 2 and method(source, sink=sinks[1], stop=lambda: True) is None
+      sinks = [make((i, 2)) for i in range(2)]  # Process 1 was stopped: the job is run again.
+      one = [method(source, sink=sink) for sink in sinks][1]
+      sinks[1].wait()  # Then the barrier, and process 0 assembles.
+    assert [sink.made for sink in sinks] == [0, 1] and sinks[1].resumed == 2  # Band 512 made.
+    np.testing.assert_array_equal(tifffile.imread(sinks[0].close()['mask']), expected)
+    if method == model.sliding_window:
+      assert zero.stats['windows'] + one.stats['windows'] < 1.2 * whole.stats['windows']
+
+
 def test_predict_segments_a_slide_out_of_core_beside_plain_images(native_workdir, slide, tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from iterseg import predict  # pylint: disable=g-import-not-at-top
