@@ -152,6 +152,20 @@ def replaced_folder(folder):
     _remove(tmp)
 
 
+# At most how many bytes one byte of a file decodes to, by TIFF compression (tag 259): none 1, LZW
+# 2048 (12-bit codes reach ~1300), deflate 1032 (its limit), PackBits 64, JPEG 2048 (at least a bit
+# per 8x8 block: 512 pixels a byte, of at most 4 samples). Other codecs (CCITT, zstd...): no bound.
+TIFF_RATIO = {1: 1, 5: 2048, 7: 2048, 8: 1032, 32946: 1032, 32773: 64}
+
+
+def check_declared(declared: int, size: int, ratio, what: str) -> None:
+  """ValueError if `declared` decoded bytes are more than `size` bytes can hold at `ratio` (None:
+  no bound): a decoder would allocate them before finding the data missing."""
+  if ratio and declared > ratio * size:
+    raise ValueError(f'its header declares {what}, more than its {size} bytes can hold: it is '
+                     f'truncated or forged')
+
+
 def is_number(v, low=None, high=None, low_open=False, high_open=False, whole=False) -> bool:
   """Whether `v` is a finite number (an int if `whole`; not a bool) within the bounds given."""
   if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)):

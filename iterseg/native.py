@@ -542,11 +542,13 @@ class NativeModel:
       return self.stage1_only(image, sink=sink)
     return self.two_stage(image, sink=sink)
 
-  def sliding_window(self, image, *, batch: int = WINDOWS, sink=None) -> NativePrediction:
+  def sliding_window(self, image, *, batch: int = WINDOWS, sink=None,
+                     stop=None) -> Optional[NativePrediction]:
     """The baseline U-Net on windows of native.window px overlapping by native.overlap, each pixel
     the mean of the windows over it weighted by `blend_weights` (MONAI's sliding_window_inference,
     mode native.blend); probs [H, W, C] float32 (coarse, scores and refined None), or written to
-    `sink` by bands: then the sums are kept for the rows that windows still reach only."""
+    `sink` by bands: then the sums are kept for a band and the rows its windows reach, and only the
+    windows reaching a band the sink has not (`done`) run. `stop` is asked between calls (None)."""
     if self.nets.baseline is None:
       raise InputError(f'the dense reference needs the baseline; the networks have '
                        f'{self.nets.names()}.')
@@ -554,38 +556,42 @@ class NativeModel:
     source = self._check(image, sink, extra_per_pixel=4)
     spec = self.spec
     height, width, side = source.height, source.width, spec.window_side
+    rows = sink.rows or height
+    todo = {y0 for y0 in range(0, height, rows) if not sink.done(y0)}
     across = _starts(width, side, spec.overlap)
-    corners = [(y, x) for y in _starts(height, side, spec.overlap) for x in across]
-    # Rows of sums held: all, or a band and the rows that the windows of a batch may reach.
-    span = height if sink.rows is None else min(height, sink.rows + side * (
-        2 + batch // len(across)))
+    corners = [(y, x) for y in _starts(height, side, spec.overlap)
+               if todo & set(range(y // rows * rows, min(y + side, height), rows)) for x in across]
+    span = min(height, rows + side)  # Rows of sums held: a band and the rows its windows reach.
     out = np.zeros((span, width, spec.num_classes), np.float32)
     total = np.zeros((span, width), np.float32)
     weights = blend_weights(side, spec.blend)
-    start, flops, pending, done = time.perf_counter(), 0.0, None, [0, 0]  # Rows put, rows in `out`.
+    start, flops, pending, done = time.perf_counter(), 0.0, None, [0, 0]  # Rows final, row out[0].
 
-    def flush(final_rows: int):
-      """Puts the bands of rows that no window still to come reaches, and shifts the sums."""
-      while done[0] + sink.rows <= final_rows or (final_rows == height and done[0] < height):
-        n = min(sink.rows, height - done[0])
-        i = done[0] - done[1]
-        sink.put(done[0], (out[i:i + n] / total[i:i + n, :, None])[None])
+    def flush(final: int):
+      """Puts the bands to do of rows that no window still to come reaches, and shifts the sums."""
+      while done[0] + rows <= final or (final == height and done[0] < height):
+        n, i = min(rows, height - done[0]), done[0] - done[1]
+        if done[0] in todo:
+          sink.put(done[0], (out[i:i + n] / total[i:i + n, :, None])[None])
         done[0] += n
-      shift = done[0] - done[1]
-      out[:span - shift], total[:span - shift] = out[shift:], total[shift:]
-      out[span - shift:], total[span - shift:] = 0, 0
+      shift = min(done[0] - done[1], span)
+      if shift:
+        out[:span - shift], total[:span - shift] = out[shift:], total[shift:]
+        out[span - shift:], total[span - shift:] = 0, 0
       done[1] = done[0]
 
     def add(chunk, probs):
       probs = np.asarray(probs)
       for i, (y, x) in enumerate(chunk):
-        rows, cols = min(side, height - y), min(side, width - x)
-        w = weights[:rows, :cols]
+        flush(y)
+        h, w = min(side, height - y), min(side, width - x)
         y -= done[1]
-        out[y:y + rows, x:x + cols] += probs[i, :rows, :cols] * w[..., None]
-        total[y:y + rows, x:x + cols] += w
+        out[y:y + h, x:x + w] += probs[i, :h, :w] * weights[:h, :w, None]
+        total[y:y + h, x:x + w] += weights[:h, :w]
 
     for c0 in range(0, len(corners), batch):  # Batch i is added while i + 1 computes.
+      if stop is not None and stop():
+        return None
       chunk = corners[c0:c0 + batch]
       windows = np.zeros((batch, side, side, 3), np.uint8)
       valid = np.zeros((batch, side, side), bool)
@@ -595,10 +601,9 @@ class NativeModel:
       flops += call
       if pending is not None:
         add(*pending)
-        if sink.rows and chunk[0][0] > pending[0][0][0]:  # A new row of windows: rows above final.
-          flush(chunk[0][0])
       pending = chunk, probs
-    add(*pending)
+    if pending is not None:
+      add(*pending)
     if sink.rows:
       flush(height)
     else:

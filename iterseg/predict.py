@@ -35,6 +35,7 @@ import concurrent.futures
 import hashlib
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -192,41 +193,101 @@ def slide_paths(output: Path, stem: str, outputs: Sequence[str], slide_format: s
 
 
 def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[str], stopped,
-                  progress: bool = True, slide_format: str = 'tiff') -> Optional[dict]:
+                  progress: bool = True, slide_format: str = 'tiff',
+                  share: tuple = (0, 1)) -> Optional[dict]:
   """Native two-stage on a slide (`slides.is_slide`), out of core: read a file tile at a time
   (`slides.open_source`), the mask (and the probabilities) written by bands (`slides.SlideSink`),
   and an overlay PNG of at most 1024 px a side. A stopped job keeps its finished bands and returns
   None; the same command then resumes from them. Returns the record, or raises DataError /
-  InputError naming the file."""
-  source = slides.open_source(path)
+  InputError naming the file.
+
+  Under several processes (`share`: this process's index, their count), each runs stage 1 and
+  makes its share of the bands into the output folder, which must be storage they all see; once
+  all are done, process 0 assembles the file(s) and returns the record ('bands': how many each
+  process made), the others {}. One stopped stops all (None); one failed raises on the first
+  such process, {} on the others."""
+  index, count = share
+  source = slides.open_source(path)  # Every process reads the same file: the same error.
   try:
     paths = slide_paths(output, stem, outputs, slide_format)
     stat = path.stat()
     key = {'input': str(path.resolve()), 'bytes': stat.st_size, 'mtime': stat.st_mtime,
            'spec': repr(model.spec)}
-    sink = slides.SlideSink(output / f'{stem}_mask{SLIDE_SUFFIXES[slide_format]}', source.height,
-                            source.width, key,
-                            rows=model.band_rows, probabilities='probs' in outputs,
-                            resolution=source.resolution)
-    if sink.resumed:
+    make = lambda: slides.SlideSink(output / f'{stem}_mask{SLIDE_SUFFIXES[slide_format]}',
+                                    source.height, source.width, key, rows=model.band_rows, probabilities='probs' in outputs,
+                                    resolution=source.resolution, share=share)
+    sink, error = None, None
+    try:  # Process 0 makes the folder (a stale one cleared) that the others then open.
+      sink = make() if index == 0 and not stopped() else None
+    except OSError as e:
+      error = e
+    states = _gather([error is not None, stopped()], count)
+    if states.any():  # Failed (raised on process 0, {} elsewhere), or stopped (None).
+      return _raise(error) if states[:, 0].any() else None
+    sink = sink or make()
+    if sink.resumed and index == 0:
       print(f'{path}: resuming from {sink.resumed} band(s) written before.')
-    bar = tqdm(total=source.height * source.width, desc=path.name, unit='px', unit_scale=True,
+    left = sum(min(sink.rows, source.height - y0) for y0 in range(0, source.height, sink.rows)
+               if not sink.done(y0))
+    bar = tqdm(total=left * source.width, desc=path.name, unit='px', unit_scale=True,
                disable=not progress, dynamic_ncols=True)
     sink.progress = lambda rows: bar.update(rows * source.width)
-    pred = model.two_stage(source, sink=sink, stop=stopped)
-    bar.close()
-    if pred is None:
+    try:
+      pred = model.two_stage(source, sink=sink, stop=stopped)
       sink.wait()  # The band in flight is finished: a resumed job starts after it.
+    except (ValueError, OSError) as e:  # DataError, InputError: the file, and why.
+      pred, error = None, e
+    bar.close()
+    states = _gather([error is not None, pred is None, sink.made], count)  # Once all are done.
+    if states[:, 0].any():  # Raised on the first process that failed, {} on the others.
+      return _raise(error if index == np.argmax(states[:, 0]) else None)
+    if states[:, 1].any():
       return None
-    written = sink.close()
-    if 'overlay' in outputs:
-      _slide_overlay(paths['overlay'], pred, written['mask'], model.spec)
+    if index:
+      return {}
+    _replace_slide(sink, paths, lambda staged: _slide_overlay(staged['overlay'], pred,
+                                                              staged['mask'], model.spec))
     return {'input': str(path), 'height': source.height, 'width': source.width,
             'refined_patches': pred.stats['refined'], 'tiles': pred.stats['tiles'],
             'decoded': source.decoded / (source.height * source.width),
+            **({'bands': states[:, 2].tolist()} if count > 1 else {}),
             **{k: str(p) for k, p in paths.items()}}
   finally:
     source.close()
+
+
+def _replace_slide(sink, paths: dict, overlay) -> None:
+  """A slide's outputs, replaced whole (`files.replace_all`): assembled from the sink's bands in a
+  staging folder beside them, with the overlay if asked for (`overlay({kind: staged path})`), then
+  renamed into place together; the bands are removed after."""
+  final = dict(sink.outputs(), **{k: p for k, p in paths.items() if k == 'overlay'})
+  staging = Path(files.temporary(Path(final['mask'])))
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir()
+  try:
+    staged = {k: staging / Path(p).name for k, p in final.items()}
+    sink.assemble({k: staged[k] for k in sink.outputs()})
+    if 'overlay' in staged:
+      overlay(staged)
+    files.replace_all({staged[k]: final[k] for k in final})
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  shutil.rmtree(sink.partial)
+
+
+def _raise(error: Optional[Exception]) -> dict:
+  """Raises `error`; {} if None (another process failed, and says so)."""
+  if error is not None:
+    raise error
+  return {}
+
+
+def _gather(values: Sequence[int], count: int) -> np.ndarray:
+  """int [count, len(values)]: the values of every process (a barrier when count > 1)."""
+  if count == 1:
+    return np.asarray([values])
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))
 
 
 def _slide_overlay(path: Path, pred, mask_path: str, spec) -> None:
@@ -266,7 +327,8 @@ def read_input(path: Path, segment):
 def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Sequence[str]] = None,
                   outputs: Sequence[str] = ('mask', 'probs', 'overlay'), compression: int = 0,
                   workers: Optional[int] = None, progress: bool = True, stop=None,
-                  skip_existing: bool = False, ahead: int = 2, slide_format: str = 'tiff') -> tuple:
+                  skip_existing: bool = False, ahead: int = 2, slide_format: str = 'tiff',
+                  share: tuple = (0, 1)) -> tuple:
   """Segments every file with `segment` (native.image_files: the paper's square protocol in
   batches, or native resolution an image at a time) and writes its outputs, at the file's size,
   into `output`: (records, interrupted).
@@ -274,7 +336,8 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
   records: one per file done, in order: {'input', 'height', 'width', 'refined_patches', 'tiles',
   <kind>: path}, {'input', 'error'}, or {'input', 'skipped', <kind>: path} (skip_existing and every
   output there). interrupted: the signal's name if `stop` (hooks.StopSignals) received one, else
-  None; the files not reached then have no record.
+  None; the files not reached then have no record. Slides are split by bands over the processes
+  (`share`, see predict_slide): process 0 alone records them.
 
   `names` are the output stems (default output_names(paths)). Reading runs `ahead` batches ahead in
   `workers` threads and at most 2 batches are written behind, so memory does not grow with the
@@ -308,6 +371,8 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
   large = {p for p in paths if segment.slide(p)}  # Read and written out of core, one at a time.
   todo = _to_do(paths, output, stems, outputs, segment.num_classes == 1, skip_existing, records,
                 large, slide_format)
+  for path in large if share[0] else ():
+    records.pop(path, None)
   bar = tqdm(total=len(paths), initial=len(records), desc='predict', unit='image',
              disable=not progress, dynamic_ncols=True)
   chunks = iter(list(_chunks([p for p in todo if p not in large], batch_size)))
@@ -359,20 +424,24 @@ def predict_files(segment, paths: Sequence[Path], output, *, names: Optional[Seq
       for _, future in writes:
         future.cancel()
     collect(block=True)
-  for path in (p for p in todo if p in large):
-    if stopped():
-      break
+  elsewhere = None
+  for path in (p for p in todo if p in large):  # Every process: stopped, it says so there.
     try:
       record = predict_slide(segment.model, path, output, stems[path], outputs, stopped, progress,
-                             slide_format)
-    except (ValueError, OSError) as e:  # DataError, InputError: the file, and why.
+                             slide_format, share)
+    except ValueError as e:  # DataError, InputError: the file, and why.
       record = {'input': str(path), 'error': ' '.join(str(e).split())}
-    if record is None:
-      break  # Stopped: its finished bands are kept, and the same command resumes from them.
-    records[path] = record
+    except OSError as e:
+      record = {'input': str(path), 'error': f'cannot write its outputs to {output} '
+                                             f'({files.describe_os_error(e)})'}
+    if record is None:  # Stopped (here or on another process): its finished bands are kept, and
+      elsewhere = 'another process stopped'  # the same command resumes from them.
+      break
+    if record:  # {}: another process records it.
+      records[path] = record
     bar.update(1)
   bar.close()
-  return [records[p] for p in paths if p in records], stop.received if stopped() else None
+  return [records[p] for p in paths if p in records], stop.received if stopped() else elsewhere
 
 
 def _to_do(paths, output: Path, stems: dict, outputs, binary: bool, skip_existing: bool,
@@ -471,7 +540,8 @@ def run(s: Settings, workdir: str) -> dict:
   Uses the networks trained in `workdir`, stage 2 at config.num_patches, or at the operating point
   of --mode=calibrate when the workdir has one (a line says so). Everything is checked before the
   output folder is made. Under several processes, each takes every P-th file (names are decided
-  over all of them) and summary.json merges their parts (`write_summary`). Returns {'output',
+  over all of them) and a share of every slide's bands (`predict_slide`), and summary.json merges
+  their parts (`write_summary`). Returns {'output',
   'num_patches', 'images': [record], 'failed', 'skipped', 'images_per_s', 'summary'}; raises PredictError after writing everything else if a file failed,
   and Interrupted (after writing summary.json) on Ctrl-C or SIGTERM.
   """
@@ -484,18 +554,24 @@ def run(s: Settings, workdir: str) -> dict:
   if point is not None:
     print(f'Using the calibrated operating point of {workdir}/calibration.json: {point}.')
   files.check_writable(output)
-  mine = paths[jax.process_index()::jax.process_count()]
+  segment = native.image_files(nets, s, s.predict.batch_size)
+  index, count = jax.process_index(), jax.process_count()
+  shared = {p for p in paths if segment.slide(p)}  # Split by bands, the other images by file.
+  plain = set([p for p in paths if p not in shared][index::count])
+  mine = [p for p in paths if p in shared or p in plain]
   start = time.perf_counter()
   common_args = dict(names=[names[p] for p in mine], outputs=s.predict.outputs,
-                     compression=s.predict.png_compression, progress=jax.process_index() == 0,
-                     skip_existing=s.predict.skip_existing, slide_format=s.predict.slide_format)
-  segment = native.image_files(nets, s, s.predict.batch_size)
+                     compression=s.predict.png_compression, progress=index == 0,
+                     skip_existing=s.predict.skip_existing, slide_format=s.predict.slide_format,
+                     share=(index, count))
   run_id = time.time_ns() % 2 ** 31  # Names this run's summary parts (process 0's).
-  if jax.process_count() > 1:
+  if count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     run_id = int(multihost_utils.broadcast_one_to_all(np.int32(run_id)))
   with hooks.StopSignals() as stop:
     records, interrupted = predict_files(segment, mine, output, stop=stop, **common_args)
+  if index:
+    mine = [p for p in mine if p not in shared]  # Process 0 records the slides.
   compiles = segment.compiles
   seconds = time.perf_counter() - start
   failed = [r for r in records if 'error' in r]

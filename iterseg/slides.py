@@ -36,7 +36,6 @@ import zlib
 import numpy as np
 
 from iterseg import files
-from iterseg.data import common
 from iterseg.errors import DataError
 
 TIFF_SUFFIXES = ('.tif', '.tiff', '.btf', '.tf8', '.svs')  # Read with tifffile.
@@ -272,8 +271,8 @@ class TiffSource(FileSource):
     data = os.pread(self.fd, count, offset) if count else None
     if count:  # Bounded before decoding; the last strip may be shorter, edge tiles are whole.
       rows = sh if page.is_tiled else min(sh, page.imagelength - index * sh)
-      common.check_declared(rows * sw * page.samplesperpixel, len(data),
-                            common.TIFF_RATIO.get(int(page.compression)), f'a {sw} x {sh} tile')
+      files.check_declared(rows * sw * page.samplesperpixel, len(data),
+                            files.TIFF_RATIO.get(int(page.compression)), f'a {sw} x {sh} tile')
     segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
     if segment is None:  # A tile the file leaves out.
       return np.zeros((sh, sw, 3), np.uint8)
@@ -616,12 +615,18 @@ class SlideSink:
 
   Finished bands are kept under `<path>.partial/` with a manifest of `key` (what made them: the
   input, the method, the settings): a later run with the same key resumes from them, another key
-  starts over. `close()` assembles the file(s) and removes the folder."""
+  starts over. `close()` assembles the file(s) and removes the folder.
+
+  With `share` = (index, count), the band i belongs to process i % count (alternate bands: the
+  tissue, hence the refined tiles, spans many bands, so each process gets its part of it, and the
+  split depends on nothing computed): `done` holds for the others' bands, `made` counts this
+  process's saved in this run. `<path>.partial/` must then be on storage every process sees, made
+  by one process before the others open it."""
 
   def __init__(self, path, height: int, width: int, key: dict, *, rows: int = TILE,
-               probabilities: bool = False, resolution=None):
+               probabilities: bool = False, resolution=None, share: tuple = (0, 1)):
     self.path, self.height, self.width, self.rows = Path(path), height, width, rows
-    self.probabilities, self.resolution = probabilities, resolution
+    self.probabilities, self.resolution, self.share, self.made = probabilities, resolution, share, 0
     self.partial = self.path.with_name(self.path.name + '.partial')
     manifest = self.partial / 'manifest.json'
     key = json.loads(json.dumps(dict(key, height=height, width=width, rows=rows,
@@ -638,21 +643,23 @@ class SlideSink:
       files.atomic_write_json(manifest, key)
     self.progress = None  # Called with the rows of each band saved.
     self.pool, self.pending = futures.ThreadPoolExecutor(1), None
-    self.resumed = sum(1 for y0 in range(0, height, rows) if self.done(y0))
+    self.resumed = sum(1 for y0 in range(0, height, rows) if self._part(y0).exists())
 
   def _part(self, y0: int) -> Path:
     return self.partial / f'band_{y0:09d}.npz'
 
   def done(self, y0: int) -> bool:
+    """Whether band y0 is not to be made here: saved, or another process's."""
     if self.pending is not None and self.pending.done():
       self.wait()
-    return self._part(y0).exists()
+    return y0 // self.rows % self.share[1] != self.share[0] or self._part(y0).exists()
 
   def put(self, y0: int, band) -> None:
     """band: the probabilities [>= r, >= W, C] (device or host) of rows y0 .. y0 + r, encoded
     and saved in a thread while the next band is made (one band in flight)."""
     self.wait()
     self.pending = self.pool.submit(self._save, y0, band)
+    self.made += 1
 
   def wait(self) -> None:
     """Until the band in flight is saved (its error raised here)."""
@@ -687,11 +694,12 @@ class SlideSink:
       paths['prob'] = self.path.with_name(self.path.name.replace('_mask', '_prob'))
     return paths
 
-  def close(self) -> dict:
-    """Assembles the output(s) from the finished bands; {kind: path}."""
+  def assemble(self, paths: Optional[dict] = None) -> dict:
+    """Writes the output(s) from the finished bands to `paths` ({kind: path}; `outputs()` by
+    default), the bands kept; {kind: path}."""
     self.wait()
     self.pool.shutdown()
-    paths = self.outputs()
+    paths = paths or self.outputs()
     for name, path in paths.items():
 
       def bands(name=name):
@@ -707,5 +715,10 @@ class SlideSink:
             yield encoded[first:first + per_row], down[r0 // 2:(r0 + TILE) // 2]
 
       write_pyramid(path, self.height, self.width, bands(), resolution=self.resolution)
-    shutil.rmtree(self.partial)
     return {k: str(p) for k, p in paths.items()}
+
+  def close(self) -> dict:
+    """`assemble`, then the bands removed; {kind: path}."""
+    paths = self.assemble()
+    shutil.rmtree(self.partial)
+    return paths

@@ -38,15 +38,17 @@ def start_cluster(flags, subprocess_env) -> list:
           for i in range(2)]
 
 
-def finish(processes, timeout: float, returncode: int = 0) -> list:
-  """[(stdout, stderr)] of both processes, each checked to end with `returncode`; killed if not."""
+def finish(processes, timeout: float, returncode=0) -> list:
+  """[(stdout, stderr)] of both processes, each checked to end with `returncode` (or its own of a
+  list); killed if not."""
   try:
     outputs = [p.communicate(timeout=timeout) for p in processes]
   finally:
     for p in processes:
       p.kill()
-  for p, (_, stderr) in zip(processes, outputs):
-    assert p.returncode == returncode, stderr[-3000:]
+  codes = returncode if isinstance(returncode, list) else [returncode] * len(processes)
+  for p, (_, stderr), code in zip(processes, outputs, codes):
+    assert p.returncode == code, stderr[-3000:]
   return outputs
 
 
@@ -168,3 +170,48 @@ def test_evaluate_gives_each_process_its_share_and_writes_the_merged_results_onc
       if metric != 'seconds':
         np.testing.assert_allclose(merged['per_image'][key][metric], expected, rtol=1e-5)
   assert 'Test split' in outputs[0][0] and 'Test split' not in outputs[1][0]  # Printed once.
+
+
+def test_two_processes_split_a_slide_by_bands_and_process_0_writes_the_one_mask(
+    subprocess_env, tmp_path):
+  """A slide of 3 bands (1100 rows): process 0 makes bands 0 and 2, process 1 band 1 (the plain
+  images split by file as before); process 0 assembles the mask, the one a single process makes.
+  A slide that fails is reported once, and the processes go on together."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from iterseg import checkpoints, native, settings, slides  # pylint: disable=g-import-not-at-top
+  fields = {'resolution': 'native', 'hi_size': 64, 'stage1_size': 8, 'num_patches': 2,
+            'refine_count': 2, 'train.num_patches_list': (2,), 'native.bucket': 8, 'halo': 4,
+            'model.width': 4, 'model.depth': 3}
+  config = helpers.tiny(**fields)
+  helpers.save_random_networks(config, tmp_path / 'run', networks=('stage1', 'stage2'))
+  image = np.random.default_rng(0).integers(0, 256, (1100, 300, 3), dtype=np.uint8)
+  (tmp_path / 'in').mkdir()
+  slides.write_pyramid(tmp_path / 'in' / 'slide.tif', 1100, 300,
+                       (image[y:y + 128] for y in range(0, 1100, 128)), tile=128, levels=0)
+  for name in ('a.png', 'b.png'):
+    Image.fromarray(image[:40, :50]).save(tmp_path / 'in' / name)
+  bad = tmp_path / 'in' / 'bad.tif'
+  bad.write_bytes((tmp_path / 'in' / 'slide.tif').read_bytes())
+  with tifffile.TiffFile(bad) as tif:
+    offset = tif.pages[0].dataoffsets[4]
+  with open(bad, 'r+b') as f:  # A damaged tile: stage 1 fails on both, before the other slide.
+    f.seek(offset)
+    f.write(b'damaged' * 8)
+  flags = ['--config=configs/default.py', f'--workdir={tmp_path / "run"}', '--mode=predict',
+           *(f'--config.{k}={v}' for k, v in {**fields, 'predict.input': tmp_path / 'in',
+                                                'predict.outputs': ('mask',)}.items()),
+           f'--coordinator_address=localhost:{free_port()}', '--num_processes=2']
+  finish(start_cluster(flags, subprocess_env), 240, [1, 0])  # Process 0 reports the failed slide.
+  out = tmp_path / 'run' / 'predictions'
+  parts = [json.loads((out / f'summary.{i}.json').read_text()) for i in range(2)]
+  assert [[r['input'].rsplit('/', 1)[1] for r in part['images']] for part in parts] == [
+      ['a.png', 'bad.tif', 'slide.tif'], ['b.png']] and [part['total'] for part in parts] == [3, 1]
+  assert 'cannot decode' in parts[0]['images'][1]['error']
+  assert parts[0]['images'][2]['bands'] == [2, 1]
+  s = settings.from_config(config)
+  model = native.NativeModel(checkpoints.load_networks(str(tmp_path / 'run'), s, num_patches=[2]),
+                             s.spec)
+  expected = ((model.two_stage(image).probs[..., 0] > 0.5) * 255).astype(np.uint8)
+  np.testing.assert_array_equal(tifffile.imread(out / 'slide_mask.ome.tif'), expected)
+  assert not (out / 'slide_mask.ome.tif.partial').exists()

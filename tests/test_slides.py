@@ -110,6 +110,35 @@ def test_out_of_core_sliding_window_gives_the_in_ram_probabilities(model, slide)
                              atol=1e-6)
 
 
+def test_the_dense_reference_out_of_core_resumes_without_running_the_saved_bands_again(
+    model, slide, tmp_path):
+  """Stopped after its first band, the rerun runs only the windows that reach the bands not saved
+  (those over the saved rows too, for their sums below) and writes the uninterrupted files."""
+  image, path = slide
+  out = tmp_path / 'dense_mask.ome.tif'
+  make = lambda: slides.SlideSink(out, *image.shape[:2], {'method': 'baseline'},
+                                  rows=model.band_rows, probabilities=True)
+  read = lambda: [tifffile.imread(p) for p in (out, tmp_path / 'dense_prob.ome.tif')]
+  with slides.TiffSource(path) as source:
+    sink = make()
+    whole = model.sliding_window(source, sink=sink)
+    sink.close()
+    expected = read()
+    sink = make()
+    assert model.sliding_window(source, sink=sink, stop=lambda: sink.made) is None  # Killed.
+    sink.wait()
+    again = make()
+    assert again.resumed == 1
+    pred = model.sliding_window(source, sink=again)
+    again.close()
+  for a, b in zip(read(), expected):
+    np.testing.assert_array_equal(a, b)
+  rows = native._starts(len(image), model.spec.window_side, model.spec.overlap)
+  reaching = [y for y in rows if y + model.spec.window_side > model.band_rows]
+  assert pred.stats['windows'] == whole.stats['windows'] * len(reaching) // len(rows) < (
+      whole.stats['windows'])
+
+
 def test_the_mask_is_written_as_a_pyramidal_ome_tiff_and_a_killed_job_resumes(model, slide,
                                                                                tmp_path):
   image, path = slide
@@ -138,6 +167,32 @@ def test_the_mask_is_written_as_a_pyramidal_ome_tiff_and_a_killed_job_resumes(mo
   other = slides.SlideSink(out, len(image), image.shape[1], dict(key, method='stage1'),
                            rows=model.band_rows)
   assert other.resumed == 0  # Bands of another method are never reused.
+
+
+def test_processes_sharing_a_slide_make_alternate_bands_of_the_one_file(model, slide, tmp_path):
+  """The sinks of two processes (in turn here) on one output: process i makes bands i, i + 2, ...
+  (the dense reference only the windows reaching them), a rerun only those not saved; process 0
+  assembles the file one process makes."""
+  image, path = slide
+  for method in (model.two_stage, model.sliding_window):
+    make = lambda share: slides.SlideSink(tmp_path / 'slide_mask.ome.tif', *image.shape[:2],
+                                          {'method': method.__name__}, rows=model.band_rows,
+                                          share=share)
+    with slides.TiffSource(path) as source:
+      sink = make((0, 1))
+      whole = method(source, sink=sink)
+      expected = tifffile.imread(sink.close()['mask'])
+      sinks = [make((i, 2)) for i in range(2)]
+      zero = method(source, sink=sinks[0])
+      sinks[0].wait()
+      assert sinks[0].made == 2 and method(source, sink=sinks[1], stop=lambda: True) is None
+      sinks = [make((i, 2)) for i in range(2)]  # Process 1 was stopped: the job is run again.
+      one = [method(source, sink=sink) for sink in sinks][1]
+      sinks[1].wait()  # Then the barrier, and process 0 assembles.
+    assert [sink.made for sink in sinks] == [0, 1] and sinks[1].resumed == 2  # Band 512 made.
+    np.testing.assert_array_equal(tifffile.imread(sinks[0].close()['mask']), expected)
+    if method == model.sliding_window:
+      assert zero.stats['windows'] + one.stats['windows'] < 1.2 * whole.stats['windows']
 
 
 def test_predict_segments_a_slide_out_of_core_beside_plain_images(native_workdir, slide, tmp_path):
@@ -185,3 +240,36 @@ def test_a_large_thumbnail_goes_through_stage_1_in_overlapping_windows(model, sl
   with slides.TiffSource(path) as source:
     windowed.two_stage(source, sink=bands)
   np.testing.assert_allclose(bands.probs(image.shape[1]), pred.probs, atol=1e-6)
+
+
+def test_a_slide_s_outputs_are_replaced_whole_or_not_at_all(native_workdir, slide, tmp_path,
+                                                           monkeypatch):
+  """A full disk as the slide's last output takes its name: the previous mask, probabilities and
+  overlay stay, byte for byte, and nothing staged is left; the bands stay for the rerun."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from iterseg import predict  # pylint: disable=g-import-not-at-top
+  from tests.helpers import set_fields  # pylint: disable=g-import-not-at-top
+  config, workdir = native_workdir
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'slide.ome.tif').write_bytes(slide[1].read_bytes())
+  out = tmp_path / 'out'
+  s = settings.from_config(set_fields(config.copy_and_resolve_references(), **{
+      'predict.input': str(tmp_path / 'in'), 'predict.output': str(out)}))
+  predict.run(s, str(workdir))
+  before = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith('slide_')}
+  assert sorted(before) == ['slide_mask.ome.tif', 'slide_overlay.png', 'slide_prob.ome.tif']
+  (tmp_path / 'in' / 'slide.ome.tif').write_bytes(slide[1].read_bytes())  # Changed: made again.
+  real = os.replace
+
+  def replace(src, dst):
+    if str(dst).endswith('slide_overlay.png'):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real(src, dst)
+  monkeypatch.setattr(os, 'replace', replace)
+  with pytest.raises(errors.PredictError, match='cannot write its outputs to .* [(]disk full[)]'):
+    predict.run(s, str(workdir))
+  assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and
+          p.name.startswith('slide_')} == before
+  assert (out / 'slide_mask.ome.tif.partial').is_dir()
+  assert not [p.name for p in out.iterdir() if p.name.startswith('.')]

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from iterseg import files
 from iterseg.errors import DataError  # noqa: F401  (every data module raises it from here)
 
 
@@ -68,22 +69,8 @@ def open_image(path: Path) -> Image.Image:
   return image
 
 
-# At most how many bytes one byte of a file decodes to, by TIFF compression (tag 259): none 1, LZW
-# 2048 (12-bit codes reach ~1300), deflate 1032 (its limit), PackBits 64, JPEG 2048 (at least a bit
-# per 8x8 block: 512 pixels a byte, of at most 4 samples). Other codecs (CCITT, zstd...): no bound.
-TIFF_RATIO = {1: 1, 5: 2048, 7: 2048, 8: 1032, 32946: 1032, 32773: 64}
-
-
-def check_declared(declared: int, size: int, ratio, what: str) -> None:
-  """ValueError if `declared` decoded bytes are more than `size` bytes can hold at `ratio` (None:
-  no bound): a decoder would allocate them before finding the data missing."""
-  if ratio and declared > ratio * size:
-    raise ValueError(f'its header declares {what}, more than its {size} bytes can hold: it is '
-                     f'truncated or forged')
-
-
 def _check_declared(image: Image.Image, size: int) -> None:
-  """check_declared for a PNG (each row a filter byte and at least a bit a pixel, deflated at most
+  """files.check_declared for a PNG (each row a filter byte and at least a bit a pixel, deflated at most
   1032:1; a 60-byte file can claim 65 M rows: 0.5 GB of row pointers), a JPEG (512 pixels a byte at
   most) or a TIFF (TIFF_RATIO), before Pillow allocates the image."""
   w, h = image.size
@@ -93,10 +80,10 @@ def _check_declared(image: Image.Image, size: int) -> None:
     declared, ratio = w * h, 512
   elif image.format == 'TIFF':
     bits = sum(np.ravel(image.tag_v2.get(258, 8)).tolist()) if hasattr(image, 'tag_v2') else 8
-    declared, ratio = w * h * bits // 8, TIFF_RATIO.get(int(image.tag_v2.get(259, 1)))
+    declared, ratio = w * h * bits // 8, files.TIFF_RATIO.get(int(image.tag_v2.get(259, 1)))
   else:
     return
-  check_declared(declared, size, ratio, f'{w} x {h} pixels')
+  files.check_declared(declared, size, ratio, f'{w} x {h} pixels')
 
 
 def orientation(image: Image.Image) -> int:
