@@ -170,12 +170,12 @@ def test_native_num_patches_left_out_and_an_image_cut_into_the_rows_that_fit(mon
 
 
 def test_another_folder_when_one_cannot_be_written_or_replaced(tmp_path, monkeypatch):
-  real_open, real_rename = os.open, os.rename
+  real_open, real_replace = os.open, os.replace
 
-  def full(path, *args):
+  def full(path, *args, **kwargs):
     if str(tmp_path / 'full') in str(path):
       raise OSError(errno.ENOSPC, 'No space left on device', path)
-    return real_open(path, *args)
+    return real_open(path, *args, **kwargs)
   monkeypatch.setattr(files.os, 'open', full)
   assert 'choose another --workdir' in advice(errors.WriteError,
                                               lambda: files.check_writable(tmp_path / 'full'))
@@ -184,8 +184,8 @@ def test_another_folder_when_one_cannot_be_written_or_replaced(tmp_path, monkeyp
   def busy(src, dst):  # A mount point cannot be renamed.
     if os.path.basename(src) == 'mount':
       raise OSError(errno.EBUSY, 'Device or resource busy')
-    return real_rename(src, dst)
-  monkeypatch.setattr(os, 'rename', busy)
+    return real_replace(src, dst)
+  monkeypatch.setattr(os, 'replace', busy)
   (tmp_path / 'mount').mkdir()
 
   def replace(folder):
