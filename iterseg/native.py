@@ -115,12 +115,12 @@ class _Used:
 @functools.lru_cache(maxsize=16)
 def steps(spec: Spec) -> dict:
   """The compiled steps of one Spec, made once per process: {'stage1', 'stage1_window', 'rank',
-  'stage2', 'window', 'band', 'paste'} (they depend on shapes and the spec, not on the parameters' values); 'band' and
+  'stage2', 'window', 'band', 'paste', 'quantize'} (they depend on shapes and the spec, not on the parameters' values); 'band' and
   'paste' write into the output they are given (donated: in place)."""
   return {'stage1': Compiled(_stage1, spec=spec), 'stage2': Compiled(_stage2, spec=spec),
           'stage1_window': Compiled(_stage1_window, spec=spec), 'rank': Compiled(_rank, spec=spec),
           'window': Compiled(_window, spec=spec), 'band': Compiled(_band, (0,), spec=spec),
-          'paste': Compiled(_paste, (0,), spec=spec)}
+          'paste': Compiled(_paste, (0,), spec=spec), 'quantize': Compiled(_quantize, spec=spec)}
 
 
 # --- The steps, each jitted per bucket ------------------------------------------------------------
@@ -172,6 +172,12 @@ def _paste(out, probs, rows, cols, count, *, spec: Spec):
   [K] each: `inference.paste`, as the square protocol pastes its patches."""
   del spec
   return inference.paste(out, probs, (jnp.zeros_like(rows), rows, cols), count)
+
+
+def _quantize(out, *, spec: Spec) -> dict:
+  """A band of the output [1, R, Wb, C] -> its uint8 outputs [R, Wb] (`slides.quantize`)."""
+  del spec
+  return slides.quantize(out[0], jnp)
 
 
 def _stage2(params, tiles, valid, patches, offsets, *, spec: Spec):
@@ -278,7 +284,7 @@ class NativeModel:
     shared = steps(dataclasses.replace(spec, refine_fraction=1.0, threshold=None))  # Any budget.
     self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
     self.window, self.band = _Used(shared['window']), _Used(shared['band'])
-    self.paste = _Used(shared['paste'])
+    self.paste, self.quantize = _Used(shared['paste']), _Used(shared['quantize'])
     self.stage1_window, self.rank = _Used(shared['stage1_window']), _Used(shared['rank'])
 
   @property
@@ -288,7 +294,7 @@ class NativeModel:
     (at most 4), the dense windows once."""
     return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
             self.band.compiles + self.paste.compiles + self.stage1_window.compiles +
-            self.rank.compiles)
+            self.rank.compiles + self.quantize.compiles)
 
   @property
   def chunk_sizes(self) -> tuple:
@@ -391,7 +397,7 @@ class NativeModel:
         band[:b - a, :w] = thumb
         previews.append(_preview(thumb[r0 - a:min(r0 + side, b) - a], r0, self.preview_step))
       for c0, wc in starts(bw):
-        out, call = self.stage1_window(self.nets.stage1, jnp.asarray(band[:, wc:wc + span]))
+        out, call = self.stage1_window(self.nets.stage1, band[:, wc:wc + span])
         out = np.asarray(out)
         if probs is None:
           probs = np.empty((bh, bw, out.shape[-1]), np.float32)
@@ -416,8 +422,7 @@ class NativeModel:
         return None, time.perf_counter() - start, flops
       y = min(y, rows - step)  # The last call ends with the band.
       around, offset = _around(low, y0 + y, step, f)
-      out, call = self.band(out, jnp.asarray(low[around]), jnp.asarray(offset, jnp.int32),
-                            jnp.asarray(y, jnp.int32))
+      out, call = self.band(out, low[around], np.asarray(offset, np.int32), np.int32(y))
       flops += call
     return out, time.perf_counter() - start, flops
 
@@ -503,14 +508,13 @@ class NativeModel:
           (ys, oy), (xs, ox) = _around(low, y, side, f), _around(low[0], x, side, f)
           patches[i] = low[ys[:, None], xs]  # Edge values past the map.
           offsets[i] = (oy, ox)
-        probs, call = self.stage2(self.stage2_params, jnp.asarray(tiles), jnp.asarray(valid),
-                                  jnp.asarray(patches), jnp.asarray(offsets))
-        out, _ = self.paste(out, probs, *jnp.asarray(corners), jnp.asarray(len(part), jnp.int32))
+        probs, call = self.stage2(self.stage2_params, tiles, valid, patches, offsets)
+        out, _ = self.paste(out, probs, *corners, np.int32(len(part)))
         flops[1] += call
         calls += 1
       seconds['stage2'] += time.perf_counter() - start
       start = time.perf_counter()
-      sink.put(y0, out)
+      sink.put(y0, self.quantize(out)[0] if sink.quantized else out)
       seconds['write'] += time.perf_counter() - start
     return {'stage2_calls': calls, 'seconds': seconds,
             'gflops': {'stage2': flops[1] / 1e9, 'bands': flops[0] / 1e9}}
@@ -597,7 +601,7 @@ class NativeModel:
       valid = np.zeros((batch, side, side), bool)
       for i, (y, x) in enumerate(chunk):
         windows[i], valid[i] = source.region(y, x, side)
-      probs, call = self.window(self.nets.baseline, jnp.asarray(windows), jnp.asarray(valid))
+      probs, call = self.window(self.nets.baseline, windows, valid)
       flops += call
       if pending is not None:
         add(*pending)

@@ -591,9 +591,22 @@ def _write_zarr(path, shapes: list, levels: list, tile: int, resolution=None) ->
         {'version': '0.4', 'axes': axes, 'datasets': datasets}]}))
 
 
+def quantize(probs, xp=np, prob: bool = True) -> dict:
+  """The uint8 outputs of probabilities [..., C] (numpy, or jax.numpy as `xp`): 'mask' (0 / 255
+  where p > 0.5; class ids for several classes) and, with `prob`, 'prob' (round(p x 255) of the
+  foreground, or of the first three classes)."""
+  one = probs.shape[-1] == 1
+  out = {'mask': (probs[..., 0] > 0.5).astype(xp.uint8) * xp.uint8(255) if one else xp.argmax(
+      probs, -1).astype(xp.uint8)}
+  if prob:
+    out['prob'] = xp.rint((probs[..., 0] if one else probs[..., :3]) * 255).astype(xp.uint8)
+  return out
+
+
 class MemorySink:
-  """The probabilities [H, W, C] in RAM: one band, the whole (bucket-padded) output buffer."""
-  rows = None
+  """The probabilities [H, W, C] in RAM: one band, the whole (bucket-padded) output buffer.
+  A sink's `quantized` says whether it takes `quantize`d bands rather than probabilities."""
+  rows, quantized = None, False
 
   def __init__(self):
     self.buffer = None
@@ -622,6 +635,7 @@ class SlideSink:
   split depends on nothing computed): `done` holds for the others' bands, `made` counts this
   process's saved in this run. `<path>.partial/` must then be on storage every process sees, made
   by one process before the others open it."""
+  quantized = True
 
   def __init__(self, path, height: int, width: int, key: dict, *, rows: int = TILE,
                probabilities: bool = False, resolution=None, share: tuple = (0, 1)):
@@ -655,8 +669,9 @@ class SlideSink:
     return y0 // self.rows % self.share[1] != self.share[0] or self._part(y0).exists()
 
   def put(self, y0: int, band) -> None:
-    """band: the probabilities [>= r, >= W, C] (device or host) of rows y0 .. y0 + r, encoded
-    and saved in a thread while the next band is made (one band in flight)."""
+    """band: the probabilities [1, >= r, >= W, C] of rows y0 .. y0 + r, or their `quantize`d
+    outputs (device or host), encoded and saved in a thread while the next band is made (one
+    band in flight)."""
     self.wait()
     self.pending = self.pool.submit(self._save, y0, band)
     self.made += 1
@@ -668,15 +683,11 @@ class SlideSink:
       pending.result()
 
   def _save(self, y0: int, band) -> None:
-    probs = np.asarray(band)[0, :min(self.rows, self.height - y0), :self.width]
-    if probs.shape[-1] == 1:
-      mask = (probs[..., 0] > 0.5).astype(np.uint8) * np.uint8(255)
-    else:
-      mask = np.argmax(probs, -1).astype(np.uint8)
-    outputs = {'mask': mask}
-    if self.probabilities:
-      p = probs[..., 0] if probs.shape[-1] == 1 else probs[..., :3]
-      outputs['prob'] = np.rint(p * 255).astype(np.uint8)
+    n = min(self.rows, self.height - y0)
+    outputs = band if isinstance(band, dict) else quantize(np.asarray(band)[0],
+                                                           prob=self.probabilities)
+    outputs = {k: np.asarray(v)[:n, :self.width] for k, v in outputs.items()
+               if k == 'mask' or self.probabilities}
     arrays = {}
     for name, rows in outputs.items():
       encoded = _encode([t for r0 in range(0, len(rows), TILE) for t in _tiles(rows[r0:r0 + TILE],
@@ -686,7 +697,7 @@ class SlideSink:
       arrays[f'{name}_down'] = rows[::2, ::2]
     files.atomic_write(self._part(y0), lambda f: np.savez(f, **arrays), 'wb')
     if self.progress:
-      self.progress(len(probs))
+      self.progress(n)
 
   def outputs(self) -> dict:
     paths = {'mask': self.path}

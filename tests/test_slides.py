@@ -15,6 +15,7 @@ from tests.test_native import images, native_config, native_workdir  # noqa: F40
 
 class Bands:
   """A sink that keeps each band it is given (to compare with the output held in RAM)."""
+  quantized = False
 
   def __init__(self, rows, height):
     self.rows, self.height, self.bands = rows, height, {}
