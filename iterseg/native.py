@@ -493,10 +493,14 @@ class NativeModel:
       flops[0] += band_flops
       start = time.perf_counter()
       cells = chosen[(top >= y0) & (top < y0 + rows)] if sink.rows else chosen
-      for c0 in range(0, len(cells), k):  # Stage 2 computes a chunk while the next is cut.
+      boxes = lambda part: [(int(i) // gw * tile - halo, int(i) % gw * tile - halo, side)
+                            for i in part]
+      source.prefetch(boxes(cells[:k]))
+      for c0 in range(0, len(cells), k):  # Stage 2 computes a chunk while the next is read.
         if stop is not None and stop():
           return None
         part = cells[c0:c0 + k]
+        source.prefetch(boxes(cells[c0 + k:c0 + 2 * k]))
         tiles, valid, patches, offsets = self._chunk(
             min(n for n in self.chunk_sizes if n >= len(part)))
         corners = np.zeros((2, len(tiles)), np.int32)

@@ -119,6 +119,9 @@ class ArraySource:
     a, b = rows or (0, None)
     return thumbnail(self.image[a * factor:None if b is None else b * factor], factor)
 
+  def prefetch(self, boxes) -> None:
+    del boxes  # In RAM already.
+
   def region(self, y: int, x: int, side: int):
     """(uint8 [side, side, 3], valid bool [side, side]) at (y, x): a view where it is inside."""
     if 0 <= y and y + side <= self.height and 0 <= x and x + side <= self.width:
@@ -128,6 +131,9 @@ class ArraySource:
 
   def close(self) -> None:
     pass
+
+
+_DECODERS = futures.ThreadPoolExecutor(2, thread_name_prefix='decode')  # FileSource.prefetch.
 
 
 class FileSource:
@@ -153,6 +159,7 @@ class FileSource:
                         f'tiffsave {path} out.tif --tile --pyramid --bigtiff`.')
     self.cache, self.lock, self.decoded = collections.OrderedDict(), threading.Lock(), 0
     self.cache_bytes, self.cached, self.thumbnail_decoded = cache_mb * 2 ** 20, 0, 0
+    self.loading = {}  # Segments being decoded in _DECODERS: their futures.
 
   def close(self) -> None:
     pass
@@ -163,13 +170,31 @@ class FileSource:
   def __exit__(self, *exc):
     self.close()
 
+  def prefetch(self, boxes) -> None:
+    """Starts decoding the segments under the regions `boxes` [(y, x, side)] that are not cached,
+    in threads (the codecs release the GIL), so that reading overlaps the device's work."""
+    (sh, sw), keys = self._grid(0), set()
+    for y, x, side in boxes:
+      rows = range(max(y, 0) // sh, -(-min(y + side, self.height) // sh))
+      keys.update((0, r, c) for r in rows
+                  for c in range(max(x, 0) // sw, -(-min(x + side, self.width) // sw)))
+    with self.lock:
+      for key in sorted(keys - set(self.cache) - set(self.loading)):
+        self.loading[key] = _DECODERS.submit(self._fill, *key)
+
   def _segment(self, level: int, r: int, c: int) -> np.ndarray:
-    """uint8 [<= sh, <= sw, 3] of a segment (cached)."""
+    """uint8 [<= sh, <= sw, 3] of a segment (cached, or decoded now or by `prefetch`)."""
     key = (level, r, c)
     with self.lock:
       if key in self.cache:
         self.cache.move_to_end(key)
         return self.cache[key]
+      loading = self.loading.get(key)
+    return self._fill(*key) if loading is None else loading.result()
+
+  def _fill(self, level: int, r: int, c: int) -> np.ndarray:
+    """Decodes a segment into the cache."""
+    key = (level, r, c)
     try:
       segment = self._load(level, r, c)
     except self.errors as e:
@@ -179,6 +204,7 @@ class FileSource:
         sh, sw = self._grid(0)
         self.decoded += min(sh, self.height - r * sh) * min(sw, self.width - c * sw)
       self.cache[key] = segment
+      self.loading.pop(key, None)
       self.cached += segment.nbytes
       while self.cached > self.cache_bytes and len(self.cache) > 1:
         self.cached -= self.cache.popitem(last=False)[1].nbytes

@@ -61,6 +61,18 @@ def test_a_tiff_region_decodes_only_the_file_tiles_under_it(slide):
   source.close()
 
 
+def test_prefetch_decodes_the_tiles_under_regions_in_threads_and_the_cut_reuses_them(slide):
+  image, path = slide
+  with slides.TiffSource(path) as source:
+    source.prefetch([(-5, 250, 40), (300, 10, 20)])  # 2 file tiles, and 1.
+    for future in list(source.loading.values()):
+      future.result()
+    assert source.decoded == 3 * 128 * 128 and not source.loading
+    tile, _ = source.region(300, 10, 20)
+    np.testing.assert_array_equal(tile, image[300:320, 10:30])
+    assert source.decoded == 3 * 128 * 128  # Nothing decoded again.
+
+
 def test_the_thumbnail_comes_from_the_pyramid_level_that_divides_the_factor(tmp_path):
   (image,) = images((600, 900), seed=1)
   path = write_tiff(tmp_path / 'pyramid.tif', image, levels=2)
