@@ -128,8 +128,18 @@ def steps(spec: Spec) -> dict:
 
 def _stage1(params, thumb, size, *, spec: Spec):
   """thumb [bh, bw, 3] (the thumbnail [h, w] padded to a bucket; size = (h, w)) -> `_rank` of
-  stage 1's outputs on it."""
-  return _rank(_stage1_window(params, thumb, spec=spec), size, spec=spec)
+  stage 1's outputs on it, past (h, w) the last row and column repeated (`_repeat_edges`)."""
+  probs = _stage1_window(params, thumb, spec=spec)
+  rows = jnp.minimum(jnp.arange(probs.shape[0]), size[0] - 1)
+  cols = jnp.minimum(jnp.arange(probs.shape[1]), size[1] - 1)
+  return _rank(probs[rows][:, cols], size, spec=spec)
+
+
+def _repeat_edges(probs: np.ndarray, h: int, w: int) -> None:
+  """probs [bh, bw, ...] past (h, w) set to its last row and column inside, in place: what
+  `_stage1` does on the device, for the windowed stage 1's host map (no copy of it)."""
+  probs[h:] = probs[h - 1]
+  probs[:, w:] = probs[:, w - 1:w]
 
 
 def _stage1_window(params, thumb, *, spec: Spec):
@@ -141,21 +151,18 @@ def _stage1_window(params, thumb, *, spec: Spec):
 
 
 def _rank(probs, size, *, spec: Spec):
-  """Stage 1's outputs [bh, bw, C (+1)] (size = (h, w) of them inside the image) -> (low-resolution
-  probabilities [bh, bw, C], the rows and columns past (h, w) repeating the last ones, so that
-  every upsampling near the image's edge sees its own border; tile scores [gbh, gbw] (gbh = bh /
-  cell); every tile of the bucket's grid ranked, least sure first, by `inference.select`: flat
-  indices [gbh * gbw] into that grid, the tiles past the image's last.
+  """Stage 1's outputs [bh, bw, C (+1)], past size = (h, w) repeating the last row and column (so
+  that every upsampling near the image's edge sees its own border) -> (low-resolution
+  probabilities [bh, bw, C]; tile scores [gbh, gbw] (gbh = bh / cell); every tile of the bucket's
+  grid ranked, least sure first, by `inference.select`: flat indices [gbh * gbw] into that grid,
+  the tiles past the image's last).
   """
-  rows = jnp.minimum(jnp.arange(probs.shape[0]), size[0] - 1)
-  cols = jnp.minimum(jnp.arange(probs.shape[1]), size[1] - 1)
-  low = probs[rows][:, cols]
-  scores = inference.tile_scores(low[None], spec)[0]
+  scores = inference.tile_scores(probs[None], spec)[0]
   cell = spec.patch_size // spec.downscale
   inside = ((jnp.arange(scores.shape[0])[:, None] < -(-size[0] // cell)) &
             (jnp.arange(scores.shape[1])[None, :] < -(-size[1] // cell)))
   order, _ = inference.select(jnp.where(inside, scores, -jnp.inf).reshape(1, -1), scores.size)
-  return low[..., :spec.num_classes], scores, order[0]
+  return probs[..., :spec.num_classes], scores, order[0]
 
 
 def _band(out, rows, offset, y0, *, spec: Spec):
@@ -371,7 +378,7 @@ class NativeModel:
       (low, scores, order), flops = self.stage1(self.nets.stage1, jnp.asarray(padded), size)
     else:
       probs, flops = self._windows(source, h, w, bh, bw)
-      probs = jnp.asarray(probs)  # The host copy is let go before ranking makes `low`.
+      _repeat_edges(probs, h, w)
       (low, scores, order), rank_flops = self.rank(probs, size)
       del probs
       flops += rank_flops
