@@ -114,11 +114,13 @@ class _Used:
 
 @functools.lru_cache(maxsize=16)
 def steps(spec: Spec) -> dict:
-  """The compiled steps of one Spec, made once per process: {'stage1', 'stage1_window', 'rank',
+  """The compiled steps of one Spec, made once per process: {'stage1', 'stage1_window', 'scores',
+  'order',
   'stage2', 'window', 'band', 'paste', 'quantize'} (they depend on shapes and the spec, not on the parameters' values); 'band' and
   'paste' write into the output they are given (donated: in place)."""
   return {'stage1': Compiled(_stage1, spec=spec), 'stage2': Compiled(_stage2, spec=spec),
-          'stage1_window': Compiled(_stage1_window, spec=spec), 'rank': Compiled(_rank, spec=spec),
+          'stage1_window': Compiled(_stage1_window, spec=spec),
+          'scores': Compiled(_scores, spec=spec), 'order': Compiled(_order, spec=spec),
           'window': Compiled(_window, spec=spec), 'band': Compiled(_band, (0,), spec=spec),
           'paste': Compiled(_paste, (0,), spec=spec), 'quantize': Compiled(_quantize, spec=spec)}
 
@@ -153,16 +155,27 @@ def _stage1_window(params, thumb, *, spec: Spec):
 def _rank(probs, size, *, spec: Spec):
   """Stage 1's outputs [bh, bw, C (+1)], past size = (h, w) repeating the last row and column (so
   that every upsampling near the image's edge sees its own border) -> (low-resolution
-  probabilities [bh, bw, C]; tile scores [gbh, gbw] (gbh = bh / cell); every tile of the bucket's
-  grid ranked, least sure first, by `inference.select`: flat indices [gbh * gbw] into that grid,
-  the tiles past the image's last).
+  probabilities [bh, bw, C]; tile scores [gbh, gbw] (gbh = bh / cell); `_order` of them).
   """
-  scores = inference.tile_scores(probs[None], spec)[0]
+  scores = _scores(probs, spec=spec)
+  return probs[..., :spec.num_classes], scores, _order(scores, size, spec=spec)
+
+
+def _scores(probs, *, spec: Spec):
+  """Stage 1's outputs [r, bw, C (+1)] (whole cells of rows) -> their tile scores [r / cell,
+  bw / cell]: each tile's from its own cell, so a large map is scored a band at a time."""
+  return inference.tile_scores(probs[None], spec)[0]
+
+
+def _order(scores, size, *, spec: Spec):
+  """Tile scores [gbh, gbw] -> every tile of the bucket's grid ranked, least sure first, by
+  `inference.select`: flat indices [gbh * gbw], the tiles past the image's (size = (h, w) of the
+  map) last."""
   cell = spec.patch_size // spec.downscale
   inside = ((jnp.arange(scores.shape[0])[:, None] < -(-size[0] // cell)) &
             (jnp.arange(scores.shape[1])[None, :] < -(-size[1] // cell)))
   order, _ = inference.select(jnp.where(inside, scores, -jnp.inf).reshape(1, -1), scores.size)
-  return probs[..., :spec.num_classes], scores, order[0]
+  return order[0]
 
 
 def _band(out, rows, offset, y0, *, spec: Spec):
@@ -292,7 +305,8 @@ class NativeModel:
     self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
     self.window, self.band = _Used(shared['window']), _Used(shared['band'])
     self.paste, self.quantize = _Used(shared['paste']), _Used(shared['quantize'])
-    self.stage1_window, self.rank = _Used(shared['stage1_window']), _Used(shared['rank'])
+    self.stage1_window = _Used(shared['stage1_window'])
+    self.scores, self.order = _Used(shared['scores']), _Used(shared['order'])
 
   @property
   def compiles(self) -> int:
@@ -301,7 +315,7 @@ class NativeModel:
     (at most 4), the dense windows once."""
     return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
             self.band.compiles + self.paste.compiles + self.stage1_window.compiles +
-            self.rank.compiles + self.quantize.compiles)
+            self.scores.compiles + self.order.compiles + self.quantize.compiles)
 
   @property
   def chunk_sizes(self) -> tuple:
@@ -326,8 +340,10 @@ class NativeModel:
     elif self.nets.stage1 is not None:
       side = STAGE1_WINDOW + 2 * STAGE1_HALO
       self.stage1_window.warm(self.nets.stage1, shaped((side, side, 3), jnp.float32))
-      self.rank.warm(shaped((bh, bw, spec.num_classes + spec.error_head), jnp.float32),
-                     shaped((2,), jnp.int32))
+      self.scores.warm(shaped((STAGE1_WINDOW, bw, spec.num_classes + spec.error_head),
+                              jnp.float32))
+      cell = spec.patch_size // spec.downscale
+      self.order.warm(shaped((bh // cell, bw // cell), jnp.float32), shaped((2,), jnp.int32))
     if self.nets.stage1 is not None:
       low_rows = _low_rows(min(BAND_ROWS, out.shape[1]), f)
       self.band.warm(out, shaped((low_rows, bw, spec.num_classes), jnp.float32),
@@ -379,9 +395,11 @@ class NativeModel:
     else:
       probs, flops = self._windows(source, h, w, bh, bw)
       _repeat_edges(probs, h, w)
-      (low, scores, order), rank_flops = self.rank(probs, size)
-      del probs
-      flops += rank_flops
+      parts = [self.scores(probs[r:r + STAGE1_WINDOW]) for r in range(0, bh, STAGE1_WINDOW)]
+      scores = jnp.concatenate([p for p, _ in parts])  # Small: a score a tile.
+      order, order_flops = self.order(scores, size)
+      low = probs[..., :spec.num_classes]  # The host map itself (a view).
+      flops += sum(call for _, call in parts) + order_flops
     low = np.asarray(low)  # Small: the image / f^2.
     return low, (scores, order), h, w, time.perf_counter() - start, flops
 
