@@ -518,6 +518,8 @@ class NativeModel:
       flops[0] += band_flops
       start = time.perf_counter()
       cells = chosen[(top >= y0) & (top < y0 + rows)] if sink.rows else chosen
+      cells = cells[np.lexsort((cells // gw, cells % gw))]  # Column by column: a file's tiles
+      # are read while they are in the reader's cache, whatever the image's width.
       boxes = lambda part: [(int(i) // gw * tile - halo, int(i) % gw * tile - halo, side)
                             for i in part]
       source.prefetch(boxes(cells[:k]))
