@@ -37,7 +37,8 @@ def test_a_run_knows_its_networks_its_settings_and_its_plan(tmp_path):
 
 
 @pytest.mark.parametrize('damage, words', [
-    (lambda text: text[:len(text) // 2], 'cannot be read (Expecting'),  # Truncated mid-write.
+    (lambda text: text[:text.index(',', len(text) // 2) + 1],  # Truncated mid-write.
+     'cannot be read (Expecting property name'),
     (lambda text: text.replace('"width": 4', '"width": "4"'),
      "config.model.width='4' is not valid"),
     (lambda text: text.replace('"hi_size": 64', '"hi_size": -64'), 'config.hi_size=-64 is not valid')],
