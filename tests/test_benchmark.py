@@ -103,9 +103,10 @@ def test_a_spent_time_budget_skips_and_says_what(tmp_path):
   config = tiny(**{'benchmark.repeats': 2, 'benchmark.batch_sizes': (1, 2),
                    'benchmark.max_seconds': 1e-3})
   results = benchmark.run(settings.from_config(config), str(tmp_path))
-  assert results['rows'] == []
-  assert any('batch 1: baseline' in line and 'budget' in line for line in results['skipped'])
-  assert any(line.startswith('batch 2: every method') for line in results['skipped'])
+  assert results['rows'] == []  # Whether batch 1 starts before 1 ms are gone depends on the clock:
+  assert any(line.startswith('batch 1: ') for line in results['skipped'])  # either way, each batch
+  assert any(line.startswith('batch 2: every method') for line in results['skipped'])  # is named,
+  assert all('time budget of 0.001 s' in line for line in results['skipped'])  # with the budget.
 
 
 def test_benchmark_uses_trained_weights_when_the_workdir_has_them(tmp_path):
