@@ -115,9 +115,9 @@ class _Used:
 @functools.lru_cache(maxsize=16)
 def steps(spec: Spec) -> dict:
   """The compiled steps of one Spec, made once per process: {'stage1', 'stage1_window', 'scores',
-  'order',
-  'stage2', 'window', 'band', 'paste', 'quantize'} (they depend on shapes and the spec, not on the parameters' values); 'band' and
-  'paste' write into the output they are given (donated: in place)."""
+  'order', 'stage2', 'window', 'band', 'paste', 'quantize'} (they depend on shapes and the spec,
+  not on the parameters' values); 'band' and 'paste' write into the output they are given
+  (donated: in place)."""
   return {'stage1': Compiled(_stage1, spec=spec), 'stage2': Compiled(_stage2, spec=spec),
           'stage1_window': Compiled(_stage1_window, spec=spec),
           'scores': Compiled(_scores, spec=spec), 'order': Compiled(_order, spec=spec),

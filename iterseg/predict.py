@@ -213,8 +213,9 @@ def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[
     stat = path.stat()
     key = {'input': str(path.resolve()), 'bytes': stat.st_size, 'mtime': stat.st_mtime,
            'spec': repr(model.spec)}
-    make = lambda: slides.SlideSink(output / f'{stem}_mask{SLIDE_SUFFIXES[slide_format]}',
-                                    source.height, source.width, key, rows=model.band_rows, probabilities='probs' in outputs,
+    mask = slide_paths(output, stem, ('mask',), slide_format)['mask']  # Always made.
+    make = lambda: slides.SlideSink(mask, source.height, source.width, key, rows=model.band_rows,
+                                    probabilities='probs' in outputs,
                                     resolution=source.resolution, share=share)
     sink, error = None, None
     try:  # Process 0 makes the folder (a stale one cleared) that the others then open.
