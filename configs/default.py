@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   # the measured share of wrong pixels) beside stage 1's segmentation loss.
   c.train.exclude_holdout = False  # True: train without the calibrate.holdout share of the train
   # split, so that --mode=calibrate measures on images no network saw (False: all, as the paper).
+  c.train.select_checkpoint = 'last'  # 'last' (the paper) | 'best': each checkpoint is scored on
+  # the validation images (that holdout, so it needs exclude_holdout=True) by its hard Dice at
+  # inference, as --mode=evaluate measures it, and the modes load the best step of each network
+  # (stage 2 learns from the best stage 1). Training resumes from the latest either way.
   c.train.focal_alpha = 0.25
   c.train.focal_gamma = 2.0
   c.train.head_bias_prior = config_dict.placeholder(float)  # Binary: start every pixel at this

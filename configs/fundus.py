@@ -14,7 +14,9 @@ its own). Each choice, against configs/native_demo.py (synthetic blobs), for ves
 - lr 3e-3 after a 100-step warm-up, cosine decay;
 - stage 2 starts from stage 1 and learns from the most uncertain tiles (entropy-weighted);
 - the baseline trains on as many pixels as stage 2 (a quarter of its steps: stage 2 sees 4 tiles
-  of 64 px per 256-px crop), so the dense reference is trained on equal footing.
+  of 64 px per 256-px crop), so the dense reference is trained on equal footing;
+- a validation split (calibrate.holdout, seeded, left out of training) chooses each network's
+  checkpoint (the best hard Dice at inference) and --mode=calibrate's budget; never the test split.
 Sized for about 20 minutes on 2 CPU cores; on a GPU raise the epochs.
 """
 
@@ -41,6 +43,8 @@ def get_config():
   c.train.stage1_epochs = 2000
   c.train.stage2_epochs = 2000
   c.train.baseline_epochs = 500  # As many training pixels as stage 2.
+  c.train.exclude_holdout = True
+  c.train.select_checkpoint = 'best'
   c.train.log_every = 100
   c.train.checkpoint_every = 500
   c.eval.batch_size = 1

@@ -5,6 +5,8 @@
   checkpoints/baseline/<step>/     TrainState of the baseline
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-write leaves no step that looks complete; `restore_latest` takes the newest complete one.
+With train.select_checkpoint='best', each step also holds its validation score (`METRIC`), the best
+step is kept beside the latest ones, and `load_network` restores it.
 """
 
 import logging as std_logging
@@ -41,11 +43,23 @@ for _name in ('absl', 'asyncio'):
   std_logging.getLogger(_name).addFilter(_quiet_failed_reads)
 
 
-def manager(workdir: str, name: str, keep: int) -> ocp.CheckpointManager:
-  """The network's manager; it deletes what a killed run left half-written (<step>.orbax-*-tmp)."""
+METRIC = 'val_hard_dice'  # A step's validation score (train.select_checkpoint='best').
+
+
+def _score(metrics: dict) -> float:
+  return metrics[METRIC]
+
+
+def manager(workdir: str, name: str, keep: int, *, best: bool = False) -> ocp.CheckpointManager:
+  """The network's manager, keeping the `keep` latest steps (and with `best` the step of the highest
+  `METRIC` too); it deletes what a killed run left half-written (<step>.orbax-*-tmp)."""
+  policies = ocp.checkpoint_managers
+  keeping = policies.LatestN(keep)
+  if best:
+    keeping = policies.AnyPreservationPolicy([keeping, policies.BestN(get_metric_fn=_score, n=1)])
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
-      cleanup_tmp_directories=True)
+      preservation_policy=keeping, create=True, cleanup_tmp_directories=True,
+      best_fn=_score if best else None, best_mode='max')
   return ocp.CheckpointManager(Run(workdir).network_dir(name), options=options)
 
 
@@ -90,11 +104,12 @@ def _check_shapes(path: str, template, name: str):
   return label, abstract
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template, name: str = ''):
-  """`template` restored from the latest complete checkpoint of `mngr`, or `template` if none. One
-  of another config (arrays differ in name or shape) is a CheckpointError found from its metadata
-  before any array is read; so is one that cannot be read (damaged, e.g. truncated)."""
-  step = mngr.latest_step()
+def restore_latest(mngr: ocp.CheckpointManager, template, name: str = '', *, best: bool = False):
+  """`template` restored from the latest complete checkpoint of `mngr` (with `best`, the step of the
+  highest validation score where steps have one), or `template` if none. One of another config
+  (arrays differ in name or shape) is a CheckpointError found from its metadata before any array is
+  read; so is one that cannot be read (damaged, e.g. truncated)."""
+  step = (best and mngr.best_step()) or mngr.latest_step()
   if step is None:
     return template
   label, abstract = _check_shapes(os.path.join(str(mngr.directory), str(step)), template, name)
@@ -125,7 +140,8 @@ def _on_this_host(x) -> jax.ShapeDtypeStruct:
 
 
 def load_network(workdir: str, name: str, s: Settings):
-  """The parameters of network `name` ('stage1', 'stage2_np8', 'baseline') at its latest step."""
+  """The parameters of network `name` ('stage1', 'stage2_np8', 'baseline') at its latest step, or
+  its best with train.select_checkpoint='best'."""
   run = Run(workdir)
   path = run.network_dir(name)
   if not run.has_step(name):
@@ -133,8 +149,10 @@ def load_network(workdir: str, name: str, s: Settings):
   network, n = models.parse(name)
   spec = s.spec_for(n) if n else s.spec
   template = jax.eval_shape(lambda: state.create_train_state(s.train, spec, network))
-  with ocp.CheckpointManager(path) as mngr:
-    return restore_latest(mngr, template, name).params
+  best = s.train.select_checkpoint == 'best'
+  options = ocp.CheckpointManagerOptions(best_fn=_score if best else None)
+  with ocp.CheckpointManager(path, options=options) as mngr:
+    return restore_latest(mngr, template, name, best=best).params
 
 
 def load_networks(workdir: str, current: Optional[Settings] = None, *,

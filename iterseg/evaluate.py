@@ -20,8 +20,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from iterseg import checkpoints, files, metrics, native, report
+from iterseg import checkpoints, files, methods, metrics, native, report
 from iterseg.errors import DataError, InputError
+from iterseg.models import Networks
 from iterseg.settings import Settings
 
 SEAM = ('seam_soft_dice', 'seam_hard_dice')
@@ -79,6 +80,20 @@ def evaluate(segmenter, examples: Sequence[dict], *, total=None, progress: bool 
   if not names and skipped and not allow_empty:
     raise _none_left(skipped, len(examples))
   return dict(_summarized(per_image, names, allow_empty), skipped=skipped)
+
+
+def validation_score(s: Settings, network: str, params, examples: Sequence[dict], *,
+                     num_patches: Optional[int] = None, stage1=None) -> float:
+  """The mean hard Dice on `examples` (the validation images) of what `network`'s parameters make
+  at inference, measured as `evaluate` measures it: the baseline (native: its sliding window),
+  stage 1 alone, or stage 2 at `num_patches` within two-stage after `stage1`. What
+  train.select_checkpoint='best' keeps the best step by."""
+  nets, key = Networks(**{network: params}), network
+  if network == 'stage2':
+    nets, key = Networks(stage1=stage1, stage2={num_patches: params}), methods.method_key(
+        'two_stage', num_patches)
+  measured = evaluate(native.segmenter(nets, s).only(key), examples, progress=False)
+  return measured['methods'][key]['hard_dice']
 
 
 def _line(error: Exception) -> str:

@@ -1,8 +1,9 @@
 """What the training loop does around each step, and the signals that stop it cleanly.
 
 A hook (as flax's examples' periodic actions) is a callable of `Step`, run after each step in the
-order given: `train.train_network` installs FiniteCheck, Checkpointer, MetricsWriter and, when
-asked, Profiler; a caller may add its own (tests/kill_during_training.py does).
+order given: `train.train_network` installs FiniteCheck, Validator (train.select_checkpoint='best'),
+Checkpointer, MetricsWriter and, when asked, Profiler; a caller may add its own
+(tests/kill_during_training.py does).
 """
 
 import contextlib
@@ -11,7 +12,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -30,6 +31,7 @@ class Step:
   state: Any
   metrics: dict
   last: bool  # The final step of this network (or the step at which it was interrupted).
+  scores: Optional[dict] = None  # Validator's, for the checkpoint of this step.
 
   def due(self, every: int) -> bool:
     """Whether a hook acting every `every` steps and at the last one acts now."""
@@ -50,7 +52,7 @@ class Checkpointer:
     if not s.due(self.every):
       return
     try:
-      self.manager.save(s.step, args=checkpoints.save_args(s.state), force=True)
+      self.manager.save(s.step, args=checkpoints.save_args(s.state), metrics=s.scores, force=True)
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except  # Orbax wraps the OSError differently.
       cause = e
@@ -61,6 +63,25 @@ class Checkpointer:
           f'cannot write the checkpoint of step {s.step} to {self.manager.directory} ({reason}); '
           'stopped. The last complete checkpoint there is kept: free space or fix the permissions, '
           'then rerun the same command to resume.') from e
+
+
+class Validator:
+  """At the checkpoints every `every` steps and the last (not one made because training was
+  interrupted, so that a resumed run scores the steps an uninterrupted one does): `score(params)`,
+  the network's validation score (`evaluate.validation_score`), kept on the step for the
+  Checkpointer as checkpoints.METRIC and logged to metrics.jsonl."""
+
+  def __init__(self, workdir: str, every: int, score: Callable[[Any], float]):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.every, self.score = every, score
+
+  def __call__(self, s: Step):
+    if s.step % self.every and s.step < s.total:
+      return
+    s.scores = {checkpoints.METRIC: float(self.score(jax.device_get(s.state.params)))}
+    if jax.process_index() == 0:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'network': s.name, 'step': s.step, **s.scores}) + '\n')
 
 
 class MetricsWriter:

@@ -32,6 +32,7 @@ class TrainPlan:
   focal_gamma: float = checked('float', 0.0, 10.0)
   error_weight: float = checked('float', 0.0)
   exclude_holdout: bool = checked('bool')
+  select_checkpoint: str = checked('choice', ('last', 'best'))  # Which step the modes load.
   head_bias_prior: Optional[float] = checked('float', 0.0, 1.0, low_open=True, high_open=True,
                                              optional=True)
   stage2_init: str = checked('choice', ('random', 'stage1'))

@@ -261,6 +261,9 @@ def from_config(config) -> Settings:
   plan = r.section(
       TrainPlan, 'train.', seed=seed, networks=networks, num_patches_list=nps,
       epochs={n: r.int(f'train.{n}_epochs', 1 if n in networks else 0) for n in NETWORKS})
+  if plan.select_checkpoint == 'best' and not plan.exclude_holdout:
+    _fail('train.select_checkpoint', 'best', 'it needs config.train.exclude_holdout=True (the '
+          'checkpoints are scored on the held-out images, which must not be trained on)')
   if plan.profile_steps and (len(plan.profile_steps) != 2 or
                              plan.profile_steps[0] > plan.profile_steps[1]):
     _fail('train.profile_steps', plan.profile_steps, 'give (first, last) steps, or () for none')

@@ -21,7 +21,7 @@ import optax
 from jax import lax
 from tqdm import tqdm
 
-from iterseg import augment, checkpoints, files, hooks, inference, losses, models, state
+from iterseg import augment, checkpoints, evaluate, files, hooks, inference, losses, models, state
 from iterseg.data import pipeline
 from iterseg.errors import Interrupted
 from iterseg.plans import TrainPlan
@@ -122,11 +122,12 @@ def replicate(tree):
 
 
 def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optional[int] = None,
-                  frozen=None, source=None, extra_hooks: Sequence[hooks.Hook] = (),
+                  frozen=None, source=None, validation=None, extra_hooks: Sequence[hooks.Hook] = (),
                   stop: Optional[hooks.StopSignals] = None) -> Any:
   """Trains one network to its planned number of epochs, resuming from its latest checkpoint;
-  returns its parameters. `source` (the train split) defaults to data.load_split(s.data, 'train');
-  `extra_hooks` run after the built-in ones."""
+  returns its parameters (with train.select_checkpoint='best', those of its checkpoint scoring best
+  on the `validation` examples). `source` (the train split) defaults to data.load_split(s.data,
+  'train'); `extra_hooks` run after the built-in ones."""
   spec = s.spec_for(num_patches) if network == 'stage2' else s.spec
   name = models.name(network, spec.num_patches)
   plan = s.train
@@ -141,13 +142,16 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
   fresh = state.create_train_state(
       plan, spec, network, total,
       params=state.from_stage1(jax.device_get(frozen), spec) if copied else None)
-  manager = checkpoints.manager(workdir, name, plan.keep_checkpoints)
+  best = plan.select_checkpoint == 'best'
+  manager = checkpoints.manager(workdir, name, plan.keep_checkpoints, best=best)
+  chosen = lambda: (checkpoints.restore_latest(manager, fresh, name, best=True).params if best
+                    else train_state.params)
   with contextlib.ExitStack() as closing:
     closing.callback(manager.close)  # Waits for the checkpoint being written, also after an error.
     train_state = replicate(checkpoints.restore_latest(manager, fresh, name))
     step = int(train_state.step)
     if step >= total:
-      return train_state.params
+      return chosen()
     hooks.trim_metrics(workdir, name, step)
 
     frozen = None if frozen is None else replicate(frozen)
@@ -156,8 +160,12 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
         'images', plan.batch_size)
     bar = closing.enter_context(tqdm(total=total, initial=step, desc=f'train {name}', unit='step',
                                      disable=jax.process_index() != 0, dynamic_ncols=True))
-    every = [hooks.FiniteCheck(workdir, plan.checkpoint_every),
-             hooks.Checkpointer(manager, plan.checkpoint_every),
+    every = [hooks.FiniteCheck(workdir, plan.checkpoint_every)]
+    if best:
+      every.append(hooks.Validator(workdir, plan.checkpoint_every, functools.partial(
+          evaluate.validation_score, s, network, examples=validation, num_patches=spec.num_patches,
+          stage1=None if frozen is None else jax.device_get(frozen))))
+    every += [hooks.Checkpointer(manager, plan.checkpoint_every),
              hooks.MetricsWriter(workdir, plan.log_every, per_epoch, unit, per_step, bar)]
     if plan.profile_steps and network == 'stage1':
       every.append(hooks.Profiler(workdir, *plan.profile_steps))
@@ -180,31 +188,35 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
                             f'{name}; its checkpoint is saved: rerun the same command to resume.')
         if step >= total:
           break
-    return train_state.params
+    manager.wait_until_finished()
+    return chosen()
 
 
-def training_data(s: Settings):
-  """The train split (less the calibration holdout with train.exclude_holdout), checked to split
+def training_data(s: Settings) -> tuple:
+  """(the train split, less the calibration holdout with train.exclude_holdout, checked to split
   into s.train.batch_size batches over this run's devices, decompressed once (not every epoch:
-  native steps crop a few whole images)."""
+  native steps crop a few whole images); the validation examples: that holdout, or None when it is
+  trained on)."""
   from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
-  source = data.load_split(s.data, 'train')
+  source, validation = data.load_split(s.data, 'train'), None
   if s.train.exclude_holdout:
-    held = set(data.holdout_indices(len(source), s.calibrate.holdout, s.seed).tolist())
-    source = data.Subset(source, [i for i in range(len(source)) if i not in held])
+    held = data.holdout_indices(len(source), s.calibrate.holdout, s.seed)
+    validation = data.Subset(source, held)
+    source = data.Subset(source, sorted(set(range(len(source))) - set(held.tolist())))
   pipeline.check_batch_size(s.train.batch_size, len(source))
-  return pipeline.Decoded(source)
+  return pipeline.Decoded(source), validation
 
 
 def preflight(s: Settings, workdir: str):
   """Checks all that can refuse --mode=train before it writes anything: the geometry of the
   workdir's networks, the training data, the batch over this run's processes and devices, the stage
   1 that stage 2 learns from, the metadata of each checkpoint it resumes. Returns (the train split,
-  stage 1's parameters when stage 2 learns from a stage 1 trained before, else None)."""
+  the validation examples or None (`training_data`), stage 1's parameters when stage 2 learns from
+  a stage 1 trained before, else None)."""
   run = Run(workdir)
   if run.trained_networks() and os.path.exists(run.file('config.json')):
     run.check_geometry(s)
-  source = training_data(s)
+  source, validation = training_data(s)
   stage1 = None
   if 'stage2' in s.train.networks and 'stage1' not in s.train.networks:
     stage1 = checkpoints.load_network(workdir, 'stage1', s)
@@ -212,7 +224,7 @@ def preflight(s: Settings, workdir: str):
     spec = s.spec_for(n) if n else s.spec
     template = jax.eval_shape(lambda: state.create_train_state(s.train, spec, network))
     checkpoints.check_latest(workdir, models.name(network, n), template)
-  return source, stage1
+  return source, validation, stage1
 
 
 def train(s: Settings, workdir: str, *, extra_hooks: Sequence[hooks.Hook] = ()) -> Settings:
@@ -224,7 +236,7 @@ def train(s: Settings, workdir: str, *, extra_hooks: Sequence[hooks.Hook] = ()) 
   command fails before that step (e.g. unreadable checkpoint arrays)."""
   run = Run(workdir)
   s = run.with_statistics(s)
-  source, stage1 = preflight(s, workdir)
+  source, validation, stage1 = preflight(s, workdir)
   if s.spec.input_norm == 'standardize' and s.spec.input_mean is None:
     mean, std = inference.input_statistics([source[i]['image'] for i in range(len(source))],
                                            progress=jax.process_index() == 0)
@@ -237,7 +249,8 @@ def train(s: Settings, workdir: str, *, extra_hooks: Sequence[hooks.Hook] = ()) 
   try:
     run.save_settings(s)
     with hooks.StopSignals(coordinated=True) as stop:
-      train_one = functools.partial(train_network, s, workdir, source=source, stop=stop,
+      train_one = functools.partial(train_network, s, workdir, source=source,
+                                    validation=validation, stop=stop,
                                     extra_hooks=(lambda _: stepped.append(1), *extra_hooks))
       for network, n in s.jobs():
         params = train_one(network, num_patches=n, frozen=stage1 if network == 'stage2' else None)

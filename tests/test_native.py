@@ -3,6 +3,7 @@ refined, the dense sliding-window reference, native data, crops for training, an
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 
@@ -436,3 +437,26 @@ def test_calibrate_leaves_out_an_image_it_cannot_read_or_segment_and_names_both(
   assert sorted(saved['skipped']) == ['example 5', 'synthetic/00004']  # 130 x 139 px.
   assert 'above config.native.max_pixels=15000' in saved['skipped']['synthetic/00004']
   assert saved['num_images'] == 1 and len(saved['points']) == 2
+
+
+def test_each_network_is_scored_on_the_validation_images_as_evaluate_measures_it(tmp_path):
+  from iterseg import checkpoints, train  # pylint: disable=g-import-not-at-top
+  config = native_config(**{'data.num_examples': 8, 'data.synthetic_sides': (70, 140),
+                            'data.data_dir': str(tmp_path / 'tfds'), 'train.exclude_holdout': True,
+                            'train.select_checkpoint': 'best', 'calibrate.holdout': 0.3})
+  s = settings.from_config(config)
+  workdir = str(tmp_path / 'run')
+  train.train(s, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    scored = {r['network']: r[checkpoints.METRIC] for r in map(json.loads, f)
+              if checkpoints.METRIC in r}
+  assert set(scored) == {'stage1', 'stage2_np2', 'baseline'}
+  _, validation = train.training_data(s)
+  assert len(validation) == 2
+  nets = checkpoints.load_networks(workdir, s)
+  for network, params, key in (('baseline', nets.baseline, 'baseline'),
+                               ('stage1', nets.stage1, 'stage1'),
+                               ('stage2', nets.stage2[2], 'stage2_np2')):
+    by_hand = evaluate.validation_score(s, network, params, validation, num_patches=2,
+                                        stage1=nets.stage1)
+    assert scored[key] == pytest.approx(by_hand, abs=1e-6)

@@ -92,17 +92,19 @@ def test_an_error_head_changes_the_geometry_so_old_workdirs_are_refused(tmp_path
     checkpoints.load_networks(str(tmp_path), settings.from_config(learned()))
 
 
-def test_exclude_holdout_trains_without_exactly_the_images_calibrate_measures_on(tmp_path):
+def test_exclude_holdout_trains_without_exactly_the_images_calibrate_and_validation_use(tmp_path):
   from iterseg import data  # pylint: disable=g-import-not-at-top
   config = tiny(**{'data.data_dir': str(tmp_path / 'tfds'), 'data.num_examples': 20,
                    'calibrate.holdout': 0.25})
-  everything = train.training_data(settings.from_config(config))
+  everything, no_validation = train.training_data(settings.from_config(config))
   held = data.holdout_indices(len(everything), 0.25, config.seed)
-  kept = train.training_data(settings.from_config(set_fields(config, **{
+  kept, validation = train.training_data(settings.from_config(set_fields(config, **{
       'train.exclude_holdout': True})))
   names = lambda examples: [e['name'] for e in examples]
-  assert len(kept) == len(everything) - len(held) and len(held) == 4
-  assert set(names(kept)) == set(names(everything)) - {everything[int(i)]['name'] for i in held}
+  held_names = {everything[int(i)]['name'] for i in held}
+  assert no_validation is None and len(kept) == len(everything) - len(held) and len(held) == 4
+  assert set(names(kept)) == set(names(everything)) - held_names
+  assert set(names(validation)) == held_names
 
 
 def test_calibrate_says_whether_its_images_were_seen_in_training(tmp_path):

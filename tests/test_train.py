@@ -145,3 +145,58 @@ def test_a_damaged_line_of_the_log_is_named_and_deleting_it_trims_the_log(tmp_pa
   path.write_text(good[0] + good[1][:12])  # A run killed while writing its last line.
   hooks.trim_metrics(str(tmp_path), 'stage1', 2)
   assert path.read_text() == good[0]
+
+
+def best_config(**overrides):
+  config = tiny(**{'train.exclude_holdout': True, 'train.select_checkpoint': 'best',
+                   'train.checkpoint_every': 1, 'train.keep_checkpoints': 1,
+                   'train.stage1_epochs': 3, **overrides})  # 2 steps an epoch.
+  return settings.from_config(config)
+
+
+def test_select_best_needs_the_holdout_left_out_of_training():
+  with pytest.raises(settings.SettingsError, match='exclude_holdout=True'):
+    settings.from_config(tiny(**{'train.select_checkpoint': 'best'}))
+
+
+def test_the_best_scoring_checkpoint_is_kept_beside_the_latest_and_is_what_loads(
+    tmp_path, source, monkeypatch):
+  scores = iter([0.2, 0.5, 0.9, 0.4, 0.3, 0.1])  # Steps 1..6: step 3 is the best.
+  seen = {}
+
+  def score(s, network, params, examples, **kwargs):
+    del s, network, examples, kwargs
+    value = next(scores)
+    seen[value] = jax.tree.map(np.array, params)
+    return value
+
+  monkeypatch.setattr(train.evaluate, 'validation_score', score)
+  s = best_config()
+  workdir = str(tmp_path)
+  returned = train.train_network(s, workdir, 'stage1', source=source, validation=source[:2])
+  assert sorted(os.listdir(Run(workdir).network_dir('stage1'))) == ['3', '6', 'plan.json']
+  logged = [r for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl')))
+            if checkpoints.METRIC in r]
+  assert [(r['step'], r[checkpoints.METRIC]) for r in logged] == list(
+      zip(range(1, 7), [0.2, 0.5, 0.9, 0.4, 0.3, 0.1]))
+  Run(workdir).save_settings(s)
+  loaded = checkpoints.load_network(workdir, 'stage1', s)
+  jax.tree.map(np.testing.assert_array_equal, loaded, seen[0.9])
+  jax.tree.map(np.testing.assert_array_equal, returned, seen[0.9])
+  last = checkpoints.load_network(workdir, 'stage1', s.vary('train', select_checkpoint='last'))
+  jax.tree.map(np.testing.assert_array_equal, last, seen[0.1])
+
+
+def test_validation_scores_are_the_hard_dice_evaluate_measures(tmp_path, source):
+  s = best_config(**{'train.stage1_epochs': 1, 'train.checkpoint_every': 2})
+  workdir = str(tmp_path)
+  validation = [dict(e, original_size=(64, 64), name=f'held{i}') for i, e in enumerate(source[:3])]
+  params = train.train_network(s, workdir, 'stage1', source=source, validation=validation)
+  logged = [r for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl')))
+            if checkpoints.METRIC in r]
+  assert [r['step'] for r in logged] == [2]
+  from iterseg import evaluate, models, native  # pylint: disable=g-import-not-at-top
+  measured = evaluate.evaluate(native.segmenter(models.Networks(stage1=params), s).only('stage1'),
+                               validation, progress=False)
+  assert logged[0][checkpoints.METRIC] == pytest.approx(measured['methods']['stage1']['hard_dice'])
+  assert 0.0 <= logged[0][checkpoints.METRIC] <= 1.0
