@@ -1,10 +1,17 @@
 """--mode=ablate: each feature beyond the paper switched off and on, the rest as configured.
 
-  feature        config field          paper (off)   on                  retrains
-  stage2_init    train.stage2_init     'random'      'stage1'            stage 2
-  halo           halo                  0             the config's, or 4  stage 2
-  refine_budget  refine_budget         'image'       'batch'             nothing (inference only)
-  input_norm     model.input_norm      'none'        'standardize'       every network
+  feature             config field                paper (off)   on                    retrains
+  stage2_init         train.stage2_init           'random'      'stage1'              stage 2
+  halo                halo                        0             the config's, or 4    stage 2
+  refine_budget       refine_budget               'image'       'batch'               nothing
+  input_norm          model.input_norm            'none'        'standardize'         every network
+  patch_sampling      train.patch_sampling        'random'      'entropy_weighted'    stage 2
+  rotate              train.rotate                False         True                  every network
+  brightness_contrast train.brightness_contrast   0.0           the config's, or 0.1  every network
+  gamma               train.gamma                 0.0           the config's, or 0.2  every network
+  lr_schedule         train.lr_schedule           'constant'    'cosine'              every network
+  select_checkpoint   train.select_checkpoint     'last'        'best'                nothing
+(select_checkpoint 'best' needs the workdir trained with it: its checkpoints hold their scores.)
 
 For each feature in `ablation.features`, the variant that matches the config is the workdir itself
 (trained and evaluated by --mode=train); the other trains in <workdir>/ablation/<feature>-<state>
@@ -34,16 +41,24 @@ class Feature:
   retrains: tuple  # The networks whose weights depend on the feature.
 
 
+ALL = ('stage1', 'stage2', 'baseline')
 FEATURES = {
     'stage2_init': Feature('train', 'stage2_init', 'random', 'stage1', ('stage2',)),
     'halo': Feature('spec', 'halo', 0, 4, ('stage2',)),
     'refine_budget': Feature('spec', 'refine_budget', 'image', 'batch', ()),
-    'input_norm': Feature('spec', 'input_norm', 'none', 'standardize',
-                          ('stage1', 'stage2', 'baseline')),
+    'input_norm': Feature('spec', 'input_norm', 'none', 'standardize', ALL),
+    'patch_sampling': Feature('train', 'patch_sampling', 'random', 'entropy_weighted',
+                              ('stage2',)),
+    'rotate': Feature('train', 'rotate', False, True, ALL),
+    'brightness_contrast': Feature('train', 'brightness_contrast', 0.0, 0.1, ALL),
+    'gamma': Feature('train', 'gamma', 0.0, 0.2, ALL),
+    'lr_schedule': Feature('train', 'lr_schedule', 'constant', 'cosine', ALL),
+    'select_checkpoint': Feature('train', 'select_checkpoint', 'last', 'best', ()),
 }
 COLUMNS = (('feature', 'feature', 's'), ('state', 'state', 's'), ('value', 'value', 's'),
            ('soft Dice', 'soft_dice', '.4f'), ('hard Dice', 'hard_dice', '.4f'),
-           ('seam Dice', 'seam_soft_dice', '.4f'), ('GFLOPs', 'gflops', '.4g'))
+           ('seam Dice', 'seam_soft_dice', '.4f'), ('GFLOPs', 'gflops', '.4g'),
+           ('baseline hard Dice', 'baseline_hard_dice', '.4f'))
 
 
 def variants(s: Settings, names) -> list:
@@ -92,10 +107,12 @@ def run(s: Settings, workdir: str) -> dict:
         Run(where).save_settings(vs)
       results = evaluate.run(vs, where)
     row = report.find(results['rows'], 'two_stage', s.spec.num_patches)
+    dense = report.find(results['rows'], 'baseline') or {}
     if row is not None:
       rows.append({'feature': name, 'state': state, 'value': str(value), 'workdir': where,
                    **{k: row.get(k) for k in ('soft_dice', 'hard_dice', 'iou', 'seam_soft_dice',
-                                              'gflops')}})
+                                              'gflops')},
+                   'baseline_hard_dice': dense.get('hard_dice')})
   out = {'num_patches': s.spec.num_patches, 'rows': rows, 'files': []}
   if main:
     from iterseg import plots  # pylint: disable=g-import-not-at-top

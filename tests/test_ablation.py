@@ -41,6 +41,22 @@ def test_ablation_retrains_what_a_training_feature_changes(data_dir, tmp_path):
       sorted(p.name for p in (retrained / 'checkpoints' / 'stage1').iterdir()), ['1'])
 
 
+def test_the_recipe_choices_have_their_paper_value_off_and_the_configured_one_on():
+  from iterseg.configs import fundus  # pylint: disable=g-import-not-at-top
+  s = settings.from_config(fundus.get_config())
+  names = ('patch_sampling', 'rotate', 'brightness_contrast', 'gamma', 'lr_schedule',
+           'select_checkpoint')
+  pairs = {(name, state): (value, own) for name, state, value, own in ablation.variants(s, names)}
+  assert pairs == {
+      ('patch_sampling', 'off'): ('random', False),
+      ('patch_sampling', 'on'): ('entropy_weighted', True),
+      ('rotate', 'off'): (False, False), ('rotate', 'on'): (True, True),
+      ('brightness_contrast', 'off'): (0.0, False), ('brightness_contrast', 'on'): (0.2, True),
+      ('gamma', 'off'): (0.0, True), ('gamma', 'on'): (0.2, False),  # The recipe has none.
+      ('lr_schedule', 'off'): ('constant', False), ('lr_schedule', 'on'): ('cosine', True),
+      ('select_checkpoint', 'off'): ('last', False), ('select_checkpoint', 'on'): ('best', True)}
+
+
 def test_synthetic_data_has_classes_when_asked():
   binary = make_synthetic_example(3, 64)
   classes = make_synthetic_example(3, 64, num_classes=3)
