@@ -28,8 +28,8 @@ from iterseg.plans import (NETWORKS, BenchmarkPlan, CalibratePlan, DataSpec, Eva
 from iterseg.spec import SCORES, Spec, check_spec, config_field, score_range
 
 MODES = ('train', 'evaluate', 'benchmark', 'prepare', 'predict', 'calibrate', 'ablate', 'export')
-ABLATION_FEATURES = ('stage2_init', 'halo', 'refine_budget', 'input_norm', 'patch_sampling', 'rotate',
-                     'brightness_contrast', 'gamma', 'lr_schedule', 'select_checkpoint')
+ABLATION_FEATURES = ('stage2_init', 'halo', 'refine_budget', 'input_norm', 'patch_sampling',
+                     'rotate', 'brightness_contrast', 'gamma', 'lr_schedule', 'select_checkpoint')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
