@@ -20,6 +20,7 @@ device. When the workdir has results.json of the same geometry, its Dice and the
 give tradeoff_latency.png.
 """
 
+import contextlib
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -199,13 +200,10 @@ class PeakMemory:
 
   def __exit__(self, *exc):
     self.gb = None
-    try:
-      with open('/proc/self/status') as f:
-        for line in f:
-          if line.startswith('VmHWM:') and self.reset:
-            self.gb = int(line.split()[1]) / 2 ** 20
-    except OSError:
-      pass
+    with contextlib.suppress(OSError), open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:') and self.reset:
+          self.gb = int(line.split()[1]) / 2 ** 20
 
 
 def soft_dice(probs: np.ndarray, bits: np.ndarray, rows: int = 1024) -> float:

@@ -293,9 +293,7 @@ class NativeModel:
 
   def __init__(self, nets: Networks, spec: Spec):
     self.spec, self.nets = spec, nets
-    self.stage2_params = None
-    if nets.stage1 is not None and spec.num_patches in nets.stage2:
-      self.stage2_params = nets.stage2[spec.num_patches]
+    self.stage2_params = None if nets.stage1 is None else nets.stage2.get(spec.num_patches)
     shared = steps(dataclasses.replace(spec, refine_fraction=1.0, threshold=None))  # Any budget.
     self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
     self.window, self.band = _Used(shared['window']), _Used(shared['band'])

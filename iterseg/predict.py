@@ -91,16 +91,15 @@ def output_names(paths: Sequence[Path]) -> list:
   """The output stem of each input, distinct even on a case-insensitive file system: the file's
   stem; where two inputs share one, their full names with '.' -> '_' (a.png -> a_png); where that is
   still taken, the full name and 8 hex digits of its hash (a_png-1f3a...)."""
-  def key(name):
-    return name.casefold()
   names = [p.stem[:-4] if p.stem.lower().endswith('.ome') else p.stem for p in paths]  # a.ome.tif
   for _ in range(2):  # Stems, then full names, for every name that is not unique yet.
-    counts = collections.Counter(map(key, names))
-    names = [p.name.replace('.', '_') if counts[key(n)] > 1 else n for p, n in zip(paths, names)]
-  counts = collections.Counter(map(key, names))
-  names = [f'{n}-{hashlib.sha1(p.name.encode()).hexdigest()[:8]}' if counts[key(n)] > 1 else n
+    counts = collections.Counter(map(str.casefold, names))
+    names = [p.name.replace('.', '_') if counts[n.casefold()] > 1 else n
+             for p, n in zip(paths, names)]
+  counts = collections.Counter(map(str.casefold, names))
+  names = [f'{n}-{hashlib.sha1(p.name.encode()).hexdigest()[:8]}' if counts[n.casefold()] > 1 else n
            for p, n in zip(paths, names)]
-  if len(set(map(key, names))) != len(names):  # Only a sha1 collision could do this.
+  if len(set(map(str.casefold, names))) != len(names):  # Only a sha1 collision could do this.
     raise InputError(f'input file names that cannot be told apart: {sorted(map(str, paths))[:5]}')
   return names
 
