@@ -306,9 +306,7 @@ class NativeModel:
     """Compilations this model's images need (a fresh process makes them once): stage 1 and the
     bands per (height, width) bucket, the paste per bucket and chunk size, stage 2 per chunk size
     (at most 4), the dense windows once."""
-    return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
-            self.band.compiles + self.paste.compiles + self.stage1_window.compiles +
-            self.scores.compiles + self.order.compiles + self.quantize.compiles)
+    return sum(step.compiles for step in vars(self).values() if isinstance(step, _Used))
 
   @property
   def chunk_sizes(self) -> tuple:
@@ -325,28 +323,26 @@ class NativeModel:
     spec, f = self.spec, self.spec.downscale
     bh, bw = _bucket(-(-height // f), spec.bucket), _bucket(-(-width // f), spec.bucket)
     shaped = jax.ShapeDtypeStruct
+    f32 = lambda *shape: shaped(shape, jnp.float32)  # What each step is compiled for.
+    i32 = lambda *shape: shaped(shape, jnp.int32)
     start = time.perf_counter()
-    out = shaped((1, rows or bh * f, bw * f, spec.num_classes), jnp.float32)
+    out = f32(1, rows or bh * f, bw * f, spec.num_classes)
     if self.nets.stage1 is not None and max(bh, bw) <= STAGE1_WINDOW:
-      self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32),
-                       shaped((2,), jnp.int32))
+      self.stage1.warm(self.nets.stage1, f32(bh, bw, 3), i32(2))
     elif self.nets.stage1 is not None:
       side = STAGE1_WINDOW + 2 * STAGE1_HALO
-      self.stage1_window.warm(self.nets.stage1, shaped((side, side, 3), jnp.float32))
-      self.scores.warm(shaped((STAGE1_WINDOW, bw, spec.num_classes + spec.error_head),
-                              jnp.float32))
+      self.stage1_window.warm(self.nets.stage1, f32(side, side, 3))
+      self.scores.warm(f32(STAGE1_WINDOW, bw, spec.num_classes + spec.error_head))
       cell = spec.patch_size // spec.downscale
-      self.order.warm(shaped((bh // cell, bw // cell), jnp.float32), shaped((2,), jnp.int32))
+      self.order.warm(f32(bh // cell, bw // cell), i32(2))
     if self.nets.stage1 is not None:
       low_rows = _low_rows(min(BAND_ROWS, out.shape[1]), f)
-      self.band.warm(out, shaped((low_rows, bw, spec.num_classes), jnp.float32),
-                     shaped((), jnp.int32), shaped((), jnp.int32))
+      self.band.warm(out, f32(low_rows, bw, spec.num_classes), i32(), i32())
     if self.stage2_params is not None:
       for size in self.chunk_sizes:
         self.stage2.warm(self.stage2_params, *self._chunk(size))
-        corner, tile = shaped((size,), jnp.int32), spec.patch_size
-        self.paste.warm(out, shaped((size, tile, tile, spec.num_classes), jnp.float32), corner,
-                        corner, shaped((), jnp.int32))
+        tile = spec.patch_size
+        self.paste.warm(out, f32(size, tile, tile, spec.num_classes), i32(size), i32(size), i32())
     if self.nets.baseline is not None:
       side = spec.window_side
       self.window.warm(self.nets.baseline, shaped((WINDOWS, side, side, 3), jnp.uint8),
