@@ -473,7 +473,6 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
   before. Random weights: speed does not depend on them. Written in a temporary folder, then
   deleted."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  import jax.random  # pylint: disable=g-import-not-at-top
   nets = models.random_networks(s.spec, jax.random.key(s.seed))
   s = s.with_placeholder_statistics()
   rng = np.random.default_rng(0)
