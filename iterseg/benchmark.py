@@ -84,8 +84,7 @@ def device_description() -> str:
 
 def plan(s: Settings, backend: Optional[str] = None) -> dict:
   """{'batch_sizes', 'sliding_window_nps'}: what to time on this backend (config fields win)."""
-  backend = backend or jax.default_backend()
-  cpu = backend == 'cpu'
+  cpu = (backend or jax.default_backend()) == 'cpu'
   batch_sizes = s.benchmark.batch_sizes or ((1,) if cpu else (1, 16))
   nps = s.train.num_patches_list
   if s.benchmark.sliding_window is None:
