@@ -20,6 +20,7 @@ device. When the workdir has results.json of the same geometry, its Dice and the
 give tradeoff_latency.png.
 """
 
+import contextlib
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -83,8 +84,7 @@ def device_description() -> str:
 
 def plan(s: Settings, backend: Optional[str] = None) -> dict:
   """{'batch_sizes', 'sliding_window_nps'}: what to time on this backend (config fields win)."""
-  backend = backend or jax.default_backend()
-  cpu = backend == 'cpu'
+  cpu = (backend or jax.default_backend()) == 'cpu'
   batch_sizes = s.benchmark.batch_sizes or ((1,) if cpu else (1, 16))
   nps = s.train.num_patches_list
   if s.benchmark.sliding_window is None:
@@ -199,13 +199,10 @@ class PeakMemory:
 
   def __exit__(self, *exc):
     self.gb = None
-    try:
-      with open('/proc/self/status') as f:
-        for line in f:
-          if line.startswith('VmHWM:') and self.reset:
-            self.gb = int(line.split()[1]) / 2 ** 20
-    except OSError:
-      pass
+    with contextlib.suppress(OSError), open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:') and self.reset:
+          self.gb = int(line.split()[1]) / 2 ** 20
 
 
 def soft_dice(probs: np.ndarray, bits: np.ndarray, rows: int = 1024) -> float:

@@ -159,12 +159,6 @@ def paste(maps, patches, corners, count=None):
   return lax.fori_loop(0, patches.shape[0] if count is None else count, body, maps)
 
 
-def stage1(params, images, spec: Spec):
-  """Stage 1 on images [B, H, W, 3] downscaled to stage1_size; probabilities upscaled to
-  [B, H, W, C]."""
-  return stage1_maps(params, images, spec)[1]
-
-
 def stage1_maps(params, images, spec: Spec):
   """(low, coarse): stage 1's outputs at stage1_size [B, s, s, C (+1)], and its probabilities
   upscaled to the images' [B, H, W, C]. low holds the class probabilities, then, with
@@ -334,8 +328,11 @@ def baseline(params, images, spec: Spec):
   return models.probabilities(models.unet(spec).apply({'params': params}, normalize(images, spec)))
 
 
-stage1_only = jax.jit(lambda params, images, spec: stage1(params, normalize(images, spec), spec),
-                      static_argnames='spec')
+@functools.partial(jax.jit, static_argnames='spec')
+def stage1_only(params, images, spec: Spec):
+  """Stage 1 on images [B, H, W, 3] downscaled to stage1_size; probabilities upscaled to
+  [B, H, W, C]."""
+  return stage1_maps(params, normalize(images, spec), spec)[1]
 
 
 # --- The library's entry points -----------------------------------------------------------------------
@@ -381,13 +378,10 @@ def check_images(images, spec: Spec, check_values: Optional[bool] = None):
   if dtype.kind != 'f':
     raise InputError(f'images have dtype {dtype}; give uint8 (0..255) or floats in [0, 1] '
                      f'(e.g. images.astype(np.float32) / 65535 for 16-bit data).')
-  if isinstance(images, jax.core.Tracer):
-    return
   if check_values is None:
     check_values = not isinstance(images, jax.Array)
-  if not check_values:
-    return
-  check_range(*(float(v) for v in jax.device_get((images.min(), images.max()))))
+  if check_values and not isinstance(images, jax.core.Tracer):
+    check_range(*(float(v) for v in jax.device_get((images.min(), images.max()))))
 
 
 def check_range(low: float, high: float):

@@ -129,12 +129,16 @@ def steps(spec: Spec) -> dict:
 
 
 def _stage1(params, thumb, size, *, spec: Spec):
-  """thumb [bh, bw, 3] (the thumbnail [h, w] padded to a bucket; size = (h, w)) -> `_rank` of
-  stage 1's outputs on it, past (h, w) the last row and column repeated (`_repeat_edges`)."""
+  """thumb [bh, bw, 3] (the thumbnail [h, w] padded to a bucket; size = (h, w)) -> stage 1's
+  outputs on it [bh, bw, C (+1)], past (h, w) the last row and column repeated (so that every
+  upsampling near the image's edge sees its own border; `_repeat_edges`), ranked: (low-resolution
+  probabilities [bh, bw, C]; tile scores [gbh, gbw] (gbh = bh / cell); `_order` of them)."""
   probs = _stage1_window(params, thumb, spec=spec)
   rows = jnp.minimum(jnp.arange(probs.shape[0]), size[0] - 1)
   cols = jnp.minimum(jnp.arange(probs.shape[1]), size[1] - 1)
-  return _rank(probs[rows][:, cols], size, spec=spec)
+  probs = probs[rows][:, cols]
+  scores = _scores(probs, spec=spec)
+  return probs[..., :spec.num_classes], scores, _order(scores, size, spec=spec)
 
 
 def _repeat_edges(probs: np.ndarray, h: int, w: int) -> None:
@@ -150,15 +154,6 @@ def _stage1_window(params, thumb, *, spec: Spec):
   logits = models.unet(spec, 'stage1').apply({'params': params},
                                              inference.normalize(thumb, spec)[None])
   return inference.stage1_outputs(logits, spec)[0]
-
-
-def _rank(probs, size, *, spec: Spec):
-  """Stage 1's outputs [bh, bw, C (+1)], past size = (h, w) repeating the last row and column (so
-  that every upsampling near the image's edge sees its own border) -> (low-resolution
-  probabilities [bh, bw, C]; tile scores [gbh, gbw] (gbh = bh / cell); `_order` of them).
-  """
-  scores = _scores(probs, spec=spec)
-  return probs[..., :spec.num_classes], scores, _order(scores, size, spec=spec)
 
 
 def _scores(probs, *, spec: Spec):
@@ -298,9 +293,7 @@ class NativeModel:
 
   def __init__(self, nets: Networks, spec: Spec):
     self.spec, self.nets = spec, nets
-    self.stage2_params = None
-    if nets.stage1 is not None and spec.num_patches in nets.stage2:
-      self.stage2_params = nets.stage2[spec.num_patches]
+    self.stage2_params = None if nets.stage1 is None else nets.stage2.get(spec.num_patches)
     shared = steps(dataclasses.replace(spec, refine_fraction=1.0, threshold=None))  # Any budget.
     self.stage1, self.stage2 = _Used(shared['stage1']), _Used(shared['stage2'])
     self.window, self.band = _Used(shared['window']), _Used(shared['band'])
@@ -313,9 +306,7 @@ class NativeModel:
     """Compilations this model's images need (a fresh process makes them once): stage 1 and the
     bands per (height, width) bucket, the paste per bucket and chunk size, stage 2 per chunk size
     (at most 4), the dense windows once."""
-    return (self.stage1.compiles + self.stage2.compiles + self.window.compiles +
-            self.band.compiles + self.paste.compiles + self.stage1_window.compiles +
-            self.scores.compiles + self.order.compiles + self.quantize.compiles)
+    return sum(step.compiles for step in vars(self).values() if isinstance(step, _Used))
 
   @property
   def chunk_sizes(self) -> tuple:
@@ -332,28 +323,26 @@ class NativeModel:
     spec, f = self.spec, self.spec.downscale
     bh, bw = _bucket(-(-height // f), spec.bucket), _bucket(-(-width // f), spec.bucket)
     shaped = jax.ShapeDtypeStruct
+    f32 = lambda *shape: shaped(shape, jnp.float32)  # What each step is compiled for.
+    i32 = lambda *shape: shaped(shape, jnp.int32)
     start = time.perf_counter()
-    out = shaped((1, rows or bh * f, bw * f, spec.num_classes), jnp.float32)
+    out = f32(1, rows or bh * f, bw * f, spec.num_classes)
     if self.nets.stage1 is not None and max(bh, bw) <= STAGE1_WINDOW:
-      self.stage1.warm(self.nets.stage1, shaped((bh, bw, 3), jnp.float32),
-                       shaped((2,), jnp.int32))
+      self.stage1.warm(self.nets.stage1, f32(bh, bw, 3), i32(2))
     elif self.nets.stage1 is not None:
       side = STAGE1_WINDOW + 2 * STAGE1_HALO
-      self.stage1_window.warm(self.nets.stage1, shaped((side, side, 3), jnp.float32))
-      self.scores.warm(shaped((STAGE1_WINDOW, bw, spec.num_classes + spec.error_head),
-                              jnp.float32))
+      self.stage1_window.warm(self.nets.stage1, f32(side, side, 3))
+      self.scores.warm(f32(STAGE1_WINDOW, bw, spec.num_classes + spec.error_head))
       cell = spec.patch_size // spec.downscale
-      self.order.warm(shaped((bh // cell, bw // cell), jnp.float32), shaped((2,), jnp.int32))
+      self.order.warm(f32(bh // cell, bw // cell), i32(2))
     if self.nets.stage1 is not None:
       low_rows = _low_rows(min(BAND_ROWS, out.shape[1]), f)
-      self.band.warm(out, shaped((low_rows, bw, spec.num_classes), jnp.float32),
-                     shaped((), jnp.int32), shaped((), jnp.int32))
+      self.band.warm(out, f32(low_rows, bw, spec.num_classes), i32(), i32())
     if self.stage2_params is not None:
       for size in self.chunk_sizes:
         self.stage2.warm(self.stage2_params, *self._chunk(size))
-        corner, tile = shaped((size,), jnp.int32), spec.patch_size
-        self.paste.warm(out, shaped((size, tile, tile, spec.num_classes), jnp.float32), corner,
-                        corner, shaped((), jnp.int32))
+        tile = spec.patch_size
+        self.paste.warm(out, f32(size, tile, tile, spec.num_classes), i32(size), i32(size), i32())
     if self.nets.baseline is not None:
       side = spec.window_side
       self.window.warm(self.nets.baseline, shaped((WINDOWS, side, side, 3), jnp.uint8),
@@ -377,7 +366,7 @@ class NativeModel:
 
   def low_resolution(self, source):
     """Stage 1 on the source's thumbnail: (low-resolution probabilities [bh, bw, C]
-    (bucket-padded), (tile scores [gbh, gbw], their ranking [gbh * gbw]; see _rank), h, w,
+    (bucket-padded), (tile scores [gbh, gbw], their ranking [gbh * gbw]; see _stage1), h, w,
     seconds, FLOPs). A thumbnail of at most STAGE1_WINDOW px a side (in its bucket) is one call
     (`_stage1`); a larger one is read in bands of windows that overlap by STAGE1_HALO px (stage 1
     on each, their centres kept), so that no activation grows with the image, then ranked."""
@@ -451,12 +440,14 @@ class NativeModel:
       flops += call
     return out, time.perf_counter() - start, flops
 
-  def _check(self, image, sink, extra_per_pixel: int = 0):
-    """The image as a source; the output in RAM must fit (InputError before any work)."""
+  def _check(self, image, sink, extra_per_pixel: int = 0) -> tuple:
+    """(the image as a source, the sink, default a MemorySink); the output in RAM must fit
+    (InputError before any work)."""
+    sink = sink or slides.MemorySink()
     source = image if hasattr(image, 'region') else slides.ArraySource(_as_uint8(image))
     if sink.rows is None:
       check_fits(source.height, source.width, self.spec, extra_per_pixel=extra_per_pixel)
-    return source
+    return source, sink
 
   def two_stage(self, image, *, refine_fraction: Optional[float] = None,
                 threshold: Any = 'config', stop=None, sink=None) -> Optional[NativePrediction]:
@@ -471,13 +462,12 @@ class NativeModel:
     if self.stage2_params is None:
       raise InputError(f'native two-stage inference needs stage 1 and stage 2 at '
                        f'Np={self.spec.num_patches}; the networks have {self.nets.names()}.')
-    sink = sink or slides.MemorySink()
-    source = self._check(image, sink)
+    source, sink = self._check(image, sink)
     spec = self.spec
     height, width = source.height, source.width
     fraction = spec.refine_fraction if refine_fraction is None else refine_fraction
     threshold = spec.threshold if threshold == 'config' else threshold
-    low, (scores, order), h, w, s1_seconds, s1_flops = self.low_resolution(source)
+    low, (scores, order), h, w, *stage1 = self.low_resolution(source)
     if stop is not None and stop():
       return None
     tile = spec.patch_size
@@ -489,20 +479,19 @@ class NativeModel:
       chosen = chosen[scores.reshape(-1)[chosen] >= threshold]
     refined = np.zeros(gh * gw, bool)
     refined[chosen] = True
-    stats = self._bands(source, low, chosen, gw, sink, stop)
+    stats = self._bands(source, low, chosen, gw, sink, stop, stage1)
     if stats is None:
       return None
-    stats['gflops'].update(stage1=s1_flops / 1e9)
-    stats['seconds'].update(stage1=s1_seconds)
     return NativePrediction(probs=self._result(sink, height, width), coarse=low[:h, :w],
                             scores=scores, refined=refined.reshape(gh, gw),
                             stats=dict(stats, tiles=gh * gw, refined=int(len(chosen)),
                                        preview_step=self.preview_step), preview=self.preview)
 
-  def _bands(self, source, low, chosen, gw: int, sink, stop) -> Optional[dict]:
+  def _bands(self, source, low, chosen, gw: int, sink, stop, stage1) -> Optional[dict]:
     """Writes the output to `sink` band by band (one band in RAM): the coarse map, then stage 2
     on the `chosen` tiles of the band (flat indices into the gw-wide grid), chunk by chunk, pasted
-    over it. Bands the sink has (a resumed job) are skipped. The stats, or None once stopped."""
+    over it. Bands the sink has (a resumed job) are skipped. The stats, stage 1's `stage1` =
+    (seconds, FLOPs) among them, or None once stopped."""
     spec, f = self.spec, self.spec.downscale
     tile, side, halo, k = spec.patch_size, spec.stage2_side, spec.halo, spec.chunk
     rows = sink.rows or low.shape[0] * f
@@ -547,8 +536,8 @@ class NativeModel:
       start = time.perf_counter()
       sink.put(y0, self.quantize(out)[0] if sink.quantized else out)
       seconds['write'] += time.perf_counter() - start
-    return {'stage2_calls': calls, 'seconds': seconds,
-            'gflops': {'stage2': flops[1] / 1e9, 'bands': flops[0] / 1e9}}
+    gflops = {'stage2': flops[1] / 1e9, 'bands': flops[0] / 1e9, 'stage1': stage1[1] / 1e9}
+    return {'stage2_calls': calls, 'seconds': dict(seconds, stage1=stage1[0]), 'gflops': gflops}
 
   @staticmethod
   def _result(sink, height: int, width: int) -> Optional[np.ndarray]:
@@ -557,15 +546,10 @@ class NativeModel:
 
   def stage1_only(self, image, *, sink=None) -> NativePrediction:
     """Stage 1 alone, upsampled to the image's size: probs [H, W, C] float32 (or to `sink`)."""
-    sink = sink or slides.MemorySink()
-    source = self._check(image, sink)
-    low, _, h, w, s1_seconds, s1_flops = self.low_resolution(source)
-    stats = self._bands(source, low, np.zeros(0, np.int64), 1, sink, None)
-    stats['gflops'].update(stage1=s1_flops / 1e9)
-    stats['seconds'].update(stage1=s1_seconds)
-    for key in ('stage2_calls',):
-      del stats[key]
-    del stats['gflops']['stage2'], stats['seconds']['stage2']
+    source, sink = self._check(image, sink)
+    low, _, h, w, *stage1 = self.low_resolution(source)
+    stats = self._bands(source, low, np.zeros(0, np.int64), 1, sink, None, stage1)
+    del stats['stage2_calls'], stats['gflops']['stage2'], stats['seconds']['stage2']
     return NativePrediction(probs=self._result(sink, source.height, source.width),
                             coarse=low[:h, :w], scores=None, refined=None, stats=stats)
 
@@ -587,8 +571,7 @@ class NativeModel:
     if self.nets.baseline is None:
       raise InputError(f'the dense reference needs the baseline; the networks have '
                        f'{self.nets.names()}.')
-    sink = sink or slides.MemorySink()
-    source = self._check(image, sink, extra_per_pixel=4)
+    source, sink = self._check(image, sink, extra_per_pixel=4)
     spec = self.spec
     height, width, side = source.height, source.width, spec.window_side
     rows = sink.rows or height

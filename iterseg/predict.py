@@ -91,16 +91,15 @@ def output_names(paths: Sequence[Path]) -> list:
   """The output stem of each input, distinct even on a case-insensitive file system: the file's
   stem; where two inputs share one, their full names with '.' -> '_' (a.png -> a_png); where that is
   still taken, the full name and 8 hex digits of its hash (a_png-1f3a...)."""
-  def key(name):
-    return name.casefold()
   names = [p.stem[:-4] if p.stem.lower().endswith('.ome') else p.stem for p in paths]  # a.ome.tif
   for _ in range(2):  # Stems, then full names, for every name that is not unique yet.
-    counts = collections.Counter(map(key, names))
-    names = [p.name.replace('.', '_') if counts[key(n)] > 1 else n for p, n in zip(paths, names)]
-  counts = collections.Counter(map(key, names))
-  names = [f'{n}-{hashlib.sha1(p.name.encode()).hexdigest()[:8]}' if counts[key(n)] > 1 else n
+    counts = collections.Counter(map(str.casefold, names))
+    names = [p.name.replace('.', '_') if counts[n.casefold()] > 1 else n
+             for p, n in zip(paths, names)]
+  counts = collections.Counter(map(str.casefold, names))
+  names = [f'{n}-{hashlib.sha1(p.name.encode()).hexdigest()[:8]}' if counts[n.casefold()] > 1 else n
            for p, n in zip(paths, names)]
-  if len(set(map(key, names))) != len(names):  # Only a sha1 collision could do this.
+  if len(set(map(str.casefold, names))) != len(names):  # Only a sha1 collision could do this.
     raise InputError(f'input file names that cannot be told apart: {sorted(map(str, paths))[:5]}')
   return names
 
@@ -140,10 +139,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, boxes, alpha: float = 0.45) -> 
   return np.asarray(pil)
 
 
-def output_paths(output: Path, stem: str, outputs: Sequence[str], binary: bool) -> dict:
-  """{kind: path} of the outputs of one input named `stem`."""
-  paths = {'mask': output / f'{stem}_mask.png',
-           'probs': output / (f'{stem}_prob.png' if binary else f'{stem}_probs.npy'),
+def output_paths(output: Path, stem: str, outputs: Sequence[str], *, binary: bool = True,
+                 slide_format: Optional[str] = None) -> dict:
+  """{kind: path} of the outputs of one input named `stem`: PNGs (and .npy), or with `slide_format`
+  (predict.slide_format) a slide's pyramidal OME-TIFFs or OME-Zarrs and a small overlay PNG."""
+  suffix = SLIDE_SUFFIXES[slide_format] if slide_format else '.png'
+  probs = f'{stem}_prob{suffix}' if binary or slide_format else f'{stem}_probs.npy'
+  paths = {'mask': output / f'{stem}_mask{suffix}', 'probs': output / probs,
            'overlay': output / f'{stem}_overlay.png'}
   return {kind: p for kind, p in paths.items() if kind in outputs}
 
@@ -159,7 +161,7 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
   once it holds, nothing is kept and None is returned (the image counts as not done)."""
   probs, mask = result['probs'], result['mask']
   binary = probs.shape[-1] == 1
-  paths = output_paths(output, stem, outputs, binary)
+  paths = output_paths(output, stem, outputs, binary=binary)
   tmps = {kind: Path(files.temporary(p)) for kind, p in paths.items()}
   png = {'format': 'PNG', 'compress_level': compression}
   writers = {
@@ -183,15 +185,6 @@ def save_outputs(output: Path, stem: str, image: np.ndarray, result: dict, *,
   return {kind: str(p) for kind, p in paths.items()}
 
 
-def slide_paths(output: Path, stem: str, outputs: Sequence[str], slide_format: str = 'tiff') -> dict:
-  """{kind: path} of a slide's outputs: pyramidal OME-TIFFs or OME-Zarrs (predict.slide_format)
-  and a small overlay PNG."""
-  suffix = SLIDE_SUFFIXES[slide_format]
-  paths = {'mask': output / f'{stem}_mask{suffix}', 'probs': output / f'{stem}_prob{suffix}',
-           'overlay': output / f'{stem}_overlay.png'}
-  return {kind: p for kind, p in paths.items() if kind in outputs}
-
-
 def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[str], stopped,
                   progress: bool = True, slide_format: str = 'tiff',
                   share: tuple = (0, 1)) -> Optional[dict]:
@@ -209,11 +202,11 @@ def predict_slide(model, path: Path, output: Path, stem: str, outputs: Sequence[
   index, count = share
   source = slides.open_source(path)  # Every process reads the same file: the same error.
   try:
-    paths = slide_paths(output, stem, outputs, slide_format)
+    paths = output_paths(output, stem, outputs, slide_format=slide_format)
     stat = path.stat()
     key = {'input': str(path.resolve()), 'bytes': stat.st_size, 'mtime': stat.st_mtime,
            'spec': repr(model.spec)}
-    mask = slide_paths(output, stem, ('mask',), slide_format)['mask']  # Always made.
+    mask = output_paths(output, stem, ('mask',), slide_format=slide_format)['mask']  # Always made.
     make = lambda: slides.SlideSink(mask, source.height, source.width, key, rows=model.band_rows,
                                     probabilities='probs' in outputs,
                                     resolution=source.resolution, share=share)
@@ -451,8 +444,8 @@ def _to_do(paths, output: Path, stems: dict, outputs, binary: bool, skip_existin
   record in `records` instead (`large`: the slides among them)."""
   todo = []
   for path in paths:
-    existing = (slide_paths(output, stems[path], outputs, slide_format) if path in large else
-                output_paths(output, stems[path], outputs, binary))
+    existing = output_paths(output, stems[path], outputs, binary=binary,
+                            slide_format=slide_format if path in large else None)
     if skip_existing and all(p.exists() for p in existing.values()):
       records[path] = {'input': str(path), 'skipped': 'its outputs exist',
                        **{k: str(p) for k, p in existing.items()}}
@@ -480,7 +473,6 @@ def throughput(s: Settings, *, num_images: int = 48, size=(575, 766)) -> dict:
   before. Random weights: speed does not depend on them. Written in a temporary folder, then
   deleted."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  import jax.random  # pylint: disable=g-import-not-at-top
   nets = models.random_networks(s.spec, jax.random.key(s.seed))
   s = s.with_placeholder_statistics()
   rng = np.random.default_rng(0)
@@ -581,8 +573,7 @@ def run(s: Settings, workdir: str) -> dict:
       'num_patches': s.spec.num_patches, 'outputs': s.predict.outputs, 'images': records,
       'failed': len(failed), 'skipped': len(skipped), 'total': len(mine),
       'interrupted': interrupted, 'resolution': s.spec.resolution, 'compiles': compiles,
-      'run': run_id},
-                          jax.process_index(), jax.process_count())
+      'run': run_id}, index, count)
   done = len(records) - len(failed)
   if interrupted:
     raise Interrupted(f'interrupted ({interrupted}) with {done} of {len(mine)} image(s) done; their '
