@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import math
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -943,7 +944,6 @@ def slide_cases(model: NativeModel, sides, folder: Optional[str] = None) -> list
   import importlib.util  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
   from iterseg.data import synthetic  # pylint: disable=g-import-not-at-top
   if folder is None and sides:
     folder = tempfile.mkdtemp(prefix='iterseg-slides-')
@@ -1079,7 +1079,13 @@ class SquareFiles:
                                            jax.device_put(np.zeros(batch_size), self.sharding))
 
   def check(self, path) -> None:
-    """Any size is resized."""
+    """Any image file is resized; a Zarr store or an OpenSlide format is an InputError (Pillow
+    cannot read them: they are read out of core, at resolution='native' only)."""
+    if slides.is_zarr(path) or Path(path).suffix.lower() in slides.OPENSLIDE_SUFFIXES:
+      raise InputError(f'{path} is a slide, which iterseg reads out of core at '
+                       f"resolution='native' only (e.g. configs/native_demo.py); this config "
+                       f'resizes every image to hi_size. Use a native config, or convert it to '
+                       f'an image file.')
 
   def slide(self, path) -> bool:
     """Never out of core: every image is resized."""

@@ -316,6 +316,22 @@ def test_one_unreadable_file_does_not_stop_the_others(trained_tiny, tmp_path):
   assert 'cannot read image' in summary['images'][1]['error']
 
 
+def test_at_the_square_protocol_a_slide_is_named_as_native_only_and_the_others_go_on(trained_tiny,
+                                                                                    tmp_path):
+  config, root = trained_tiny
+  Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / 'a.png')
+  (tmp_path / 'b.ome.zarr').mkdir()
+  (tmp_path / 'c.ndpi').write_bytes(b'')
+  out = tmp_path / 'out'
+  with pytest.raises(errors.PredictError, match=r'2 of 3 image\(s\) failed'):
+    run_predict(config, root / 'run', input=str(tmp_path), output=str(out))
+  records = json.loads((out / 'summary.json').read_text())['images']
+  assert 'mask' in records[0]
+  for record in records[1:]:
+    assert "is a slide, which iterseg reads out of core at resolution='native' only" in (
+        record['error'])
+
+
 def test_a_16_bit_copy_of_an_image_gets_the_same_mask(trained_tiny, tmp_path):
   config, root = trained_tiny
   pixels = np.random.default_rng(1).integers(0, 256, (48, 40), dtype=np.uint8)
