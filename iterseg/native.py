@@ -233,12 +233,14 @@ def _bucket(n: int, bucket: int) -> int:
 
 
 def _around(low: np.ndarray, start: int, side: int, factor: int):
-  """(indices [L] of the low-resolution rows (or columns) that native px start .. start + side
-  interpolate from, clipped to the map, with L = ceil(side / f) + 3; the offset of `start` from
-  the first of them, in native px, in [f, 2f))."""
-  first = start // factor - 1
+  """(the L = ceil(side / f) + 3 low-resolution rows (or columns) that native px start .. start +
+  side interpolate from, clipped to the map: a slice where none is clipped (most tiles: no copy),
+  else indices [L]; the offset of `start` from the first of them, in native px, in [f, 2f))."""
+  first, n = start // factor - 1, low.shape[0]
   count = _low_rows(side, factor)
-  return np.clip(np.arange(first, first + count), 0, low.shape[0] - 1), start - first * factor
+  if 0 <= first and first + count <= n:
+    return slice(first, first + count), start - first * factor
+  return np.clip(np.arange(first, first + count), 0, n - 1), start - first * factor
 
 
 def _low_rows(side: int, factor: int) -> int:
@@ -527,7 +529,7 @@ class NativeModel:
           y, x = r * tile - halo, c * tile - halo
           tiles[i], valid[i] = source.region(y, x, side)
           (ys, oy), (xs, ox) = _around(low, y, side, f), _around(low[0], x, side, f)
-          patches[i] = low[ys[:, None], xs]  # Edge values past the map.
+          patches[i] = low[ys][:, xs]  # Edge values past the map.
           offsets[i] = (oy, ox)
         probs, call = self.stage2(self.stage2_params, tiles, valid, patches, offsets)
         out, _ = self.paste(out, probs, *corners, np.int32(len(part)))
