@@ -17,7 +17,7 @@ its own). Each choice, against configs/native_demo.py (synthetic blobs), for ves
   of 64 px per 256-px crop), so the dense reference is trained on equal footing;
 - a validation split (calibrate.holdout, seeded, left out of training) chooses each network's
   checkpoint (the best hard Dice at inference) and --mode=calibrate's budget; never the test split.
-Sized for about 20 minutes on 2 CPU cores; on a GPU raise the epochs.
+Sized for under 30 minutes on 2 CPU cores, training and evaluation; on a GPU raise the epochs.
 """
 
 from iterseg.configs import default
@@ -40,9 +40,9 @@ def get_config():
   c.train.brightness_contrast = 0.2
   c.train.stage2_init = 'stage1'
   c.train.patch_sampling = 'entropy_weighted'
-  c.train.stage1_epochs = 2000
-  c.train.stage2_epochs = 2000
-  c.train.baseline_epochs = 500  # As many training pixels as stage 2.
+  c.train.stage1_epochs = 3000
+  c.train.stage2_epochs = 6000
+  c.train.baseline_epochs = 1500  # As many training pixels as stage 2.
   c.train.exclude_holdout = True
   c.train.select_checkpoint = 'best'
   c.train.log_every = 100

@@ -364,10 +364,9 @@ def _report(results: dict, s: Settings, workdir: str) -> None:
                 f'{k} {100 * v:.0f} %' for k, v in e['decoded'].items()) + '.')
       continue
     print(f'A threshold at the median score of the refined tiles ({e["threshold"]:.4f}) at '
-          f'{e["size"]}: {e["tiles"][0]} -> {e["tiles"][1]} tiles refined, stage 2 '
-          f'{e["stage2_seconds"][0]:.2f} -> {e["stage2_seconds"][1]:.2f} s '
-          f'({100 * e["stage2_cut"]:.0f} % less), {e["gflops"][0]:.2f} -> {e["gflops"][1]:.2f} '
-          f'GFLOPs.')
+          f'{e["size"]}: {e["tiles"][0]} -> {e["tiles"][1]} tiles refined, two-stage '
+          f'{e["seconds"][0]:.2f} -> {e["seconds"][1]:.2f} s ({100 * e["cut"]:.0f} % less), '
+          f'stage 2 {e["gflops"][0]:.2f} -> {e["gflops"][1]:.2f} GFLOPs.')
   path = os.path.join(workdir, 'benchmark.json')
   files.atomic_write_json(path, results)
   results['files'] = [path, plot_with_dice(rows, s, workdir)]

@@ -460,3 +460,22 @@ def test_each_network_is_scored_on_the_validation_images_as_evaluate_measures_it
     by_hand = evaluate.validation_score(s, network, params, validation, num_patches=2,
                                         stage1=nets.stage1)
     assert scored[key] == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_evaluate_times_each_whole_call_not_the_stats_of_its_async_steps(model, monkeypatch):
+  import time  # pylint: disable=g-import-not-at-top
+  (image,) = images((100, 90))
+  real, stats = model.run, {}
+
+  def slow(key, image, sink=None):  # Still working after its steps were dispatched.
+    pred = real(key, image, sink)
+    stats[key] = sum(pred.stats['seconds'].values())
+    time.sleep(0.3)
+    return pred
+  monkeypatch.setattr(model, 'run', slow)
+  segmenter = native.Native(model, 1)
+  out = segmenter.measure({'image': [image], 'mask': [np.zeros((100, 90), np.uint8)],
+                           'name': ['a']})
+  assert set(out) == {'baseline', 'stage1', 'two_stage_np2'}
+  for key, values in out.items():
+    assert values['seconds'][0] >= 0.3 + stats[key] * 0.99
