@@ -71,9 +71,11 @@ def assert_same_bits(a, b):
 
 
 def logged(workdir) -> list:
-  """(network, step, loss, dice) of every metrics line, in order."""
+  """(network, step, loss, dice) of every training metrics line, in order (not the validation
+  scores of train.select_checkpoint='best')."""
   with open(Path(workdir) / 'metrics.jsonl') as f:
-    return [(r['network'], r['step'], r['loss'], r['dice']) for r in map(json.loads, f)]
+    return [(r['network'], r['step'], r['loss'], r['dice']) for r in map(json.loads, f)
+            if 'loss' in r]
 
 
 def read_checkpoint(workdir, name: str, step: int) -> dict:
