@@ -126,14 +126,14 @@ def train_network(s: Settings, workdir: str, network: str, *, num_patches: Optio
                   stop: Optional[hooks.StopSignals] = None) -> Any:
   """Trains one network to its planned number of epochs, resuming from its latest checkpoint;
   returns its parameters (with train.select_checkpoint='best', those of its checkpoint scoring best
-  on the `validation` examples). `source` (the train split) defaults to data.load_split(s.data,
-  'train'); `extra_hooks` run after the built-in ones."""
+  on the `validation` examples). `source` and `validation` default to what `train` gives them,
+  `training_data(s)` (the holdout left out with train.exclude_holdout); `extra_hooks` run after the
+  built-in ones."""
   spec = s.spec_for(num_patches) if network == 'stage2' else s.spec
   name = models.name(network, spec.num_patches)
   plan = s.train
   if source is None:
-    from iterseg import data  # pylint: disable=g-import-not-at-top  # (TFDS is slow to import)
-    source = data.load_split(s.data, 'train')
+    source, validation = training_data(s)
   per_epoch = pipeline.steps_per_epoch(len(source), plan.batch_size)
   total = per_epoch * plan.epochs[network]
   Run(workdir).write_plan(name, total)
